@@ -1,0 +1,333 @@
+//! The dataset manifest: its serde types, the bounds and checks that make an
+//! untrusted `MANIFEST.json` safe to act on, and reading it from a directory.
+//! Shard contents are checked elsewhere (`shards.rs`), against this manifest.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::DatasetError;
+
+/// The only format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name inside a dataset directory.
+pub const MANIFEST_FILE: &str = "MANIFEST.json";
+/// Most features per sample a manifest may declare.
+pub const MAX_FEATURES: u64 = 1 << 20;
+/// Most shards a manifest may list.
+pub const MAX_SHARDS: u64 = 1 << 20;
+/// Most classes a manifest may declare.
+pub const MAX_CLASSES: u32 = 1 << 20;
+/// Most samples a manifest may declare: keeps every byte count below `u64::MAX`
+/// even at [`MAX_FEATURES`] features.
+pub const MAX_SAMPLES: u64 = 1 << 40;
+/// A manifest for [`MAX_SHARDS`] shards fits well within this.
+const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+const MAX_NAME_BYTES: usize = 256;
+const MAX_SOURCE_BYTES: usize = 1 << 20;
+
+/// A dataset's manifest, as stored in `MANIFEST.json`. See the module docs of
+/// [`crate::dataset`] for the format. Values read from disk are only
+/// trustworthy after [`DatasetManifest::validate`] (which
+/// [`DatasetManifest::read`] runs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetManifest {
+    pub format_version: u32,
+    pub name: String,
+    pub schema: Schema,
+    pub num_samples: u64,
+    pub shards: Vec<ShardEntry>,
+    /// Already applied to the stored features; recorded so that raw data can
+    /// be transformed the same way at evaluation and inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standardization: Option<Standardization>,
+    /// Free text: what the dataset was packed from and how it was cleaned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// Names, element types and per-sample shapes of the two tensors in every
+/// shard, and the number of classes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schema {
+    /// Must be `{name: "x", dtype: "f32", shape: [d]}` with `d > 0`.
+    pub features: TensorSpec,
+    /// Must be `{name: "y", dtype: "i64", shape: []}`.
+    pub labels: TensorSpec,
+    /// Labels lie in `0..num_classes`; at least 2.
+    pub num_classes: u32,
+}
+
+/// One tensor's name, element type and per-sample shape (without the leading
+/// sample dimension).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: ElementType,
+    pub shape: Vec<u64>,
+}
+
+/// Element types a shard tensor may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ElementType {
+    F32,
+    I64,
+}
+
+impl std::fmt::Display for ElementType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ElementType::F32 => "f32",
+            ElementType::I64 => "i64",
+        })
+    }
+}
+
+/// One shard file and what it must contain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    /// A plain file name inside the dataset directory.
+    pub file: String,
+    pub samples: u64,
+    /// Lowercase hex sha256 of the whole file.
+    pub sha256: String,
+}
+
+/// Per-feature affine transform `(raw - mean) / std`, computed on the training
+/// split when the dataset was packed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Standardization {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Standardization {
+    /// Applies the transform in place to row-major samples of
+    /// `self.mean.len()` features, e.g. raw inputs at inference time. A
+    /// trailing partial row is left as is.
+    pub fn apply(&self, x: &mut [f32]) {
+        let d = self.mean.len();
+        if d == 0 {
+            return;
+        }
+        for row in x.chunks_exact_mut(d) {
+            for ((v, m), s) in row.iter_mut().zip(&self.mean).zip(&self.std) {
+                *v = (*v - m) / s;
+            }
+        }
+    }
+}
+
+impl Schema {
+    /// The schema of every dataset this format version holds: `d` features of
+    /// type f32 in `x`, a scalar i64 label in `y`.
+    pub fn new(features: usize, num_classes: u32) -> Schema {
+        Schema {
+            features: TensorSpec {
+                name: "x".into(),
+                dtype: ElementType::F32,
+                shape: vec![features as u64],
+            },
+            labels: TensorSpec {
+                name: "y".into(),
+                dtype: ElementType::I64,
+                shape: vec![],
+            },
+            num_classes,
+        }
+    }
+}
+
+impl DatasetManifest {
+    /// Reads `<dir>/MANIFEST.json` and validates it (see [`Self::validate`]).
+    pub fn read(dir: &Path) -> Result<DatasetManifest, DatasetError> {
+        let path = dir.join(MANIFEST_FILE);
+        let read_err = |source| DatasetError::Read {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(read_err)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_MANIFEST_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(DatasetError::ManifestTooLarge {
+                path,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        let manifest: DatasetManifest =
+            serde_json::from_slice(&bytes).map_err(|source| DatasetError::ManifestSyntax {
+                path: path.clone(),
+                source,
+            })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Number of features per sample (`d`). Meaningful once validated.
+    pub fn features(&self) -> usize {
+        self.schema.features.shape.first().copied().unwrap_or(0) as usize
+    }
+
+    /// Checks every contract a reader relies on: the format version, the one
+    /// schema this version supports, bounded sizes, shard names that cannot
+    /// escape the directory, distinct shards whose sample counts sum to
+    /// `num_samples`, well-formed hashes and a standardization of the right
+    /// length with positive finite scales.
+    pub fn validate(&self) -> Result<(), DatasetError> {
+        let invalid = |msg: String| Err(DatasetError::InvalidManifest(msg));
+        if self.format_version != FORMAT_VERSION {
+            return Err(DatasetError::UnsupportedVersion {
+                found: self.format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if self.name.is_empty() || self.name.len() > MAX_NAME_BYTES {
+            return invalid(format!(
+                "name must be 1 to {MAX_NAME_BYTES} bytes, found {}",
+                self.name.len()
+            ));
+        }
+        if let Some(source) = &self.source
+            && source.len() > MAX_SOURCE_BYTES
+        {
+            return Err(too_large(
+                "source text (bytes)",
+                source.len() as u64,
+                MAX_SOURCE_BYTES as u64,
+            ));
+        }
+        self.validate_schema()?;
+        if self.num_samples > MAX_SAMPLES {
+            return Err(too_large("num_samples", self.num_samples, MAX_SAMPLES));
+        }
+        if self.shards.len() as u64 > MAX_SHARDS {
+            return Err(too_large(
+                "number of shards",
+                self.shards.len() as u64,
+                MAX_SHARDS,
+            ));
+        }
+        if self.shards.is_empty() {
+            return invalid("a dataset needs at least one shard".into());
+        }
+        let mut seen = HashSet::with_capacity(self.shards.len());
+        let mut sum: u64 = 0;
+        for shard in &self.shards {
+            check_shard_name(&shard.file)?;
+            if !seen.insert(shard.file.as_str()) {
+                return invalid(format!("shard `{}` is listed twice", shard.file));
+            }
+            if shard.samples == 0 {
+                return invalid(format!("shard `{}` holds no samples", shard.file));
+            }
+            if shard.sha256.len() != 64
+                || !shard
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return invalid(format!(
+                    "shard `{}`: sha256 must be 64 lowercase hex digits",
+                    shard.file
+                ));
+            }
+            // Saturating: a sum past MAX_SAMPLES is reported as a mismatch.
+            sum = sum.saturating_add(shard.samples);
+        }
+        if sum != self.num_samples {
+            return Err(DatasetError::SampleCountMismatch {
+                declared: self.num_samples,
+                sum,
+            });
+        }
+        if let Some(st) = &self.standardization {
+            let d = self.features();
+            if st.mean.len() != d || st.std.len() != d {
+                return invalid(format!(
+                    "standardization has {} means and {} stds for {d} features",
+                    st.mean.len(),
+                    st.std.len()
+                ));
+            }
+            if !st.mean.iter().all(|m| m.is_finite()) {
+                return invalid("standardization mean is not finite".into());
+            }
+            if !st.std.iter().all(|s| s.is_finite() && *s > 0.0) {
+                return invalid("standardization std must be finite and positive".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_schema(&self) -> Result<(), DatasetError> {
+        let s = &self.schema;
+        let expect = |spec: &TensorSpec, name: &str, dtype: ElementType, rank: usize| {
+            if spec.name != name || spec.dtype != dtype || spec.shape.len() != rank {
+                Err(DatasetError::InvalidManifest(format!(
+                    "schema tensor `{}` ({}, {} dims) must be `{name}` ({dtype}, {rank} dims)",
+                    spec.name,
+                    spec.dtype,
+                    spec.shape.len()
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        expect(&s.features, "x", ElementType::F32, 1)?;
+        expect(&s.labels, "y", ElementType::I64, 0)?;
+        let d = s.features.shape[0];
+        if d == 0 {
+            return Err(DatasetError::InvalidManifest(
+                "samples must have at least one feature".into(),
+            ));
+        }
+        if d > MAX_FEATURES {
+            return Err(too_large("features per sample", d, MAX_FEATURES));
+        }
+        if s.num_classes < 2 {
+            return Err(DatasetError::InvalidManifest(format!(
+                "num_classes must be at least 2, found {}",
+                s.num_classes
+            )));
+        }
+        if s.num_classes > MAX_CLASSES {
+            return Err(too_large(
+                "num_classes",
+                s.num_classes.into(),
+                MAX_CLASSES.into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn too_large(what: &'static str, value: u64, limit: u64) -> DatasetError {
+    DatasetError::TooLarge { what, value, limit }
+}
+
+/// A shard name must name a file directly inside the dataset directory.
+fn check_shard_name(name: &str) -> Result<(), DatasetError> {
+    let plain = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && !name.contains("..")
+        && name != MANIFEST_FILE;
+    if plain {
+        Ok(())
+    } else {
+        Err(DatasetError::UnsafeShardName { name: name.into() })
+    }
+}

@@ -1,0 +1,210 @@
+//! Datasets: the on-disk format, verified loading, packing real data into it,
+//! synthetic data for tests and benchmarks, and the pure shard plan that fixes
+//! which samples each rank consumes at each step. No libtorch and no network
+//! here: turning samples into tensors belongs to the worker.
+//!
+//! # On-disk format (version 1)
+//!
+//! A dataset is a directory holding `MANIFEST.json` and shard files named
+//! `shard-00000.safetensors`, `shard-00001.safetensors`, ... Each shard is a
+//! safetensors file with exactly two tensors:
+//!
+//! - `x`: `F32`, shape `[n, d]`, the features of the shard's `n` samples, row-major;
+//! - `y`: `I64`, shape `[n]`, their class labels, each in `0..num_classes`.
+//!
+//! The manifest (JSON, unknown keys rejected) reads:
+//!
+//! ```json
+//! {
+//!   "format_version": 1,
+//!   "name": "digits",
+//!   "schema": {
+//!     "features": { "name": "x", "dtype": "f32", "shape": [64] },
+//!     "labels": { "name": "y", "dtype": "i64", "shape": [] },
+//!     "num_classes": 10
+//!   },
+//!   "num_samples": 1617,
+//!   "shards": [
+//!     { "file": "shard-00000.safetensors", "samples": 1024, "sha256": "9f86d0…" },
+//!     { "file": "shard-00001.safetensors", "samples": 593, "sha256": "60303a…" }
+//!   ],
+//!   "standardization": { "mean": [0.0, …], "std": [1.0, …] },
+//!   "source": "packed from digits.csv.gz (csv, label column last, no header) …"
+//! }
+//! ```
+//!
+//! `standardization` is optional; when present it has *already been applied*
+//! to the stored `x` (`(raw - mean) / std`) and is recorded so that
+//! evaluation and inference apply the same transform to raw data
+//! ([`Standardization::apply`]). `source` is optional free text saying what the
+//! dataset was packed from and which cleaning was applied.
+//!
+//! Samples are numbered globally in manifest order: shard 0's rows first, then
+//! shard 1's, and so on. The shard plan ([`ShardPlan`]) permutes these global
+//! indices.
+//!
+//! Writers put every shard in place first and `MANIFEST.json` last, each file
+//! through a temporary name, fsync and rename, so a directory with a manifest
+//! is always a complete dataset. Readers verify every shard's sha256 before
+//! trusting its contents.
+
+mod manifest;
+mod pack;
+mod read_csv;
+mod read_npy;
+mod shard_plan;
+mod shards;
+mod synth;
+
+use std::path::PathBuf;
+
+pub use manifest::{
+    DatasetManifest, ElementType, FORMAT_VERSION, MANIFEST_FILE, MAX_CLASSES, MAX_FEATURES,
+    MAX_SAMPLES, MAX_SHARDS, Schema, ShardEntry, Standardization, TensorSpec,
+};
+pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, pack};
+pub use shard_plan::{ShardPlan, ShardPlanError, rank_range};
+pub use shards::{Dataset, WriteOptions, shard_file_name, write_dataset};
+pub use synth::{SynthOptions, synthesize};
+
+/// Everything that can go wrong reading, writing or packing a dataset. Each
+/// variant names the contract that was broken; paths and line numbers are
+/// included so that one line tells the user what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid manifest {path}: {source}")]
+    ManifestSyntax {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("manifest {path} is larger than {limit} bytes")]
+    ManifestTooLarge { path: PathBuf, limit: u64 },
+    #[error("unsupported dataset format version {found} (this build reads version {supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
+    #[error("shard file name `{name}` must be a plain file name (no `/`, `\\` or `..`)")]
+    UnsafeShardName { name: String },
+    #[error("shard sample counts sum to {sum} but the manifest declares {declared} samples")]
+    SampleCountMismatch { declared: u64, sum: u64 },
+    #[error("{what} is {value}, above the limit of {limit}")]
+    TooLarge {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
+    #[error("shard {shard}: sha256 is {actual} but the manifest records {expected}")]
+    ShardChecksum {
+        shard: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "shard {shard}: file is {size} bytes, more than the {limit} bytes its manifest entry allows"
+    )]
+    ShardTooLarge {
+        shard: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error("shard {shard}: not a valid safetensors file: {source}")]
+    ShardFormat {
+        shard: String,
+        source: safetensors::SafeTensorError,
+    },
+    #[error("shard {shard}: tensor `{tensor}` is {found}, the schema requires {expected}")]
+    ShardTensorMismatch {
+        shard: String,
+        tensor: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error("shard {shard}: sample {index} has label {label}, outside 0..{num_classes}")]
+    LabelOutOfRange {
+        shard: String,
+        index: u64,
+        label: i64,
+        num_classes: u32,
+    },
+    #[error("shard {shard}: sample {index} has a non-finite feature")]
+    NonFiniteFeature { shard: String, index: u64 },
+    #[error("refusing to overwrite the existing dataset in {path}")]
+    OutputExists { path: PathBuf },
+    #[error("{x_len} feature values do not form {samples} samples of {features} features")]
+    DataShapeMismatch {
+        x_len: usize,
+        samples: usize,
+        features: usize,
+    },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("{path}: no data rows")]
+    EmptyInput { path: PathBuf },
+    #[error("{path}:{line}: expected {expected} fields, found {found}")]
+    CsvFieldCount {
+        path: PathBuf,
+        line: u64,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{path}:{line}: column {column}: cannot parse `{value}` as a number")]
+    CsvNotANumber {
+        path: PathBuf,
+        line: u64,
+        column: usize,
+        value: String,
+    },
+    #[error("{path}:{line}: column {column}: `{value}` is not a finite number")]
+    CsvNonFinite {
+        path: PathBuf,
+        line: u64,
+        column: usize,
+        value: String,
+    },
+    #[error("{path}:{line}: column {column}: label `{value}` is not an integer in 0..{limit}")]
+    CsvBadLabel {
+        path: PathBuf,
+        line: u64,
+        column: usize,
+        value: String,
+        limit: u32,
+    },
+    #[error("{path}: {source}")]
+    CsvSyntax { path: PathBuf, source: csv::Error },
+    #[error("{path}: {detail}")]
+    LabelColumn { path: PathBuf, detail: String },
+    #[error("{path}: {detail}")]
+    NpyFormat { path: PathBuf, detail: String },
+    #[error("{path}: element {index} is {value}, not a label in 0..{limit}")]
+    NpyBadLabel {
+        path: PathBuf,
+        index: u64,
+        value: String,
+        limit: u32,
+    },
+    #[error("{path}: row {row}, column {column}: not a finite number")]
+    NpyNonFinite {
+        path: PathBuf,
+        row: u64,
+        column: u64,
+    },
+    #[error("{features} has {feature_rows} rows but {labels} has {label_count} labels")]
+    NpyCountMismatch {
+        features: PathBuf,
+        feature_rows: u64,
+        labels: PathBuf,
+        label_count: u64,
+    },
+    #[error("labels only use class 0; a classification dataset needs at least 2 classes")]
+    TooFewClasses,
+}

@@ -1,0 +1,116 @@
+//! Synthetic classification datasets for tests and benchmarks: each class is
+//! a unit-variance Gaussian blob around its own random mean, so a small model
+//! can learn it but not perfectly. Deterministic in the seed; the on-disk
+//! format is the same as for packed data (`shards.rs`).
+
+use std::path::PathBuf;
+
+use rand_core::RngCore;
+
+use super::DatasetError;
+use super::manifest::{DatasetManifest, MAX_CLASSES, MAX_FEATURES};
+use super::shard_plan::{bounded, stream};
+use super::shards::{WriteOptions, write_dataset};
+
+const SYNTH_TAG: &[u8; 16] = b"ringmaster/synth";
+/// Class means are drawn with per-feature scale `SEPARATION / sqrt(d)`, which
+/// keeps the expected distance between two means near `SEPARATION·√2`
+/// noise standard deviations whatever the number of features.
+const SEPARATION: f64 = 3.0;
+/// Caps the table of class means (`classes × features` values).
+const MAX_MEAN_VALUES: u64 = 1 << 28;
+
+/// What [`synthesize`] generates; mirrors the `dataset synth` command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SynthOptions {
+    /// The dataset directory to create.
+    pub output: PathBuf,
+    pub name: String,
+    pub samples: usize,
+    pub features: usize,
+    pub classes: u32,
+    pub seed: u64,
+    pub shard_samples: usize,
+}
+
+/// Generates `samples` samples with labels uniform in `0..classes` and
+/// features `mean[label] + N(0, 1)`, and writes them as a dataset.
+pub fn synthesize(opts: &SynthOptions) -> Result<DatasetManifest, DatasetError> {
+    let d = opts.features;
+    let k = opts.classes;
+    if !(2..=MAX_CLASSES).contains(&k) {
+        return Err(DatasetError::InvalidInput(format!(
+            "classes must be in 2..={MAX_CLASSES}, found {k}"
+        )));
+    }
+    if d == 0 || d as u64 > MAX_FEATURES {
+        return Err(DatasetError::InvalidInput(format!(
+            "features must be in 1..={MAX_FEATURES}, found {d}"
+        )));
+    }
+    if u64::from(k) * d as u64 > MAX_MEAN_VALUES {
+        return Err(DatasetError::TooLarge {
+            what: "classes × features",
+            value: u64::from(k) * d as u64,
+            limit: MAX_MEAN_VALUES,
+        });
+    }
+    let Some(values) = opts.samples.checked_mul(d) else {
+        return Err(DatasetError::InvalidInput(format!(
+            "{} samples of {d} features do not fit in memory",
+            opts.samples
+        )));
+    };
+
+    let mut rng = stream(opts.seed, 0, SYNTH_TAG);
+    let mut normal = Normal::default();
+    let scale = SEPARATION / (d as f64).sqrt();
+    let means: Vec<f64> = (0..k as usize * d)
+        .map(|_| normal.sample(&mut rng) * scale)
+        .collect();
+    let mut x = Vec::with_capacity(values);
+    let mut y = Vec::with_capacity(opts.samples);
+    for _ in 0..opts.samples {
+        let label = bounded(&mut rng, u64::from(k)) as usize;
+        let mean = &means[label * d..(label + 1) * d];
+        x.extend(mean.iter().map(|m| (m + normal.sample(&mut rng)) as f32));
+        y.push(label as i64);
+    }
+    let write = WriteOptions {
+        name: opts.name.clone(),
+        features: d,
+        num_classes: k,
+        shard_samples: opts.shard_samples,
+        standardization: None,
+        source: Some(format!(
+            "synthetic: {k} classes, features = class mean + N(0, 1) noise, means drawn \
+             N(0, ({SEPARATION}/sqrt({d}))^2) per feature, labels uniform, seed {}",
+            opts.seed
+        )),
+    };
+    write_dataset(&opts.output, &write, &x, &y)
+}
+
+/// Standard normal draws by the Box–Muller transform, built on raw `next_u64`
+/// so that the data, like the shard plan, does not depend on `rand`'s
+/// distribution code.
+#[derive(Default)]
+struct Normal {
+    spare: Option<f64>,
+}
+
+impl Normal {
+    fn sample(&mut self, rng: &mut impl RngCore) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        // 53 random bits each; u1 in (0, 1] so that ln(u1) is finite.
+        let unit = |v: u64| (v >> 11) as f64 / (1u64 << 53) as f64;
+        let u1 = 1.0 - unit(rng.next_u64());
+        let u2 = unit(rng.next_u64());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = std::f64::consts::TAU * u2;
+        self.spare = Some(r * theta.sin());
+        r * theta.cos()
+    }
+}

@@ -1,0 +1,342 @@
+//! The job spec: `job.toml` as users write it (raw, serde with
+//! `deny_unknown_fields`) and the validated domain [`JobSpec`] that the rest of
+//! Ringmaster uses. One function, [`JobSpec::from_toml`], turns the first into
+//! the second; every error it returns names `file:line:col`.
+//!
+//! The domain type is also what travels to the coordinator and the workers
+//! (as JSON), and each receiver calls [`JobSpec::check`] again because inbound
+//! data can be malformed.
+//!
+//! Layout: this file holds the domain types, the error type and the public
+//! entry points; `raw` is the serde tree of the file, `rules` the value rules
+//! shared by both entry points, `validate` the raw-to-domain function. Dataset
+//! contents are not read here (see `crate::dataset`); callers that check them
+//! report located errors through [`SpecSpans`].
+
+mod raw;
+mod rules;
+mod validate;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Longest job name: names become store keys, directory names and metric labels.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most hidden layers an MLP may have.
+pub const MAX_HIDDEN_LAYERS: usize = 16;
+/// Widest hidden layer.
+pub const MAX_LAYER_WIDTH: i64 = 65_536;
+/// Largest global batch.
+pub const MAX_BATCH_SIZE: i64 = 1_048_576;
+/// Largest group a job may ask for.
+pub const MAX_WORKERS: i64 = 1024;
+/// Largest job file: a real one is a few hundred bytes, and the parser holds
+/// the whole tree in memory before any rule bounds it.
+pub const MAX_SOURCE_BYTES: usize = 1 << 20;
+
+/// A validated job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub workers: WorkersSpec,
+    pub output: OutputSpec,
+}
+
+/// The built-in models.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSpec {
+    /// A multi-layer perceptron: input size and class count come from the
+    /// training dataset's manifest.
+    Mlp {
+        hidden: Vec<u32>,
+        activation: Activation,
+        /// Dropout probability after each hidden activation, `0 <= p < 1`.
+        dropout: f64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Relu,
+    Gelu,
+    Tanh,
+}
+
+/// Absolute dataset directories (each holds a `MANIFEST.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    pub train: PathBuf,
+    pub validation: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    /// Samples per optimizer step across all ranks, fixed whatever the world size.
+    pub global_batch: u32,
+    pub duration: Duration,
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Evaluate on the validation set every this many steps (and at the end).
+    pub eval_every_steps: Option<u64>,
+}
+
+/// How long a job trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Duration {
+    Epochs(u64),
+    Steps(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Optimizer {
+    Sgd { momentum: f64, nesterov: bool },
+    Adam { beta1: f64, beta2: f64, eps: f64 },
+    AdamW { beta1: f64, beta2: f64, eps: f64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkersSpec {
+    pub min: u32,
+    pub max: u32,
+    pub device: DeviceKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    /// Absolute directory where rank 0 writes `model.safetensors` and `metrics.jsonl`.
+    pub dir: PathBuf,
+}
+
+/// A place in a job file: 1-based line and column, the column counted in
+/// characters. Displays as `file:line:col`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// Why a job file was refused. Every variant displays as one line,
+/// `file:line:col: message`, pointing at the offending text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The file is not valid TOML.
+    #[error("{at}: {message}")]
+    NotToml { at: Location, message: String },
+    /// Valid TOML that does not fit the schema: an unknown key, a missing key,
+    /// a value of the wrong type or an unknown enum value (the message lists
+    /// the accepted alternatives).
+    #[error("{at}: {message}")]
+    SchemaMismatch { at: Location, message: String },
+    /// The file is larger than [`MAX_SOURCE_BYTES`]; `at` is its start.
+    #[error("{at}: {message}")]
+    TooLarge { at: Location, message: String },
+    /// A value that fits the schema but breaks a rule: a range, a combination
+    /// of keys, or a check done by the caller through [`SpecSpans::error_at`].
+    #[error("{at}: {message}")]
+    InvalidValue { at: Location, message: String },
+}
+
+impl SpecError {
+    /// Where in the job file the error points.
+    pub fn location(&self) -> &Location {
+        match self {
+            SpecError::NotToml { at, .. }
+            | SpecError::TooLarge { at, .. }
+            | SpecError::SchemaMismatch { at, .. }
+            | SpecError::InvalidValue { at, .. } => at,
+        }
+    }
+
+    /// The message without its location.
+    pub fn message(&self) -> &str {
+        match self {
+            SpecError::NotToml { message, .. }
+            | SpecError::TooLarge { message, .. }
+            | SpecError::SchemaMismatch { message, .. }
+            | SpecError::InvalidValue { message, .. } => message,
+        }
+    }
+}
+
+/// The values of a job file that checks done outside this module (datasets
+/// exist, their feature counts agree) need to point at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanField {
+    DataTrain,
+    DataValidation,
+    TrainBatchSize,
+    ModelHidden,
+}
+
+impl SpanField {
+    /// The key as written in `job.toml`, e.g. `data.train`.
+    pub fn key(self) -> &'static str {
+        match self {
+            SpanField::DataTrain => "data.train",
+            SpanField::DataValidation => "data.validation",
+            SpanField::TrainBatchSize => "train.batch_size",
+            SpanField::ModelHidden => "model.hidden",
+        }
+    }
+}
+
+/// Where some values of a parsed job file are, so that a caller's own checks
+/// report `file:line:col` like the parser's do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecSpans {
+    /// Fallback for `data.validation` when the file has none.
+    data_table: Location,
+    data_train: Location,
+    data_validation: Option<Location>,
+    train_batch_size: Location,
+    model_hidden: Location,
+}
+
+impl SpecSpans {
+    /// Where `field`'s value is. `data.validation` absent from the file points
+    /// at the `[data]` table instead.
+    pub fn location(&self, field: SpanField) -> &Location {
+        match field {
+            SpanField::DataTrain => &self.data_train,
+            SpanField::DataValidation => self.data_validation.as_ref().unwrap_or(&self.data_table),
+            SpanField::TrainBatchSize => &self.train_batch_size,
+            SpanField::ModelHidden => &self.model_hidden,
+        }
+    }
+
+    /// A located error about `field`, its message prefixed with the key:
+    /// `error_at(SpanField::DataTrain, "no MANIFEST.json in /d")` displays as
+    /// `job.toml:7:9: data.train: no MANIFEST.json in /d`.
+    pub fn error_at(&self, field: SpanField, message: impl fmt::Display) -> SpecError {
+        SpecError::InvalidValue {
+            at: self.location(field).clone(),
+            message: format!("{}: {message}", field.key()),
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses and validates `source`, the contents of the job file at `path`.
+    /// Relative paths in the file are resolved against `path`'s directory and
+    /// made absolute; they need not exist yet.
+    pub fn from_toml(source: &str, path: &Path) -> Result<JobSpec, SpecError> {
+        Self::from_toml_with_spans(source, path).map(|(spec, _)| spec)
+    }
+
+    /// [`JobSpec::from_toml`], also returning where the values that callers
+    /// check against the file system are, for errors located like ours.
+    pub fn from_toml_with_spans(
+        source: &str,
+        path: &Path,
+    ) -> Result<(JobSpec, SpecSpans), SpecError> {
+        validate::parse(source, path)
+    }
+
+    /// Re-checks the invariants [`JobSpec::from_toml`] establishes, for a spec
+    /// that arrived in another form (JSON from the store or the wire). The
+    /// error names the key, as in the TOML errors, without a location.
+    pub fn check(&self) -> Result<(), String> {
+        rules::name(&self.name)?;
+        let ModelSpec::Mlp {
+            hidden, dropout, ..
+        } = &self.model;
+        rules::hidden_len(hidden.len())?;
+        for (i, width) in hidden.iter().enumerate() {
+            rules::hidden_width(i, i64::from(*width))?;
+        }
+        rules::dropout(*dropout)?;
+
+        absolute("data.train", &self.data.train)?;
+        if let Some(validation) = &self.data.validation {
+            absolute("data.validation", validation)?;
+        }
+        absolute("output.dir", &self.output.dir)?;
+
+        let train = &self.train;
+        rules::batch_size(i64::from(train.global_batch))?;
+        match train.duration {
+            Duration::Epochs(n) => rules::epochs(saturate(n))?,
+            Duration::Steps(n) => rules::steps(saturate(n))?,
+        }
+        rules::learning_rate(train.learning_rate)?;
+        rules::weight_decay(train.weight_decay)?;
+        if let Some(every) = train.eval_every_steps {
+            rules::eval_every_steps(saturate(every))?;
+            rules::eval_needs_validation(self.data.validation.is_some())?;
+        }
+        match train.optimizer {
+            Optimizer::Sgd { momentum, nesterov } => {
+                rules::momentum(momentum)?;
+                rules::nesterov(nesterov, momentum)?;
+            }
+            Optimizer::Adam { beta1, beta2, eps } | Optimizer::AdamW { beta1, beta2, eps } => {
+                rules::beta(0, beta1)?;
+                rules::beta(1, beta2)?;
+                rules::eps(eps)?;
+            }
+        }
+
+        let (min, max) = (i64::from(self.workers.min), i64::from(self.workers.max));
+        rules::workers_min(min)?;
+        rules::workers_max(max)?;
+        rules::workers_order(min, max)?;
+        rules::batch_split(i64::from(train.global_batch), min, max)
+    }
+
+    /// Optimizer steps in one epoch over `train_samples` samples: every sample
+    /// is seen once, so the last step of an epoch may be smaller than the batch.
+    pub fn steps_per_epoch(&self, train_samples: u64) -> u64 {
+        // `max(1)` keeps an unchecked spec with a zero batch from dividing by zero.
+        train_samples.div_ceil(u64::from(self.train.global_batch.max(1)))
+    }
+
+    /// Optimizer steps in the whole job: `steps`, or `epochs` times
+    /// [`JobSpec::steps_per_epoch`].
+    pub fn total_steps(&self, train_samples: u64) -> u64 {
+        match self.train.duration {
+            Duration::Epochs(epochs) => epochs.saturating_mul(self.steps_per_epoch(train_samples)),
+            Duration::Steps(steps) => steps,
+        }
+    }
+}
+
+/// Counts beyond `i64` are far past any rule's bound; saturating keeps the
+/// rules' `i64` signatures shared with the TOML side.
+fn saturate(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn absolute(key: &str, path: &Path) -> Result<(), String> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key} must be an absolute path, got {:?}",
+            path.display().to_string()
+        ))
+    }
+}

@@ -1,0 +1,179 @@
+//! `job.toml` exactly as users write it: the serde tree with
+//! `deny_unknown_fields`, so a misspelt key is an error that lists the keys
+//! that would have been accepted.
+//!
+//! Nothing here is validated beyond TOML types and enum spellings. Integers are
+//! `i64` (TOML's own integer type) so that a negative or oversized value reaches
+//! the range rules in `rules.rs` and gets their message, not serde's. Values a
+//! later check must point at are [`Spanned`]; an optional key is an `Option` so
+//! that "given" and "defaulted" stay distinguishable (sgd-only keys given with
+//! adam are errors, not silently ignored). Defaults are applied in `validate.rs`.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use serde_spanned::Spanned;
+
+use super::{Activation, DeviceKind};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a job file")]
+pub(super) struct RawJob {
+    pub name: Spanned<String>,
+    pub seed: Option<Spanned<Integer>>,
+    pub model: RawModel,
+    pub data: Spanned<RawData>,
+    pub train: Spanned<RawTrain>,
+    #[serde(default)]
+    pub workers: RawWorkers,
+    pub output: RawOutput,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawModelKind {
+    Mlp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [model] table")]
+pub(super) struct RawModel {
+    pub kind: RawModelKind,
+    pub hidden: Spanned<Vec<Spanned<Integer>>>,
+    #[serde(default = "default_activation")]
+    pub activation: Activation,
+    pub dropout: Option<Spanned<Float>>,
+}
+
+fn default_activation() -> Activation {
+    Activation::Relu
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [data] table")]
+pub(super) struct RawData {
+    pub train: Spanned<String>,
+    pub validation: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub(super) enum RawOptimizer {
+    #[default]
+    #[serde(rename = "sgd")]
+    Sgd,
+    #[serde(rename = "adam")]
+    Adam,
+    #[serde(rename = "adamw")]
+    AdamW,
+}
+
+impl RawOptimizer {
+    pub fn name(self) -> &'static str {
+        match self {
+            RawOptimizer::Sgd => "sgd",
+            RawOptimizer::Adam => "adam",
+            RawOptimizer::AdamW => "adamw",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [train] table")]
+pub(super) struct RawTrain {
+    pub batch_size: Spanned<Integer>,
+    pub epochs: Option<Spanned<Integer>>,
+    pub steps: Option<Spanned<Integer>>,
+    #[serde(default)]
+    pub optimizer: RawOptimizer,
+    pub learning_rate: Spanned<Float>,
+    pub momentum: Option<Spanned<Float>>,
+    pub nesterov: Option<Spanned<bool>>,
+    pub betas: Option<Spanned<Vec<Spanned<Float>>>>,
+    pub eps: Option<Spanned<Float>>,
+    pub weight_decay: Option<Spanned<Float>>,
+    pub eval_every_steps: Option<Spanned<Integer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [workers] table")]
+pub(super) struct RawWorkers {
+    pub min: Option<Spanned<Integer>>,
+    pub max: Option<Spanned<Integer>>,
+    #[serde(default = "default_device")]
+    pub device: DeviceKind,
+}
+
+fn default_device() -> DeviceKind {
+    DeviceKind::Cpu
+}
+
+/// A job file without a `[workers]` table runs on one CPU worker.
+impl Default for RawWorkers {
+    fn default() -> Self {
+        RawWorkers {
+            min: None,
+            max: None,
+            device: default_device(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [output] table")]
+pub(super) struct RawOutput {
+    pub dir: Spanned<String>,
+}
+
+/// A TOML integer. Its own type so that a wrong type reads "expected an
+/// integer", not serde's "expected i64".
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Integer(pub i64);
+
+/// A TOML float; integers are accepted too (`weight_decay = 0`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Float(pub f64);
+
+impl<'de> Deserialize<'de> for Integer {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IntegerVisitor;
+        impl Visitor<'_> for IntegerVisitor {
+            type Value = Integer;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Integer, E> {
+                Ok(Integer(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Integer, E> {
+                i64::try_from(v)
+                    .map(Integer)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        deserializer.deserialize_i64(IntegerVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Float {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FloatVisitor;
+        impl Visitor<'_> for FloatVisitor {
+            type Value = Float;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Float, E> {
+                Ok(Float(v))
+            }
+            // Exact for every integer a job file plausibly holds (|v| <= 2^53).
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Float, E> {
+                Ok(Float(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Float, E> {
+                Ok(Float(v as f64))
+            }
+        }
+        deserializer.deserialize_f64(FloatVisitor)
+    }
+}

@@ -1,0 +1,207 @@
+//! The value rules of a job spec, each a function from values to an error
+//! message. Both entry points use them: `validate.rs` (TOML, which adds
+//! `file:line:col`) and [`JobSpec::check`](super::JobSpec::check) (the JSON form
+//! a receiver got), so the two can not drift apart.
+//!
+//! Rules that only make sense on the raw file (a key given for the wrong
+//! optimizer, both `epochs` and `steps`) live in `validate.rs`: the domain
+//! types can not express those mistakes.
+
+use super::{MAX_BATCH_SIZE, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS};
+
+pub(super) type Rule = Result<(), String>;
+
+pub(super) fn name(name: &str) -> Rule {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if first_ok && rest_ok && name.len() <= MAX_NAME_LEN {
+        Ok(())
+    } else {
+        Err(format!(
+            "name {name:?} must be 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and '-', \
+             starting with a letter or digit"
+        ))
+    }
+}
+
+pub(super) fn seed(seed: i64) -> Rule {
+    if seed >= 0 {
+        Ok(())
+    } else {
+        Err(format!("seed must not be negative, got {seed}"))
+    }
+}
+
+pub(super) fn hidden_len(layers: usize) -> Rule {
+    if layers <= MAX_HIDDEN_LAYERS {
+        Ok(())
+    } else {
+        Err(format!(
+            "model.hidden has {layers} layers, at most {MAX_HIDDEN_LAYERS} are allowed"
+        ))
+    }
+}
+
+pub(super) fn hidden_width(index: usize, width: i64) -> Rule {
+    in_range(&format!("model.hidden[{index}]"), width, 1, MAX_LAYER_WIDTH)
+}
+
+pub(super) fn dropout(p: f64) -> Rule {
+    unit_interval("model.dropout", p)
+}
+
+pub(super) fn batch_size(batch: i64) -> Rule {
+    in_range("train.batch_size", batch, 1, MAX_BATCH_SIZE)
+}
+
+pub(super) fn epochs(epochs: i64) -> Rule {
+    at_least_one("train.epochs", epochs)
+}
+
+pub(super) fn steps(steps: i64) -> Rule {
+    at_least_one("train.steps", steps)
+}
+
+pub(super) fn eval_every_steps(every: i64) -> Rule {
+    at_least_one("train.eval_every_steps", every)
+}
+
+pub(super) fn learning_rate(lr: f64) -> Rule {
+    positive_finite("train.learning_rate", lr)
+}
+
+pub(super) fn momentum(m: f64) -> Rule {
+    unit_interval("train.momentum", m)
+}
+
+/// PyTorch refuses Nesterov momentum without momentum; say so before a worker
+/// finds out.
+pub(super) fn nesterov(nesterov: bool, momentum: f64) -> Rule {
+    if nesterov && momentum == 0.0 {
+        Err("train.nesterov needs train.momentum > 0".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
+pub(super) fn betas_len(len: usize) -> Rule {
+    if len == 2 {
+        Ok(())
+    } else {
+        Err(format!("train.betas must hold 2 values, got {len}"))
+    }
+}
+
+pub(super) fn beta(index: usize, b: f64) -> Rule {
+    unit_interval(&format!("train.betas[{index}]"), b)
+}
+
+pub(super) fn eps(eps: f64) -> Rule {
+    positive_finite("train.eps", eps)
+}
+
+pub(super) fn weight_decay(wd: f64) -> Rule {
+    if wd >= 0.0 && wd.is_finite() {
+        Ok(())
+    } else {
+        Err(format!(
+            "train.weight_decay must be non-negative and finite, got {wd:?}"
+        ))
+    }
+}
+
+/// Evaluation runs on the validation set, so asking for it without one is a
+/// mistake worth reporting rather than a no-op.
+pub(super) fn eval_needs_validation(has_validation: bool) -> Rule {
+    if has_validation {
+        Ok(())
+    } else {
+        Err("train.eval_every_steps needs data.validation".to_owned())
+    }
+}
+
+pub(super) fn workers_min(min: i64) -> Rule {
+    in_range("workers.min", min, 1, MAX_WORKERS)
+}
+
+pub(super) fn workers_max(max: i64) -> Rule {
+    in_range("workers.max", max, 1, MAX_WORKERS)
+}
+
+pub(super) fn workers_order(min: i64, max: i64) -> Rule {
+    if min <= max {
+        Ok(())
+    } else {
+        Err(format!(
+            "workers.min ({min}) is greater than workers.max ({max})"
+        ))
+    }
+}
+
+/// The global batch is fixed by the job and split evenly over the ranks, so it
+/// must divide by every group size the job may run at, `min..=max`.
+pub(super) fn batch_split(batch: i64, min: i64, max: i64) -> Rule {
+    const WHY: &str = "every rank takes an equal share of the global batch";
+    if batch < max {
+        return Err(format!(
+            "train.batch_size {batch} is smaller than workers.max = {max}: \
+             every rank needs at least one sample"
+        ));
+    }
+    if batch % max != 0 {
+        return Err(format!(
+            "train.batch_size {batch} is not divisible by workers.max = {max}: {WHY}"
+        ));
+    }
+    if batch % min != 0 {
+        return Err(format!(
+            "train.batch_size {batch} is not divisible by workers.min = {min}: {WHY}"
+        ));
+    }
+    // Sizes strictly between min and max that do not divide the batch are
+    // simply skipped by the scheduler, so they are not an error here.
+    Ok(())
+}
+
+pub(super) fn path_not_empty(key: &str, path: &str) -> Rule {
+    if path.is_empty() {
+        Err(format!("{key} must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn in_range(key: &str, value: i64, lo: i64, hi: i64) -> Rule {
+    if (lo..=hi).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{key} must be between {lo} and {hi}, got {value}"))
+    }
+}
+
+fn at_least_one(key: &str, value: i64) -> Rule {
+    if value >= 1 {
+        Ok(())
+    } else {
+        Err(format!("{key} must be at least 1, got {value}"))
+    }
+}
+
+fn positive_finite(key: &str, value: f64) -> Rule {
+    if value > 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("{key} must be positive and finite, got {value:?}"))
+    }
+}
+
+fn unit_interval(key: &str, value: f64) -> Rule {
+    if (0.0..1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{key} must be in [0, 1), got {value:?}"))
+    }
+}

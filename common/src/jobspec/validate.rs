@@ -1,0 +1,427 @@
+//! Turns a `job.toml` source into the validated [`JobSpec`]: TOML syntax, then
+//! the raw schema (`raw.rs`), then one function, [`build`], that applies
+//! defaults, runs the value rules (`rules.rs`) and the rules between keys, and
+//! resolves paths. Every error is located at the value it is about.
+//!
+//! Nothing here reads the file system: datasets are checked by the caller
+//! through [`SpecSpans`].
+
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+use super::raw::{
+    Integer, RawData, RawJob, RawModel, RawModelKind, RawOptimizer, RawTrain, RawWorkers,
+};
+use super::rules::{self, Rule};
+use super::{
+    DataSpec, Duration, JobSpec, Location, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec,
+    SpecError, SpecSpans, TrainSpec, WorkersSpec,
+};
+
+const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
+const DEFAULT_EPS: f64 = 1e-8;
+
+/// Parses and validates `source`, the contents of the job file at `path`.
+pub(super) fn parse(source: &str, path: &Path) -> Result<(JobSpec, SpecSpans), SpecError> {
+    let at = Locator { source, file: path };
+    if source.len() > MAX_SOURCE_BYTES {
+        return Err(SpecError::TooLarge {
+            at: at.at(0..0),
+            message: format!(
+                "job file is {} bytes, at most {MAX_SOURCE_BYTES} are allowed",
+                source.len()
+            ),
+        });
+    }
+    let table = toml::de::DeTable::parse(source).map_err(|e| SpecError::NotToml {
+        at: at.error_location(&e),
+        message: one_line(e.message()),
+    })?;
+    let raw = RawJob::deserialize(toml::de::Deserializer::from(table)).map_err(|e| {
+        SpecError::SchemaMismatch {
+            at: at.error_location(&e),
+            message: one_line(e.message()),
+        }
+    })?;
+    build(raw, &at)
+}
+
+/// Maps byte spans of the source to `file:line:col`.
+struct Locator<'a> {
+    source: &'a str,
+    file: &'a Path,
+}
+
+impl Locator<'_> {
+    fn at(&self, span: Range<usize>) -> Location {
+        let (line, column) = line_col(self.source, span.start);
+        Location {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+        }
+    }
+
+    /// Errors without a span (rare: a missing key at the top level) point at
+    /// the start of the file.
+    fn error_location(&self, e: &toml::de::Error) -> Location {
+        self.at(e.span().unwrap_or(0..0))
+    }
+
+    fn check<T>(&self, value: &Spanned<T>, rule: Rule) -> Result<(), SpecError> {
+        rule.map_err(|message| self.invalid(value.span(), message))
+    }
+
+    fn invalid(&self, span: Range<usize>, message: String) -> SpecError {
+        SpecError::InvalidValue {
+            at: self.at(span),
+            message,
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset`, the column counted in characters
+/// so that editors and terminals agree with it.
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(source.len());
+    while !source.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &source[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = source[line_start..offset].chars().count() + 1;
+    (line, column)
+}
+
+/// The contract is one line per error; toml's messages are one line today,
+/// this keeps it so if that changes.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The one function from the raw tree to the domain type.
+fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecError> {
+    at.check(&raw.name, rules::name(raw.name.get_ref()))?;
+    let seed = match &raw.seed {
+        Some(seed) => {
+            at.check(seed, rules::seed(seed.get_ref().0))?;
+            non_negative(seed.get_ref().0)
+        }
+        None => 0,
+    };
+    let (model, model_hidden) = build_model(raw.model, at)?;
+    let data_table = at.at(raw.data.span());
+    let (data, data_train, data_validation) = build_data(raw.data.into_inner(), at)?;
+    let train_table = raw.train.span();
+    let batch_span = raw.train.get_ref().batch_size.span();
+    let train = build_train(
+        raw.train.into_inner(),
+        train_table,
+        data.validation.is_some(),
+        at,
+    )?;
+    let workers = build_workers(raw.workers, train.global_batch, batch_span.clone(), at)?;
+    at.check(
+        &raw.output.dir,
+        rules::path_not_empty("output.dir", raw.output.dir.get_ref()),
+    )?;
+    let output = OutputSpec {
+        dir: resolve(at, &raw.output.dir, "output.dir")?,
+    };
+    let spec = JobSpec {
+        name: raw.name.into_inner(),
+        seed,
+        model,
+        data,
+        train,
+        workers,
+        output,
+    };
+    let spans = SpecSpans {
+        data_table,
+        data_train,
+        data_validation,
+        train_batch_size: at.at(batch_span),
+        model_hidden,
+    };
+    Ok((spec, spans))
+}
+
+fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location), SpecError> {
+    at.check(&raw.hidden, rules::hidden_len(raw.hidden.get_ref().len()))?;
+    let mut hidden = Vec::with_capacity(raw.hidden.get_ref().len());
+    for (i, width) in raw.hidden.get_ref().iter().enumerate() {
+        at.check(width, rules::hidden_width(i, width.get_ref().0))?;
+        hidden.push(narrow(width, at)?);
+    }
+    let dropout = match &raw.dropout {
+        Some(p) => {
+            at.check(p, rules::dropout(p.get_ref().0))?;
+            p.get_ref().0
+        }
+        None => 0.0,
+    };
+    let model = match raw.kind {
+        RawModelKind::Mlp => ModelSpec::Mlp {
+            hidden,
+            activation: raw.activation,
+            dropout,
+        },
+    };
+    Ok((model, at.at(raw.hidden.span())))
+}
+
+fn build_data(
+    raw: RawData,
+    at: &Locator<'_>,
+) -> Result<(DataSpec, Location, Option<Location>), SpecError> {
+    at.check(
+        &raw.train,
+        rules::path_not_empty("data.train", raw.train.get_ref()),
+    )?;
+    let train = resolve(at, &raw.train, "data.train")?;
+    let validation = match &raw.validation {
+        Some(v) => {
+            at.check(v, rules::path_not_empty("data.validation", v.get_ref()))?;
+            Some(resolve(at, v, "data.validation")?)
+        }
+        None => None,
+    };
+    let spec = DataSpec { train, validation };
+    let train_at = at.at(raw.train.span());
+    let validation_at = raw.validation.map(|v| at.at(v.span()));
+    Ok((spec, train_at, validation_at))
+}
+
+fn build_train(
+    raw: RawTrain,
+    table: Range<usize>,
+    has_validation: bool,
+    at: &Locator<'_>,
+) -> Result<TrainSpec, SpecError> {
+    at.check(
+        &raw.batch_size,
+        rules::batch_size(raw.batch_size.get_ref().0),
+    )?;
+    let duration = match (&raw.epochs, &raw.steps) {
+        (Some(_), Some(steps)) => {
+            return Err(at.invalid(
+                steps.span(),
+                "train.epochs and train.steps are both set: give exactly one".to_owned(),
+            ));
+        }
+        (None, None) => {
+            return Err(at.invalid(table, "train needs one of `epochs` or `steps`".to_owned()));
+        }
+        (Some(epochs), None) => {
+            at.check(epochs, rules::epochs(epochs.get_ref().0))?;
+            Duration::Epochs(non_negative(epochs.get_ref().0))
+        }
+        (None, Some(steps)) => {
+            at.check(steps, rules::steps(steps.get_ref().0))?;
+            Duration::Steps(non_negative(steps.get_ref().0))
+        }
+    };
+    at.check(
+        &raw.learning_rate,
+        rules::learning_rate(raw.learning_rate.get_ref().0),
+    )?;
+    let weight_decay = match &raw.weight_decay {
+        Some(wd) => {
+            at.check(wd, rules::weight_decay(wd.get_ref().0))?;
+            wd.get_ref().0
+        }
+        None => 0.0,
+    };
+    let eval_every_steps = match &raw.eval_every_steps {
+        Some(every) => {
+            at.check(every, rules::eval_every_steps(every.get_ref().0))?;
+            at.check(every, rules::eval_needs_validation(has_validation))?;
+            Some(non_negative(every.get_ref().0))
+        }
+        None => None,
+    };
+    let optimizer = build_optimizer(&raw, at)?;
+    Ok(TrainSpec {
+        global_batch: narrow(&raw.batch_size, at)?,
+        duration,
+        optimizer,
+        learning_rate: raw.learning_rate.get_ref().0,
+        weight_decay,
+        eval_every_steps,
+    })
+}
+
+fn build_optimizer(raw: &RawTrain, at: &Locator<'_>) -> Result<Optimizer, SpecError> {
+    let kind = raw.optimizer;
+    if kind == RawOptimizer::Sgd {
+        only_for_adam(at, &raw.betas, "train.betas")?;
+        only_for_adam(at, &raw.eps, "train.eps")?;
+        let momentum = match &raw.momentum {
+            Some(m) => {
+                at.check(m, rules::momentum(m.get_ref().0))?;
+                m.get_ref().0
+            }
+            None => 0.0,
+        };
+        let nesterov = match &raw.nesterov {
+            Some(n) => {
+                at.check(n, rules::nesterov(*n.get_ref(), momentum))?;
+                *n.get_ref()
+            }
+            None => false,
+        };
+        return Ok(Optimizer::Sgd { momentum, nesterov });
+    }
+    if let Some(momentum) = &raw.momentum {
+        return Err(sgd_only(at, momentum.span(), "train.momentum", kind));
+    }
+    if let Some(nesterov) = &raw.nesterov {
+        return Err(sgd_only(at, nesterov.span(), "train.nesterov", kind));
+    }
+    let (beta1, beta2) = match &raw.betas {
+        Some(betas) => {
+            at.check(betas, rules::betas_len(betas.get_ref().len()))?;
+            for (i, b) in betas.get_ref().iter().enumerate() {
+                at.check(b, rules::beta(i, b.get_ref().0))?;
+            }
+            (
+                betas.get_ref()[0].get_ref().0,
+                betas.get_ref()[1].get_ref().0,
+            )
+        }
+        None => DEFAULT_BETAS,
+    };
+    let eps = match &raw.eps {
+        Some(eps) => {
+            at.check(eps, rules::eps(eps.get_ref().0))?;
+            eps.get_ref().0
+        }
+        None => DEFAULT_EPS,
+    };
+    Ok(if kind == RawOptimizer::Adam {
+        Optimizer::Adam { beta1, beta2, eps }
+    } else {
+        Optimizer::AdamW { beta1, beta2, eps }
+    })
+}
+
+fn sgd_only(at: &Locator<'_>, span: Range<usize>, key: &str, kind: RawOptimizer) -> SpecError {
+    at.invalid(
+        span,
+        format!(
+            "{key} only applies to optimizer \"sgd\", not {:?}",
+            kind.name()
+        ),
+    )
+}
+
+fn only_for_adam<T>(
+    at: &Locator<'_>,
+    value: &Option<Spanned<T>>,
+    key: &str,
+) -> Result<(), SpecError> {
+    match value {
+        Some(v) => Err(at.invalid(
+            v.span(),
+            format!("{key} only applies to optimizers \"adam\" and \"adamw\", not \"sgd\""),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn build_workers(
+    raw: RawWorkers,
+    batch: u32,
+    batch_span: Range<usize>,
+    at: &Locator<'_>,
+) -> Result<WorkersSpec, SpecError> {
+    let min = match &raw.min {
+        Some(min) => {
+            at.check(min, rules::workers_min(min.get_ref().0))?;
+            min.get_ref().0
+        }
+        None => 1,
+    };
+    let max = match &raw.max {
+        Some(max) => {
+            at.check(max, rules::workers_max(max.get_ref().0))?;
+            max.get_ref().0
+        }
+        None => min,
+    };
+    if let Some(min_value) = &raw.min {
+        at.check(min_value, rules::workers_order(min, max))?;
+    } else if let Some(max_value) = &raw.max {
+        at.check(max_value, rules::workers_order(min, max))?;
+    }
+    rules::batch_split(i64::from(batch), min, max)
+        .map_err(|message| at.invalid(batch_span, message))?;
+    Ok(WorkersSpec {
+        // Both within 1..=MAX_WORKERS after the rules above.
+        min: u32::try_from(min).unwrap_or(u32::MAX),
+        max: u32::try_from(max).unwrap_or(u32::MAX),
+        device: raw.device,
+    })
+}
+
+/// An `i64` that a rule has already found non-negative, as a `u64`.
+fn non_negative(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// An `i64` that a rule has already bounded, as a `u32`; the error is
+/// unreachable unless a rule's bounds are widened past `u32`.
+fn narrow(value: &Spanned<Integer>, at: &Locator<'_>) -> Result<u32, SpecError> {
+    u32::try_from(value.get_ref().0)
+        .map_err(|_| at.invalid(value.span(), format!("{} is too large", value.get_ref().0)))
+}
+
+/// Resolves a path from the job file against the file's directory, made
+/// absolute and lexically normalized (`.` and `..` removed). Nothing is
+/// required to exist yet.
+fn resolve(at: &Locator<'_>, value: &Spanned<String>, key: &str) -> Result<PathBuf, SpecError> {
+    let base = at.file.parent().unwrap_or(Path::new(""));
+    let joined = base.join(value.get_ref());
+    let absolute = std::path::absolute(&joined).map_err(|e| {
+        at.invalid(
+            value.span(),
+            format!("{key}: can not make {} absolute: {e}", joined.display()),
+        )
+    })?;
+    Ok(normalize(&absolute))
+}
+
+/// Removes `.` and resolves `..` against the preceding component, without
+/// looking at the file system (so through symlinks it may differ from what the
+/// kernel would do, which is the usual trade for paths that need not exist).
+pub(super) fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                // `..` at the root stays at the root, as the kernel does.
+                if !matches!(out.components().next_back(), Some(Component::Normal(_))) {
+                    if out.has_root() {
+                        continue;
+                    }
+                    out.push("..");
+                } else {
+                    out.pop();
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}

@@ -1,0 +1,238 @@
+//! The JSON records the coordinator keeps in the state store ([`JobRecord`],
+//! [`JobStatusRecord`], [`WorkerRecord`]) and the bounded [`encode`] /
+//! [`decode`] every read and write of them goes through. Which key holds
+//! which record is in [`super::keys`].
+//!
+//! Records accept unknown fields on decode, so that a coordinator can read
+//! records written by a newer one of the same layout version.
+
+use super::StoreError;
+use crate::ids::{JobId, WorkerId};
+use crate::jobspec::JobSpec;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// The largest record [`encode`] writes and [`decode`] reads: a bound on what
+/// an untrusted or damaged store can make the coordinator allocate.
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+
+/// Errors of this module's own parsing (not of decoding stored bytes, which
+/// is a [`StoreError`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("unknown job state {0:?}; expected queued, running, succeeded, failed or cancelled")]
+    UnknownJobState(String),
+}
+
+/// `/ringmaster/v1/jobs/<job>/spec`: written once at submission, never
+/// changed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub submitted_at_ms: u64,
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// Whether the job is over: no state follows a final one.
+    pub fn is_final(self) -> bool {
+        match self {
+            JobState::Queued | JobState::Running => false,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled => true,
+        }
+    }
+
+    /// The lowercase name, as stored and as shown by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = RecordError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| RecordError::UnknownJobState(s.to_owned()))
+    }
+}
+
+/// `/ringmaster/v1/jobs/<job>/status`: rewritten on every job transition
+/// (never on heartbeats).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobStatusRecord {
+    pub state: JobState,
+    /// The generation of the job's current (or last) group; 0 before the first.
+    pub generation: u64,
+    /// The last step reported done.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Latest reported metrics by name. Non-finite values (a diverged loss)
+    /// are kept: JSON has no NaN, so they are stored as `"NaN"`, `"inf"`,
+    /// `"-inf"`.
+    #[serde(with = "metrics_json")]
+    pub metrics: BTreeMap<String, f64>,
+    /// Worker ids of the current group, by rank.
+    pub members: Vec<String>,
+    /// Why the job failed or was cancelled.
+    pub reason: Option<String>,
+    pub output_dir: String,
+    pub updated_at_ms: u64,
+}
+
+impl JobStatusRecord {
+    /// The status of a job just submitted.
+    pub fn queued(total_steps: u64, output_dir: String, now_ms: u64) -> Self {
+        JobStatusRecord {
+            state: JobState::Queued,
+            generation: 0,
+            step: 0,
+            total_steps,
+            metrics: BTreeMap::new(),
+            members: Vec::new(),
+            reason: None,
+            output_dir,
+            updated_at_ms: now_ms,
+        }
+    }
+}
+
+/// `/ringmaster/v1/workers/<worker>`: a worker's registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: WorkerId,
+    /// The name the worker chose (defaults to its host name).
+    pub name: String,
+    pub host: String,
+    /// The device it trains on, e.g. `cpu` or `cuda:0`.
+    pub device: String,
+    /// Where its peers reach its data plane (`host:port`).
+    pub data_addr: String,
+    pub registered_at_ms: u64,
+}
+
+/// Serializes a record for `key`, refusing what [`decode`] would refuse.
+pub fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, StoreError> {
+    let bytes = serde_json::to_vec(record)
+        .map_err(|err| StoreError::Internal(format!("encoding record for {key:?}: {err}")))?;
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(StoreError::ValueTooLarge {
+            key: key.to_owned(),
+            len: bytes.len(),
+            max: MAX_RECORD_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes the record stored at `key`; values over [`MAX_RECORD_BYTES`] are
+/// refused before parsing, and bytes that are not the expected record are
+/// [`StoreError::Corrupt`] naming the key.
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(StoreError::ValueTooLarge {
+            key: key.to_owned(),
+            len: bytes.len(),
+            max: MAX_RECORD_BYTES,
+        });
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|err| StoreError::Corrupt(format!("record at {key:?}: {err}")))
+}
+
+/// JSON for metric maps that keeps NaN and infinities, which `serde_json`
+/// would write as `null` and then fail to read back.
+mod metrics_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Metric {
+        Finite(f64),
+        Special(String),
+    }
+
+    pub fn serialize<S: Serializer>(
+        metrics: &BTreeMap<String, f64>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let out: BTreeMap<&str, Metric> = metrics
+            .iter()
+            .map(|(name, &value)| {
+                let metric = if value.is_nan() {
+                    Metric::Special("NaN".to_owned())
+                } else if value == f64::INFINITY {
+                    Metric::Special("inf".to_owned())
+                } else if value == f64::NEG_INFINITY {
+                    Metric::Special("-inf".to_owned())
+                } else {
+                    Metric::Finite(value)
+                };
+                (name.as_str(), metric)
+            })
+            .collect();
+        out.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, f64>, D::Error> {
+        let raw = BTreeMap::<String, Metric>::deserialize(deserializer)?;
+        raw.into_iter()
+            .map(|(name, metric)| {
+                let value = match metric {
+                    Metric::Finite(value) => value,
+                    Metric::Special(text) => match text.as_str() {
+                        "NaN" => f64::NAN,
+                        "inf" => f64::INFINITY,
+                        "-inf" => f64::NEG_INFINITY,
+                        _ => {
+                            return Err(serde::de::Error::custom(format!(
+                                "metric {name:?} is {text:?}, not a number, \"NaN\", \"inf\" or \"-inf\""
+                            )));
+                        }
+                    },
+                };
+                Ok((name, value))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,670 @@
+//! `job.toml` parsing and validation, seen from a user: the exact one-line
+//! error for each kind of mistake, defaults, path resolution, the shipped
+//! examples, and the JSON form receivers re-check. Dataset contents are not
+//! read here (that is `dataset`'s job).
+
+use std::path::{Path, PathBuf};
+
+use ringmaster_common::jobspec::{
+    Activation, DataSpec, DeviceKind, Duration, JobSpec, ModelSpec, Optimizer, SpanField, SpecError,
+};
+
+/// A valid job; cases below edit it. Line numbers, for reading the expected
+/// locations:
+///  1 name            6 [data]          11 steps            16 max
+///  2 seed            7 train           12 optimizer        17 [output]
+///  3 [model]         8 validation      13 learning_rate    18 dir
+///  4 kind            9 [train]         14 [workers]
+///  5 hidden         10 batch_size      15 min
+const BASE: &str = r#"name = "tiny"
+seed = 1
+[model]
+kind = "mlp"
+hidden = [16, 8]
+[data]
+train = "data/train"
+validation = "data/val"
+[train]
+batch_size = 12
+steps = 10
+optimizer = "sgd"
+learning_rate = 0.1
+[workers]
+min = 2
+max = 4
+[output]
+dir = "out"
+"#;
+
+const JOB: &str = "/jobs/team/job.toml";
+
+/// `BASE` with each `(from, to)` applied; `from` must occur exactly once, so
+/// that a stale case fails instead of silently testing `BASE`.
+#[track_caller]
+fn edit(edits: &[(&str, &str)]) -> String {
+    let mut source = BASE.to_owned();
+    for (from, to) in edits {
+        assert_eq!(source.matches(from).count(), 1, "{from:?} must occur once");
+        source = source.replace(from, to);
+    }
+    source
+}
+
+#[track_caller]
+fn parse(source: &str) -> JobSpec {
+    match JobSpec::from_toml(source, Path::new(JOB)) {
+        Ok(spec) => spec,
+        Err(e) => panic!("expected a valid job, got: {e}"),
+    }
+}
+
+#[track_caller]
+fn check_err(source: &str, expected: &str) {
+    match JobSpec::from_toml(source, Path::new("job.toml")) {
+        Ok(spec) => panic!("expected `{expected}`, got a valid job: {spec:?}"),
+        Err(e) => assert_eq!(e.to_string(), expected),
+    }
+}
+
+#[test]
+fn base_is_valid() {
+    let spec = parse(BASE);
+    assert_eq!(spec.name, "tiny");
+    assert_eq!(spec.train.global_batch, 12);
+    assert_eq!(spec.train.duration, Duration::Steps(10));
+    assert_eq!((spec.workers.min, spec.workers.max), (2, 4));
+    assert_eq!(spec.check(), Ok(()));
+}
+
+#[test]
+fn unknown_keys_list_the_expected_ones() {
+    check_err(
+        &edit(&[("seed = 1", "seed = 1\nepoch = 3")]),
+        "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `model`, `data`, \
+         `train`, `workers`, `output`",
+    );
+    check_err(
+        &edit(&[("steps = 10", "steps = 10\nlr = 0.1")]),
+        "job.toml:12:1: unknown field `lr`, expected one of `batch_size`, `epochs`, `steps`, \
+         `optimizer`, `learning_rate`, `momentum`, `nesterov`, `betas`, `eps`, `weight_decay`, \
+         `eval_every_steps`",
+    );
+    check_err(
+        &edit(&[("max = 4", "max = 4\ngpus = 2")]),
+        "job.toml:17:1: unknown field `gpus`, expected one of `min`, `max`, `device`",
+    );
+    check_err(
+        &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
+        "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `model`, \
+         `data`, `train`, `workers`, `output`",
+    );
+}
+
+#[test]
+fn wrong_types() {
+    check_err(
+        &edit(&[("batch_size = 12", "batch_size = \"12\"")]),
+        "job.toml:10:14: invalid type: string \"12\", expected an integer",
+    );
+    check_err(
+        &edit(&[("batch_size = 12", "batch_size = 12.0")]),
+        "job.toml:10:14: invalid type: floating point `12.0`, expected an integer",
+    );
+    check_err(
+        &edit(&[("learning_rate = 0.1", "learning_rate = \"0.1\"")]),
+        "job.toml:13:17: invalid type: string \"0.1\", expected a number",
+    );
+    check_err(
+        &edit(&[
+            ("seed = 1", "seed = 1\nworkers = 2"),
+            ("[workers]\nmin = 2\nmax = 4\n", ""),
+        ]),
+        "job.toml:3:11: invalid type: integer `2`, expected a [workers] table",
+    );
+    check_err(
+        &edit(&[("hidden = [16, 8]", "hidden = 16")]),
+        "job.toml:5:10: invalid type: integer `16`, expected a sequence",
+    );
+}
+
+#[test]
+fn unknown_enum_values_list_the_alternatives() {
+    check_err(
+        &edit(&[("optimizer = \"sgd\"", "optimizer = \"rmsprop\"")]),
+        "job.toml:12:13: unknown variant `rmsprop`, expected one of `sgd`, `adam`, `adamw`",
+    );
+    check_err(
+        &edit(&[(
+            "hidden = [16, 8]",
+            "hidden = [16, 8]\nactivation = \"swish\"",
+        )]),
+        "job.toml:6:14: unknown variant `swish`, expected one of `relu`, `gelu`, `tanh`",
+    );
+    check_err(
+        &edit(&[("max = 4", "max = 4\ndevice = \"tpu\"")]),
+        "job.toml:17:10: unknown variant `tpu`, expected `cpu` or `cuda`",
+    );
+    check_err(
+        &edit(&[("kind = \"mlp\"", "kind = \"cnn\"")]),
+        "job.toml:4:8: unknown variant `cnn`, expected `mlp`",
+    );
+}
+
+#[test]
+fn missing_keys() {
+    check_err(
+        &edit(&[("learning_rate = 0.1\n", "")]),
+        "job.toml:9:1: missing field `learning_rate`",
+    );
+    check_err(
+        &edit(&[("name = \"tiny\"\n", "")]),
+        "job.toml:1:1: missing field `name`",
+    );
+    check_err(
+        &edit(&[("steps = 10\n", "")]),
+        "job.toml:9:1: train needs one of `epochs` or `steps`",
+    );
+}
+
+#[test]
+fn toml_syntax_errors() {
+    check_err(
+        &edit(&[("name = \"tiny\"", "name = hello")]),
+        "job.toml:1:8: string values must be quoted, expected literal string",
+    );
+    check_err(
+        &edit(&[("seed = 1", "seed = 1\nseed = 2")]),
+        "job.toml:3:1: duplicate key",
+    );
+}
+
+#[test]
+fn rules_between_keys() {
+    check_err(
+        &edit(&[("min = 2", "min = 8")]),
+        "job.toml:15:7: workers.min (8) is greater than workers.max (4)",
+    );
+    check_err(
+        &edit(&[("steps = 10", "steps = 10\nepochs = 3")]),
+        "job.toml:11:9: train.epochs and train.steps are both set: give exactly one",
+    );
+    check_err(
+        &edit(&[(
+            "optimizer = \"sgd\"",
+            "optimizer = \"adam\"\nmomentum = 0.9",
+        )]),
+        "job.toml:13:12: train.momentum only applies to optimizer \"sgd\", not \"adam\"",
+    );
+    check_err(
+        &edit(&[(
+            "optimizer = \"sgd\"",
+            "optimizer = \"adamw\"\nnesterov = true",
+        )]),
+        "job.toml:13:12: train.nesterov only applies to optimizer \"sgd\", not \"adamw\"",
+    );
+    check_err(
+        &edit(&[(
+            "optimizer = \"sgd\"",
+            "optimizer = \"sgd\"\nbetas = [0.9, 0.99]",
+        )]),
+        "job.toml:13:9: train.betas only applies to optimizers \"adam\" and \"adamw\", not \"sgd\"",
+    );
+    check_err(
+        &edit(&[(
+            "optimizer = \"sgd\"",
+            "optimizer = \"sgd\"\nnesterov = true",
+        )]),
+        "job.toml:13:12: train.nesterov needs train.momentum > 0",
+    );
+    check_err(
+        &edit(&[
+            ("validation = \"data/val\"\n", ""),
+            ("steps = 10", "steps = 10\neval_every_steps = 5"),
+        ]),
+        "job.toml:11:20: train.eval_every_steps needs data.validation",
+    );
+}
+
+#[test]
+fn global_batch_must_split_evenly_over_min_and_max() {
+    check_err(
+        &edit(&[("max = 4", "max = 5")]),
+        "job.toml:10:14: train.batch_size 12 is not divisible by workers.max = 5: every rank \
+         takes an equal share of the global batch",
+    );
+    check_err(
+        &edit(&[("min = 2", "min = 5"), ("max = 4", "max = 6")]),
+        "job.toml:10:14: train.batch_size 12 is not divisible by workers.min = 5: every rank \
+         takes an equal share of the global batch",
+    );
+    // Sizes in between that do not divide (5 here) are skipped by the scheduler.
+    let src = edit(&[("max = 4", "max = 6")]);
+    assert!(JobSpec::from_toml(&src, Path::new("job.toml")).is_ok());
+    check_err(
+        &edit(&[("batch_size = 12", "batch_size = 3")]),
+        "job.toml:10:14: train.batch_size 3 is smaller than workers.max = 4: every rank needs \
+         at least one sample",
+    );
+}
+
+#[test]
+fn value_ranges() {
+    check_err(
+        &edit(&[("learning_rate = 0.1", "learning_rate = -0.1")]),
+        "job.toml:13:17: train.learning_rate must be positive and finite, got -0.1",
+    );
+    check_err(
+        &edit(&[("learning_rate = 0.1", "learning_rate = inf")]),
+        "job.toml:13:17: train.learning_rate must be positive and finite, got inf",
+    );
+    check_err(
+        &edit(&[("hidden = [16, 8]", "hidden = [16, 8]\ndropout = 1.0")]),
+        "job.toml:6:11: model.dropout must be in [0, 1), got 1.0",
+    );
+    check_err(
+        &edit(&[("hidden = [16, 8]", "hidden = [16, 0]")]),
+        "job.toml:5:15: model.hidden[1] must be between 1 and 65536, got 0",
+    );
+    check_err(
+        &edit(&[(
+            "hidden = [16, 8]",
+            &format!("hidden = [{}]", ["4"; 17].join(", ")),
+        )]),
+        "job.toml:5:10: model.hidden has 17 layers, at most 16 are allowed",
+    );
+    check_err(
+        &edit(&[("batch_size = 12", "batch_size = 2_000_000")]),
+        "job.toml:10:14: train.batch_size must be between 1 and 1048576, got 2000000",
+    );
+    check_err(
+        &edit(&[("steps = 10", "steps = 0")]),
+        "job.toml:11:9: train.steps must be at least 1, got 0",
+    );
+    check_err(
+        &edit(&[("min = 2", "min = 0")]),
+        "job.toml:15:7: workers.min must be between 1 and 1024, got 0",
+    );
+    check_err(
+        &edit(&[("seed = 1", "seed = -1")]),
+        "job.toml:2:8: seed must not be negative, got -1",
+    );
+    check_err(
+        &edit(&[(
+            "optimizer = \"sgd\"",
+            "optimizer = \"adam\"\nbetas = [0.9, 0.999, 0.5]",
+        )]),
+        "job.toml:13:9: train.betas must hold 2 values, got 3",
+    );
+    check_err(
+        &edit(&[(
+            "optimizer = \"sgd\"",
+            "optimizer = \"adam\"\nbetas = [0.9, 1]",
+        )]),
+        "job.toml:13:15: train.betas[1] must be in [0, 1), got 1.0",
+    );
+    check_err(
+        &edit(&[("dir = \"out\"", "dir = \"\"")]),
+        "job.toml:18:7: output.dir must not be empty",
+    );
+}
+
+#[test]
+fn bad_names() {
+    check_err(
+        &edit(&[("name = \"tiny\"", "name = \"Tiny_Net\"")]),
+        "job.toml:1:8: name \"Tiny_Net\" must be 1 to 63 characters of a-z, 0-9 and '-', \
+         starting with a letter or digit",
+    );
+    check_err(
+        &edit(&[("name = \"tiny\"", "name = \"-tiny\"")]),
+        "job.toml:1:8: name \"-tiny\" must be 1 to 63 characters of a-z, 0-9 and '-', \
+         starting with a letter or digit",
+    );
+    let long = "a".repeat(64);
+    check_err(
+        &edit(&[("name = \"tiny\"", &format!("name = \"{long}\""))]),
+        &format!(
+            "job.toml:1:8: name \"{long}\" must be 1 to 63 characters of a-z, 0-9 and '-', \
+             starting with a letter or digit"
+        ),
+    );
+    assert_eq!(
+        parse(&edit(&[(
+            "name = \"tiny\"",
+            &format!("name = \"{}\"", "0-a".repeat(21))
+        )]))
+        .name,
+        "0-a".repeat(21)
+    );
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    // "dätä/träin" is 10 characters but 13 bytes: `""` starts at character 45.
+    check_err(
+        &edit(&[
+            (
+                "seed = 1",
+                "seed = 1\ndata = { train = \"dätä/träin\", validation = \"\" }",
+            ),
+            (
+                "[data]\ntrain = \"data/train\"\nvalidation = \"data/val\"\n",
+                "",
+            ),
+        ]),
+        "job.toml:3:45: data.validation must not be empty",
+    );
+}
+
+#[test]
+fn error_kinds() {
+    let kind = |source: &str| match JobSpec::from_toml(source, Path::new("job.toml")) {
+        Err(SpecError::NotToml { .. }) => "not toml",
+        Err(SpecError::SchemaMismatch { .. }) => "schema",
+        Err(SpecError::InvalidValue { .. }) => "invalid",
+        Err(SpecError::TooLarge { .. }) => "too large",
+        Ok(_) => "ok",
+    };
+    assert_eq!(kind("name = "), "not toml");
+    assert_eq!(kind(&edit(&[("seed = 1", "sead = 1")])), "schema");
+    assert_eq!(kind(&edit(&[("seed = 1", "seed = -1")])), "invalid");
+    assert_eq!(kind(BASE), "ok");
+    let huge = format!("{BASE}#{}\n", " ".repeat(1 << 20));
+    assert!(matches!(
+        JobSpec::from_toml(&huge, Path::new("job.toml")),
+        Err(SpecError::TooLarge { .. })
+    ));
+    check_err(
+        &huge,
+        &format!(
+            "job.toml:1:1: job file is {} bytes, at most 1048576 are allowed",
+            huge.len()
+        ),
+    );
+
+    let err = JobSpec::from_toml(&edit(&[("seed = 1", "seed = -1")]), Path::new("a/job.toml"))
+        .unwrap_err();
+    assert_eq!(
+        (err.location().line, err.location().column),
+        (2, 8),
+        "{err}"
+    );
+    assert_eq!(err.location().file, Path::new("a/job.toml"));
+    assert_eq!(err.message(), "seed must not be negative, got -1");
+}
+
+#[test]
+fn defaults() {
+    let source = r#"name = "d"
+model = { kind = "mlp", hidden = [] }
+data = { train = "t" }
+train = { batch_size = 1, epochs = 2, learning_rate = 1 }
+output = { dir = "o" }
+"#;
+    let spec = parse(source);
+    assert_eq!(spec.seed, 0);
+    assert_eq!(
+        spec.model,
+        ModelSpec::Mlp {
+            hidden: vec![],
+            activation: Activation::Relu,
+            dropout: 0.0
+        }
+    );
+    assert_eq!(spec.data.validation, None);
+    assert_eq!(spec.train.duration, Duration::Epochs(2));
+    // An integer where a float is expected is fine.
+    assert_eq!(spec.train.learning_rate, 1.0);
+    assert_eq!(spec.train.weight_decay, 0.0);
+    assert_eq!(spec.train.eval_every_steps, None);
+    assert_eq!(
+        spec.train.optimizer,
+        Optimizer::Sgd {
+            momentum: 0.0,
+            nesterov: false
+        }
+    );
+    assert_eq!(
+        (spec.workers.min, spec.workers.max, spec.workers.device),
+        (1, 1, DeviceKind::Cpu)
+    );
+
+    let adam = parse(&source.replace("epochs = 2", "epochs = 2, optimizer = \"adam\""));
+    assert_eq!(
+        adam.train.optimizer,
+        Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8
+        }
+    );
+    // `max` defaults to `min`.
+    let three = parse(
+        &source
+            .replace("output =", "workers = { min = 3 }\noutput =")
+            .replace("batch_size = 1", "batch_size = 3"),
+    );
+    assert_eq!((three.workers.min, three.workers.max), (3, 3));
+}
+
+#[test]
+fn paths_resolve_against_the_job_file_directory() {
+    let spec = parse(&edit(&[
+        (
+            "train = \"data/train\"",
+            "train = \"../shared/./data/../digits\"",
+        ),
+        ("validation = \"data/val\"", "validation = \"/abs/val/\""),
+    ]));
+    assert_eq!(
+        spec.data,
+        DataSpec {
+            train: PathBuf::from("/jobs/shared/digits"),
+            validation: Some(PathBuf::from("/abs/val")),
+        }
+    );
+    assert_eq!(spec.output.dir, PathBuf::from("/jobs/team/out"));
+
+    // `..` past the root stays at the root, as the kernel has it.
+    let spec = parse(&edit(&[("dir = \"out\"", "dir = \"../../../../x\"")]));
+    assert_eq!(spec.output.dir, PathBuf::from("/x"));
+
+    // A job file named relative to the working directory.
+    let spec = JobSpec::from_toml(BASE, Path::new("jobs/job.toml")).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(spec.data.train, cwd.join("jobs/data/train"));
+    let spec = JobSpec::from_toml(BASE, Path::new("job.toml")).unwrap();
+    assert_eq!(spec.output.dir, cwd.join("out"));
+}
+
+#[test]
+fn spans_locate_caller_checks() {
+    let (spec, spans) = JobSpec::from_toml_with_spans(BASE, Path::new(JOB)).unwrap();
+    let missing = format!("no MANIFEST.json in {}", spec.data.train.display());
+    assert_eq!(
+        spans.error_at(SpanField::DataTrain, missing).to_string(),
+        "/jobs/team/job.toml:7:9: data.train: no MANIFEST.json in /jobs/team/data/train"
+    );
+    let at = |field| {
+        let l = spans.location(field);
+        (l.line, l.column)
+    };
+    assert_eq!(at(SpanField::DataValidation), (8, 14));
+    assert_eq!(at(SpanField::TrainBatchSize), (10, 14));
+    assert_eq!(at(SpanField::ModelHidden), (5, 10));
+    assert_eq!(
+        spans
+            .error_at(SpanField::DataValidation, "64 features, data.train has 32")
+            .to_string(),
+        "/jobs/team/job.toml:8:14: data.validation: 64 features, data.train has 32"
+    );
+
+    // Without a validation set, its errors point at the [data] table.
+    let (_, spans) = JobSpec::from_toml_with_spans(
+        &edit(&[("validation = \"data/val\"\n", "")]),
+        Path::new("job.toml"),
+    )
+    .unwrap();
+    assert_eq!(spans.location(SpanField::DataValidation).line, 6);
+    assert_eq!(spans.location(SpanField::DataValidation).column, 1);
+}
+
+#[test]
+fn step_counts() {
+    let steps = parse(BASE);
+    assert_eq!(steps.steps_per_epoch(100), 9); // ceil(100 / 12)
+    assert_eq!(steps.total_steps(100), 10); // `steps = 10` whatever the data
+    assert_eq!(steps.total_steps(0), 10);
+
+    let epochs = parse(&edit(&[("steps = 10", "epochs = 30")]));
+    assert_eq!(epochs.steps_per_epoch(96), 8);
+    assert_eq!(epochs.steps_per_epoch(97), 9);
+    assert_eq!(epochs.total_steps(97), 270);
+    assert_eq!(epochs.total_steps(0), 0);
+}
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+#[track_caller]
+fn example(name: &str) -> JobSpec {
+    let path = examples_dir().join(name);
+    let source = std::fs::read_to_string(&path).unwrap();
+    match JobSpec::from_toml(&source, &path) {
+        Ok(spec) => spec,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn examples_parse() {
+    // The repository root: examples/ resolves `../run/...` to `<root>/run/...`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+
+    let digits = example("digits-mlp.toml");
+    assert_eq!(digits.check(), Ok(()));
+    assert_eq!(digits.name, "digits-mlp");
+    assert_eq!(digits.seed, 42);
+    assert_eq!(digits.data.train, root.join("run/data/digits/train"));
+    assert_eq!(
+        digits.data.validation,
+        Some(root.join("run/data/digits/val"))
+    );
+    assert_eq!(digits.output.dir, root.join("run/out/digits-mlp"));
+    assert_eq!((digits.workers.min, digits.workers.max), (2, 2));
+    assert_eq!(digits.train.global_batch, 64);
+    assert_eq!(digits.train.duration, Duration::Epochs(30));
+    assert_eq!(digits.train.eval_every_steps, Some(50));
+    assert!(matches!(digits.train.optimizer, Optimizer::Adam { .. }));
+    let ModelSpec::Mlp { hidden, .. } = &digits.model;
+    assert_eq!(hidden, &[128, 64]);
+
+    let sgd = example("digits-mlp-sgd.toml");
+    assert_eq!(sgd.check(), Ok(()));
+    assert_eq!((sgd.workers.min, sgd.workers.max), (1, 2));
+    assert_eq!(
+        sgd.train.optimizer,
+        Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: false
+        }
+    );
+    assert_eq!(sgd.data, digits.data);
+
+    let synthetic = example("synthetic-mlp.toml");
+    assert_eq!(synthetic.check(), Ok(()));
+    assert_eq!(synthetic.data.train, root.join("run/data/synthetic/train"));
+    assert_eq!(synthetic.data.validation, None);
+    assert_eq!(synthetic.train.global_batch, 128);
+    assert_eq!(synthetic.train.duration, Duration::Steps(200));
+    assert_eq!((synthetic.workers.min, synthetic.workers.max), (2, 2));
+    let ModelSpec::Mlp { hidden, .. } = &synthetic.model;
+    assert_eq!(hidden, &[1024, 1024]);
+}
+
+#[test]
+fn json_round_trip_and_recheck() {
+    for name in [
+        "digits-mlp.toml",
+        "digits-mlp-sgd.toml",
+        "synthetic-mlp.toml",
+    ] {
+        let spec = example(name);
+        let json = serde_json::to_string(&spec).unwrap();
+        let back: JobSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec, "{name}");
+        assert_eq!(back.check(), Ok(()), "{name}");
+    }
+}
+
+/// Receivers compare and re-train from the JSON form, so floats must survive
+/// it bit for bit, not only the short ones people type.
+#[test]
+fn json_keeps_every_float_bit() {
+    let spec = parse(&edit(&[
+        (
+            "learning_rate = 0.1",
+            "learning_rate = 0.00039430133835633677",
+        ),
+        (
+            "optimizer = \"sgd\"",
+            "optimizer = \"sgd\"\nmomentum = 0.8999999999999999",
+        ),
+    ]));
+    let back: JobSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+    assert_eq!(
+        back.train.learning_rate.to_bits(),
+        0.00039430133835633677_f64.to_bits()
+    );
+    assert_eq!(back, spec);
+}
+
+#[test]
+fn check_refuses_what_the_parser_refuses() {
+    let good = parse(BASE);
+    let check = |change: &dyn Fn(&mut JobSpec)| {
+        let mut spec = good.clone();
+        change(&mut spec);
+        spec.check().unwrap_err()
+    };
+    assert_eq!(
+        check(&|s| s.data.train = PathBuf::from("rel/train")),
+        "data.train must be an absolute path, got \"rel/train\""
+    );
+    assert_eq!(
+        check(&|s| s.workers.min = 5),
+        "workers.min (5) is greater than workers.max (4)"
+    );
+    assert_eq!(
+        check(&|s| s.train.global_batch = 10),
+        "train.batch_size 10 is not divisible by workers.max = 4: every rank takes an equal \
+         share of the global batch"
+    );
+    assert_eq!(
+        check(&|s| s.train.duration = Duration::Epochs(0)),
+        "train.epochs must be at least 1, got 0"
+    );
+    assert_eq!(
+        check(&|s| s.name = "Bad".into()),
+        "name \"Bad\" must be 1 to 63 characters of a-z, 0-9 and '-', starting with a letter \
+         or digit"
+    );
+    assert_eq!(
+        check(&|s| {
+            s.train.optimizer = Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 0.0,
+            }
+        }),
+        "train.eps must be positive and finite, got 0.0"
+    );
+    assert_eq!(
+        check(&|s| {
+            s.data.validation = None;
+            s.train.eval_every_steps = Some(5);
+        }),
+        "train.eval_every_steps needs data.validation"
+    );
+}

@@ -1,0 +1,682 @@
+//! The command line: argument definitions (clap derive; the doc comments are
+//! the help) and what each command does. Client commands talk to a running
+//! coordinator over the `Control` service; `serve` runs one.
+
+use crate::control::{self, ControlConfig};
+use crate::server::Services;
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use ringmaster_common::dataset::{self, DatasetManifest};
+use ringmaster_common::jobspec::{JobSpec, SpanField};
+use ringmaster_common::store::embedded::EmbeddedStore;
+use ringmaster_proto::pb::{self, control_client::ControlClient};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Ringmaster coordinator and command-line client.
+///
+/// Examples:
+///   coordinator serve --state-dir /var/lib/ringmaster
+///   coordinator submit examples/digits-mlp.toml --follow
+///   coordinator status digits-mlp-1 --output json
+///   coordinator workers
+#[derive(Parser, Debug)]
+#[command(name = "coordinator", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// Coordinator URL for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGMASTER_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// Output format for commands that print data.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the coordinator: gRPC server, control loop and embedded store.
+    ///
+    /// Example:
+    ///   coordinator serve --listen 0.0.0.0:50051 --state-dir ./state
+    #[command(verbatim_doc_comment)]
+    Serve(ServeArgs),
+    /// Validate a job file and submit it.
+    ///
+    /// Examples:
+    ///   coordinator submit examples/digits-mlp.toml --follow
+    ///   coordinator submit job.toml --dry-run
+    #[command(verbatim_doc_comment)]
+    Submit {
+        /// The job file (job.toml).
+        job: PathBuf,
+        /// Show progress until the job ends; exit 0 only if it succeeded.
+        #[arg(long)]
+        follow: bool,
+        /// Validate (job file and datasets) and print the job, submit nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show one job.
+    ///
+    /// Example:
+    ///   coordinator status digits-mlp-1 --output json
+    #[command(verbatim_doc_comment)]
+    Status { job: String },
+    /// List all jobs.
+    ///
+    /// Example:
+    ///   coordinator list --output json
+    #[command(verbatim_doc_comment)]
+    List,
+    /// Cancel a queued or running job.
+    ///
+    /// Example:
+    ///   coordinator cancel digits-mlp-1
+    #[command(verbatim_doc_comment)]
+    Cancel { job: String },
+    /// List connected workers.
+    ///
+    /// Example:
+    ///   coordinator workers
+    #[command(verbatim_doc_comment)]
+    Workers,
+    /// Prepare datasets in Ringmaster's shard format.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+}
+
+impl Command {
+    /// Whether this command runs the server (which logs at `info`).
+    pub fn is_serve(&self) -> bool {
+        matches!(self, Command::Serve(_))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded store (created if missing).
+    #[arg(long, default_value = ".ringmaster")]
+    pub state_dir: PathBuf,
+    /// How often workers send heartbeats, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent for this long is declared lost, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Workers report progress every this many steps.
+    #[arg(long, default_value_t = 10)]
+    pub progress_every_steps: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCommand {
+    /// Pack CSV (optionally gzip-compressed) or NPY data into train/validation shards.
+    ///
+    /// Examples:
+    ///   coordinator dataset pack --csv digits.csv.gz --out-dir data/digits --standardize
+    ///   coordinator dataset pack --npy-features x.npy --npy-labels y.npy --out-dir data/mine
+    #[command(verbatim_doc_comment)]
+    Pack(PackArgs),
+    /// Generate a synthetic classification dataset (for benchmarks and tests).
+    ///
+    /// Example:
+    ///   coordinator dataset synth --out-dir data/synthetic --samples 20000 --features 784 --classes 10
+    #[command(verbatim_doc_comment)]
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PackArgs {
+    /// CSV input (`.gz` is detected); one row per sample.
+    #[arg(long, conflicts_with_all = ["npy_features", "npy_labels"], required_unless_present = "npy_features")]
+    pub csv: Option<PathBuf>,
+    /// Label column of the CSV: `first`, `last`, a 0-based index or a header name.
+    #[arg(long, default_value = "last")]
+    pub label_column: String,
+    /// Whether the CSV has a header row (default: detected).
+    #[arg(long)]
+    pub header: Option<bool>,
+    /// NPY features, 2-D float32/float64.
+    #[arg(long, requires = "npy_labels")]
+    pub npy_features: Option<PathBuf>,
+    /// NPY labels, 1-D integers.
+    #[arg(long, requires = "npy_features")]
+    pub npy_labels: Option<PathBuf>,
+    /// Output directory; `train/` and `val/` are written inside.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Dataset name (default: the output directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Fraction of rows held out for validation (0 for none).
+    #[arg(long, default_value_t = 0.2)]
+    pub val_fraction: f64,
+    /// Standardize features with the training split's mean and std (recorded in the manifest).
+    #[arg(long)]
+    pub standardize: bool,
+    /// Samples per shard file.
+    #[arg(long, default_value_t = 65536)]
+    pub shard_samples: usize,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// The dataset directory to write.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    #[arg(long, default_value_t = 10000)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 784)]
+    pub features: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 65536)]
+    pub shard_samples: usize,
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await.map(|()| 0),
+        Command::Submit {
+            job,
+            follow,
+            dry_run,
+        } => submit(&cli.coordinator, cli.output, &job, follow, dry_run).await,
+        Command::Status { job } => status(&cli.coordinator, cli.output, &job).await.map(|()| 0),
+        Command::List => list(&cli.coordinator, cli.output).await.map(|()| 0),
+        Command::Cancel { job } => cancel(&cli.coordinator, cli.output, &job).await.map(|()| 0),
+        Command::Workers => workers(&cli.coordinator, cli.output).await.map(|()| 0),
+        Command::Dataset(cmd) => dataset_cmd(cmd, cli.output).map(|()| 0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("failed to create {}", args.state_dir.display()))?;
+    let db = args.state_dir.join("ringmaster.redb");
+    let store = EmbeddedStore::open(&db)
+        .with_context(|| format!("failed to open the store at {}", db.display()))?;
+    let cfg = ControlConfig {
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(10)),
+        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms.max(20)),
+        progress_every_steps: args.progress_every_steps.max(1),
+    };
+    let control = control::start(Arc::new(store), cfg)
+        .await
+        .context("failed to load the cluster state")?;
+    let services = Services { control };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    // Scripts and tests read this line to learn the port when --listen ends in :0.
+    println!("coordinator listening on {local}");
+    tracing::info!(%local, state_dir = %args.state_dir.display(), "serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(pb::control_server::ControlServer::new(services.clone()))
+        .add_service(pb::agent_server::AgentServer::new(services))
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .context("the gRPC server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+async fn client(url: &str) -> anyhow::Result<ControlClient<Channel>> {
+    ControlClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("failed to reach the coordinator at {url}"))
+}
+
+/// Parses and validates a job file, including its datasets, with every error
+/// located as `file:line:col`.
+pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
+    let src = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let (spec, spans) = JobSpec::from_toml_with_spans(&src, path).map_err(anyhow::Error::msg)?;
+    let train = DatasetManifest::read(&spec.data.train)
+        .map_err(|e| spans.error_at(SpanField::DataTrain, e.to_string()))
+        .map_err(anyhow::Error::msg)?;
+    if let Some(val) = &spec.data.validation {
+        let v = DatasetManifest::read(val)
+            .map_err(|e| spans.error_at(SpanField::DataValidation, e.to_string()))
+            .map_err(anyhow::Error::msg)?;
+        let (tf, vf) = (train.features(), v.features());
+        if tf != vf {
+            bail!(
+                "{}",
+                spans.error_at(
+                    SpanField::DataValidation,
+                    format!("data.validation has {vf} features per sample, data.train has {tf}"),
+                )
+            );
+        }
+        if v.schema.num_classes > train.schema.num_classes {
+            bail!(
+                "{}",
+                spans.error_at(
+                    SpanField::DataValidation,
+                    format!(
+                        "data.validation has {} classes, data.train only {}",
+                        v.schema.num_classes, train.schema.num_classes
+                    ),
+                )
+            );
+        }
+    }
+    Ok(spec)
+}
+
+async fn submit(
+    url: &str,
+    output: Output,
+    path: &Path,
+    follow: bool,
+    dry_run: bool,
+) -> anyhow::Result<i32> {
+    let spec = load_job(path)?;
+    if dry_run {
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&spec)?),
+            Output::Text => println!("{}: valid job `{}`", path.display(), spec.name),
+        }
+        return Ok(0);
+    }
+    let mut client = client(url).await?;
+    let id = client
+        .submit(pb::SubmitRequest::from(&spec))
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        .context("the coordinator refused the job")?
+        .into_inner()
+        .job_id;
+    if !follow {
+        match output {
+            Output::Json => println!("{}", serde_json::json!({ "id": id })),
+            Output::Text => println!("{id}"),
+        }
+        return Ok(0);
+    }
+    if output == Output::Text {
+        println!("submitted {id}");
+    }
+    let last = follow_job(&mut client, &id, output == Output::Text).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&last))?),
+        Output::Text => print_summary(&last),
+    }
+    Ok(if last.state == "succeeded" { 0 } else { 1 })
+}
+
+/// Streams a job's status until it ends, drawing progress; returns the final status.
+async fn follow_job(
+    client: &mut ControlClient<Channel>,
+    id: &str,
+    show: bool,
+) -> anyhow::Result<pb::JobStatus> {
+    let mut stream = client
+        .watch_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::hidden();
+    if show && tty {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    }
+    let mut last: Option<pb::JobStatus> = None;
+    let mut last_printed: Option<std::time::Instant> = None;
+    while let Some(item) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    {
+        if item.total_steps > 0 {
+            bar.set_length(item.total_steps);
+        }
+        bar.set_position(item.step);
+        let msg = progress_line(&item);
+        bar.set_message(msg.clone());
+        // Without a terminal (logs, CI), print a plain line every few seconds.
+        let due = last_printed.is_none_or(|t| t.elapsed() >= Duration::from_secs(3));
+        if show && !tty && item.step > 0 && due {
+            eprintln!("step {}/{}  {}", item.step, item.total_steps, msg);
+            last_printed = Some(std::time::Instant::now());
+        }
+        last = Some(item);
+    }
+    bar.finish_and_clear();
+    last.ok_or_else(|| anyhow::anyhow!("the coordinator ended the watch without a status"))
+}
+
+fn progress_line(s: &pb::JobStatus) -> String {
+    let mut parts = vec![s.state.clone()];
+    for (key, label, digits) in [
+        ("loss", "loss", 4),
+        ("val_accuracy", "val_acc", 4),
+        ("samples_per_sec", "samples/s", 0),
+    ] {
+        if let Some(v) = s.metrics.get(key) {
+            parts.push(format!("{label} {v:.digits$}"));
+        }
+    }
+    parts.join("  ")
+}
+
+fn print_summary(s: &pb::JobStatus) {
+    println!(
+        "job {} {} at step {}/{}",
+        s.job_id, s.state, s.step, s.total_steps
+    );
+    if let Some(acc) = s.metrics.get("val_accuracy") {
+        println!("validation accuracy: {acc:.4}");
+    }
+    if let Some(loss) = s.metrics.get("loss") {
+        println!("training loss: {loss:.4}");
+    }
+    if s.state == "succeeded" {
+        println!(
+            "model: {}",
+            Path::new(&s.output_dir).join("model.safetensors").display()
+        );
+        println!(
+            "metrics: {}",
+            Path::new(&s.output_dir).join("metrics.jsonl").display()
+        );
+    }
+    if !s.reason.is_empty() {
+        println!("reason: {}", s.reason);
+    }
+}
+
+/// The JSON form of a job's status (`--output json`).
+pub fn job_json(s: &pb::JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.job_id,
+        "name": s.name,
+        "state": s.state,
+        "generation": s.generation,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "metrics": s.metrics.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "output_dir": s.output_dir,
+        "reason": if s.reason.is_empty() { None } else { Some(&s.reason) },
+        "members": s.members,
+        "submitted_at_ms": s.submitted_at_ms,
+        "updated_at_ms": s.updated_at_ms,
+    })
+}
+
+async fn status(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
+    let s = client(url)
+        .await?
+        .get_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&s))?),
+        Output::Text => {
+            print_summary(&s);
+            if !s.members.is_empty() {
+                println!(
+                    "workers: {} (generation {})",
+                    s.members.join(", "),
+                    s.generation
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn list(url: &str, output: Output) -> anyhow::Result<()> {
+    let jobs = client(url)
+        .await?
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .jobs;
+    match output {
+        Output::Json => {
+            let all: Vec<_> = jobs.iter().map(job_json).collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        Output::Text => {
+            println!(
+                "{:<28} {:<10} {:>12} {:>8}",
+                "JOB", "STATE", "STEP", "VAL_ACC"
+            );
+            for j in jobs {
+                let acc = j
+                    .metrics
+                    .get("val_accuracy")
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<28} {:<10} {:>12} {:>8}",
+                    j.job_id,
+                    j.state,
+                    format!("{}/{}", j.step, j.total_steps),
+                    acc
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cancel(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
+    let s = client(url)
+        .await?
+        .cancel_job(pb::CancelJobRequest { job_id: id.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&s))?),
+        Output::Text => println!("{} {}", s.job_id, s.state),
+    }
+    Ok(())
+}
+
+async fn workers(url: &str, output: Output) -> anyhow::Result<()> {
+    let workers = client(url)
+        .await?
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .workers;
+    match output {
+        Output::Json => {
+            let all: Vec<_> = workers
+                .iter()
+                .map(|w| {
+                    serde_json::json!({
+                        "id": w.worker_id, "name": w.name, "host": w.host, "device": w.device,
+                        "state": w.state,
+                        "job": if w.job_id.is_empty() { None } else { Some(&w.job_id) },
+                        "rank": if w.job_id.is_empty() { None } else { Some(w.rank) },
+                        "last_heartbeat_ms_ago": w.last_heartbeat_ms_ago,
+                        "data_addr": w.data_addr,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        Output::Text => {
+            println!(
+                "{:<6} {:<16} {:<8} {:<6} {:<20} {:>6}",
+                "ID", "NAME", "DEVICE", "STATE", "JOB/RANK", "BEAT"
+            );
+            for w in workers {
+                let job = if w.job_id.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{}/{}", w.job_id, w.rank)
+                };
+                println!(
+                    "{:<6} {:<16} {:<8} {:<6} {:<20} {:>5}s",
+                    w.worker_id,
+                    w.name,
+                    w.device,
+                    w.state,
+                    job,
+                    w.last_heartbeat_ms_ago / 1000
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        DatasetCommand::Pack(a) => {
+            let input = match (&a.csv, &a.npy_features, &a.npy_labels) {
+                (Some(csv), _, _) => dataset::PackInput::Csv {
+                    path: csv.clone(),
+                    label_column: parse_label_column(&a.label_column),
+                    has_header: a.header,
+                },
+                (None, Some(f), Some(l)) => dataset::PackInput::Npy {
+                    features: f.clone(),
+                    labels: l.clone(),
+                },
+                _ => bail!("give --csv FILE or both --npy-features and --npy-labels"),
+            };
+            let name = a.name.clone().unwrap_or_else(|| {
+                a.out_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "dataset".into())
+            });
+            let opts = dataset::PackOptions {
+                input,
+                output: a.out_dir.clone(),
+                name,
+                val_fraction: a.val_fraction,
+                standardize: a.standardize,
+                shard_samples: a.shard_samples,
+                seed: a.seed,
+                show_progress: output == Output::Text && std::io::stderr().is_terminal(),
+            };
+            let report = dataset::pack(&opts).context("failed to pack the dataset")?;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "train_dir": report.train_dir,
+                        "val_dir": report.val_dir,
+                        "train_samples": report.train_samples,
+                        "val_samples": report.val_samples,
+                        "features": report.features,
+                        "num_classes": report.num_classes,
+                    }))?
+                ),
+                Output::Text => println!(
+                    "packed {} train and {} validation samples ({} features, {} classes) into {}",
+                    report.train_samples,
+                    report.val_samples,
+                    report.features,
+                    report.num_classes,
+                    a.out_dir.display()
+                ),
+            }
+        }
+        DatasetCommand::Synth(a) => {
+            let manifest = dataset::synthesize(&dataset::SynthOptions {
+                output: a.out_dir.clone(),
+                name: a
+                    .out_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "synthetic".into()),
+                samples: a.samples,
+                features: a.features,
+                classes: a.classes,
+                seed: a.seed,
+                shard_samples: a.shard_samples,
+            })?;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"dir": a.out_dir, "samples": manifest.num_samples})
+                ),
+                Output::Text => println!(
+                    "wrote {} synthetic samples ({} features, {} classes) to {}",
+                    manifest.num_samples,
+                    a.features,
+                    a.classes,
+                    a.out_dir.display()
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_label_column(s: &str) -> dataset::LabelColumn {
+    match s {
+        "first" => dataset::LabelColumn::First,
+        "last" => dataset::LabelColumn::Last,
+        _ => match s.parse::<usize>() {
+            Ok(i) => dataset::LabelColumn::Index(i),
+            Err(_) => dataset::LabelColumn::Name(s.to_string()),
+        },
+    }
+}

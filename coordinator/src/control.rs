@@ -1,0 +1,626 @@
+//! The control loop: the single owner of the cluster model (jobs, workers,
+//! assignments). gRPC handlers never touch state; they send [`Msg`]s here and
+//! await the reply. Every job transition is written to the store *before* any
+//! command for it goes out (persist before acting).
+//!
+//! Heartbeats only refresh an in-memory timestamp; the store sees membership
+//! and job-state changes alone.
+
+use crate::scheduler::{self, Demand, FreeWorker};
+use ringmaster_common::ids::{JobId, WorkerId};
+use ringmaster_common::jobspec::{DeviceKind, JobSpec};
+use ringmaster_common::now_ms;
+use ringmaster_common::store::records::{self, JobRecord, JobState, JobStatusRecord};
+use ringmaster_common::store::{StateStore, StoreError, keys};
+use ringmaster_proto::pb::{self, CoordinatorMessage, coordinator_message, worker_message};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+use tracing::{info, warn};
+
+/// Why a control request was refused; mapped to gRPC codes in `server.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("job `{0}` not found")]
+    JobNotFound(String),
+    #[error("job `{id}` is already {state}")]
+    JobFinished { id: String, state: &'static str },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error("invalid id: {0}")]
+    Id(#[from] ringmaster_common::ids::IdError),
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+}
+
+/// Timing knobs; tests shorten them through configuration, never sleeps.
+#[derive(Clone, Copy, Debug)]
+pub struct ControlConfig {
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this long is declared lost.
+    pub heartbeat_timeout: Duration,
+    /// Workers report progress every this many steps.
+    pub progress_every_steps: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+            progress_every_steps: 10,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+/// Outbound half of a worker's session.
+pub type SessionTx = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// Requests to the control loop.
+pub enum Msg {
+    Submit(JobSpec, Reply<JobId>),
+    GetJob(String, Reply<pb::JobStatus>),
+    ListJobs(Reply<Vec<pb::JobStatus>>),
+    Cancel(String, Reply<pb::JobStatus>),
+    ListWorkers(Reply<Vec<pb::WorkerInfo>>),
+    Watch(String, Reply<watch::Receiver<pb::JobStatus>>),
+    Register(pb::Register, SessionTx, Reply<(WorkerId, Duration)>),
+    FromWorker(WorkerId, worker_message::Kind),
+    Disconnected(WorkerId, String),
+}
+
+/// A cheap, cloneable handle for sending requests to the loop.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl ControlHandle {
+    /// Sends a request and waits for its reply.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| ControlError::ShuttingDown)?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)?
+    }
+
+    /// Sends a notification that needs no reply.
+    pub async fn notify(&self, msg: Msg) {
+        let _ = self.tx.send(msg).await;
+    }
+}
+
+struct Job {
+    record: JobRecord,
+    status: JobStatusRecord,
+    watch: watch::Sender<pb::JobStatus>,
+    /// Workers by rank for the current generation.
+    members: Vec<WorkerId>,
+    /// Ranks that finished the current generation successfully.
+    finished: BTreeSet<u32>,
+}
+
+impl Job {
+    fn view(&self) -> pb::JobStatus {
+        pb::JobStatus::from((&self.record, &self.status))
+    }
+}
+
+struct Worker {
+    info: pb::Register,
+    tx: SessionTx,
+    last_heartbeat: Instant,
+    /// (job, generation, rank) while assigned.
+    assignment: Option<(JobId, u64, u32)>,
+}
+
+struct Cluster {
+    store: Arc<dyn StateStore>,
+    cfg: ControlConfig,
+    jobs: BTreeMap<JobId, Job>,
+    /// Queued jobs in submission order.
+    queue: Vec<JobId>,
+    workers: BTreeMap<WorkerId, Worker>,
+    next_worker: u64,
+}
+
+/// Loads the cluster model from the store and starts the loop.
+pub async fn start(
+    store: Arc<dyn StateStore>,
+    cfg: ControlConfig,
+) -> Result<ControlHandle, ControlError> {
+    let mut cluster = Cluster {
+        store,
+        cfg,
+        jobs: BTreeMap::new(),
+        queue: Vec::new(),
+        workers: BTreeMap::new(),
+        next_worker: 1,
+    };
+    cluster.load().await?;
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(cluster.run(rx));
+    Ok(ControlHandle { tx })
+}
+
+impl Cluster {
+    /// Rebuilds the job table. Jobs that were running when the previous
+    /// coordinator stopped are marked failed: adopting them is not built yet.
+    async fn load(&mut self) -> Result<(), ControlError> {
+        let mut specs = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        for (key, v) in self.store.range(&keys::jobs_prefix()).await? {
+            match keys::parse_job_key(&key) {
+                Some((id, keys::JobKeyKind::Spec)) => {
+                    specs.insert(id, records::decode::<JobRecord>(&key, &v.value)?);
+                }
+                Some((id, keys::JobKeyKind::Status)) => {
+                    statuses.insert(id, records::decode::<JobStatusRecord>(&key, &v.value)?);
+                }
+                _ => {}
+            }
+        }
+        let mut queued = Vec::new();
+        for (id, record) in specs {
+            let Some(mut status) = statuses.remove(&id) else {
+                warn!(job = %id, "job has a spec but no status; skipping");
+                continue;
+            };
+            if status.state == JobState::Running {
+                status.state = JobState::Failed;
+                status.reason = Some(
+                    "the coordinator restarted while the job was running (adopting running jobs is not supported yet)"
+                        .into(),
+                );
+                status.updated_at_ms = now_ms();
+                self.persist_status(&id, &status).await?;
+            }
+            if status.state == JobState::Queued {
+                queued.push((record.submitted_at_ms, id.clone()));
+            }
+            let view = pb::JobStatus::from((&record, &status));
+            self.jobs.insert(
+                id,
+                Job {
+                    record,
+                    status,
+                    watch: watch::channel(view).0,
+                    members: Vec::new(),
+                    finished: BTreeSet::new(),
+                },
+            );
+        }
+        queued.sort();
+        self.queue = queued.into_iter().map(|(_, id)| id).collect();
+        info!(
+            jobs = self.jobs.len(),
+            queued = self.queue.len(),
+            "loaded the job table"
+        );
+        Ok(())
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.check_heartbeats().await,
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Submit(spec, reply) => {
+                let r = self.submit(spec).await;
+                let _ = reply.send(r);
+                self.schedule().await;
+            }
+            Msg::GetJob(id, reply) => {
+                let _ = reply.send(self.job(&id).map(Job::view));
+            }
+            Msg::ListJobs(reply) => {
+                let _ = reply.send(Ok(self.jobs.values().map(Job::view).collect()));
+            }
+            Msg::Cancel(id, reply) => {
+                let r = self.cancel(&id).await;
+                let _ = reply.send(r);
+            }
+            Msg::ListWorkers(reply) => {
+                let _ = reply.send(Ok(self.worker_views()));
+            }
+            Msg::Watch(id, reply) => {
+                let _ = reply.send(self.job(&id).map(|j| j.watch.subscribe()));
+            }
+            Msg::Register(info, tx, reply) => {
+                let id = WorkerId(format!("w{}", self.next_worker));
+                self.next_worker += 1;
+                info!(worker = %id, name = %info.name, data = %info.data_addr, "worker joined");
+                self.workers.insert(
+                    id.clone(),
+                    Worker {
+                        info,
+                        tx,
+                        last_heartbeat: Instant::now(),
+                        assignment: None,
+                    },
+                );
+                let _ = reply.send(Ok((id, self.cfg.heartbeat_interval)));
+                self.schedule().await;
+            }
+            Msg::FromWorker(id, kind) => self.from_worker(id, kind).await,
+            Msg::Disconnected(id, reason) => {
+                if let Some(w) = self.workers.remove(&id) {
+                    info!(worker = %id, name = %w.info.name, "worker left: {reason}");
+                    if let Some((job, generation, rank)) = w.assignment {
+                        let why = format!("worker {} (rank {rank}) lost: {reason}", w.info.name);
+                        self.fail(&job, generation, why).await;
+                    }
+                    self.schedule().await;
+                }
+            }
+        }
+    }
+
+    fn job(&self, id: &str) -> Result<&Job, ControlError> {
+        self.jobs
+            .get(&JobId(id.to_string()))
+            .ok_or_else(|| ControlError::JobNotFound(id.to_string()))
+    }
+
+    async fn submit(&mut self, spec: JobSpec) -> Result<JobId, ControlError> {
+        spec.check().map_err(ControlError::Invalid)?;
+        // The sequence lives in the store so ids stay unique across restarts.
+        let seq_key = keys::job_seq();
+        let seq = match self.store.get(&seq_key).await? {
+            Some(v) => records::decode::<u64>(&seq_key, &v.value)? + 1,
+            None => 1,
+        };
+        self.store
+            .put(&seq_key, records::encode(&seq_key, &seq)?)
+            .await?;
+        let id = JobId::parse(&format!("{}-{seq}", spec.name))
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let record = JobRecord {
+            id: id.clone(),
+            spec: spec.clone(),
+            submitted_at_ms: now_ms(),
+        };
+        let status = JobStatusRecord {
+            state: JobState::Queued,
+            generation: 0,
+            step: 0,
+            total_steps: 0,
+            metrics: BTreeMap::new(),
+            members: Vec::new(),
+            reason: None,
+            output_dir: spec.output.dir.display().to_string(),
+            updated_at_ms: now_ms(),
+        };
+        let key = keys::job_spec(&id)?;
+        self.store
+            .put(&key, records::encode(&key, &record)?)
+            .await?;
+        self.persist_status(&id, &status).await?;
+        let view = pb::JobStatus::from((&record, &status));
+        info!(job = %id, "queued");
+        self.jobs.insert(
+            id.clone(),
+            Job {
+                record,
+                status,
+                watch: watch::channel(view).0,
+                members: Vec::new(),
+                finished: BTreeSet::new(),
+            },
+        );
+        self.queue.push(id.clone());
+        Ok(id)
+    }
+
+    async fn persist_status(&self, id: &JobId, status: &JobStatusRecord) -> Result<(), StoreError> {
+        let key = keys::job_status(id)?;
+        self.store
+            .put(&key, records::encode(&key, status)?)
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies a final state: persisted first, then members are told to stop
+    /// and watchers see it.
+    async fn finish(&mut self, id: &JobId, state: JobState, reason: Option<String>) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if job.status.state.is_final() {
+            return;
+        }
+        job.status.state = state;
+        job.status.reason = reason.clone();
+        job.status.updated_at_ms = now_ms();
+        let status = job.status.clone();
+        let generation = job.status.generation;
+        let members = job.members.clone();
+        let finished = job.finished.clone();
+        if let Err(e) = self.persist_status(id, &status).await {
+            // The in-memory state still moves on: refusing to stop a failed
+            // job would be worse. The next transition writes it again.
+            warn!(job = %id, "could not persist the final state: {e}");
+        }
+        info!(job = %id, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "job ended");
+        for (rank, w) in members.iter().enumerate() {
+            if finished.contains(&(rank as u32)) {
+                continue;
+            }
+            if let Some(worker) = self.workers.get(w) {
+                let _ = worker.tx.try_send(Ok(CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Abort(pb::AbortTraining {
+                        job_id: id.to_string(),
+                        generation,
+                        reason: reason.clone().unwrap_or_else(|| state.as_str().to_string()),
+                    })),
+                }));
+            }
+        }
+        if let Some(job) = self.jobs.get(id) {
+            job.watch.send_replace(job.view());
+        }
+        self.queue.retain(|q| q != id);
+    }
+
+    async fn fail(&mut self, id: &JobId, generation: u64, reason: String) {
+        let current = self.jobs.get(id).map(|j| j.status.generation);
+        if current == Some(generation) {
+            self.finish(id, JobState::Failed, Some(reason)).await;
+        }
+    }
+
+    async fn cancel(&mut self, id: &str) -> Result<pb::JobStatus, ControlError> {
+        let job = self.job(id)?;
+        if job.status.state.is_final() {
+            return Err(ControlError::JobFinished {
+                id: id.to_string(),
+                state: job.status.state.as_str(),
+            });
+        }
+        let id = job.record.id.clone();
+        self.finish(&id, JobState::Cancelled, Some("cancelled by user".into()))
+            .await;
+        self.job(id.as_str()).map(Job::view)
+    }
+
+    async fn from_worker(&mut self, id: WorkerId, kind: worker_message::Kind) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        worker.last_heartbeat = Instant::now();
+        let assignment = worker.assignment.clone();
+        match kind {
+            worker_message::Kind::Heartbeat(_) | worker_message::Kind::Register(_) => {}
+            worker_message::Kind::Progress(p) => {
+                let Some((job_id, generation, rank)) = assignment else {
+                    return;
+                };
+                if p.job_id != job_id.0 || p.generation != generation || rank != 0 {
+                    return; // fenced: stale generation, or not the reporting rank
+                }
+                if let Some(job) = self.jobs.get_mut(&job_id)
+                    && job.status.state == JobState::Running
+                {
+                    job.status.step = p.step;
+                    job.status.total_steps = p.total_steps;
+                    job.status.metrics = p.metrics.into_iter().collect();
+                    job.status.updated_at_ms = now_ms();
+                    job.watch.send_replace(job.view());
+                }
+            }
+            worker_message::Kind::Ended(e) => {
+                let Some((job_id, generation, rank)) = assignment else {
+                    return;
+                };
+                if e.job_id != job_id.0 || e.generation != generation {
+                    warn!(worker = %id, job = %e.job_id, "ignoring a report for a stale generation");
+                    return;
+                }
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.assignment = None;
+                }
+                if e.success {
+                    self.rank_succeeded(&job_id, rank, e).await;
+                } else {
+                    let reason = match e.lost_peer_rank {
+                        Some(peer) => {
+                            let name = self.member_name(&job_id, peer);
+                            format!(
+                                "worker {name} (rank {peer}) lost: ring connection closed (reported by rank {rank})"
+                            )
+                        }
+                        None => {
+                            let name = self.workers.get(&id).map(|w| w.info.name.clone());
+                            format!(
+                                "rank {rank} on worker {} failed: {}",
+                                name.unwrap_or_default(),
+                                e.reason
+                            )
+                        }
+                    };
+                    self.fail(&job_id, generation, reason).await;
+                }
+                self.schedule().await;
+            }
+        }
+    }
+
+    fn member_name(&self, job: &JobId, rank: u32) -> String {
+        self.jobs
+            .get(job)
+            .and_then(|j| j.members.get(rank as usize))
+            .map(|w| match self.workers.get(w) {
+                Some(worker) => worker.info.name.clone(),
+                None => w.to_string(),
+            })
+            .unwrap_or_else(|| format!("of rank {rank}"))
+    }
+
+    async fn rank_succeeded(&mut self, id: &JobId, rank: u32, e: pb::TrainingEnded) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.finished.insert(rank);
+        if rank == 0 {
+            job.status.step = e.step;
+            job.status.metrics = e.metrics.into_iter().collect();
+        }
+        if job.finished.len() == job.members.len() {
+            self.finish(id, JobState::Succeeded, None).await;
+        }
+    }
+
+    async fn check_heartbeats(&mut self) {
+        let timeout = self.cfg.heartbeat_timeout;
+        let silent: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_heartbeat.elapsed() > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            let reason = format!("no heartbeat for {} ms", timeout.as_millis());
+            Box::pin(self.handle(Msg::Disconnected(id, reason))).await;
+        }
+    }
+
+    fn worker_views(&self) -> Vec<pb::WorkerInfo> {
+        self.workers
+            .iter()
+            .map(|(id, w)| {
+                let (job_id, rank) = match &w.assignment {
+                    Some((j, _, r)) => (j.to_string(), *r),
+                    None => (String::new(), 0),
+                };
+                pb::WorkerInfo {
+                    worker_id: id.to_string(),
+                    name: w.info.name.clone(),
+                    host: w.info.host.clone(),
+                    device: w.info.device.clone(),
+                    state: if w.assignment.is_some() {
+                        "busy"
+                    } else {
+                        "idle"
+                    }
+                    .into(),
+                    job_id,
+                    rank,
+                    last_heartbeat_ms_ago: w.last_heartbeat.elapsed().as_millis() as u64,
+                    data_addr: w.info.data_addr.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Starts every queued job that the free workers allow.
+    async fn schedule(&mut self) {
+        let queue: Vec<Demand> = self
+            .queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(|j| Demand {
+                job: j.record.id.clone(),
+                min: j.record.spec.workers.min,
+                max: j.record.spec.workers.max,
+                device: j.record.spec.workers.device,
+                global_batch: j.record.spec.train.global_batch,
+            })
+            .collect();
+        let free: Vec<FreeWorker> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.assignment.is_none())
+            .map(|(id, w)| FreeWorker {
+                id: id.clone(),
+                device: if w.info.device.starts_with("cuda") {
+                    DeviceKind::Cuda
+                } else {
+                    DeviceKind::Cpu
+                },
+            })
+            .collect();
+        for placement in scheduler::place(&queue, &free) {
+            if let Err(e) = self.launch(&placement.job, placement.workers).await {
+                warn!(job = %placement.job, "could not start: {e}");
+            }
+        }
+    }
+
+    /// Forms a new generation of the job's group: persisted as running first,
+    /// then each member receives its rank and the peers' addresses.
+    async fn launch(&mut self, id: &JobId, members: Vec<WorkerId>) -> Result<(), ControlError> {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return Ok(());
+        };
+        let generation = job.status.generation + 1;
+        let mut status = job.status.clone();
+        status.state = JobState::Running;
+        status.generation = generation;
+        status.members = members
+            .iter()
+            .map(|w| {
+                self.workers
+                    .get(w)
+                    .map(|x| x.info.name.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        status.updated_at_ms = now_ms();
+        self.persist_status(id, &status).await?;
+        let job = self.jobs.get_mut(id).ok_or(ControlError::ShuttingDown)?;
+        job.status = status;
+        job.members = members.clone();
+        job.finished.clear();
+        job.watch.send_replace(job.view());
+        let spec_json = ringmaster_proto::spec_to_json(&job.record.spec);
+        self.queue.retain(|q| q != id);
+        let peers: Vec<String> = members
+            .iter()
+            .map(|w| {
+                self.workers
+                    .get(w)
+                    .map(|x| x.info.data_addr.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        info!(job = %id, generation, world = members.len(), "starting");
+        for (rank, w) in members.iter().enumerate() {
+            let Some(worker) = self.workers.get_mut(w) else {
+                continue;
+            };
+            worker.assignment = Some((id.clone(), generation, rank as u32));
+            let start = CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Start(pb::StartTraining {
+                    job_id: id.to_string(),
+                    generation,
+                    rank: rank as u32,
+                    peers: peers.clone(),
+                    spec_json: spec_json.clone(),
+                    progress_every_steps: self.cfg.progress_every_steps,
+                })),
+            };
+            if worker.tx.send(Ok(start)).await.is_err() {
+                warn!(worker = %w, "session closed before the start command");
+            }
+        }
+        Ok(())
+    }
+}

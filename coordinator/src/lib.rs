@@ -1,0 +1,8 @@
+//! The Ringmaster coordinator as a library: the CLI, the gRPC services, the
+//! control loop (single owner of the cluster model) and the pure scheduler.
+//! The coordinator knows nothing of libtorch.
+
+pub mod cli;
+pub mod control;
+pub mod scheduler;
+pub mod server;

@@ -1,0 +1,159 @@
+//! Placement: which free workers run which queued job. A pure function of its
+//! inputs (no IO, no clock, no tch), so it is tested exhaustively and the
+//! control loop performs whatever it decides.
+//!
+//! Policy: jobs are considered in submission order. A job takes the largest
+//! world size `W` in `[min, max]` that the free workers of its device kind
+//! allow and that divides its global batch (every rank takes an equal share).
+//! A job that cannot start yet blocks later jobs of the same device kind, so a
+//! large job is never starved by a stream of small ones.
+
+use ringmaster_common::ids::{JobId, WorkerId};
+use ringmaster_common::jobspec::DeviceKind;
+use std::collections::BTreeSet;
+
+/// What a queued job needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Demand {
+    pub job: JobId,
+    pub min: u32,
+    pub max: u32,
+    pub device: DeviceKind,
+    pub global_batch: u32,
+}
+
+/// A worker with nothing to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FreeWorker {
+    pub id: WorkerId,
+    pub device: DeviceKind,
+}
+
+/// A decision: `workers[r]` becomes rank `r` of `job`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub job: JobId,
+    pub workers: Vec<WorkerId>,
+}
+
+/// Places queued jobs (in submission order) on free workers (in the order
+/// given, which the caller keeps stable: registration order).
+pub fn place(queue: &[Demand], free: &[FreeWorker]) -> Vec<Placement> {
+    let mut taken: BTreeSet<&WorkerId> = BTreeSet::new();
+    let mut blocked: Vec<DeviceKind> = Vec::new();
+    let mut out = Vec::new();
+    for d in queue {
+        if blocked.contains(&d.device) {
+            continue;
+        }
+        let available: Vec<&WorkerId> = free
+            .iter()
+            .filter(|w| w.device == d.device && !taken.contains(&w.id))
+            .map(|w| &w.id)
+            .collect();
+        let cap = d.max.min(available.len() as u32);
+        let world = (d.min.max(1)..=cap).rev().find(|w| d.global_batch % w == 0);
+        match world {
+            Some(w) => {
+                let workers: Vec<WorkerId> = available[..w as usize]
+                    .iter()
+                    .map(|&id| id.clone())
+                    .collect();
+                taken.extend(available[..w as usize].iter().copied());
+                out.push(Placement {
+                    job: d.job.clone(),
+                    workers,
+                });
+            }
+            None => blocked.push(d.device),
+        }
+    }
+    debug_assert!(out.iter().all(|p| {
+        let d = queue.iter().find(|d| d.job == p.job);
+        d.is_some_and(|d| (d.min..=d.max).contains(&(p.workers.len() as u32)))
+    }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demand(job: &str, min: u32, max: u32, batch: u32) -> Demand {
+        Demand {
+            job: JobId(job.into()),
+            min,
+            max,
+            device: DeviceKind::Cpu,
+            global_batch: batch,
+        }
+    }
+
+    fn free(ids: &[&str]) -> Vec<FreeWorker> {
+        ids.iter()
+            .map(|id| FreeWorker {
+                id: WorkerId(id.to_string()),
+                device: DeviceKind::Cpu,
+            })
+            .collect()
+    }
+
+    #[track_caller]
+    fn check(queue: &[Demand], workers: &[FreeWorker], expected: &[(&str, &[&str])]) {
+        let got = place(queue, workers);
+        let got: Vec<(String, Vec<String>)> = got
+            .into_iter()
+            .map(|p| (p.job.0, p.workers.into_iter().map(|w| w.0).collect()))
+            .collect();
+        let want: Vec<(String, Vec<String>)> = expected
+            .iter()
+            .map(|(j, ws)| (j.to_string(), ws.iter().map(|w| w.to_string()).collect()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn takes_the_largest_world_that_divides_the_batch() {
+        check(
+            &[demand("a", 1, 4, 64)],
+            &free(&["w1", "w2", "w3"]),
+            &[("a", &["w1", "w2"])],
+        );
+        check(
+            &[demand("a", 1, 4, 60)],
+            &free(&["w1", "w2", "w3"]),
+            &[("a", &["w1", "w2", "w3"])],
+        );
+    }
+
+    #[test]
+    fn waits_for_min_workers() {
+        check(&[demand("a", 2, 2, 64)], &free(&["w1"]), &[]);
+        check(&[demand("a", 2, 2, 64)], &free(&[]), &[]);
+    }
+
+    #[test]
+    fn fifo_blocks_later_jobs_of_the_same_device() {
+        check(
+            &[demand("big", 3, 3, 63), demand("small", 1, 1, 8)],
+            &free(&["w1", "w2"]),
+            &[],
+        );
+        let mut gpu = demand("gpu", 1, 1, 8);
+        gpu.device = DeviceKind::Cuda;
+        check(
+            &[gpu, demand("cpu", 1, 2, 8)],
+            &free(&["w1", "w2"]),
+            &[("cpu", &["w1", "w2"])],
+        );
+    }
+
+    #[test]
+    fn several_jobs_share_the_free_workers_without_overlap() {
+        check(
+            &[demand("a", 2, 2, 8), demand("b", 1, 2, 8)],
+            &free(&["w1", "w2", "w3"]),
+            &[("a", &["w1", "w2"]), ("b", &["w3"])],
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! gRPC services: `Control` (CLI and admins) and `Agent` (worker sessions).
+//! Handlers translate requests into control-loop messages and back; they hold
+//! no state. Domain errors map to gRPC codes in [`to_status`] and nowhere else.
+
+use crate::control::{ControlError, ControlHandle, Msg};
+use ringmaster_common::jobspec::JobSpec;
+use ringmaster_proto::pb::{
+    self, CoordinatorMessage, WorkerMessage, agent_server::Agent, control_server::Control,
+    worker_message,
+};
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// The one place where domain errors become gRPC status codes.
+pub fn to_status(e: ControlError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ControlError::JobNotFound(_) => Status::not_found(msg),
+        ControlError::JobFinished { .. } => Status::failed_precondition(msg),
+        ControlError::Invalid(_) | ControlError::Id(_) => Status::invalid_argument(msg),
+        ControlError::Store(ref s) if s.retryable() => Status::unavailable(msg),
+        ControlError::Store(_) => Status::internal(msg),
+        ControlError::ShuttingDown => Status::unavailable(msg),
+    }
+}
+
+/// Both services share the control loop handle.
+#[derive(Clone)]
+pub struct Services {
+    pub control: ControlHandle,
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for Services {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let spec = JobSpec::try_from(req.get_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = self
+            .control
+            .call(|r| Msg::Submit(spec, r))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SubmitResponse {
+            job_id: id.to_string(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let s = self
+            .control
+            .call(|r| Msg::GetJob(id, r))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(s))
+    }
+
+    async fn list_jobs(
+        &self,
+        _req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.control.call(Msg::ListJobs).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let s = self
+            .control
+            .call(|r| Msg::Cancel(id, r))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(s))
+    }
+
+    async fn list_workers(
+        &self,
+        _req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self
+            .control
+            .call(Msg::ListWorkers)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    type WatchJobStream = StatusStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = req.into_inner().job_id;
+        let mut rx = self
+            .control
+            .call(|r| Msg::Watch(id, r))
+            .await
+            .map_err(to_status)?;
+        let (tx, out) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let current = rx.borrow_and_update().clone();
+                let done = is_final(&current.state);
+                if tx.send(Ok(current)).await.is_err() || done {
+                    break;
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}
+
+fn is_final(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "cancelled")
+}
+
+#[tonic::async_trait]
+impl Agent for Services {
+    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("session closed before registering"))?;
+        let Some(worker_message::Kind::Register(register)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first session message must be a registration",
+            ));
+        };
+        if register.protocol_version != 1 {
+            return Err(Status::failed_precondition(format!(
+                "worker speaks protocol {}, this coordinator speaks 1",
+                register.protocol_version
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let (worker, interval) = self
+            .control
+            .call(|r| Msg::Register(register, tx.clone(), r))
+            .await
+            .map_err(to_status)?;
+        let _ = tx
+            .send(Ok(CoordinatorMessage {
+                kind: Some(pb::coordinator_message::Kind::Registered(pb::Registered {
+                    worker_id: worker.to_string(),
+                    heartbeat_interval_ms: interval.as_millis() as u64,
+                })),
+            }))
+            .await;
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.next().await {
+                    Some(Ok(WorkerMessage { kind: Some(kind) })) => {
+                        control.notify(Msg::FromWorker(worker.clone(), kind)).await
+                    }
+                    Some(Ok(WorkerMessage { kind: None })) => {}
+                    Some(Err(status)) => break format!("session broken: {}", status.message()),
+                    None => break "session closed".to_string(),
+                }
+            };
+            control.notify(Msg::Disconnected(worker, reason)).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,293 @@
+//! Helpers for integration tests: locate the built binaries, run CLI commands
+//! with timeouts, and start a local cluster (coordinator + workers) on
+//! ephemeral ports whose processes are always killed and reaped on drop.
+//!
+//! The binaries must be built first (`scripts/test` does `cargo build
+//! --workspace --bins`); set `RINGMASTER_BIN_DIR` to use others.
+
+use anyhow::{Context, bail};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where `coordinator` and `worker` live: `$RINGMASTER_BIN_DIR`, else the
+/// profile directory this test binary was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("RINGMASTER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test-binary>
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| repo_root().join("target/debug"))
+}
+
+/// Path of a workspace binary, checked to exist with a helpful message.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A finished CLI invocation.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Parses stdout as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs the coordinator CLI with a deadline; the process is killed if it
+/// outlives it.
+pub fn coordinator_cli(url: &str, args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new(bin("coordinator"));
+    cmd.args(args).env("RINGMASTER_COORDINATOR", url);
+    run_with_timeout(cmd, timeout)
+}
+
+/// Runs a command to completion within `timeout`, capturing its output.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("failed to spawn");
+    let mut guard = ChildGuard(Some(child));
+    let pid = guard.0.as_ref().map(|c| c.id()).unwrap_or(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let child = guard.0.take().expect("child");
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(out)) => Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
+        Ok(Err(e)) => panic!("waiting for {cmd:?} failed: {e}"),
+        Err(_) => {
+            // SAFETY: plain kill(2) of a child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+    }
+}
+
+/// Kills and reaps its child when dropped, so a failing test leaves nothing
+/// running.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A coordinator with its workers, each a real process on ephemeral ports.
+pub struct LocalCluster {
+    pub url: String,
+    pub state_dir: tempfile::TempDir,
+    pub coordinator: ChildGuard,
+    pub workers: Vec<ChildGuard>,
+}
+
+impl LocalCluster {
+    /// Starts a coordinator and `workers` CPU workers named `w0`, `w1`, ...,
+    /// and waits until all have registered.
+    pub fn start(workers: usize) -> anyhow::Result<Self> {
+        Self::start_on(tempfile::tempdir()?, workers)
+    }
+
+    /// Like [`LocalCluster::start`], on an existing state directory (to test
+    /// what survives a coordinator restart).
+    pub fn start_on(state_dir: tempfile::TempDir, workers: usize) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin("coordinator"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir.path())
+            .args([
+                "--heartbeat-interval-ms",
+                "200",
+                "--heartbeat-timeout-ms",
+                "3000",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("failed to start the coordinator")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let coordinator = ChildGuard(Some(child));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the coordinator never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("the coordinator did not report its address")?;
+        let addr = line
+            .strip_prefix("coordinator listening on ")
+            .with_context(|| format!("unexpected first line: {line}"))?;
+        let mut cluster = LocalCluster {
+            url: format!("http://{addr}"),
+            state_dir,
+            coordinator,
+            workers: Vec::new(),
+        };
+        for i in 0..workers {
+            cluster.add_worker(&format!("w{i}"))?;
+        }
+        cluster.wait_for_workers(workers, Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    /// Starts one more worker.
+    pub fn add_worker(&mut self, name: &str) -> anyhow::Result<()> {
+        let child = Command::new(bin("worker"))
+            .args(["--coordinator", &self.url, "--name", name, "--threads", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("failed to start a worker")?;
+        self.workers.push(ChildGuard(Some(child)));
+        Ok(())
+    }
+
+    /// Runs a coordinator CLI command against this cluster.
+    pub fn cli(&self, args: &[&str], timeout: Duration) -> Output {
+        coordinator_cli(&self.url, args, timeout)
+    }
+
+    /// The `workers --output json` listing.
+    pub fn workers_json(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["workers", "--output", "json"], Duration::from_secs(20));
+        assert_eq!(out.code, 0, "workers failed: {}", out.stderr);
+        out.json().as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until exactly `n` workers are registered.
+    pub fn wait_for_workers(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        wait_until(timeout, || self.workers_json().len() == n)
+            .with_context(|| format!("{n} workers did not register"))
+    }
+
+    /// The `status --output json` of a job.
+    pub fn status(&self, job: &str) -> serde_json::Value {
+        let out = self.cli(
+            &["status", job, "--output", "json"],
+            Duration::from_secs(20),
+        );
+        assert_eq!(out.code, 0, "status failed: {}", out.stderr);
+        out.json()
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("condition not met within {timeout:?}")
+}
+
+/// The scikit-learn digits CSV shipped in the project venv (see
+/// `scripts/fetch-digits`).
+pub fn digits_csv() -> PathBuf {
+    let out = run_with_timeout(
+        {
+            let mut c = Command::new(repo_root().join("scripts/fetch-digits"));
+            c.current_dir(repo_root());
+            c
+        },
+        Duration::from_secs(600),
+    );
+    assert_eq!(out.code, 0, "scripts/fetch-digits failed: {}", out.stderr);
+    PathBuf::from(out.stdout.trim())
+}
+
+/// Packs digits into `<dir>/train` and `<dir>/val` with the CLI, the way the
+/// quickstart does.
+pub fn pack_digits(dir: &Path) -> PathBuf {
+    let csv = digits_csv();
+    let out = run_with_timeout(
+        {
+            let mut c = Command::new(bin("coordinator"));
+            c.args(["dataset", "pack", "--csv"])
+                .arg(&csv)
+                .arg("--out-dir")
+                .arg(dir)
+                .args(["--standardize", "--val-fraction", "0.2", "--seed", "7"]);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.code, 0, "dataset pack failed: {}", out.stderr);
+    dir.to_path_buf()
+}
+
+/// Reads every tensor of a safetensors file as f32 values, by name.
+pub fn read_params(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}

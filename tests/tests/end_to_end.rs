@@ -1,0 +1,208 @@
+//! End-to-end tests: real `coordinator` and `worker` processes on ephemeral
+//! loopback ports train the scikit-learn digits dataset. They assert what a
+//! user cares about: accuracy, the parameters written, exit codes and the
+//! failure reason when a worker dies.
+
+use ringmaster_tests::{LocalCluster, pack_digits, read_params, wait_until};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Writes a digits job file into `dir` and returns its path.
+fn write_job(dir: &Path, data: &Path, name: &str, workers: u32, train: &str) -> std::path::PathBuf {
+    let job = format!(
+        r#"name = "{name}"
+seed = 3
+
+[model]
+kind = "mlp"
+hidden = [64]
+activation = "relu"
+
+[data]
+train = "{train_dir}"
+validation = "{val_dir}"
+
+[train]
+batch_size = 64
+{train}
+eval_every_steps = 20
+
+[workers]
+min = {workers}
+max = {workers}
+
+[output]
+dir = "out-{name}"
+"#,
+        train_dir = data.join("train").display(),
+        val_dir = data.join("val").display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, job).expect("write job");
+    path
+}
+
+fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
+    let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+#[test]
+fn digits_with_two_workers_reaches_95_percent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let job = write_job(
+        tmp.path(),
+        &data,
+        "digits",
+        2,
+        "epochs = 20\noptimizer = \"adam\"\nlearning_rate = 0.003",
+    );
+    let cluster = LocalCluster::start(2).unwrap();
+    let out = cluster.cli(
+        &[
+            "submit",
+            job.to_str().unwrap(),
+            "--follow",
+            "--output",
+            "json",
+        ],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(
+        out.code, 0,
+        "submit --follow failed:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    let done = out.json();
+    assert_eq!(done["state"], "succeeded");
+    let id = done["id"].as_str().unwrap().to_string();
+
+    let status = cluster.status(&id);
+    assert_eq!(status["state"], "succeeded");
+    let acc = status["metrics"]["val_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.95, "validation accuracy {acc} < 0.95");
+    assert_eq!(status["step"], status["total_steps"]);
+    // 1438 training samples, batch 64: 23 steps per epoch, 20 epochs.
+    assert_eq!(status["total_steps"], 460);
+    assert!(status["reason"].is_null());
+
+    let out_dir = Path::new(status["output_dir"].as_str().unwrap());
+    assert_eq!(out_dir, tmp.path().join("out-digits"));
+    let params = read_params(&out_dir.join("model.safetensors"));
+    let shapes: Vec<(String, Vec<usize>)> = params
+        .iter()
+        .map(|(k, (s, _))| (k.clone(), s.clone()))
+        .collect();
+    assert_eq!(
+        shapes,
+        vec![
+            ("fc0.bias".to_string(), vec![64]),
+            ("fc0.weight".to_string(), vec![64, 64]),
+            ("out.bias".to_string(), vec![10]),
+            ("out.weight".to_string(), vec![10, 64]),
+        ]
+    );
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["step"], 460);
+    assert_eq!(last["val_accuracy"].as_f64().unwrap(), acc);
+    // Evaluated every 20 steps and at the end.
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.get("val_accuracy").is_some())
+            .count(),
+        23
+    );
+
+    // Both workers are free again.
+    let workers = cluster.workers_json();
+    assert!(workers.iter().all(|w| w["state"] == "idle"), "{workers:?}");
+}
+
+#[test]
+fn one_and_two_workers_end_with_the_same_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let train = "steps = 120\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05";
+    let one = write_job(tmp.path(), &data, "one", 1, train);
+    let two = write_job(tmp.path(), &data, "two", 2, train);
+    let cluster = LocalCluster::start(2).unwrap();
+    for job in [&one, &two] {
+        let out = cluster.cli(&["submit", job.to_str().unwrap(), "--follow"], JOB_TIMEOUT);
+        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    }
+    let a = read_params(&tmp.path().join("out-one/model.safetensors"));
+    let b = read_params(&tmp.path().join("out-two/model.safetensors"));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let flat = |m: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>| -> Vec<f32> {
+        m.values().flat_map(|(_, v)| v.iter().copied()).collect()
+    };
+    let (fa, fb) = (flat(&a), flat(&b));
+    let rel = relative_l2(&fa, &fb);
+    assert!(rel < 1e-5, "relative L2 between 1 and 2 workers: {rel}");
+    // And training moved the parameters: the comparison is not trivially equal.
+    let init_moved = fa.iter().any(|x| x.abs() > 0.0);
+    assert!(init_moved);
+}
+
+#[test]
+fn sigkill_of_a_worker_fails_the_job_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let job = write_job(
+        tmp.path(),
+        &data,
+        "doomed",
+        2,
+        "epochs = 100000\noptimizer = \"sgd\"\nlearning_rate = 0.01",
+    );
+    let mut cluster = LocalCluster::start(2).unwrap();
+    let out = cluster.cli(&["submit", job.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    wait_until(Duration::from_secs(120), || {
+        let s = cluster.status(&id);
+        s["state"] == "running" && s["step"].as_u64().unwrap_or(0) > 0
+    })
+    .expect("job never started stepping");
+
+    let victim = cluster.workers.remove(1);
+    let mut victim = victim;
+    let killed_at = Instant::now();
+    victim.kill();
+    wait_until(Duration::from_secs(5), || {
+        cluster.status(&id)["state"] == "failed"
+    })
+    .expect("job did not fail within 5 s of the SIGKILL");
+    let failed_after = killed_at.elapsed();
+    let status = cluster.status(&id);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("worker w1"),
+        "reason does not name the worker: {reason}"
+    );
+    assert!(failed_after < Duration::from_secs(5));
+
+    // The survivor is freed and the coordinator still serves.
+    wait_until(Duration::from_secs(10), || {
+        let ws = cluster.workers_json();
+        ws.len() == 1 && ws[0]["name"] == "w0" && ws[0]["state"] == "idle"
+    })
+    .expect("the surviving worker was not freed");
+    let list = cluster.cli(&["list", "--output", "json"], Duration::from_secs(20));
+    assert_eq!(list.code, 0);
+    assert_eq!(list.json().as_array().unwrap().len(), 1);
+}

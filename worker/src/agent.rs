@@ -1,0 +1,271 @@
+//! The agent: the worker's one session with the coordinator. It registers,
+//! heartbeats, turns `StartTraining` commands into a trainer on a dedicated
+//! OS thread, relays the trainer's progress, and aborts it on command.
+//!
+//! This is the only part of the worker that knows gRPC; the trainer only sees
+//! an [`Assignment`] and a progress callback.
+
+use crate::collective::DataPlaneListener;
+use crate::trainer::{self, Assignment, TrainerControl, TrainerOptions};
+use anyhow::{Context, bail};
+use ringmaster_common::jobspec::JobSpec;
+use ringmaster_proto::pb::{
+    self, CoordinatorMessage, WorkerMessage, agent_client::AgentClient, coordinator_message,
+    worker_message,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{error, info, warn};
+
+/// Wire protocol version this worker speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Everything the agent needs to join a cluster.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub coordinator: String,
+    pub name: String,
+    /// As the user wrote it: `cpu` or `cuda:N`.
+    pub device_label: String,
+    pub device: tch::Device,
+    pub threads: usize,
+    /// Where the data-plane listener binds, e.g. `127.0.0.1:0`.
+    pub data_listen: String,
+    /// The data-plane address peers should dial; defaults to the bound address.
+    pub data_advertise: Option<String>,
+    /// How long to keep trying to reach the coordinator at start.
+    pub connect_timeout: Duration,
+}
+
+struct Running {
+    job_id: String,
+    generation: u64,
+    control: Arc<TrainerControl>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Runs the worker until the coordinator closes the session or it is lost.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let listener = Arc::new(
+        DataPlaneListener::bind(&cfg.data_listen)
+            .with_context(|| format!("failed to bind the data plane on {}", cfg.data_listen))?,
+    );
+    let data_addr = match &cfg.data_advertise {
+        Some(a) => a.clone(),
+        None => listener.local_addr().to_string(),
+    };
+    let mut client = connect(&cfg.coordinator, cfg.connect_timeout).await?;
+    let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
+    tx.send(msg(worker_message::Kind::Register(pb::Register {
+        name: cfg.name.clone(),
+        host: hostname(),
+        device: cfg.device_label.clone(),
+        data_addr: data_addr.clone(),
+        threads: cfg.threads as u32,
+        protocol_version: PROTOCOL_VERSION,
+    })))
+    .await?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .context("coordinator refused the session")?
+        .into_inner();
+    let registered = match inbound.message().await? {
+        Some(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Registered(r)),
+        }) => r,
+        other => bail!("expected a registration reply, got {other:?}"),
+    };
+    info!(
+        worker = %registered.worker_id,
+        data_addr = %data_addr,
+        "registered with {}",
+        cfg.coordinator
+    );
+    let beat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(50, 60_000));
+    let heartbeat_tx = tx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(beat);
+        loop {
+            tick.tick().await;
+            if heartbeat_tx
+                .send(msg(worker_message::Kind::Heartbeat(pb::Heartbeat {})))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+
+    let mut current: Option<Running> = None;
+    let result = loop {
+        let next = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break Err(anyhow::anyhow!("coordinator closed the session")),
+            Err(status) => break Err(anyhow::anyhow!("coordinator session lost: {status}")),
+        };
+        match next.kind {
+            Some(coordinator_message::Kind::Start(start)) => {
+                if let Some(prev) = current.take() {
+                    prev.control.abort("superseded by a new assignment");
+                    let _ = tokio::task::spawn_blocking(move || prev.thread.join()).await;
+                }
+                match start_trainer(&cfg, start, &listener, &tx) {
+                    Ok(r) => current = Some(r),
+                    Err(e) => error!("could not start training: {e:#}"),
+                }
+            }
+            Some(coordinator_message::Kind::Abort(abort)) => {
+                if let Some(r) = &current
+                    && r.job_id == abort.job_id
+                    && r.generation == abort.generation
+                {
+                    info!(job = %abort.job_id, "aborting: {}", abort.reason);
+                    r.control.abort(&abort.reason);
+                }
+            }
+            Some(coordinator_message::Kind::Registered(_)) | None => {
+                warn!("ignoring an unexpected message from the coordinator")
+            }
+        }
+    };
+    if let Some(r) = current.take() {
+        r.control.abort("coordinator session lost");
+        let _ = tokio::task::spawn_blocking(move || r.thread.join()).await;
+    }
+    result
+}
+
+fn msg(kind: worker_message::Kind) -> WorkerMessage {
+    WorkerMessage { kind: Some(kind) }
+}
+
+async fn connect(
+    url: &str,
+    timeout: Duration,
+) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match AgentClient::connect(url.to_string()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
+                warn!("coordinator {url} not reachable yet ({e}); retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("failed to reach the coordinator at {url}")));
+            }
+        }
+    }
+}
+
+fn start_trainer(
+    cfg: &AgentConfig,
+    start: pb::StartTraining,
+    listener: &Arc<DataPlaneListener>,
+    tx: &mpsc::Sender<WorkerMessage>,
+) -> anyhow::Result<Running> {
+    let spec: JobSpec = serde_json::from_str(&start.spec_json).context("malformed job spec")?;
+    spec.check()
+        .map_err(|e| anyhow::anyhow!("invalid job spec: {e}"))?;
+    let assignment = Assignment {
+        job_id: start.job_id.clone(),
+        generation: start.generation,
+        rank: start.rank,
+        peers: start.peers.clone(),
+        spec,
+        progress_every: start.progress_every_steps.max(1),
+    };
+    let opts = TrainerOptions {
+        device: cfg.device,
+        threads: cfg.threads,
+        connect_timeout: Duration::from_secs(30),
+    };
+    let control = Arc::new(TrainerControl::default());
+    let (job_id, generation) = (start.job_id.clone(), start.generation);
+    info!(job = %job_id, generation, rank = start.rank, world = start.peers.len(), "training");
+    let thread = {
+        let control = control.clone();
+        let listener = listener.clone();
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("trainer-{job_id}"))
+            .spawn(move || {
+                let mut report = |p: trainer::Progress| {
+                    // The session may be gone; the trainer keeps going and the
+                    // final report says how it ended.
+                    let _ = tx.blocking_send(msg(worker_message::Kind::Progress(pb::Progress {
+                        job_id: assignment.job_id.clone(),
+                        generation: assignment.generation,
+                        step: p.step,
+                        total_steps: p.total_steps,
+                        epoch: p.epoch,
+                        metrics: p.metrics.into_iter().collect(),
+                    })));
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    trainer::train(&assignment, &opts, &listener, &control, &mut report)
+                }));
+                let ended = match result {
+                    Ok(Ok(outcome)) => pb::TrainingEnded {
+                        job_id: assignment.job_id.clone(),
+                        generation: assignment.generation,
+                        success: true,
+                        reason: String::new(),
+                        step: outcome.step,
+                        metrics: outcome.metrics.into_iter().collect(),
+                        lost_peer_rank: None,
+                    },
+                    Ok(Err(e)) => {
+                        warn!(job = %assignment.job_id, "training failed: {e}");
+                        pb::TrainingEnded {
+                            job_id: assignment.job_id.clone(),
+                            generation: assignment.generation,
+                            success: false,
+                            reason: e.to_string(),
+                            step: 0,
+                            metrics: Default::default(),
+                            lost_peer_rank: e.lost_peer(),
+                        }
+                    }
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        error!(job = %assignment.job_id, "trainer panicked: {what}");
+                        pb::TrainingEnded {
+                            job_id: assignment.job_id.clone(),
+                            generation: assignment.generation,
+                            success: false,
+                            reason: format!("trainer panicked: {what}"),
+                            step: 0,
+                            metrics: Default::default(),
+                            lost_peer_rank: None,
+                        }
+                    }
+                };
+                let _ = tx.blocking_send(msg(worker_message::Kind::Ended(ended)));
+            })
+            .context("failed to spawn the trainer thread")?
+    };
+    Ok(Running {
+        job_id,
+        generation,
+        control,
+        thread,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

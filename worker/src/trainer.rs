@@ -1,0 +1,548 @@
+//! The trainer: runs one rank of one job generation on the calling OS thread
+//! (the agent gives it a dedicated one). It loads the data, builds the model,
+//! joins the ring, and steps in lockstep with its peers.
+//!
+//! It knows nothing of gRPC or the store: progress goes out through a callback,
+//! and the agent stops it through [`TrainerControl`].
+//!
+//! Semantics (DESIGN.md invariants): the global batch `B` is fixed by the job;
+//! step `k` of an epoch consumes positions `[kB, (k+1)B)` of the epoch's
+//! permutation and rank `r` takes its balanced slice; every rank sums its
+//! per-sample losses, gradients are summed across ranks and divided by the
+//! number of samples in the global batch, so W workers compute exactly the
+//! SGD step of one worker on the whole batch (up to float summation order).
+
+use crate::collective::{
+    AbortHandle, Collective, CollectiveError, DataPlaneListener, RingCollective, RingConfig,
+};
+use crate::model::Mlp;
+use crate::optim::Optimizer;
+use ringmaster_common::dataset::{Dataset, DatasetError, ShardPlan, rank_range};
+use ringmaster_common::jobspec::JobSpec;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Reduction, Tensor, nn};
+
+/// Gradients are fused into buckets of about this many bytes per all-reduce.
+const BUCKET_BYTES: usize = 25 << 20;
+/// Evaluation runs in chunks of this many samples to bound memory.
+const EVAL_CHUNK: i64 = 4096;
+
+/// What the coordinator asked this rank to do.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    pub job_id: String,
+    pub generation: u64,
+    pub rank: u32,
+    /// Data-plane addresses of every rank, indexed by rank.
+    pub peers: Vec<String>,
+    pub spec: JobSpec,
+    /// Report progress every this many steps.
+    pub progress_every: u64,
+}
+
+/// How this worker runs libtorch.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainerOptions {
+    pub device: Device,
+    pub threads: usize,
+    /// How long to wait for ring peers to connect.
+    pub connect_timeout: Duration,
+}
+
+/// Something worth telling the coordinator, sent at most every
+/// `progress_every` steps (never per step).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A finished run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub step: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("dataset: {0}")]
+    Data(#[from] DatasetError),
+    #[error("collective: {0}")]
+    Collective(#[from] CollectiveError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("writing {path}: {source}")]
+    Output {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid assignment: {0}")]
+    Invalid(String),
+    #[error("aborted: {0}")]
+    Aborted(String),
+}
+
+impl TrainError {
+    /// The rank whose loss caused this error, when a peer vanished.
+    pub fn lost_peer(&self) -> Option<u32> {
+        match self {
+            TrainError::Collective(CollectiveError::PeerLost { rank, .. }) => Some(*rank),
+            _ => None,
+        }
+    }
+}
+
+/// Lets another thread stop a running trainer promptly: the flag is checked
+/// at every step boundary and the abort handle unblocks collectives.
+#[derive(Default)]
+pub struct TrainerControl {
+    aborted: AtomicBool,
+    reason: Mutex<Option<String>>,
+    handle: Mutex<Option<AbortHandle>>,
+}
+
+impl TrainerControl {
+    /// Stops the trainer; safe to call at any time, from any thread.
+    pub fn abort(&self, reason: &str) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        self.aborted.store(true, Ordering::SeqCst);
+        if let Some(h) = self
+            .handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.abort();
+        }
+    }
+
+    fn check(&self) -> Result<(), TrainError> {
+        if self.aborted.load(Ordering::SeqCst) {
+            let reason = self
+                .reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Err(TrainError::Aborted(reason.unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    fn install(&self, handle: AbortHandle) -> Result<(), TrainError> {
+        *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
+        // An abort that raced with the installation must still take effect.
+        if self.aborted.load(Ordering::SeqCst) {
+            handle.abort();
+        }
+        self.check()
+    }
+}
+
+/// Runs the assignment to completion. Panics inside libtorch are caught by
+/// the caller (the agent), not here.
+pub fn train(
+    a: &Assignment,
+    opts: &TrainerOptions,
+    listener: &DataPlaneListener,
+    control: &TrainerControl,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Outcome, TrainError> {
+    let world = a.peers.len() as u32;
+    if world == 0 || a.rank >= world {
+        return Err(TrainError::Invalid(format!(
+            "rank {} outside world of {world}",
+            a.rank
+        )));
+    }
+    tch::set_num_threads(opts.threads.max(1) as i32);
+    let spec = &a.spec;
+    let device = opts.device;
+
+    let train_set = Dataset::load(&spec.data.train)?;
+    let val_set = match &spec.data.validation {
+        Some(dir) => Some(Dataset::load(dir)?),
+        None => None,
+    };
+    control.check()?;
+    let inputs = train_set.features as i64;
+    let classes = i64::from(train_set.manifest.schema.num_classes);
+    if let Some(v) = &val_set
+        && v.features != train_set.features
+    {
+        return Err(TrainError::Invalid(format!(
+            "validation set has {} features, training set {}",
+            v.features, train_set.features
+        )));
+    }
+    let n = train_set.y.len() as i64;
+    let xs = Tensor::from_slice(&train_set.x)
+        .view([n, inputs])
+        .to_device(device);
+    let ys = Tensor::from_slice(&train_set.y).to_device(device);
+
+    // Same seed on every rank gives the same initial parameters; rank 0's are
+    // broadcast anyway so that the group provably starts from one state.
+    tch::manual_seed(spec.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = Mlp::new(&vs.root(), inputs, classes, &spec.model);
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|x, y| x.0.cmp(&y.0));
+    let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let buckets = buckets(&params);
+
+    let mut ring_cfg = RingConfig::new(a.job_id.clone(), a.generation, a.rank, a.peers.clone());
+    ring_cfg.connect_timeout = opts.connect_timeout;
+    let mut ring = RingCollective::connect(listener, ring_cfg)?;
+    control.install(ring.abort_handle())?;
+    broadcast_params(&mut ring, &params, &buckets)?;
+
+    let mut optimizer = Optimizer::new(
+        spec.train.optimizer,
+        spec.train.learning_rate,
+        spec.train.weight_decay,
+        params.len(),
+    );
+    let plan = ShardPlan::new(n as u64, u64::from(spec.train.global_batch), spec.seed)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let total_steps = spec.total_steps(n as u64);
+    let mut metrics_log = if a.rank == 0 {
+        Some(MetricsLog::create(&spec.output.dir)?)
+    } else {
+        None
+    };
+
+    let mut perm_epoch = u64::MAX;
+    let mut perm: Vec<u64> = Vec::new();
+    let mut latest: BTreeMap<String, f64> = BTreeMap::new();
+    let mut window_loss = 0.0f64;
+    let mut window_samples = 0u64;
+    let mut window_start = Instant::now();
+    let mut flat: Vec<f32> = Vec::new();
+
+    for step in 0..total_steps {
+        control.check()?;
+        let (epoch, step_in_epoch) = plan.position(step);
+        if epoch != perm_epoch {
+            perm = plan.epoch_permutation(epoch);
+            perm_epoch = epoch;
+        }
+        let batch = plan.batch_range(step_in_epoch);
+        let batch_len = batch.end - batch.start;
+        let mine = rank_range(batch.clone(), a.rank, world);
+        let idx: Vec<i64> = perm[mine.start as usize..mine.end as usize]
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+
+        // Dropout draws from libtorch's RNG: seeding it per (step, rank) makes
+        // every step reproducible on its own, so resume needs no RNG state.
+        tch::manual_seed(step_seed(spec.seed, step, a.rank));
+        for p in &params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let loss_sum = if idx.is_empty() {
+            // Keep every gradient defined (as zeros) so this rank can join
+            // the all-reduce with the same layout as its peers.
+            let zero = params
+                .iter()
+                .map(|p| p.sum(Kind::Float) * 0.0)
+                .fold(Tensor::zeros([], (Kind::Float, device)), |acc, t| acc + t);
+            zero.backward();
+            0.0
+        } else {
+            let idx = Tensor::from_slice(&idx).to_device(device);
+            let xb = xs.index_select(0, &idx);
+            let yb = ys.index_select(0, &idx);
+            let logits = model.forward_t(&xb, true);
+            let loss = logits.cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0);
+            loss.backward();
+            loss.double_value(&[])
+        };
+
+        let total_loss =
+            all_reduce_grads(&mut ring, &params, &buckets, &mut flat, loss_sum, batch_len)?;
+        optimizer.step(&params)?;
+
+        window_loss += total_loss * batch_len as f64;
+        window_samples += batch_len;
+        let done = step + 1;
+        let eval_due = spec
+            .train
+            .eval_every_steps
+            .is_some_and(|every| done % every == 0)
+            || done == total_steps;
+        let mut record = BTreeMap::new();
+        if eval_due && let Some(val) = &val_set {
+            let (val_loss, val_acc) = evaluate(&mut ring, &model, val, a.rank, world, device)?;
+            record.insert("val_loss".to_string(), val_loss);
+            record.insert("val_accuracy".to_string(), val_acc);
+        }
+        let report_due = done % a.progress_every.max(1) == 0 || done == total_steps;
+        if report_due || !record.is_empty() {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            if window_samples > 0 {
+                record.insert("loss".to_string(), window_loss / window_samples as f64);
+                record.insert("samples_per_sec".to_string(), window_samples as f64 / secs);
+            }
+            record.insert("epoch".to_string(), epoch as f64);
+            window_loss = 0.0;
+            window_samples = 0;
+            window_start = Instant::now();
+            latest.extend(record.iter().map(|(k, v)| (k.clone(), *v)));
+            if let Some(log) = metrics_log.as_mut() {
+                log.append(done, &record)?;
+            }
+            progress(Progress {
+                step: done,
+                total_steps,
+                epoch,
+                metrics: latest.clone(),
+            });
+        }
+    }
+
+    if a.rank == 0 {
+        save_model(&spec.output.dir, &named)?;
+    }
+    // Nobody leaves before rank 0 has written the model, so "succeeded"
+    // always means the output exists.
+    ring.barrier()?;
+    Ok(Outcome {
+        step: total_steps,
+        metrics: latest,
+    })
+}
+
+/// A deterministic per-step seed for libtorch's RNG (splitmix64 finaliser).
+fn step_seed(seed: u64, step: u64, rank: u32) -> i64 {
+    let mut z = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ u64::from(rank).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64 & i64::MAX
+}
+
+/// Groups consecutive parameters into buckets of about [`BUCKET_BYTES`].
+fn buckets(params: &[Tensor]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, p) in params.iter().enumerate() {
+        bytes += p.numel() * 4;
+        if bytes >= BUCKET_BYTES {
+            out.push(start..i + 1);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < params.len() {
+        out.push(start..params.len());
+    }
+    out
+}
+
+fn bucket_len(params: &[Tensor]) -> usize {
+    params.iter().map(|p| p.numel()).sum()
+}
+
+/// Sums gradients (and the loss) over the ring bucket by bucket, then divides
+/// by the global batch's sample count. Returns the mean loss of the batch.
+fn all_reduce_grads(
+    ring: &mut RingCollective,
+    params: &[Tensor],
+    buckets: &[std::ops::Range<usize>],
+    flat: &mut Vec<f32>,
+    loss_sum: f64,
+    batch_len: u64,
+) -> Result<f64, TrainError> {
+    let scale = 1.0 / batch_len.max(1) as f64;
+    let mut total_loss = 0.0;
+    for (b, range) in buckets.iter().enumerate() {
+        let last = b + 1 == buckets.len();
+        let len = bucket_len(&params[range.clone()]);
+        flat.clear();
+        flat.resize(len + usize::from(last), 0.0);
+        let mut off = 0;
+        for p in &params[range.clone()] {
+            let k = p.numel();
+            p.grad()
+                .view([-1])
+                .to_device(Device::Cpu)
+                .copy_data(&mut flat[off..off + k], k);
+            off += k;
+        }
+        if last {
+            flat[len] = loss_sum as f32;
+        }
+        ring.all_reduce_sum(flat)?;
+        if last {
+            total_loss = f64::from(flat[len]) * scale;
+        }
+        let mut off = 0;
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for p in &params[range.clone()] {
+                let k = p.numel();
+                let reduced = Tensor::from_slice(&flat[off..off + k])
+                    .view(p.size().as_slice())
+                    .to_device(p.device())
+                    * scale;
+                p.grad().f_copy_(&reduced)?;
+                off += k;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(total_loss)
+}
+
+/// Makes every rank start from rank 0's parameters.
+fn broadcast_params(
+    ring: &mut RingCollective,
+    params: &[Tensor],
+    buckets: &[std::ops::Range<usize>],
+) -> Result<(), TrainError> {
+    if ring.world_size() == 1 {
+        return Ok(());
+    }
+    let mut flat = Vec::new();
+    for range in buckets {
+        let ps = &params[range.clone()];
+        flat.clear();
+        flat.resize(bucket_len(ps), 0.0);
+        let mut off = 0;
+        for p in ps {
+            let k = p.numel();
+            p.view([-1])
+                .to_device(Device::Cpu)
+                .copy_data(&mut flat[off..off + k], k);
+            off += k;
+        }
+        ring.broadcast(&mut flat, 0)?;
+        let mut off = 0;
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for p in ps {
+                let k = p.numel();
+                let t = Tensor::from_slice(&flat[off..off + k])
+                    .view(p.size().as_slice())
+                    .to_device(p.device());
+                p.shallow_clone().f_copy_(&t)?;
+                off += k;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Mean loss and accuracy over the whole validation set; each rank scores
+/// its balanced slice and the counts are summed over the ring.
+fn evaluate(
+    ring: &mut RingCollective,
+    model: &Mlp,
+    val: &Dataset,
+    rank: u32,
+    world: u32,
+    device: Device,
+) -> Result<(f64, f64), TrainError> {
+    let n = val.y.len() as u64;
+    let mine = rank_range(0..n, rank, world);
+    let d = val.features;
+    let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+    tch::no_grad(|| {
+        let mut start = mine.start as i64;
+        let end = mine.end as i64;
+        while start < end {
+            let stop = (start + EVAL_CHUNK).min(end);
+            let (s, e) = (start as usize, stop as usize);
+            let xb = Tensor::from_slice(&val.x[s * d..e * d])
+                .view([stop - start, d as i64])
+                .to_device(device);
+            let yb = Tensor::from_slice(&val.y[s..e]).to_device(device);
+            let logits = model.forward_t(&xb, false);
+            loss_sum += logits
+                .cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)
+                .double_value(&[]);
+            correct += logits
+                .argmax(-1, false)
+                .eq_tensor(&yb)
+                .sum(Kind::Int64)
+                .int64_value(&[]) as f64;
+            start = stop;
+        }
+    });
+    // f32 holds integer counts exactly up to 2^24 samples per rank sum.
+    let mut sums = [loss_sum as f32, correct as f32];
+    ring.all_reduce_sum(&mut sums)?;
+    let n = n.max(1) as f64;
+    Ok((f64::from(sums[0]) / n, f64::from(sums[1]) / n))
+}
+
+/// `metrics.jsonl`: one JSON object per report, appended as training goes so
+/// a crash keeps what was measured.
+struct MetricsLog {
+    file: std::fs::File,
+    path: String,
+}
+
+impl MetricsLog {
+    fn create(dir: &Path) -> Result<Self, TrainError> {
+        let path = dir.join("metrics.jsonl");
+        let err = |source| TrainError::Output {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let file = std::fs::File::create(&path).map_err(err)?;
+        Ok(MetricsLog {
+            file,
+            path: path.display().to_string(),
+        })
+    }
+
+    fn append(&mut self, step: u64, record: &BTreeMap<String, f64>) -> Result<(), TrainError> {
+        let mut obj = serde_json::Map::new();
+        obj.insert("step".into(), step.into());
+        for (k, v) in record {
+            obj.insert(k.clone(), serde_json::json!(v));
+        }
+        let line = serde_json::Value::Object(obj).to_string();
+        writeln!(self.file, "{line}").map_err(|source| TrainError::Output {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Writes `model.safetensors` under a temporary name, fsyncs, then renames,
+/// so a reader never sees a half-written model.
+fn save_model(dir: &Path, named: &[(String, Tensor)]) -> Result<(), TrainError> {
+    let path = dir.join("model.safetensors");
+    let tmp = dir.join(".model.safetensors.tmp");
+    let err = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| TrainError::Output { path: p, source }
+    };
+    std::fs::create_dir_all(dir).map_err(err(dir))?;
+    let cpu: Vec<(String, Tensor)> = named
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_device(Device::Cpu)))
+        .collect();
+    Tensor::write_safetensors(&cpu, &tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(err(&path))?;
+    Ok(())
+}
