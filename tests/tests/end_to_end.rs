@@ -110,6 +110,36 @@ fn digits_with_two_workers_reaches_95_percent() {
             ("out.weight".to_string(), vec![10, 64]),
         ]
     );
+    // The weights load in Python with safetensors.torch and score the same
+    // validation accuracy there.
+    let python = ringmaster_tests::repo_root().join(".venv/bin/python");
+    let script = r#"
+import json, sys, torch
+from safetensors.torch import load_file
+from safetensors import safe_open
+w = load_file(sys.argv[1])
+val = {}
+import glob, os
+for f in sorted(glob.glob(os.path.join(sys.argv[2], "shard-*.safetensors"))):
+    with safe_open(f, "pt") as s:
+        for k in ("x", "y"):
+            val.setdefault(k, []).append(s.get_tensor(k))
+x, y = torch.cat(val["x"]), torch.cat(val["y"])
+h = torch.relu(x @ w["fc0.weight"].T + w["fc0.bias"])
+logits = h @ w["out.weight"].T + w["out.bias"]
+acc = (logits.argmax(-1) == y).float().mean().item()
+print(json.dumps({"shapes": {k: list(v.shape) for k, v in w.items()}, "accuracy": acc}))
+"#;
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg("-c").arg(script).arg(out_dir.join("model.safetensors")).arg(data.join("val"));
+    let py = ringmaster_tests::run_with_timeout(cmd, Duration::from_secs(120));
+    assert_eq!(py.code, 0, "python failed: {}", py.stderr);
+    let py = py.json();
+    assert_eq!(py["shapes"]["fc0.weight"], serde_json::json!([64, 64]));
+    assert_eq!(py["shapes"]["out.weight"], serde_json::json!([10, 64]));
+    let py_acc = py["accuracy"].as_f64().unwrap();
+    assert!((py_acc - acc).abs() < 1e-6, "python accuracy {py_acc} vs reported {acc}");
+
     let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
         .lines()
@@ -152,6 +182,7 @@ fn one_and_two_workers_end_with_the_same_parameters() {
     };
     let (fa, fb) = (flat(&a), flat(&b));
     let rel = relative_l2(&fa, &fb);
+    eprintln!("relative L2 between 1 and 2 workers: {rel:e}");
     assert!(rel < 1e-5, "relative L2 between 1 and 2 workers: {rel}");
     // And training moved the parameters: the comparison is not trivially equal.
     let init_moved = fa.iter().any(|x| x.abs() > 0.0);
