@@ -7,7 +7,9 @@
 //! [--iters N] [--warmup N] [--chunk-kib K]`. Lines starting with `RESULT` are for scripts:
 //! `RESULT <impl> <bytes> <iters> <seconds per op> <algbw GB/s> <busbw GB/s>`.
 
-use ringmaster_worker::collective::{Collective, DataPlaneListener, RingCollective, RingConfig};
+use ringmaster_worker::collective::{
+    Collective, DataPlaneListener, RingCollective, RingConfig, ring,
+};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,7 +29,7 @@ fn parse_args() -> Result<Args, String> {
         sizes_mib: vec![4, 64],
         iters: None,
         warmup: 3,
-        chunk_bytes: RingConfig::new("bench", 0, 0, vec![]).chunk_bytes,
+        chunk_bytes: ring::DEFAULT_CHUNK_BYTES,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {

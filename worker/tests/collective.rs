@@ -7,7 +7,7 @@
 //! throughput (`benches/allreduce.rs`).
 
 use ringmaster_worker::collective::{
-    Collective, CollectiveError, DataPlaneListener, RefuseReason, RingCollective, RingConfig,
+    Collective, CollectiveError, DataPlaneListener, RefuseReason, RingCollective, RingConfig, ring,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -149,13 +149,7 @@ fn all_reduce_with_one_element_chunks() {
 
 #[test]
 fn all_reduce_with_default_chunks() {
-    no_hang(|| {
-        check_sums(
-            2,
-            RingConfig::new("j", 0, 0, vec![]).chunk_bytes,
-            &[3_000_001, 17],
-        )
-    });
+    no_hang(|| check_sums(2, ring::DEFAULT_CHUNK_BYTES, &[3_000_001, 17]));
 }
 
 #[test]

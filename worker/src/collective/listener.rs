@@ -159,7 +159,8 @@ fn take_u64(b: &[u8]) -> (u64, &[u8]) {
 /// An accept thread reads each connection's handshake and decides at once: a connection the
 /// listener was told to expect is parked until its ring claims it, every other one gets a reject
 /// reply and is closed. Dropping the listener stops the accept thread; rings already formed keep
-/// their connections.
+/// their connections. It serves any number of jobs, but one rank per job: a process hosting
+/// several ranks of the same job needs a listener per rank.
 pub struct DataPlaneListener {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
