@@ -5,6 +5,8 @@
 //! The binaries must be built first (`scripts/test` does `cargo build
 //! --workspace --bins`); set `RINGMASTER_BIN_DIR` to use others.
 
+pub mod etcd;
+
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

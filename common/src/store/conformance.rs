@@ -1,13 +1,30 @@
 //! The one behaviour suite every [`StateStore`] backend must pass, called from
-//! each backend's tests (`common/tests/store.rs`, later the etcd tests). It is
+//! each backend's tests (`common/tests/store.rs`: memory, embedded, etcd). It is
 //! compiled into the library so that every backend's test crate can share it;
 //! it panics with a message naming the broken expectation, as tests do.
 //!
 //! It writes only under [`PREFIX`] and expects nothing there when it starts.
-//! Backend-specific behaviour (durability, locking) is tested next to the
-//! backend, not here.
+//! It compacts the store's watch history, so give it a store of its own.
+//! Backend-specific behaviour (durability, locking, leaks, history bounds) is
+//! tested next to the backend, not here.
+//!
+//! Timing: nothing here asserts how fast anything happens. Waits for a watch
+//! event or a lease expiry poll against a generous deadline
+//! ([`DEADLINE`]) and fail only when it passes. The lease checks rely on
+//! this much of etcd's TTL semantics: a lease lives at least its granted TTL
+//! (the one `keep_alive` reports, which may be above the requested one) after
+//! its last refresh, and ends some time after that; keep-alives a quarter TTL
+//! apart keep it alive. They request 1 s TTLs, so a run takes a few seconds.
 
-use super::{Compare, Op, StateStore, StoreError, Txn, Versioned};
+use super::{
+    Compare, LeaseId, Op, StateStore, StoreError, Txn, Versioned, WatchEvent, WatchStream,
+};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long the suite waits for something that must happen before calling
+/// it a failure.
+pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Every key the suite writes starts with this.
 pub const PREFIX: &str = "/conformance/";
@@ -39,6 +56,12 @@ pub async fn run_conformance(store: &dyn StateStore) {
     atomicity(store).await;
     large_and_unicode(store).await;
     invalid_requests(store).await;
+    range_revision(store).await;
+    watch_order_and_prefix(store).await;
+    watch_compaction(store).await;
+    watch_cancellation(store).await;
+    leases(store).await;
+    lease_refusals(store).await;
 }
 
 async fn basics(store: &dyn StateStore) {
@@ -582,5 +605,509 @@ async fn invalid_requests(store: &dyn StateStore) {
         ok("get after invalid txns", store.get(&key).await),
         None,
         "an invalid txn must change nothing"
+    );
+}
+
+async fn range_revision(store: &dyn StateStore) {
+    let v = ok("put", store.put(&k("rev/a"), b"a".to_vec()).await);
+    let (found, revision) = ok(
+        "range with revision",
+        store.range_with_revision(&k("rev/")).await,
+    );
+    assert_eq!(
+        revision, v,
+        "a range right after a put must be served at that put's revision"
+    );
+    assert_eq!(
+        found,
+        vec![(
+            k("rev/a"),
+            Versioned {
+                value: b"a".to_vec(),
+                version: v
+            }
+        )],
+        "range_with_revision must return the same entries as range"
+    );
+}
+
+/// The next item of a watch, which must be an event and come before
+/// [`DEADLINE`].
+#[track_caller]
+fn next_event(
+    stream: &mut WatchStream,
+    what: &str,
+) -> impl std::future::Future<Output = WatchEvent> {
+    let caller = std::panic::Location::caller();
+    async move {
+        match tokio::time::timeout(DEADLINE, stream.next()).await {
+            Ok(Some(Ok(event))) => event,
+            Ok(Some(Err(err))) => panic!("{what} (at {caller}): watch failed: {err}"),
+            Ok(None) => panic!("{what} (at {caller}): watch ended"),
+            Err(_) => panic!("{what} (at {caller}): no watch event within {DEADLINE:?}"),
+        }
+    }
+}
+
+async fn expect_events(stream: &mut WatchStream, what: &str, expected: &[WatchEvent]) {
+    let mut got = Vec::new();
+    for _ in expected {
+        got.push(next_event(stream, what).await);
+    }
+    assert_eq!(got, expected, "{what}");
+}
+
+fn put_event(key: &str, value: &[u8], version: u64) -> WatchEvent {
+    WatchEvent::Put {
+        key: key.to_owned(),
+        value: value.to_vec(),
+        version,
+    }
+}
+
+fn delete_event(key: &str, version: u64) -> WatchEvent {
+    WatchEvent::Delete {
+        key: key.to_owned(),
+        version,
+    }
+}
+
+/// The store revision now, read through a range of nothing.
+async fn current_revision(store: &dyn StateStore) -> u64 {
+    ok(
+        "range for the revision",
+        store.range_with_revision(&k("nothing/")).await,
+    )
+    .1
+}
+
+async fn watch_order_and_prefix(store: &dyn StateStore) {
+    let dir = k("w/a/");
+    let mut watch = ok("watch a directory", store.watch(&dir, None).await);
+    let mut parent = ok("watch the parent", store.watch(&k("w/"), None).await);
+
+    let v1 = ok("put a/1", store.put(&k("w/a/1"), b"1".to_vec()).await);
+    let v_sibling = ok("put sibling", store.put(&k("w/ab"), b"s".to_vec()).await);
+    let v_other = ok("put b/x", store.put(&k("w/b/x"), b"x".to_vec()).await);
+    let v2 = ok("put a/2", store.put(&k("w/a/2"), b"2".to_vec()).await);
+    assert!(ok("delete a/1", store.delete(&k("w/a/1")).await));
+    let v_del = current_revision(store).await;
+    assert!(
+        !ok("delete missing", store.delete(&k("w/a/never")).await),
+        "the key was never written"
+    );
+    let txn = ok(
+        "txn in the directory",
+        store
+            .txn(Txn {
+                compares: Vec::new(),
+                success: vec![
+                    Op::Put {
+                        key: k("w/a/3"),
+                        value: b"3".to_vec(),
+                    },
+                    Op::Delete { key: k("w/a/2") },
+                    Op::Put {
+                        key: k("w/b/y"),
+                        value: b"y".to_vec(),
+                    },
+                ],
+                failure: Vec::new(),
+            })
+            .await,
+    );
+    let r = txn.revision;
+    let in_dir = vec![
+        put_event(&k("w/a/1"), b"1", v1),
+        put_event(&k("w/a/2"), b"2", v2),
+        delete_event(&k("w/a/1"), v_del),
+        put_event(&k("w/a/3"), b"3", r),
+        delete_event(&k("w/a/2"), r),
+    ];
+    expect_events(
+        &mut watch,
+        "a watch sees its prefix's changes in revision order, a txn's in op order, \
+         no sibling (w/ab), no delete of a missing key",
+        &in_dir,
+    )
+    .await;
+    expect_events(
+        &mut parent,
+        "a watch on the parent sees every change below it",
+        &[
+            put_event(&k("w/a/1"), b"1", v1),
+            put_event(&k("w/ab"), b"s", v_sibling),
+            put_event(&k("w/b/x"), b"x", v_other),
+            put_event(&k("w/a/2"), b"2", v2),
+            delete_event(&k("w/a/1"), v_del),
+            put_event(&k("w/a/3"), b"3", r),
+            delete_event(&k("w/a/2"), r),
+            put_event(&k("w/b/y"), b"y", r),
+        ],
+    )
+    .await;
+
+    // Nothing else is queued: the next event is a later write.
+    let v_next = ok("put a/4", store.put(&k("w/a/4"), b"4".to_vec()).await);
+    expect_events(
+        &mut watch,
+        "after the txn the directory watch sees only the next write",
+        &[put_event(&k("w/a/4"), b"4", v_next)],
+    )
+    .await;
+
+    let mut replay = ok("watch from a revision", store.watch(&dir, Some(v1)).await);
+    let mut replayed = in_dir.clone();
+    replayed.push(put_event(&k("w/a/4"), b"4", v_next));
+    expect_events(
+        &mut replay,
+        "a watch from a past revision replays every change since, in order",
+        &replayed,
+    )
+    .await;
+    let mut partial = ok(
+        "watch from a later revision",
+        store.watch(&dir, Some(v2)).await,
+    );
+    expect_events(
+        &mut partial,
+        "a watch from revision r starts with the change at r",
+        &replayed[1..],
+    )
+    .await;
+    let v_live = ok("put a/5", store.put(&k("w/a/5"), b"5".to_vec()).await);
+    expect_events(
+        &mut replay,
+        "a replaying watch goes on live after the replay",
+        &[put_event(&k("w/a/5"), b"5", v_live)],
+    )
+    .await;
+
+    let zero = store.watch(&dir, Some(0)).await;
+    assert!(
+        matches!(zero, Err(StoreError::InvalidRequest(_))),
+        "a watch from revision 0 must be an invalid request, got {zero:?}"
+    );
+}
+
+async fn watch_compaction(store: &dyn StateStore) {
+    let dir = k("c/");
+    let v_old = ok("put old", store.put(&k("c/old"), b"o".to_vec()).await);
+    ok("put between", store.put(&k("c/mid"), b"m".to_vec()).await);
+    let v_at = ok("put at", store.put(&k("c/at"), b"a".to_vec()).await);
+    ok("compact", store.compact(v_at).await);
+
+    let mut stale = ok(
+        "watch before the compaction",
+        store.watch(&dir, Some(v_old)).await,
+    );
+    match tokio::time::timeout(DEADLINE, stale.next()).await {
+        Ok(Some(Err(err))) => {
+            assert_eq!(
+                err,
+                StoreError::Compacted {
+                    requested: v_old,
+                    compacted: v_at
+                },
+                "a watch from before the compaction must fail with Compacted"
+            );
+            assert!(!err.retryable(), "Compacted is not retryable");
+        }
+        other => {
+            panic!("a watch from before the compaction must fail with Compacted, got {other:?}")
+        }
+    }
+    assert!(
+        matches!(tokio::time::timeout(DEADLINE, stale.next()).await, Ok(None)),
+        "a watch ends after its error"
+    );
+
+    let mut fresh = ok(
+        "watch from the compaction",
+        store.watch(&dir, Some(v_at)).await,
+    );
+    expect_events(
+        &mut fresh,
+        "a watch from the compaction revision still sees the change at it",
+        &[put_event(&k("c/at"), b"a", v_at)],
+    )
+    .await;
+    assert_eq!(
+        ok("get after compaction", store.get(&k("c/old")).await),
+        Some(Versioned {
+            value: b"o".to_vec(),
+            version: v_old
+        }),
+        "compaction must not change values"
+    );
+    ok(
+        "compact again at the same revision",
+        store.compact(v_at).await,
+    );
+    ok("compact below the compaction", store.compact(v_old).await);
+    let future = store.compact(v_at + 1_000_000).await;
+    assert!(
+        matches!(future, Err(StoreError::InvalidRequest(_))),
+        "compacting at a future revision must be an invalid request, got {future:?}"
+    );
+}
+
+async fn watch_cancellation(store: &dyn StateStore) {
+    let dir = k("cancel/");
+    let never_polled = ok("watch", store.watch(&dir, None).await);
+    drop(never_polled);
+
+    let mut watch = ok("watch", store.watch(&dir, None).await);
+    let v1 = ok("put 1", store.put(&k("cancel/1"), b"1".to_vec()).await);
+    expect_events(
+        &mut watch,
+        "watch before drop",
+        &[put_event(&k("cancel/1"), b"1", v1)],
+    )
+    .await;
+    // Dropped with events it has not read.
+    ok("put 2", store.put(&k("cancel/2"), b"2".to_vec()).await);
+    ok("put 3", store.put(&k("cancel/3"), b"3".to_vec()).await);
+    drop(watch);
+
+    let mut after = ok("watch after drops", store.watch(&dir, None).await);
+    let v4 = ok("put 4", store.put(&k("cancel/4"), b"4".to_vec()).await);
+    expect_events(
+        &mut after,
+        "watches keep working after others were dropped",
+        &[put_event(&k("cancel/4"), b"4", v4)],
+    )
+    .await;
+}
+
+async fn leases(store: &dyn StateStore) {
+    let kept = ok(
+        "grant kept",
+        store.grant_lease(Duration::from_secs(1)).await,
+    );
+    let granted = Instant::now();
+    let ttl = ok("first keep-alive", store.keep_alive(kept).await);
+    assert!(
+        ttl >= Duration::from_secs(1),
+        "keep_alive must report at least the requested ttl, got {ttl:?}"
+    );
+    let lapsing = ok(
+        "grant lapsing",
+        store.grant_lease(Duration::from_millis(300)).await,
+    );
+    assert_ne!(kept, lapsing, "two leases must have two ids");
+
+    let dir = k("lease/");
+    let mut watch = ok("watch leased keys", store.watch(&dir, None).await);
+    let v_kept = ok(
+        "put with kept lease",
+        store
+            .put_with_lease(&k("lease/kept"), b"k".to_vec(), kept)
+            .await,
+    );
+    let v_lapsing = ok(
+        "put with lapsing lease",
+        store
+            .put_with_lease(&k("lease/lapsing"), b"l".to_vec(), lapsing)
+            .await,
+    );
+    let txn = ok(
+        "txn with a leased put",
+        store
+            .txn(Txn {
+                compares: vec![Compare::Version {
+                    key: k("lease/txn"),
+                    version: None,
+                }],
+                success: vec![Op::PutWithLease {
+                    key: k("lease/txn"),
+                    value: b"t".to_vec(),
+                    lease: kept,
+                }],
+                failure: Vec::new(),
+            })
+            .await,
+    );
+    assert!(
+        txn.succeeded,
+        "create-if-absent of a leased key must succeed"
+    );
+    let v_bound = ok(
+        "put detached with lease",
+        store
+            .put_with_lease(&k("lease/detached"), b"bound".to_vec(), lapsing)
+            .await,
+    );
+    let v_plain = ok(
+        "overwrite without lease",
+        store.put(&k("lease/detached"), b"plain".to_vec()).await,
+    );
+
+    // Keep `kept` alive until `lapsing` has expired and `kept` has outlived
+    // its own ttl by half.
+    let deadline = Instant::now() + DEADLINE;
+    let mut kept_ttl = ttl;
+    loop {
+        kept_ttl = ok("keep-alive", store.keep_alive(kept).await).max(kept_ttl);
+        let lapsed = ok("get lapsing", store.get(&k("lease/lapsing")).await).is_none();
+        if lapsed && granted.elapsed() > kept_ttl * 3 / 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a lease that is not kept alive must expire within {DEADLINE:?}"
+        );
+        tokio::time::sleep(kept_ttl / 4).await;
+    }
+    assert_eq!(
+        ok("get kept", store.get(&k("lease/kept")).await),
+        Some(Versioned {
+            value: b"k".to_vec(),
+            version: v_kept
+        }),
+        "keep-alives must keep a lease's key past its ttl"
+    );
+    assert_eq!(
+        ok("get txn key", store.get(&k("lease/txn")).await).map(|v| v.version),
+        Some(txn.revision),
+        "a key bound in a txn lives with its lease"
+    );
+    assert_eq!(
+        ok("get detached", store.get(&k("lease/detached")).await),
+        Some(Versioned {
+            value: b"plain".to_vec(),
+            version: v_plain
+        }),
+        "a put without lease detaches the key from its old lease"
+    );
+    expect_events(
+        &mut watch,
+        "leased puts are ordinary puts to a watcher",
+        &[
+            put_event(&k("lease/kept"), b"k", v_kept),
+            put_event(&k("lease/lapsing"), b"l", v_lapsing),
+            put_event(&k("lease/txn"), b"t", txn.revision),
+            put_event(&k("lease/detached"), b"bound", v_bound),
+            put_event(&k("lease/detached"), b"plain", v_plain),
+        ],
+    )
+    .await;
+    match next_event(&mut watch, "expiry").await {
+        WatchEvent::Delete { key, version } => {
+            assert_eq!(
+                key,
+                k("lease/lapsing"),
+                "expiry deletes the expired lease's key only"
+            );
+            assert!(
+                version > v_plain,
+                "the expiry's delete comes after the last write"
+            );
+        }
+        other => panic!("expiry must show as a Delete, got {other:?}"),
+    }
+    let expired = store.keep_alive(lapsing).await;
+    assert_eq!(
+        expired,
+        Err(StoreError::LeaseNotFound(lapsing)),
+        "keep-alive of an expired lease"
+    );
+
+    ok("revoke kept", store.revoke_lease(kept).await);
+    assert_eq!(
+        ok("get kept after revoke", store.get(&k("lease/kept")).await),
+        None,
+        "revoke must delete the lease's keys before it returns"
+    );
+    assert_eq!(
+        ok("get txn key after revoke", store.get(&k("lease/txn")).await),
+        None,
+        "revoke must delete every key of the lease"
+    );
+    let first = next_event(&mut watch, "revoke").await;
+    let second = next_event(&mut watch, "revoke").await;
+    assert_eq!(
+        (first.key(), second.key()),
+        (k("lease/kept").as_str(), k("lease/txn").as_str()),
+        "revoke deletes the lease's keys, sorted by key"
+    );
+    assert!(
+        matches!(first, WatchEvent::Delete { .. }) && matches!(second, WatchEvent::Delete { .. }),
+        "revoke shows as deletes, got {first:?} and {second:?}"
+    );
+    assert_eq!(
+        first.version(),
+        second.version(),
+        "revoke deletes all of a lease's keys at one revision"
+    );
+    assert_eq!(
+        ok(
+            "get detached after revokes",
+            store.get(&k("lease/detached")).await
+        )
+        .map(|v| v.value),
+        Some(b"plain".to_vec()),
+        "a detached key outlives its old lease"
+    );
+}
+
+async fn lease_refusals(store: &dyn StateStore) {
+    let lease = ok("grant", store.grant_lease(Duration::from_secs(5)).await);
+    ok("revoke", store.revoke_lease(lease).await);
+    let gone = Err(StoreError::LeaseNotFound(lease));
+    assert_eq!(
+        store.revoke_lease(lease).await,
+        gone,
+        "revoke of a revoked lease"
+    );
+    assert_eq!(
+        store.keep_alive(lease).await.map(|_| ()),
+        gone,
+        "keep-alive of a revoked lease"
+    );
+    let key = k("lease/refused");
+    assert_eq!(
+        store
+            .put_with_lease(&key, b"x".to_vec(), lease)
+            .await
+            .map(|_| ()),
+        gone,
+        "put with a revoked lease"
+    );
+    let txn = store
+        .txn(Txn {
+            compares: Vec::new(),
+            success: vec![
+                Op::Put {
+                    key: k("lease/refused-plain"),
+                    value: b"p".to_vec(),
+                },
+                Op::PutWithLease {
+                    key: key.clone(),
+                    value: b"x".to_vec(),
+                    lease,
+                },
+            ],
+            failure: Vec::new(),
+        })
+        .await;
+    assert_eq!(txn.map(|_| ()), gone, "txn with a revoked lease");
+    for key in [key.as_str(), &k("lease/refused-plain")] {
+        assert_eq!(
+            ok("get refused", store.get(key).await),
+            None,
+            "a refused leased write must change nothing ({key})"
+        );
+    }
+    let never = LeaseId(0x7eed_0000_0000_0001);
+    assert_eq!(
+        store.keep_alive(never).await.map(|_| ()),
+        Err(StoreError::LeaseNotFound(never)),
+        "keep-alive of a lease never granted"
+    );
+    let zero = store.grant_lease(Duration::ZERO).await;
+    assert!(
+        matches!(zero, Err(StoreError::InvalidRequest(_))),
+        "a zero ttl must be an invalid request, got {zero:?}"
     );
 }

@@ -2,24 +2,38 @@
 //! request and answer types ([`Txn`], [`Compare`], [`Op`], [`Versioned`]) and
 //! its one error type [`StoreError`].
 //!
-//! Backends live in submodules: [`memory`] (unit tests) and [`embedded`] (one
-//! durable redb file, the default for a single host); etcd comes later. The
-//! key layout is in [`keys`], the JSON records stored under those keys in
-//! [`records`], and the behaviour every backend must show in [`conformance`].
-//! What the coordinator does with the store (persist before acting, reload
-//! after an ambiguous write) lives in the coordinator, not here.
+//! Backends live in submodules: [`memory`] (unit tests), [`embedded`] (one
+//! durable redb file, the default for a single host) and [`etcd`] (clusters).
+//! Watches are in [`watch`], leases in [`lease`]; the machinery the two
+//! in-process backends share (transaction evaluation, watch history, lease
+//! expiry) is in the private `local` module. [`url`] parses the
+//! coordinator's `--store` flag. The key layout is in [`keys`], the JSON
+//! records stored under those keys in [`records`], and the behaviour every
+//! backend must show in [`conformance`]. What the coordinator does with the
+//! store (persist before acting, reload after an ambiguous write) lives in
+//! the coordinator, not here.
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 pub mod keys;
+pub mod lease;
+mod local;
 pub mod memory;
 pub mod records;
+pub mod url;
+pub mod watch;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use lease::LeaseId;
 pub use memory::MemoryStore;
+pub use url::{StoreUrl, parse_store_url};
+pub use watch::{HistoryLimits, WatchEvent, WatchStream};
 
 use async_trait::async_trait;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 /// A value together with its version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,21 +88,26 @@ impl Compare {
 /// One write of a [`Txn`] branch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put {
+    /// Writes the key; if it was bound to a lease, it no longer is (as in
+    /// etcd, a put without a lease detaches the key).
+    Put { key: String, value: Vec<u8> },
+    /// Writes the key bound to `lease`: when the lease expires or is revoked
+    /// the key is deleted. Fails the whole txn with
+    /// [`StoreError::LeaseNotFound`] if the branch runs and the lease is gone.
+    PutWithLease {
         key: String,
         value: Vec<u8>,
+        lease: LeaseId,
     },
-    /// Deleting a missing key is not an error.
-    Delete {
-        key: String,
-    },
+    /// Deleting a missing key is not an error (and makes no watch event).
+    Delete { key: String },
 }
 
 impl Op {
     /// The key this write touches.
     pub fn key(&self) -> &str {
         match self {
-            Op::Put { key, .. } | Op::Delete { key } => key,
+            Op::Put { key, .. } | Op::PutWithLease { key, .. } | Op::Delete { key } => key,
         }
     }
 }
@@ -190,11 +209,29 @@ pub enum StoreError {
     /// A bug or broken invariant inside the store or its caller.
     #[error("store internal error: {0}")]
     Internal(String),
+    /// A watch asked for history the store no longer keeps: `requested` is
+    /// older than `compacted`, the oldest revision a watch can still start
+    /// from. The caller must reload what it watches with
+    /// [`StateStore::range_with_revision`] and watch again from the revision
+    /// after that read.
+    #[error(
+        "revision {requested} has been compacted, the oldest watchable revision is {compacted}"
+    )]
+    Compacted { requested: u64, compacted: u64 },
+    /// The lease does not exist: it expired, was revoked, or never existed
+    /// (after an embedded store reopens, no earlier lease exists). Keys bound
+    /// to it are gone; the caller must grant a new lease and write them again.
+    #[error("lease {0} not found (expired or revoked)")]
+    LeaseNotFound(LeaseId),
+    /// The store refused the request for lack of permission (etcd auth).
+    #[error("store refused the request: {0}")]
+    PermissionDenied(String),
 }
 
 impl StoreError {
     /// Whether the same request may succeed if simply sent again. `Ambiguous`
-    /// is not: the caller must reload first.
+    /// is not: the caller must reload first. Neither is `Compacted` (reload
+    /// and watch from a newer revision) nor `LeaseNotFound` (grant a new one).
     pub fn retryable(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
@@ -204,7 +241,10 @@ impl StoreError {
             | StoreError::ValueTooLarge { .. }
             | StoreError::Ambiguous(_)
             | StoreError::InvalidRequest(_)
-            | StoreError::Internal(_) => false,
+            | StoreError::Internal(_)
+            | StoreError::Compacted { .. }
+            | StoreError::LeaseNotFound(_)
+            | StoreError::PermissionDenied(_) => false,
         }
     }
 }
@@ -226,9 +266,12 @@ impl From<crate::ids::IdError> for StoreError {
 /// write's future before it resolves leaves the write "maybe done", like
 /// [`StoreError::Ambiguous`].
 ///
-/// later: watches (`watch(prefix)` returning a stream of put/delete events
-/// from a revision) and leases (`grant`, `keep_alive`, `revoke`, and puts
-/// bound to a lease) join this trait with the etcd backend.
+/// Watches ([`StateStore::watch`]) stream the changes under a prefix in
+/// revision order; leases ([`StateStore::grant_lease`]) bind keys to a
+/// liveness deadline that the holder keeps pushing back. Both follow etcd's
+/// semantics; where the in-process backends must approximate them (bounded
+/// watch history, leases that do not survive a restart) their module docs
+/// say how.
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
     /// The key's value and version, `None` if it does not exist.
@@ -243,10 +286,84 @@ pub trait StateStore: Send + Sync + 'static {
     /// Every key starting with `prefix`, sorted by key, read at one revision.
     /// A prefix is matched byte-wise: end it with `/` to list one directory
     /// (`/a/b/` does not match `/a/bc`).
-    async fn range(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+    async fn range(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        Ok(self.range_with_revision(prefix).await?.0)
+    }
+
+    /// Like [`StateStore::range`], plus the store revision the read was
+    /// served at: a watch started at that revision + 1 sees every change made
+    /// after the read and none before it (the "reload, then watch" pattern).
+    async fn range_with_revision(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Versioned)>, u64), StoreError>;
 
     /// Runs a compare-and-swap transaction atomically.
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError>;
+
+    /// Streams every change to keys starting with `prefix` (byte-wise, as in
+    /// [`StateStore::range`]), in revision order and, within one txn, in the
+    /// order of its ops.
+    ///
+    /// - `start_revision: None` streams the changes committed after this call
+    ///   returns; `Some(r)` first replays every change at revisions `>= r`
+    ///   (then continues live). `Some(0)` is refused: revisions start at 1.
+    /// - If `r` is older than the history the store keeps, the stream's first
+    ///   item is [`StoreError::Compacted`]; a watcher that falls behind the
+    ///   kept history later gets the same error. Any error item ends the
+    ///   stream, and the caller reloads and watches again.
+    /// - Dropping the stream cancels the watch.
+    async fn watch(
+        &self,
+        prefix: &str,
+        start_revision: Option<u64>,
+    ) -> Result<WatchStream, StoreError>;
+
+    /// Discards the change history before `revision` (etcd's compaction):
+    /// watches starting earlier fail with [`StoreError::Compacted`]. Values
+    /// are unaffected. A revision at or below the current compaction point is
+    /// a no-op; one above the store's current revision is an invalid request.
+    async fn compact(&self, revision: u64) -> Result<(), StoreError>;
+
+    /// Grants a lease that lives for `ttl` unless refreshed. TTLs are whole
+    /// seconds, rounded up (at least 1); etcd may raise them further to its
+    /// minimum (1.5 election timeouts, rounded up: 2 s with default
+    /// settings). [`StateStore::keep_alive`] reports the TTL actually granted.
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+
+    /// Refreshes the lease once, so that it lives a full TTL from now, and
+    /// returns that TTL. The holder calls it in a loop, well within the TTL
+    /// (a third of it is customary). An expired or revoked lease is
+    /// [`StoreError::LeaseNotFound`].
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError>;
+
+    /// Ends the lease now and deletes every key bound to it (watchers see
+    /// the deletes, all at one revision). An unknown lease is
+    /// [`StoreError::LeaseNotFound`].
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Writes the key bound to `lease` and returns its new version; see
+    /// [`Op::PutWithLease`].
+    async fn put_with_lease(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<u64, StoreError> {
+        check_key(key)?;
+        let outcome = self
+            .txn(Txn {
+                compares: Vec::new(),
+                success: vec![Op::PutWithLease {
+                    key: key.to_owned(),
+                    value,
+                    lease,
+                }],
+                failure: Vec::new(),
+            })
+            .await?;
+        Ok(outcome.revision)
+    }
 
     /// Writes `new` only if the key's version is `expected_version` (`None`:
     /// only if the key does not exist). `true` if the write happened.
