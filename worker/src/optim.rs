@@ -60,15 +60,17 @@ impl Optimizer {
                             g = g + p * self.weight_decay;
                         }
                         if momentum != 0.0 {
+                            // In place: the buffer is updated without a new
+                            // allocation of the parameter's size.
                             let buf = match self.first[i].take() {
                                 None => g.copy(),
-                                Some(buf) => buf * momentum + &g,
+                                Some(mut buf) => {
+                                    let _ = buf.f_mul_scalar_(momentum)?;
+                                    let _ = buf.f_add_(&g)?;
+                                    buf
+                                }
                             };
-                            g = if nesterov {
-                                g + &buf * momentum
-                            } else {
-                                buf.shallow_clone()
-                            };
+                            g = if nesterov { g + &buf * momentum } else { buf.shallow_clone() };
                             self.first[i] = Some(buf);
                         }
                         let mut p = p.shallow_clone();
@@ -86,18 +88,25 @@ impl Optimizer {
                                 g = g + &p * self.weight_decay;
                             }
                         }
-                        let m = match self.first[i].take() {
-                            None => &g * (1.0 - beta1),
-                            Some(m) => m * beta1 + &g * (1.0 - beta1),
+                        let mut m = match self.first[i].take() {
+                            Some(m) => m,
+                            None => g.zeros_like(),
                         };
-                        let v = match self.second[i].take() {
-                            None => (&g * &g) * (1.0 - beta2),
-                            Some(v) => v * beta2 + (&g * &g) * (1.0 - beta2),
+                        let _ = m.f_mul_scalar_(beta1)?;
+                        let _ = m.f_add_(&(&g * (1.0 - beta1)))?;
+                        let mut v = match self.second[i].take() {
+                            Some(v) => v,
+                            None => g.zeros_like(),
                         };
+                        let _ = v.f_mul_scalar_(beta2)?;
+                        let _ = v.f_addcmul_(&g, &(&g * (1.0 - beta2)))?;
                         let bias1 = 1.0 - beta1.powf(t);
                         let bias2 = 1.0 - beta2.powf(t);
-                        let denom = (&v / bias2).sqrt() + eps;
-                        let update = (&m / bias1) / denom * self.lr;
+                        let mut denom = &v * (1.0 / bias2);
+                        let _ = denom.f_sqrt_()?;
+                        let _ = denom.f_add_scalar_(eps)?;
+                        let mut update = &m * (self.lr / bias1);
+                        let _ = update.f_div_(&denom)?;
                         let _ = p.f_sub_(&update)?;
                         self.first[i] = Some(m);
                         self.second[i] = Some(v);

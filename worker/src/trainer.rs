@@ -225,7 +225,13 @@ pub fn train(
     let mut window_loss = 0.0f64;
     let mut window_samples = 0u64;
     let mut window_start = Instant::now();
-    let mut flat: Vec<f32> = Vec::new();
+    let staging_len = buckets
+        .iter()
+        .map(|r| bucket_len(&params[r.clone()]))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut staging = Staging::new(staging_len);
 
     for step in 0..total_steps {
         control.check()?;
@@ -271,7 +277,7 @@ pub fn train(
         };
 
         let total_loss =
-            all_reduce_grads(&mut ring, &params, &buckets, &mut flat, loss_sum, batch_len)?;
+            all_reduce_grads(&mut ring, &params, &buckets, &mut staging, loss_sum, batch_len)?;
         optimizer.step(&params)?;
 
         window_loss += total_loss * batch_len as f64;
@@ -357,13 +363,43 @@ fn bucket_len(params: &[Tensor]) -> usize {
     params.iter().map(|p| p.numel()).sum()
 }
 
+/// Host staging memory for gradient buckets: one contiguous f32 CPU tensor,
+/// so gradients are copied in and out with libtorch's copy kernels (from any
+/// device) and the ring reduces the tensor's memory in place, with no
+/// per-step allocation.
+struct Staging {
+    tensor: Tensor,
+    len: usize,
+}
+
+impl Staging {
+    fn new(len: usize) -> Self {
+        Staging {
+            tensor: Tensor::zeros([len as i64], (Kind::Float, Device::Cpu)),
+            len,
+        }
+    }
+
+    fn slice(&mut self, len: usize) -> &mut [f32] {
+        assert!(len <= self.len, "staging buffer too small");
+        // SAFETY: the tensor is a contiguous CPU f32 tensor of `self.len`
+        // elements that this struct owns; the returned borrow of `self`
+        // keeps every other use of it out while the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(self.tensor.data_ptr() as *mut f32, len) }
+    }
+
+    fn view(&self, off: usize, len: usize) -> Tensor {
+        self.tensor.narrow(0, off as i64, len as i64)
+    }
+}
+
 /// Sums gradients (and the loss) over the ring bucket by bucket, then divides
 /// by the global batch's sample count. Returns the mean loss of the batch.
 fn all_reduce_grads(
     ring: &mut RingCollective,
     params: &[Tensor],
     buckets: &[std::ops::Range<usize>],
-    flat: &mut Vec<f32>,
+    staging: &mut Staging,
     loss_sum: f64,
     batch_len: u64,
 ) -> Result<f64, TrainError> {
@@ -372,17 +408,13 @@ fn all_reduce_grads(
     for (b, range) in buckets.iter().enumerate() {
         let last = b + 1 == buckets.len();
         let len = bucket_len(&params[range.clone()]);
-        flat.clear();
-        flat.resize(len + usize::from(last), 0.0);
         let mut off = 0;
         for p in &params[range.clone()] {
             let k = p.numel();
-            p.grad()
-                .view([-1])
-                .to_device(Device::Cpu)
-                .copy_data(&mut flat[off..off + k], k);
+            staging.view(off, k).f_copy_(&p.grad().view([-1]))?;
             off += k;
         }
+        let flat = staging.slice(len + usize::from(last));
         if last {
             flat[len] = loss_sum as f32;
         }
@@ -390,19 +422,14 @@ fn all_reduce_grads(
         if last {
             total_loss = f64::from(flat[len]) * scale;
         }
+        let _ = staging.view(0, len).f_mul_scalar_(scale)?;
         let mut off = 0;
-        tch::no_grad(|| -> Result<(), TrainError> {
-            for p in &params[range.clone()] {
-                let k = p.numel();
-                let reduced = Tensor::from_slice(&flat[off..off + k])
-                    .view(p.size().as_slice())
-                    .to_device(p.device())
-                    * scale;
-                p.grad().f_copy_(&reduced)?;
-                off += k;
-            }
-            Ok(())
-        })?;
+        for p in &params[range.clone()] {
+            let k = p.numel();
+            let reduced = staging.view(off, k).view(p.size().as_slice());
+            p.grad().f_copy_(&reduced)?;
+            off += k;
+        }
     }
     Ok(total_loss)
 }
