@@ -1,7 +1,10 @@
 //! Ringmaster's shared domain: ids, the validated job spec, the state store
 //! (trait, key layout and backends), dataset manifests and the pure shard plan,
-//! and telemetry set-up. Nothing here knows about gRPC or libtorch.
+//! checkpoint files and retention, and telemetry set-up. Nothing here knows
+//! about libtorch or Ringmaster's own protocol (the etcd backend speaks
+//! etcd's gRPC through `etcd-client`).
 
+pub mod checkpoint;
 pub mod dataset;
 pub mod ids;
 pub mod jobspec;
