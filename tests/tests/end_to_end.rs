@@ -131,14 +131,20 @@ acc = (logits.argmax(-1) == y).float().mean().item()
 print(json.dumps({"shapes": {k: list(v.shape) for k, v in w.items()}, "accuracy": acc}))
 "#;
     let mut cmd = std::process::Command::new(&python);
-    cmd.arg("-c").arg(script).arg(out_dir.join("model.safetensors")).arg(data.join("val"));
+    cmd.arg("-c")
+        .arg(script)
+        .arg(out_dir.join("model.safetensors"))
+        .arg(data.join("val"));
     let py = ringmaster_tests::run_with_timeout(cmd, Duration::from_secs(120));
     assert_eq!(py.code, 0, "python failed: {}", py.stderr);
     let py = py.json();
     assert_eq!(py["shapes"]["fc0.weight"], serde_json::json!([64, 64]));
     assert_eq!(py["shapes"]["out.weight"], serde_json::json!([10, 64]));
     let py_acc = py["accuracy"].as_f64().unwrap();
-    assert!((py_acc - acc).abs() < 1e-6, "python accuracy {py_acc} vs reported {acc}");
+    assert!(
+        (py_acc - acc).abs() < 1e-6,
+        "python accuracy {py_acc} vs reported {acc}"
+    );
 
     let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics

@@ -70,7 +70,11 @@ impl Optimizer {
                                     buf
                                 }
                             };
-                            g = if nesterov { g + &buf * momentum } else { buf.shallow_clone() };
+                            g = if nesterov {
+                                g + &buf * momentum
+                            } else {
+                                buf.shallow_clone()
+                            };
                             self.first[i] = Some(buf);
                         }
                         let mut p = p.shallow_clone();

@@ -276,8 +276,14 @@ pub fn train(
             loss.double_value(&[])
         };
 
-        let total_loss =
-            all_reduce_grads(&mut ring, &params, &buckets, &mut staging, loss_sum, batch_len)?;
+        let total_loss = all_reduce_grads(
+            &mut ring,
+            &params,
+            &buckets,
+            &mut staging,
+            loss_sum,
+            batch_len,
+        )?;
         optimizer.step(&params)?;
 
         window_loss += total_loss * batch_len as f64;
