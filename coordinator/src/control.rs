@@ -260,7 +260,7 @@ impl Cluster {
                 let _ = reply.send(Ok((id, self.cfg.heartbeat_interval)));
                 self.schedule().await;
             }
-            Msg::FromWorker(id, kind) => self.from_worker(id, kind).await,
+            Msg::FromWorker(id, kind) => self.on_worker_message(id, kind).await,
             Msg::Disconnected(id, reason) => {
                 if let Some(w) = self.workers.remove(&id) {
                     info!(worker = %id, name = %w.info.name, "worker left: {reason}");
@@ -401,7 +401,7 @@ impl Cluster {
         self.job(id.as_str()).map(Job::view)
     }
 
-    async fn from_worker(&mut self, id: WorkerId, kind: worker_message::Kind) {
+    async fn on_worker_message(&mut self, id: WorkerId, kind: worker_message::Kind) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };

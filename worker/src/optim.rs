@@ -57,7 +57,7 @@ impl Optimizer {
                     OptimizerSpec::Sgd { momentum, nesterov } => {
                         let mut g = grad;
                         if self.weight_decay != 0.0 {
-                            g = g + p * self.weight_decay;
+                            g = g.f_add(&(p * self.weight_decay))?;
                         }
                         if momentum != 0.0 {
                             // In place: the buffer is updated without a new
@@ -89,7 +89,7 @@ impl Optimizer {
                             if decoupled {
                                 let _ = p.f_mul_scalar_(1.0 - self.lr * self.weight_decay)?;
                             } else {
-                                g = g + &p * self.weight_decay;
+                                g = g.f_add(&(&p * self.weight_decay))?;
                             }
                         }
                         let mut m = match self.first[i].take() {
