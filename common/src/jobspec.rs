@@ -45,6 +45,8 @@ pub struct JobSpec {
     pub train: TrainSpec,
     pub workers: WorkersSpec,
     pub output: OutputSpec,
+    /// Always present: the defaults when the file has no `[checkpoint]` table.
+    pub checkpoint: CheckpointSpec,
 }
 
 /// The built-in models.
@@ -86,6 +88,9 @@ pub struct TrainSpec {
     pub weight_decay: f64,
     /// Evaluate on the validation set every this many steps (and at the end).
     pub eval_every_steps: Option<u64>,
+    /// Rank 0 appends a line to `metrics.jsonl` every this many steps, with
+    /// the loss averaged over the window.
+    pub log_every_steps: u64,
 }
 
 /// How long a job trains.
@@ -123,6 +128,45 @@ pub struct OutputSpec {
     /// Absolute directory where rank 0 writes `model.safetensors` and `metrics.jsonl`.
     pub dir: PathBuf,
 }
+
+/// When and where rank 0 saves checkpoints, and which it keeps. With no
+/// `every_*` trigger set, none are written during training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointSpec {
+    /// Absolute directory; defaults to `<output.dir>/checkpoints`.
+    pub dir: PathBuf,
+    pub every_steps: Option<u64>,
+    pub every_seconds: Option<u64>,
+    /// Keep only the newest this many (besides the `keep_best` ones).
+    pub keep_last: Option<u32>,
+    pub keep_best: Option<KeepBestSpec>,
+    /// Write in the background while training continues (`async` in the file).
+    pub asynchronous: bool,
+}
+
+/// Keep the `count` checkpoints with the best value of `metric`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeepBestSpec {
+    /// One of [`REPORTED_METRICS`].
+    pub metric: String,
+    pub mode: MetricMode,
+    pub count: u32,
+}
+
+/// Whether a smaller or a larger metric is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricMode {
+    Min,
+    Max,
+}
+
+/// The metrics the trainer reports, hence the ones `keep_best` can rank by.
+/// The `val_*` ones need `data.validation`.
+pub const REPORTED_METRICS: [&str; 3] = ["loss", "val_loss", "val_accuracy"];
+
+/// Default of `train.log_every_steps`.
+pub const DEFAULT_LOG_EVERY_STEPS: u64 = 10;
 
 /// A place in a job file: 1-based line and column, the column counted in
 /// characters. Displays as `file:line:col`.
@@ -288,6 +332,7 @@ impl JobSpec {
             rules::eval_every_steps(saturate(every))?;
             rules::eval_needs_validation(self.data.validation.is_some())?;
         }
+        rules::log_every_steps(saturate(train.log_every_steps))?;
         match train.optimizer {
             Optimizer::Sgd { momentum, nesterov } => {
                 rules::momentum(momentum)?;
@@ -304,7 +349,25 @@ impl JobSpec {
         rules::workers_min(min)?;
         rules::workers_max(max)?;
         rules::workers_order(min, max)?;
-        rules::batch_split(i64::from(train.global_batch), min, max)
+        rules::batch_split(i64::from(train.global_batch), min, max)?;
+
+        let checkpoint = &self.checkpoint;
+        absolute("checkpoint.dir", &checkpoint.dir)?;
+        if let Some(every) = checkpoint.every_steps {
+            rules::checkpoint_every_steps(saturate(every))?;
+        }
+        if let Some(every) = checkpoint.every_seconds {
+            rules::checkpoint_every_seconds(saturate(every))?;
+        }
+        if let Some(keep) = checkpoint.keep_last {
+            rules::keep_last(i64::from(keep))?;
+        }
+        if let Some(best) = &checkpoint.keep_best {
+            rules::keep_best_metric(&best.metric)?;
+            rules::keep_best_needs_validation(&best.metric, self.data.validation.is_some())?;
+            rules::keep_best_count(i64::from(best.count))?;
+        }
+        Ok(())
     }
 
     /// Optimizer steps in one epoch over `train_samples` samples: every sample

@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use ringmaster_common::jobspec::{
-    Activation, DataSpec, DeviceKind, Duration, JobSpec, ModelSpec, Optimizer, SpanField, SpecError,
+    Activation, CheckpointSpec, DataSpec, DeviceKind, Duration, JobSpec, KeepBestSpec, MetricMode,
+    ModelSpec, Optimizer, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -81,13 +82,13 @@ fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("seed = 1", "seed = 1\nepoch = 3")]),
         "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `model`, `data`, \
-         `train`, `workers`, `output`",
+         `train`, `workers`, `output`, `checkpoint`",
     );
     check_err(
         &edit(&[("steps = 10", "steps = 10\nlr = 0.1")]),
         "job.toml:12:1: unknown field `lr`, expected one of `batch_size`, `epochs`, `steps`, \
          `optimizer`, `learning_rate`, `momentum`, `nesterov`, `betas`, `eps`, `weight_decay`, \
-         `eval_every_steps`",
+         `eval_every_steps`, `log_every_steps`",
     );
     check_err(
         &edit(&[("max = 4", "max = 4\ngpus = 2")]),
@@ -96,7 +97,7 @@ fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
         "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `model`, \
-         `data`, `train`, `workers`, `output`",
+         `data`, `train`, `workers`, `output`, `checkpoint`",
     );
 }
 
@@ -308,6 +309,150 @@ fn value_ranges() {
     );
 }
 
+/// `BASE` with a `[checkpoint]` table holding `body` appended: the table is
+/// line 19, `body` starts on line 20.
+fn with_checkpoint(body: &str) -> String {
+    edit(&[(
+        "dir = \"out\"\n",
+        &format!("dir = \"out\"\n[checkpoint]\n{body}\n"),
+    )])
+}
+
+#[test]
+fn checkpoint_errors() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "every_step = 100",
+            "job.toml:20:1: unknown field `every_step`, expected one of `dir`, `every_steps`, \
+             `every_seconds`, `keep_last`, `keep_best`, `async`",
+        ),
+        (
+            "keep_best = { metric = \"val_loss\", mode = \"min\", top = 2 }",
+            "job.toml:20:50: unknown field `top`, expected one of `metric`, `mode`, `count`",
+        ),
+        (
+            "keep_best = { metric = \"val_loss\", mode = \"lowest\" }",
+            "job.toml:20:43: unknown variant `lowest`, expected `min` or `max`",
+        ),
+        (
+            "keep_best = { mode = \"max\" }",
+            "job.toml:20:13: missing field `metric`",
+        ),
+        (
+            "every_steps = 0",
+            "job.toml:20:15: checkpoint.every_steps must be at least 1, got 0",
+        ),
+        (
+            "every_seconds = -5",
+            "job.toml:20:17: checkpoint.every_seconds must be at least 1, got -5",
+        ),
+        (
+            "keep_last = 0",
+            "job.toml:20:13: checkpoint.keep_last must be at least 1, got 0",
+        ),
+        (
+            "keep_last = 5_000_000_000",
+            "job.toml:20:13: checkpoint.keep_last must be at most 4294967295, got 5000000000",
+        ),
+        (
+            "keep_best = { metric = \"val_loss\", mode = \"min\", count = 0 }",
+            "job.toml:20:58: checkpoint.keep_best.count must be at least 1, got 0",
+        ),
+        (
+            "keep_best = { metric = \"val_f1\", mode = \"max\" }",
+            "job.toml:20:24: checkpoint.keep_best.metric \"val_f1\" is not reported by the \
+             trainer, expected one of `loss`, `val_loss`, `val_accuracy`",
+        ),
+        (
+            "keep_best = { metric = \"Val-Acc\", mode = \"max\" }",
+            "job.toml:20:24: checkpoint.keep_best.metric \"Val-Acc\" must be 1 or more \
+             characters of a-z, 0-9 and '_'",
+        ),
+        (
+            "keep_best = { metric = \"\", mode = \"max\" }",
+            "job.toml:20:24: checkpoint.keep_best.metric \"\" must be 1 or more characters of \
+             a-z, 0-9 and '_'",
+        ),
+        (
+            "dir = \"\"",
+            "job.toml:20:7: checkpoint.dir must not be empty",
+        ),
+        (
+            "async = \"yes\"",
+            "job.toml:20:9: invalid type: string \"yes\", expected a boolean",
+        ),
+    ];
+    for (body, expected) in cases {
+        check_err(&with_checkpoint(body), expected);
+    }
+
+    // A validation metric needs a validation set; `loss` does not.
+    let no_validation =
+        |body: &str| with_checkpoint(body).replace("validation = \"data/val\"\n", "");
+    check_err(
+        &no_validation("keep_best = { metric = \"val_accuracy\", mode = \"max\" }"),
+        "job.toml:19:24: checkpoint.keep_best.metric \"val_accuracy\" needs data.validation",
+    );
+    let spec = parse(&no_validation(
+        "keep_best = { metric = \"loss\", mode = \"min\" }",
+    ));
+    assert_eq!(
+        spec.checkpoint.keep_best,
+        Some(KeepBestSpec {
+            metric: "loss".into(),
+            mode: MetricMode::Min,
+            count: 1
+        })
+    );
+
+    check_err(
+        &edit(&[("steps = 10", "steps = 10\nlog_every_steps = 0")]),
+        "job.toml:12:19: train.log_every_steps must be at least 1, got 0",
+    );
+    // Not a table at all.
+    check_err(
+        &edit(&[("seed = 1", "seed = 1\ncheckpoint = 5")]),
+        "job.toml:3:14: invalid type: integer `5`, expected a [checkpoint] table",
+    );
+}
+
+#[test]
+fn full_checkpoint_table() {
+    let spec = parse(&with_checkpoint(
+        "dir = \"../ckpt/./tiny\"\nevery_steps = 100\nevery_seconds = 600\nkeep_last = 3\n\
+         keep_best = { metric = \"val_accuracy\", mode = \"max\", count = 2 }\nasync = false",
+    ));
+    assert_eq!(
+        spec.checkpoint,
+        CheckpointSpec {
+            dir: PathBuf::from("/jobs/ckpt/tiny"),
+            every_steps: Some(100),
+            every_seconds: Some(600),
+            keep_last: Some(3),
+            keep_best: Some(KeepBestSpec {
+                metric: "val_accuracy".into(),
+                mode: MetricMode::Max,
+                count: 2
+            }),
+            asynchronous: false,
+        }
+    );
+    assert_eq!(spec.check(), Ok(()));
+    let back: JobSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+    assert_eq!(back, spec);
+
+    // A [checkpoint.keep_best] sub-table works too, and an absolute dir is kept.
+    let spec = parse(&with_checkpoint(
+        "dir = \"/var/ckpt\"\n[checkpoint.keep_best]\nmetric = \"val_loss\"\nmode = \"min\"",
+    ));
+    assert_eq!(spec.checkpoint.dir, PathBuf::from("/var/ckpt"));
+    assert_eq!(spec.checkpoint.keep_best.unwrap().mode, MetricMode::Min);
+    assert!(spec.checkpoint.asynchronous);
+
+    let spec = parse(&edit(&[("steps = 10", "steps = 10\nlog_every_steps = 1")]));
+    assert_eq!(spec.train.log_every_steps, 1);
+}
+
 #[test]
 fn bad_names() {
     check_err(
@@ -417,6 +562,23 @@ output = { dir = "o" }
     assert_eq!(spec.train.learning_rate, 1.0);
     assert_eq!(spec.train.weight_decay, 0.0);
     assert_eq!(spec.train.eval_every_steps, None);
+    assert_eq!(spec.train.log_every_steps, 10);
+    // No [checkpoint] table: under the output directory, written in the
+    // background, no trigger and nothing pruned.
+    assert_eq!(
+        spec.checkpoint,
+        CheckpointSpec {
+            dir: PathBuf::from("/jobs/team/o/checkpoints"),
+            every_steps: None,
+            every_seconds: None,
+            keep_last: None,
+            keep_best: None,
+            asynchronous: true,
+        }
+    );
+    // An empty table is the same as none.
+    let empty = parse(&format!("{source}[checkpoint]\n"));
+    assert_eq!(empty.checkpoint, spec.checkpoint);
     assert_eq!(
         spec.train.optimizer,
         Optimizer::Sgd {
@@ -572,6 +734,35 @@ fn examples_parse() {
     );
     assert_eq!(sgd.data, digits.data);
 
+    assert_eq!(digits.train.log_every_steps, 10);
+    assert_eq!(
+        digits.checkpoint.dir,
+        root.join("run/out/digits-mlp/checkpoints")
+    );
+    assert_eq!(digits.checkpoint.every_steps, None);
+
+    let ckpt = example("digits-mlp-checkpoint.toml");
+    assert_eq!(ckpt.check(), Ok(()));
+    assert_eq!(ckpt.name, "digits-mlp-checkpoint");
+    assert_eq!(ckpt.data, digits.data);
+    let ModelSpec::Mlp { dropout, .. } = &ckpt.model;
+    assert_eq!(*dropout, 0.1);
+    assert_eq!(
+        ckpt.checkpoint,
+        CheckpointSpec {
+            dir: root.join("run/out/digits-mlp-checkpoint/checkpoints"),
+            every_steps: Some(100),
+            every_seconds: None,
+            keep_last: Some(2),
+            keep_best: Some(KeepBestSpec {
+                metric: "val_accuracy".into(),
+                mode: MetricMode::Max,
+                count: 1
+            }),
+            asynchronous: true,
+        }
+    );
+
     let synthetic = example("synthetic-mlp.toml");
     assert_eq!(synthetic.check(), Ok(()));
     assert_eq!(synthetic.data.train, root.join("run/data/synthetic/train"));
@@ -588,6 +779,7 @@ fn json_round_trip_and_recheck() {
     for name in [
         "digits-mlp.toml",
         "digits-mlp-sgd.toml",
+        "digits-mlp-checkpoint.toml",
         "synthetic-mlp.toml",
     ] {
         let spec = example(name);
@@ -666,5 +858,48 @@ fn check_refuses_what_the_parser_refuses() {
             s.train.eval_every_steps = Some(5);
         }),
         "train.eval_every_steps needs data.validation"
+    );
+    assert_eq!(
+        check(&|s| s.train.log_every_steps = 0),
+        "train.log_every_steps must be at least 1, got 0"
+    );
+    assert_eq!(
+        check(&|s| s.checkpoint.dir = PathBuf::from("ckpt")),
+        "checkpoint.dir must be an absolute path, got \"ckpt\""
+    );
+    assert_eq!(
+        check(&|s| s.checkpoint.every_steps = Some(0)),
+        "checkpoint.every_steps must be at least 1, got 0"
+    );
+    assert_eq!(
+        check(&|s| s.checkpoint.every_seconds = Some(0)),
+        "checkpoint.every_seconds must be at least 1, got 0"
+    );
+    assert_eq!(
+        check(&|s| s.checkpoint.keep_last = Some(0)),
+        "checkpoint.keep_last must be at least 1, got 0"
+    );
+    let best = |metric: &str, count| {
+        Some(KeepBestSpec {
+            metric: metric.into(),
+            mode: MetricMode::Max,
+            count,
+        })
+    };
+    assert_eq!(
+        check(&|s| s.checkpoint.keep_best = best("val_accuracy", 0)),
+        "checkpoint.keep_best.count must be at least 1, got 0"
+    );
+    assert_eq!(
+        check(&|s| s.checkpoint.keep_best = best("accuracy", 1)),
+        "checkpoint.keep_best.metric \"accuracy\" is not reported by the trainer, expected one \
+         of `loss`, `val_loss`, `val_accuracy`"
+    );
+    assert_eq!(
+        check(&|s| {
+            s.data.validation = None;
+            s.checkpoint.keep_best = best("val_loss", 1);
+        }),
+        "checkpoint.keep_best.metric \"val_loss\" needs data.validation"
     );
 }

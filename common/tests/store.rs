@@ -956,6 +956,7 @@ fn job_record_round_trips_with_the_example_spec() {
     let id = job("digits-mlp-1");
     let key = keys::job_spec(&id).unwrap();
     let record = records::JobRecord {
+        resume_from: None,
         id,
         spec,
         submitted_at_ms: 7,

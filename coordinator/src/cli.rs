@@ -72,6 +72,10 @@ pub enum Command {
         /// Validate (job file and datasets) and print the job, submit nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Start from this checkpoint directory (`<dir>/<job>/step-<N>`) instead
+        /// of a fresh initialisation: a fork. The worker count may differ.
+        #[arg(long)]
+        resume_from: Option<PathBuf>,
     },
     /// Show one job.
     ///
@@ -85,12 +89,43 @@ pub enum Command {
     ///   coordinator list --output json
     #[command(verbatim_doc_comment)]
     List,
-    /// Cancel a queued or running job.
+    /// Cancel a queued or running job. A running job first takes a final
+    /// checkpoint at its next step boundary (unless --now), so it can be resumed.
+    ///
+    /// Examples:
+    ///   coordinator cancel digits-mlp-1
+    ///   coordinator cancel digits-mlp-1 --now
+    #[command(verbatim_doc_comment)]
+    Cancel {
+        job: String,
+        /// Stop at once, without a final checkpoint.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Continue a failed or cancelled job from its latest committed checkpoint
+    /// (falling back to an older one if the newest does not verify).
     ///
     /// Example:
-    ///   coordinator cancel digits-mlp-1
+    ///   coordinator resume digits-mlp-1 --follow
     #[command(verbatim_doc_comment)]
-    Cancel { job: String },
+    Resume {
+        job: String,
+        /// Show progress until the job ends; exit 0 only if it succeeded.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Ask a running job for a checkpoint at its next step boundary.
+    ///
+    /// Example:
+    ///   coordinator checkpoint digits-mlp-1
+    #[command(verbatim_doc_comment)]
+    Checkpoint { job: String },
+    /// List a job's checkpoints: step, metrics, size, committed.
+    ///
+    /// Example:
+    ///   coordinator checkpoints digits-mlp-1 --output json
+    #[command(verbatim_doc_comment)]
+    Checkpoints { job: String },
     /// List connected workers.
     ///
     /// Example:
@@ -126,6 +161,9 @@ pub struct ServeArgs {
     /// Workers report progress every this many steps.
     #[arg(long, default_value_t = 10)]
     pub progress_every_steps: u64,
+    /// Seconds a cancelled job may take to write its final checkpoint.
+    #[arg(long, default_value_t = 60)]
+    pub stop_grace_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -207,10 +245,30 @@ pub async fn run(cli: Cli) -> i32 {
             job,
             follow,
             dry_run,
-        } => submit(&cli.coordinator, cli.output, &job, follow, dry_run).await,
+            resume_from,
+        } => {
+            submit(
+                &cli.coordinator,
+                cli.output,
+                &job,
+                follow,
+                dry_run,
+                resume_from.as_deref(),
+            )
+            .await
+        }
         Command::Status { job } => status(&cli.coordinator, cli.output, &job).await.map(|()| 0),
         Command::List => list(&cli.coordinator, cli.output).await.map(|()| 0),
-        Command::Cancel { job } => cancel(&cli.coordinator, cli.output, &job).await.map(|()| 0),
+        Command::Cancel { job, now } => cancel(&cli.coordinator, cli.output, &job, now)
+            .await
+            .map(|()| 0),
+        Command::Resume { job, follow } => resume(&cli.coordinator, cli.output, &job, follow).await,
+        Command::Checkpoint { job } => checkpoint_now(&cli.coordinator, cli.output, &job)
+            .await
+            .map(|()| 0),
+        Command::Checkpoints { job } => checkpoints(&cli.coordinator, cli.output, &job)
+            .await
+            .map(|()| 0),
         Command::Workers => workers(&cli.coordinator, cli.output).await.map(|()| 0),
         Command::Dataset(cmd) => dataset_cmd(cmd, cli.output).map(|()| 0),
     };
@@ -233,6 +291,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(10)),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms.max(20)),
         progress_every_steps: args.progress_every_steps.max(1),
+        stop_grace: Duration::from_secs(args.stop_grace_secs),
     };
     let control = control::start(Arc::new(store), cfg)
         .await
@@ -319,8 +378,20 @@ async fn submit(
     path: &Path,
     follow: bool,
     dry_run: bool,
+    resume_from: Option<&Path>,
 ) -> anyhow::Result<i32> {
     let spec = load_job(path)?;
+    let resume_from = match resume_from {
+        Some(dir) => {
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("failed to resolve {}", dir.display()))?;
+            ringmaster_common::checkpoint::verify_checkpoint(&dir).with_context(|| {
+                format!("--resume-from {} is not a valid checkpoint", dir.display())
+            })?;
+            dir.display().to_string()
+        }
+        None => String::new(),
+    };
     if dry_run {
         match output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&spec)?),
@@ -330,7 +401,10 @@ async fn submit(
     }
     let mut client = client(url).await?;
     let id = client
-        .submit(pb::SubmitRequest::from(&spec))
+        .submit(pb::SubmitRequest {
+            resume_from,
+            ..pb::SubmitRequest::from(&spec)
+        })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))
         .context("the coordinator refused the job")?
@@ -439,6 +513,9 @@ fn print_summary(s: &pb::JobStatus) {
     if !s.reason.is_empty() {
         println!("reason: {}", s.reason);
     }
+    for e in &s.events {
+        println!("event: {e}");
+    }
 }
 
 /// The JSON form of a job's status (`--output json`).
@@ -456,6 +533,7 @@ pub fn job_json(s: &pb::JobStatus) -> serde_json::Value {
         "members": s.members,
         "submitted_at_ms": s.submitted_at_ms,
         "updated_at_ms": s.updated_at_ms,
+        "events": s.events,
     })
 }
 
@@ -519,16 +597,108 @@ async fn list(url: &str, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cancel(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
+async fn cancel(url: &str, output: Output, id: &str, now: bool) -> anyhow::Result<()> {
     let s = client(url)
         .await?
-        .cancel_job(pb::CancelJobRequest { job_id: id.into() })
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.into(),
+            now,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&s))?),
-        Output::Text => println!("{} {}", s.job_id, s.state),
+        Output::Text => match s.events.last() {
+            Some(e) if s.state == "running" => println!("{} {}: {e}", s.job_id, s.state),
+            _ => println!("{} {}", s.job_id, s.state),
+        },
+    }
+    Ok(())
+}
+
+async fn resume(url: &str, output: Output, id: &str, follow: bool) -> anyhow::Result<i32> {
+    let mut client = client(url).await?;
+    let s = client
+        .resume_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    if !follow {
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&s))?),
+            Output::Text => println!("{} {}", s.job_id, s.state),
+        }
+        return Ok(0);
+    }
+    let last = follow_job(&mut client, id, output == Output::Text).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&last))?),
+        Output::Text => print_summary(&last),
+    }
+    Ok(if last.state == "succeeded" { 0 } else { 1 })
+}
+
+async fn checkpoint_now(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
+    let s = client(url)
+        .await?
+        .request_checkpoint(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&s))?),
+        Output::Text => println!("{}: checkpoint requested at step {}", s.job_id, s.step),
+    }
+    Ok(())
+}
+
+async fn checkpoints(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
+    let list = client(url)
+        .await?
+        .list_checkpoints(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .checkpoints;
+    match output {
+        Output::Json => {
+            let all: Vec<_> = list
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "step": c.step,
+                        "dir": c.dir,
+                        "bytes": c.bytes,
+                        "committed": c.committed,
+                        "metrics": c.metrics.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                        "created_at_ms": c.created_at_ms,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        Output::Text => {
+            println!(
+                "{:>10} {:>10} {:>12} {:>10}  DIR",
+                "STEP", "COMMITTED", "BYTES", "VAL_ACC"
+            );
+            for c in list {
+                let acc = c
+                    .metrics
+                    .get("val_accuracy")
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:>10} {:>10} {:>12} {:>10}  {}",
+                    c.step,
+                    if c.committed { "yes" } else { "no" },
+                    c.bytes,
+                    acc,
+                    c.dir
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -7,13 +7,20 @@
 //! and job-state changes alone.
 
 use crate::scheduler::{self, Demand, FreeWorker};
+use ringmaster_common::checkpoint::{
+    self as ckpt, CheckpointInfo, KeepBest, Mode, RetentionPolicy,
+};
 use ringmaster_common::ids::{JobId, WorkerId};
+use ringmaster_common::jobspec::MetricMode;
 use ringmaster_common::jobspec::{DeviceKind, JobSpec};
 use ringmaster_common::now_ms;
-use ringmaster_common::store::records::{self, JobRecord, JobState, JobStatusRecord};
+use ringmaster_common::store::records::{
+    self, CheckpointRecord, JobRecord, JobState, JobStatusRecord,
+};
 use ringmaster_common::store::{StateStore, StoreError, keys};
 use ringmaster_proto::pb::{self, CoordinatorMessage, coordinator_message, worker_message};
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,6 +36,12 @@ pub enum ControlError {
     JobFinished { id: String, state: &'static str },
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("job `{id}` is {state}: {what}")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        what: &'static str,
+    },
     #[error("state store: {0}")]
     Store(#[from] StoreError),
     #[error("invalid id: {0}")]
@@ -45,6 +58,9 @@ pub struct ControlConfig {
     pub heartbeat_timeout: Duration,
     /// Workers report progress every this many steps.
     pub progress_every_steps: u64,
+    /// How long a cancelled job may take to write its final checkpoint
+    /// before it is stopped without one.
+    pub stop_grace: Duration,
 }
 
 impl Default for ControlConfig {
@@ -53,6 +69,7 @@ impl Default for ControlConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             progress_every_steps: 10,
+            stop_grace: Duration::from_secs(60),
         }
     }
 }
@@ -63,10 +80,14 @@ pub type SessionTx = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
 /// Requests to the control loop.
 pub enum Msg {
-    Submit(JobSpec, Reply<JobId>),
+    Submit(JobSpec, Option<PathBuf>, Reply<JobId>),
     GetJob(String, Reply<pb::JobStatus>),
     ListJobs(Reply<Vec<pb::JobStatus>>),
-    Cancel(String, Reply<pb::JobStatus>),
+    /// Cancel a job; `true` stops at once without a final checkpoint.
+    Cancel(String, bool, Reply<pb::JobStatus>),
+    Resume(String, Reply<pb::JobStatus>),
+    RequestCheckpoint(String, Reply<pb::JobStatus>),
+    ListCheckpoints(String, Reply<Vec<pb::CheckpointInfo>>),
     ListWorkers(Reply<Vec<pb::WorkerInfo>>),
     Watch(String, Reply<watch::Receiver<pb::JobStatus>>),
     Register(pb::Register, SessionTx, Reply<(WorkerId, Duration)>),
@@ -105,6 +126,10 @@ struct Job {
     members: Vec<WorkerId>,
     /// Ranks that finished the current generation successfully.
     finished: BTreeSet<u32>,
+    /// Committed checkpoints by step, as recorded in the store.
+    checkpoints: BTreeMap<u64, CheckpointRecord>,
+    /// Set when a cancel asked the group to checkpoint and stop.
+    stopping: Option<Instant>,
 }
 
 impl Job {
@@ -156,6 +181,7 @@ impl Cluster {
     async fn load(&mut self) -> Result<(), ControlError> {
         let mut specs = BTreeMap::new();
         let mut statuses = BTreeMap::new();
+        let mut checkpoints: BTreeMap<JobId, BTreeMap<u64, CheckpointRecord>> = BTreeMap::new();
         for (key, v) in self.store.range(&keys::jobs_prefix()).await? {
             match keys::parse_job_key(&key) {
                 Some((id, keys::JobKeyKind::Spec)) => {
@@ -163,6 +189,10 @@ impl Cluster {
                 }
                 Some((id, keys::JobKeyKind::Status)) => {
                     statuses.insert(id, records::decode::<JobStatusRecord>(&key, &v.value)?);
+                }
+                Some((id, keys::JobKeyKind::Checkpoint(step))) => {
+                    let record = records::decode::<CheckpointRecord>(&key, &v.value)?;
+                    checkpoints.entry(id).or_default().insert(step, record);
                 }
                 _ => {}
             }
@@ -186,6 +216,7 @@ impl Cluster {
                 queued.push((record.submitted_at_ms, id.clone()));
             }
             let view = pb::JobStatus::from((&record, &status));
+            let job_checkpoints = checkpoints.remove(&id).unwrap_or_default();
             self.jobs.insert(
                 id,
                 Job {
@@ -194,6 +225,8 @@ impl Cluster {
                     watch: watch::channel(view).0,
                     members: Vec::new(),
                     finished: BTreeSet::new(),
+                    checkpoints: job_checkpoints,
+                    stopping: None,
                 },
             );
         }
@@ -223,8 +256,8 @@ impl Cluster {
 
     async fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Submit(spec, reply) => {
-                let r = self.submit(spec).await;
+            Msg::Submit(spec, resume_from, reply) => {
+                let r = self.submit(spec, resume_from).await;
                 let _ = reply.send(r);
                 self.schedule().await;
             }
@@ -234,9 +267,21 @@ impl Cluster {
             Msg::ListJobs(reply) => {
                 let _ = reply.send(Ok(self.jobs.values().map(Job::view).collect()));
             }
-            Msg::Cancel(id, reply) => {
-                let r = self.cancel(&id).await;
+            Msg::Cancel(id, now, reply) => {
+                let r = self.cancel(&id, now).await;
                 let _ = reply.send(r);
+            }
+            Msg::Resume(id, reply) => {
+                let r = self.resume(&id).await;
+                let _ = reply.send(r);
+                self.schedule().await;
+            }
+            Msg::RequestCheckpoint(id, reply) => {
+                let r = self.request_checkpoint(&id, false);
+                let _ = reply.send(r.and_then(|()| self.job(&id).map(Job::view)));
+            }
+            Msg::ListCheckpoints(id, reply) => {
+                let _ = reply.send(self.list_checkpoints(&id));
             }
             Msg::ListWorkers(reply) => {
                 let _ = reply.send(Ok(self.worker_views()));
@@ -280,7 +325,11 @@ impl Cluster {
             .ok_or_else(|| ControlError::JobNotFound(id.to_string()))
     }
 
-    async fn submit(&mut self, spec: JobSpec) -> Result<JobId, ControlError> {
+    async fn submit(
+        &mut self,
+        spec: JobSpec,
+        resume_from: Option<PathBuf>,
+    ) -> Result<JobId, ControlError> {
         spec.check().map_err(ControlError::Invalid)?;
         // The sequence lives in the store so ids stay unique across restarts.
         let seq_key = keys::job_seq();
@@ -297,6 +346,7 @@ impl Cluster {
             id: id.clone(),
             spec: spec.clone(),
             submitted_at_ms: now_ms(),
+            resume_from,
         };
         let status = JobStatusRecord {
             state: JobState::Queued,
@@ -308,6 +358,7 @@ impl Cluster {
             reason: None,
             output_dir: spec.output.dir.display().to_string(),
             updated_at_ms: now_ms(),
+            events: Vec::new(),
         };
         let key = keys::job_spec(&id)?;
         self.store
@@ -324,6 +375,8 @@ impl Cluster {
                 watch: watch::channel(view).0,
                 members: Vec::new(),
                 finished: BTreeSet::new(),
+                checkpoints: BTreeMap::new(),
+                stopping: None,
             },
         );
         self.queue.push(id.clone());
@@ -387,7 +440,7 @@ impl Cluster {
         }
     }
 
-    async fn cancel(&mut self, id: &str) -> Result<pb::JobStatus, ControlError> {
+    async fn cancel(&mut self, id: &str, now: bool) -> Result<pb::JobStatus, ControlError> {
         let job = self.job(id)?;
         if job.status.state.is_final() {
             return Err(ControlError::JobFinished {
@@ -396,9 +449,201 @@ impl Cluster {
             });
         }
         let id = job.record.id.clone();
-        self.finish(&id, JobState::Cancelled, Some("cancelled by user".into()))
-            .await;
+        if job.status.state == JobState::Running && !now {
+            // Stop at the next step boundary after a final checkpoint; the
+            // job becomes `cancelled` when every rank has stopped.
+            self.request_checkpoint(id.as_str(), true)?;
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.stopping = Some(Instant::now());
+                job.status
+                    .note("cancel requested: taking a final checkpoint");
+                job.watch.send_replace(job.view());
+            }
+        } else {
+            self.finish(&id, JobState::Cancelled, Some("cancelled by user".into()))
+                .await;
+        }
         self.job(id.as_str()).map(Job::view)
+    }
+
+    /// Asks a running job's ranks for a checkpoint at their next step
+    /// boundary (they agree on the step through their all-reduce).
+    fn request_checkpoint(&mut self, id: &str, stop: bool) -> Result<(), ControlError> {
+        let job = self.job(id)?;
+        if job.status.state != JobState::Running {
+            return Err(ControlError::WrongState {
+                id: id.to_string(),
+                state: job.status.state.as_str(),
+                what: "only a running job can checkpoint",
+            });
+        }
+        let request = pb::CheckpointRequest {
+            job_id: id.to_string(),
+            generation: job.status.generation,
+            stop,
+        };
+        for w in &job.members {
+            if let Some(worker) = self.workers.get(w) {
+                let _ = worker.tx.try_send(Ok(CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Checkpoint(request.clone())),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a failed or cancelled job again; its next generation starts
+    /// from the newest committed checkpoint that verifies.
+    async fn resume(&mut self, id: &str) -> Result<pb::JobStatus, ControlError> {
+        let job = self.job(id)?;
+        if !matches!(job.status.state, JobState::Failed | JobState::Cancelled) {
+            return Err(ControlError::WrongState {
+                id: id.to_string(),
+                state: job.status.state.as_str(),
+                what: "only a failed or cancelled job can be resumed",
+            });
+        }
+        if job.checkpoints.is_empty() && job.record.resume_from.is_none() {
+            return Err(ControlError::Invalid(format!(
+                "job `{id}` has no committed checkpoint to resume from"
+            )));
+        }
+        let id = job.record.id.clone();
+        let mut status = job.status.clone();
+        status.state = JobState::Queued;
+        status.reason = None;
+        status.note(match job.checkpoints.keys().next_back() {
+            Some(step) => format!("resume requested from the checkpoint at step {step}"),
+            None => "resume requested from the fork point".to_string(),
+        });
+        status.updated_at_ms = now_ms();
+        self.persist_status(&id, &status).await?;
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.status = status;
+            job.stopping = None;
+            job.watch.send_replace(job.view());
+        }
+        self.queue.push(id.clone());
+        self.job(id.as_str()).map(Job::view)
+    }
+
+    fn list_checkpoints(&self, id: &str) -> Result<Vec<pb::CheckpointInfo>, ControlError> {
+        let job = self.job(id)?;
+        let mut out: BTreeMap<u64, pb::CheckpointInfo> = job
+            .checkpoints
+            .iter()
+            .map(|(step, c)| (*step, pb::CheckpointInfo::from(c)))
+            .collect();
+        // Directories on disk that were never committed (an interrupted
+        // write, or one whose commit is in flight) are listed as such.
+        if let Ok(entries) = ckpt::list_checkpoints(&job.record.spec.checkpoint.dir, id) {
+            for e in entries {
+                out.entry(e.step).or_insert_with(|| pb::CheckpointInfo {
+                    step: e.step,
+                    dir: e.dir.display().to_string(),
+                    bytes: e.bytes,
+                    committed: false,
+                    metrics: Default::default(),
+                    created_at_ms: 0,
+                });
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Phase two of a checkpoint: the files are complete on disk (phase one,
+    /// by rank 0); recording them in the store commits them. Retention runs
+    /// after, deleting store records before files so that a committed
+    /// record never points at missing files for long.
+    async fn commit_checkpoint(&mut self, id: &JobId, generation: u64, r: pb::CheckpointReport) {
+        let record = CheckpointRecord {
+            step: r.step,
+            dir: PathBuf::from(&r.dir),
+            bytes: r.bytes,
+            committed: true,
+            generation,
+            metrics: r.metrics.into_iter().collect(),
+            created_at_ms: now_ms(),
+        };
+        let key = match keys::job_checkpoint(id, r.step) {
+            Ok(k) => k,
+            Err(e) => return warn!(job = %id, "bad checkpoint key: {e}"),
+        };
+        let written = match records::encode(&key, &record) {
+            Ok(bytes) => self.store.put(&key, bytes).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(job = %id, step = r.step, "could not commit the checkpoint: {e}");
+            return;
+        }
+        info!(job = %id, step = r.step, bytes = r.bytes, "checkpoint committed");
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.checkpoints.insert(r.step, record);
+        for (k, v) in [
+            ("checkpoint_write_seconds", r.write_seconds),
+            ("checkpoint_blocked_seconds", r.blocked_seconds),
+        ] {
+            job.status.metrics.insert(k.to_string(), v);
+        }
+        let spec = &job.record.spec.checkpoint;
+        let policy = RetentionPolicy {
+            keep_last: spec.keep_last,
+            keep_best: spec.keep_best.as_ref().map(|b| KeepBest {
+                metric: b.metric.clone(),
+                mode: match b.mode {
+                    MetricMode::Min => Mode::Min,
+                    MetricMode::Max => Mode::Max,
+                },
+                count: b.count,
+            }),
+        };
+        let infos: Vec<CheckpointInfo> = job
+            .checkpoints
+            .values()
+            .map(|c| CheckpointInfo {
+                step: c.step,
+                committed: c.committed,
+                metrics: c.metrics.clone(),
+            })
+            .collect();
+        let plan = ckpt::plan_retention(&policy, &infos);
+        let root = spec.dir.clone();
+        for step in &plan.delete {
+            if let Ok(key) = keys::job_checkpoint(id, *step)
+                && let Err(e) = self.store.delete(&key).await
+            {
+                warn!(job = %id, step, "could not drop the checkpoint record: {e}");
+                return;
+            }
+            if let Some(job) = self.jobs.get_mut(id) {
+                job.checkpoints.remove(step);
+            }
+        }
+        // File removal is idempotent and also sweeps leftovers of crashed
+        // writes; it runs off the control loop.
+        let job_id = id.to_string();
+        let delete = plan.delete;
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = ckpt::gc(&root, &job_id, &delete) {
+                warn!(job = %job_id, "checkpoint gc: {e}");
+            }
+        });
+    }
+
+    async fn note(&mut self, id: &JobId, text: String) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        info!(job = %id, "{text}");
+        job.status.note(text);
+        job.watch.send_replace(job.view());
+        let status = job.status.clone();
+        if let Err(e) = self.persist_status(id, &status).await {
+            warn!(job = %id, "could not persist an event: {e}");
+        }
     }
 
     async fn on_worker_message(&mut self, id: WorkerId, kind: worker_message::Kind) {
@@ -424,6 +669,28 @@ impl Cluster {
                     job.status.metrics = p.metrics.into_iter().collect();
                     job.status.updated_at_ms = now_ms();
                     job.watch.send_replace(job.view());
+                }
+            }
+            worker_message::Kind::Checkpoint(r) => {
+                let Some((job_id, generation, _)) = assignment else {
+                    return;
+                };
+                if r.job_id != job_id.0 || r.generation != generation {
+                    return; // fenced
+                }
+                if r.ok {
+                    self.commit_checkpoint(&job_id, generation, r).await;
+                } else {
+                    let text = format!("checkpoint at step {} failed: {}", r.step, r.error);
+                    self.note(&job_id, text).await;
+                }
+            }
+            worker_message::Kind::Note(n) => {
+                let Some((job_id, generation, _)) = assignment else {
+                    return;
+                };
+                if n.job_id == job_id.0 && n.generation == generation {
+                    self.note(&job_id, n.text).await;
                 }
             }
             worker_message::Kind::Ended(e) => {
@@ -484,11 +751,32 @@ impl Cluster {
             job.status.metrics = e.metrics.into_iter().collect();
         }
         if job.finished.len() == job.members.len() {
-            self.finish(id, JobState::Succeeded, None).await;
+            if e.stopped {
+                let reason = format!("cancelled by user at step {}", e.step);
+                self.finish(id, JobState::Cancelled, Some(reason)).await;
+            } else {
+                self.finish(id, JobState::Succeeded, None).await;
+            }
         }
     }
 
     async fn check_heartbeats(&mut self) {
+        let grace = self.cfg.stop_grace;
+        let overdue: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                !j.status.state.is_final() && j.stopping.is_some_and(|t| t.elapsed() > grace)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in overdue {
+            let reason = format!(
+                "cancelled by user (stopped without a final checkpoint: no stop within {} s)",
+                grace.as_secs()
+            );
+            self.finish(&id, JobState::Cancelled, Some(reason)).await;
+        }
         let timeout = self.cfg.heartbeat_timeout;
         let silent: Vec<WorkerId> = self
             .workers
@@ -591,6 +879,19 @@ impl Cluster {
         job.finished.clear();
         job.watch.send_replace(job.view());
         let spec_json = ringmaster_proto::spec_to_json(&job.record.spec);
+        let resume_candidates: Vec<String> = if job.checkpoints.is_empty() {
+            job.record
+                .resume_from
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect()
+        } else {
+            job.checkpoints
+                .values()
+                .rev()
+                .map(|c| c.dir.display().to_string())
+                .collect()
+        };
         self.queue.retain(|q| q != id);
         let peers: Vec<String> = members
             .iter()
@@ -615,6 +916,7 @@ impl Cluster {
                     peers: peers.clone(),
                     spec_json: spec_json.clone(),
                     progress_every_steps: self.cfg.progress_every_steps,
+                    resume_candidates: resume_candidates.clone(),
                 })),
             };
             if worker.tx.send(Ok(start)).await.is_err() {

@@ -19,7 +19,9 @@ pub fn to_status(e: ControlError) -> Status {
     let msg = e.to_string();
     match e {
         ControlError::JobNotFound(_) => Status::not_found(msg),
-        ControlError::JobFinished { .. } => Status::failed_precondition(msg),
+        ControlError::JobFinished { .. } | ControlError::WrongState { .. } => {
+            Status::failed_precondition(msg)
+        }
         ControlError::Invalid(_) | ControlError::Id(_) => Status::invalid_argument(msg),
         ControlError::Store(ref s) if s.retryable() => Status::unavailable(msg),
         ControlError::Store(_) => Status::internal(msg),
@@ -43,9 +45,18 @@ impl Control for Services {
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let spec = JobSpec::try_from(req.get_ref())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let resume_from = match req.get_ref().resume_from.as_str() {
+            "" => None,
+            p if std::path::Path::new(p).is_absolute() => Some(std::path::PathBuf::from(p)),
+            p => {
+                return Err(Status::invalid_argument(format!(
+                    "resume_from must be an absolute path, got `{p}`"
+                )));
+            }
+        };
         let id = self
             .control
-            .call(|r| Msg::Submit(spec, r))
+            .call(|r| Msg::Submit(spec, resume_from, r))
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::SubmitResponse {
@@ -78,13 +89,52 @@ impl Control for Services {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        let id = req.into_inner().job_id;
+        let req = req.into_inner();
         let s = self
             .control
-            .call(|r| Msg::Cancel(id, r))
+            .call(|r| Msg::Cancel(req.job_id, req.now, r))
             .await
             .map_err(to_status)?;
         Ok(Response::new(s))
+    }
+
+    async fn resume_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let s = self
+            .control
+            .call(|r| Msg::Resume(id, r))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(s))
+    }
+
+    async fn request_checkpoint(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let s = self
+            .control
+            .call(|r| Msg::RequestCheckpoint(id, r))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(s))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let checkpoints = self
+            .control
+            .call(|r| Msg::ListCheckpoints(id, r))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListCheckpointsResponse { checkpoints }))
     }
 
     async fn list_workers(

@@ -5,7 +5,7 @@
 //! this crate builds wire messages field by field.
 
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_common::store::records::{JobRecord, JobStatusRecord};
+use ringmaster_common::store::records::{CheckpointRecord, JobRecord, JobStatusRecord};
 
 /// Generated protobuf and gRPC code (package `ringmaster.v1`).
 pub mod pb {
@@ -55,6 +55,7 @@ impl From<&JobSpec> for pb::SubmitRequest {
     fn from(spec: &JobSpec) -> Self {
         pb::SubmitRequest {
             spec_json: spec_to_json(spec),
+            resume_from: String::new(),
         }
     }
 }
@@ -78,6 +79,20 @@ impl From<(&JobRecord, &JobStatusRecord)> for pb::JobStatus {
             members: status.members.clone(),
             submitted_at_ms: job.submitted_at_ms,
             updated_at_ms: status.updated_at_ms,
+            events: status.events.clone(),
+        }
+    }
+}
+
+impl From<&CheckpointRecord> for pb::CheckpointInfo {
+    fn from(c: &CheckpointRecord) -> Self {
+        pb::CheckpointInfo {
+            step: c.step,
+            dir: c.dir.display().to_string(),
+            bytes: c.bytes,
+            committed: c.committed,
+            metrics: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            created_at_ms: c.created_at_ms,
         }
     }
 }

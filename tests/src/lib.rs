@@ -144,6 +144,20 @@ impl LocalCluster {
     /// Like [`LocalCluster::start`], on an existing state directory (to test
     /// what survives a coordinator restart).
     pub fn start_on(state_dir: tempfile::TempDir, workers: usize) -> anyhow::Result<Self> {
+        Self::start_with(state_dir, workers, &[])
+    }
+
+    /// Like [`LocalCluster::start`], with extra environment for the workers
+    /// (e.g. `RINGMASTER_FAILPOINT`).
+    pub fn start_with_env(workers: usize, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with(tempfile::tempdir()?, workers, env)
+    }
+
+    fn start_with(
+        state_dir: tempfile::TempDir,
+        workers: usize,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(bin("coordinator"))
             .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(state_dir.path())
@@ -182,16 +196,23 @@ impl LocalCluster {
             workers: Vec::new(),
         };
         for i in 0..workers {
-            cluster.add_worker(&format!("w{i}"))?;
+            cluster.add_worker_with_env(&format!("w{i}"), env)?;
+            // Registration order is rank order: keep it stable for tests.
+            cluster.wait_for_workers(i + 1, Duration::from_secs(60))?;
         }
-        cluster.wait_for_workers(workers, Duration::from_secs(60))?;
         Ok(cluster)
     }
 
     /// Starts one more worker.
     pub fn add_worker(&mut self, name: &str) -> anyhow::Result<()> {
+        self.add_worker_with_env(name, &[])
+    }
+
+    /// Starts one more worker with extra environment variables.
+    pub fn add_worker_with_env(&mut self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let child = Command::new(bin("worker"))
             .args(["--coordinator", &self.url, "--name", name, "--threads", "1"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -228,6 +249,15 @@ impl LocalCluster {
         assert_eq!(out.code, 0, "status failed: {}", out.stderr);
         out.json()
     }
+}
+
+/// Reads `metrics.jsonl` as JSON objects.
+pub fn read_metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.

@@ -13,6 +13,7 @@ use ringmaster_proto::pb::{
     self, CoordinatorMessage, WorkerMessage, agent_client::AgentClient, coordinator_message,
     worker_message,
 };
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -127,6 +128,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     r.control.abort(&abort.reason);
                 }
             }
+            Some(coordinator_message::Kind::Checkpoint(req)) => {
+                if let Some(r) = &current
+                    && r.job_id == req.job_id
+                    && r.generation == req.generation
+                {
+                    info!(job = %req.job_id, stop = req.stop, "checkpoint requested");
+                    r.control.request_checkpoint(req.stop);
+                }
+            }
             Some(coordinator_message::Kind::Registered(_)) | None => {
                 warn!("ignoring an unexpected message from the coordinator")
             }
@@ -181,6 +191,7 @@ fn start_trainer(
         peers: start.peers.clone(),
         spec,
         progress_every: start.progress_every_steps.max(1),
+        resume_candidates: start.resume_candidates.iter().map(PathBuf::from).collect(),
     };
     let opts = TrainerOptions {
         device: cfg.device,
@@ -197,17 +208,52 @@ fn start_trainer(
         std::thread::Builder::new()
             .name(format!("trainer-{job_id}"))
             .spawn(move || {
-                let mut report = |p: trainer::Progress| {
-                    // The session may be gone; the trainer keeps going and the
-                    // final report says how it ended.
-                    let _ = tx.blocking_send(msg(worker_message::Kind::Progress(pb::Progress {
-                        job_id: assignment.job_id.clone(),
-                        generation: assignment.generation,
-                        step: p.step,
-                        total_steps: p.total_steps,
-                        epoch: p.epoch,
-                        metrics: p.metrics.into_iter().collect(),
-                    })));
+                let (job_id, generation) = (assignment.job_id.clone(), assignment.generation);
+                // The session may be gone; the trainer keeps going and the
+                // final report says how it ended.
+                let mut report = |event: trainer::Event| {
+                    let kind = match event {
+                        trainer::Event::Progress(p) => {
+                            worker_message::Kind::Progress(pb::Progress {
+                                job_id: job_id.clone(),
+                                generation,
+                                step: p.step,
+                                total_steps: p.total_steps,
+                                epoch: p.epoch,
+                                metrics: p.metrics.into_iter().collect(),
+                            })
+                        }
+                        trainer::Event::Checkpoint {
+                            step,
+                            outcome,
+                            metrics,
+                        } => {
+                            let mut r = pb::CheckpointReport {
+                                job_id: job_id.clone(),
+                                generation,
+                                step,
+                                metrics: metrics.into_iter().collect(),
+                                ..Default::default()
+                            };
+                            match outcome {
+                                Ok(w) => {
+                                    r.ok = true;
+                                    r.dir = w.dir.display().to_string();
+                                    r.bytes = w.bytes;
+                                    r.write_seconds = w.write_seconds;
+                                    r.blocked_seconds = w.blocked_seconds;
+                                }
+                                Err(e) => r.error = e,
+                            }
+                            worker_message::Kind::Checkpoint(r)
+                        }
+                        trainer::Event::Note(text) => worker_message::Kind::Note(pb::Note {
+                            job_id: job_id.clone(),
+                            generation,
+                            text,
+                        }),
+                    };
+                    let _ = tx.blocking_send(msg(kind));
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     trainer::train(&assignment, &opts, &listener, &control, &mut report)
@@ -221,6 +267,7 @@ fn start_trainer(
                         step: outcome.step,
                         metrics: outcome.metrics.into_iter().collect(),
                         lost_peer_rank: None,
+                        stopped: outcome.stopped,
                     },
                     Ok(Err(e)) => {
                         warn!(job = %assignment.job_id, "training failed: {e}");
@@ -232,6 +279,7 @@ fn start_trainer(
                             step: 0,
                             metrics: Default::default(),
                             lost_peer_rank: e.lost_peer(),
+                            stopped: false,
                         }
                     }
                     Err(panic) => {
@@ -249,6 +297,7 @@ fn start_trainer(
                             step: 0,
                             metrics: Default::default(),
                             lost_peer_rank: None,
+                            stopped: false,
                         }
                     }
                 };

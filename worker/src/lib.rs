@@ -3,6 +3,7 @@
 //! on a dedicated thread), models, optimizers and collectives.
 
 pub mod agent;
+pub mod checkpoint;
 pub mod collective;
 pub mod model;
 pub mod optim;

@@ -121,3 +121,72 @@ impl Optimizer {
         })
     }
 }
+
+/// The names under which a parameter's optimizer state is checkpointed,
+/// following PyTorch's state names.
+fn state_names(spec: &OptimizerSpec) -> (&'static str, Option<&'static str>) {
+    match spec {
+        OptimizerSpec::Sgd { .. } => ("momentum_buffer", None),
+        OptimizerSpec::Adam { .. } | OptimizerSpec::AdamW { .. } => ("exp_avg", Some("exp_avg_sq")),
+    }
+}
+
+impl Optimizer {
+    /// Number of steps taken (Adam's bias correction depends on it).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Every state tensor as `<param name>.<state name>`, for checkpoints.
+    /// `names` are the parameter names in the order `step` receives them.
+    pub fn state_tensors(&self, names: &[String]) -> Vec<(String, Tensor)> {
+        let (first, second) = state_names(&self.spec);
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            if let Some(Some(t)) = self.first.get(i) {
+                out.push((format!("{name}.{first}"), t.shallow_clone()));
+            }
+            if let (Some(second), Some(Some(t))) = (second, self.second.get(i)) {
+                out.push((format!("{name}.{second}"), t.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores what [`Optimizer::state_tensors`] saved. Missing entries mean
+    /// "no state yet" (e.g. SGD without momentum); unexpected ones are an
+    /// error so a checkpoint of another optimizer is not silently misread.
+    pub fn load_state(
+        &mut self,
+        names: &[String],
+        mut tensors: std::collections::HashMap<String, Tensor>,
+        steps: u64,
+        device: tch::Device,
+    ) -> Result<(), String> {
+        if names.len() != self.first.len() {
+            return Err(format!(
+                "optimizer has {} parameters, checkpoint names {}",
+                self.first.len(),
+                names.len()
+            ));
+        }
+        let (first, second) = state_names(&self.spec);
+        for (i, name) in names.iter().enumerate() {
+            self.first[i] = tensors
+                .remove(&format!("{name}.{first}"))
+                .map(|t| t.to_device(device));
+            if let Some(second) = second {
+                self.second[i] = tensors
+                    .remove(&format!("{name}.{second}"))
+                    .map(|t| t.to_device(device));
+            }
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(format!(
+                "optimizer state `{extra}` does not belong to this optimizer"
+            ));
+        }
+        self.steps = steps;
+        Ok(())
+    }
+}

@@ -12,6 +12,7 @@
 //! number of samples in the global batch, so W workers compute exactly the
 //! SGD step of one worker on the whole batch (up to float summation order).
 
+use crate::checkpoint;
 use crate::collective::{
     AbortHandle, Collective, CollectiveError, DataPlaneListener, RingCollective, RingConfig,
 };
@@ -21,7 +22,7 @@ use ringmaster_common::dataset::{Dataset, DatasetError, ShardPlan, rank_range};
 use ringmaster_common::jobspec::JobSpec;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -43,6 +44,9 @@ pub struct Assignment {
     pub spec: JobSpec,
     /// Report progress every this many steps.
     pub progress_every: u64,
+    /// Checkpoint directories to resume from, newest first: the first that
+    /// verifies is used. Empty for a fresh start.
+    pub resume_candidates: Vec<PathBuf>,
 }
 
 /// How this worker runs libtorch.
@@ -64,11 +68,38 @@ pub struct Progress {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// What the trainer reports while it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Progress(Progress),
+    /// A checkpoint finished writing (rank 0 only), or failed to.
+    Checkpoint {
+        step: u64,
+        outcome: Result<CheckpointWritten, String>,
+        metrics: BTreeMap<String, f64>,
+    },
+    /// Something the user should know, e.g. a corrupt checkpoint skipped.
+    Note(String),
+}
+
+/// A complete checkpoint on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointWritten {
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub write_seconds: f64,
+    /// Training time this checkpoint blocked the step loop (snapshot, plus
+    /// the write itself when synchronous or when waiting for a previous one).
+    pub blocked_seconds: f64,
+}
+
 /// A finished run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
     pub step: u64,
     pub metrics: BTreeMap<String, f64>,
+    /// The run stopped early on request (after its final checkpoint).
+    pub stopped: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +117,8 @@ pub enum TrainError {
     },
     #[error("invalid assignment: {0}")]
     Invalid(String),
+    #[error("cannot resume: {0}")]
+    Resume(String),
     #[error("aborted: {0}")]
     Aborted(String),
 }
@@ -100,11 +133,15 @@ impl TrainError {
     }
 }
 
-/// Lets another thread stop a running trainer promptly: the flag is checked
-/// at every step boundary and the abort handle unblocks collectives.
+/// Lets another thread steer a running trainer: abort promptly (the flag is
+/// checked at every step boundary and the abort handle unblocks
+/// collectives), or ask for a checkpoint / a checkpoint-then-stop, which the
+/// ranks agree on through the next gradient all-reduce.
 #[derive(Default)]
 pub struct TrainerControl {
     aborted: AtomicBool,
+    checkpoint: AtomicBool,
+    stop: AtomicBool,
     reason: Mutex<Option<String>>,
     handle: Mutex<Option<AbortHandle>>,
 }
@@ -121,6 +158,15 @@ impl TrainerControl {
             .as_ref()
         {
             h.abort();
+        }
+    }
+
+    /// Asks for a checkpoint at the next step boundary; with `stop`, training
+    /// ends right after it.
+    pub fn request_checkpoint(&self, stop: bool) {
+        self.checkpoint.store(true, Ordering::SeqCst);
+        if stop {
+            self.stop.store(true, Ordering::SeqCst);
         }
     }
 
@@ -146,6 +192,13 @@ impl TrainerControl {
     }
 }
 
+/// Slots appended to the last gradient bucket, summed with it: the batch's
+/// loss and the control flags every rank must agree on at this step.
+const EXTRA_LOSS: usize = 0;
+const EXTRA_CHECKPOINT: usize = 1;
+const EXTRA_STOP: usize = 2;
+const EXTRAS: usize = 3;
+
 /// Runs the assignment to completion. Panics inside libtorch are caught by
 /// the caller (the agent), not here.
 pub fn train(
@@ -153,7 +206,7 @@ pub fn train(
     opts: &TrainerOptions,
     listener: &DataPlaneListener,
     control: &TrainerControl,
-    progress: &mut dyn FnMut(Progress),
+    events: &mut dyn FnMut(Event),
 ) -> Result<Outcome, TrainError> {
     let world = a.peers.len() as u32;
     if world == 0 || a.rank >= world {
@@ -195,15 +248,9 @@ pub fn train(
     let model = Mlp::new(&vs.root(), inputs, classes, &spec.model);
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|x, y| x.0.cmp(&y.0));
+    let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let buckets = buckets(&params);
-
-    let mut ring_cfg = RingConfig::new(a.job_id.clone(), a.generation, a.rank, a.peers.clone());
-    ring_cfg.connect_timeout = opts.connect_timeout;
-    let mut ring = RingCollective::connect(listener, ring_cfg)?;
-    control.install(ring.abort_handle())?;
-    broadcast_params(&mut ring, &params, &buckets)?;
-
     let mut optimizer = Optimizer::new(
         spec.train.optimizer,
         spec.train.learning_rate,
@@ -213,27 +260,58 @@ pub fn train(
     let plan = ShardPlan::new(n as u64, u64::from(spec.train.global_batch), spec.seed)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let total_steps = spec.total_steps(n as u64);
+
+    // Every rank loads the same committed checkpoint (each verifies it), so
+    // no broadcast is needed after a resume.
+    let mut first_step = 0;
+    let mut latest: BTreeMap<String, f64> = BTreeMap::new();
+    let resumed = resume(a, &names, &params, &mut optimizer, device, events)?;
+    if let Some(state) = &resumed {
+        first_step = state.step;
+        latest = state.metrics.clone();
+    }
+
+    let mut ring_cfg = RingConfig::new(a.job_id.clone(), a.generation, a.rank, a.peers.clone());
+    ring_cfg.connect_timeout = opts.connect_timeout;
+    let mut ring = RingCollective::connect(listener, ring_cfg)?;
+    control.install(ring.abort_handle())?;
+    if resumed.is_none() {
+        broadcast_params(&mut ring, &params, &buckets)?;
+    }
+
     let mut metrics_log = if a.rank == 0 {
-        Some(MetricsLog::create(&spec.output.dir)?)
+        Some(MetricsLog::open(&spec.output.dir, first_step)?)
     } else {
         None
     };
+    let ckpt_spec = &spec.checkpoint;
+    let mut writer = if a.rank == 0 && ckpt_spec.asynchronous {
+        Some(
+            checkpoint::Writer::start().map_err(|source| TrainError::Output {
+                path: "checkpoint writer thread".into(),
+                source,
+            })?,
+        )
+    } else {
+        None
+    };
+    let mut last_checkpoint = Instant::now();
+    let mut pending_blocked: BTreeMap<u64, f64> = BTreeMap::new();
 
     let mut perm_epoch = u64::MAX;
     let mut perm: Vec<u64> = Vec::new();
-    let mut latest: BTreeMap<String, f64> = BTreeMap::new();
-    let mut window_loss = 0.0f64;
-    let mut window_samples = 0u64;
-    let mut window_start = Instant::now();
+    let mut log_window = Window::default();
     let staging_len = buckets
         .iter()
         .map(|r| bucket_len(&params[r.clone()]))
         .max()
         .unwrap_or(0)
-        + 1;
+        + EXTRAS;
     let mut staging = Staging::new(staging_len);
+    let mut stopped = false;
+    let mut step = first_step;
 
-    for step in 0..total_steps {
+    while step < total_steps {
         control.check()?;
         let (epoch, step_in_epoch) = plan.position(step);
         if epoch != perm_epoch {
@@ -276,19 +354,33 @@ pub fn train(
             loss.double_value(&[])
         };
 
-        let total_loss = all_reduce_grads(
+        let mut extras = [0f32; EXTRAS];
+        extras[EXTRA_LOSS] = loss_sum as f32;
+        let timer_due = a.rank == 0
+            && ckpt_spec
+                .every_seconds
+                .is_some_and(|s| last_checkpoint.elapsed().as_secs() >= s);
+        if control.checkpoint.swap(false, Ordering::SeqCst) || timer_due {
+            extras[EXTRA_CHECKPOINT] = 1.0;
+        }
+        if control.stop.swap(false, Ordering::SeqCst) {
+            extras[EXTRA_STOP] = 1.0;
+        }
+        all_reduce_grads(
             &mut ring,
             &params,
             &buckets,
             &mut staging,
-            loss_sum,
+            &mut extras,
             batch_len,
         )?;
         optimizer.step(&params)?;
+        let total_loss = f64::from(extras[EXTRA_LOSS]) / batch_len.max(1) as f64;
+        let stop = extras[EXTRA_STOP] > 0.0;
 
-        window_loss += total_loss * batch_len as f64;
-        window_samples += batch_len;
-        let done = step + 1;
+        log_window.add(total_loss, batch_len);
+        step += 1;
+        let done = step;
         let eval_due = spec
             .train
             .eval_every_steps
@@ -300,40 +392,269 @@ pub fn train(
             record.insert("val_loss".to_string(), val_loss);
             record.insert("val_accuracy".to_string(), val_acc);
         }
-        let report_due = done % a.progress_every.max(1) == 0 || done == total_steps;
-        if report_due || !record.is_empty() {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            if window_samples > 0 {
-                record.insert("loss".to_string(), window_loss / window_samples as f64);
-                record.insert("samples_per_sec".to_string(), window_samples as f64 / secs);
+        let log_due = done % spec.train.log_every_steps.max(1) == 0
+            || done == total_steps
+            || stop
+            || !record.is_empty();
+        if log_due {
+            if let Some((loss, rate)) = log_window.take() {
+                record.insert("loss".to_string(), loss);
+                record.insert("samples_per_sec".to_string(), rate);
             }
             record.insert("epoch".to_string(), epoch as f64);
-            window_loss = 0.0;
-            window_samples = 0;
-            window_start = Instant::now();
             latest.extend(record.iter().map(|(k, v)| (k.clone(), *v)));
             if let Some(log) = metrics_log.as_mut() {
                 log.append(done, &record)?;
             }
-            progress(Progress {
+        }
+
+        let checkpoint_due = extras[EXTRA_CHECKPOINT] > 0.0
+            || stop
+            || ckpt_spec.every_steps.is_some_and(|e| done % e == 0);
+        if checkpoint_due && a.rank == 0 {
+            let started = Instant::now();
+            let snapshot =
+                take_snapshot(a, &names, &params, &optimizer, &plan, done, world, &latest)?;
+            match writer.as_ref() {
+                Some(w) => {
+                    if let Err(e) = w.submit(snapshot) {
+                        report_checkpoint(events, done, Err(e), 0.0, &latest);
+                    } else {
+                        pending_blocked.insert(done, started.elapsed().as_secs_f64());
+                    }
+                }
+                None => {
+                    let result = checkpoint::write(&snapshot);
+                    let blocked = started.elapsed().as_secs_f64();
+                    report_result(events, result, blocked, &latest);
+                }
+            }
+            last_checkpoint = Instant::now();
+        }
+        if let Some(w) = writer.as_ref() {
+            for result in w.finished() {
+                let blocked = pending_blocked.remove(&result.step).unwrap_or(0.0);
+                report_result(events, result, blocked, &latest);
+            }
+        }
+
+        let report_due = done % a.progress_every.max(1) == 0 || done == total_steps || stop;
+        if report_due || record.contains_key("val_accuracy") {
+            events(Event::Progress(Progress {
                 step: done,
                 total_steps,
                 epoch,
                 metrics: latest.clone(),
-            });
+            }));
+        }
+        if stop {
+            stopped = true;
+            break;
         }
     }
 
-    if a.rank == 0 {
+    if let Some(mut w) = writer.take() {
+        for result in w.finish() {
+            let blocked = pending_blocked.remove(&result.step).unwrap_or(0.0);
+            report_result(events, result, blocked, &latest);
+        }
+    }
+    if a.rank == 0 && !stopped {
         save_model(&spec.output.dir, &named)?;
     }
-    // Nobody leaves before rank 0 has written the model, so "succeeded"
-    // always means the output exists.
+    // Nobody leaves before rank 0 has written the model (or its final
+    // checkpoint), so "succeeded" always means the output exists.
     ring.barrier()?;
     Ok(Outcome {
-        step: total_steps,
+        step,
         metrics: latest,
+        stopped,
     })
+}
+
+/// Loss and throughput over the steps since the last log line.
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    samples: u64,
+    start: Option<Instant>,
+}
+
+impl Window {
+    fn add(&mut self, mean_loss: f64, samples: u64) {
+        self.start.get_or_insert_with(Instant::now);
+        self.loss += mean_loss * samples as f64;
+        self.samples += samples;
+    }
+
+    /// (mean loss, samples per second) of the window, then starts a new one.
+    fn take(&mut self) -> Option<(f64, f64)> {
+        let start = self.start.take()?;
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        let out = (
+            self.loss / self.samples.max(1) as f64,
+            self.samples as f64 / secs,
+        );
+        self.loss = 0.0;
+        self.samples = 0;
+        // The next window starts now, so time between windows is counted.
+        self.start = Some(Instant::now());
+        Some(out)
+    }
+}
+
+fn report_result(
+    events: &mut dyn FnMut(Event),
+    result: checkpoint::WriteResult,
+    blocked: f64,
+    metrics: &BTreeMap<String, f64>,
+) {
+    report_checkpoint(events, result.step, result.outcome, blocked, metrics)
+}
+
+fn report_checkpoint(
+    events: &mut dyn FnMut(Event),
+    step: u64,
+    outcome: Result<checkpoint::Written, String>,
+    blocked: f64,
+    metrics: &BTreeMap<String, f64>,
+) {
+    if let Err(e) = &outcome {
+        tracing::warn!(step, "checkpoint failed: {e}");
+    }
+    events(Event::Checkpoint {
+        step,
+        outcome: outcome.map(|w| CheckpointWritten {
+            dir: w.dir,
+            bytes: w.bytes,
+            write_seconds: w.seconds,
+            blocked_seconds: blocked,
+        }),
+        metrics: metrics.clone(),
+    });
+}
+
+/// Copies model and optimizer state to host memory at this step boundary.
+#[allow(clippy::too_many_arguments)]
+fn take_snapshot(
+    a: &Assignment,
+    names: &[String],
+    params: &[Tensor],
+    optimizer: &Optimizer,
+    plan: &ShardPlan,
+    step: u64,
+    world: u32,
+    metrics: &BTreeMap<String, f64>,
+) -> Result<checkpoint::Snapshot, TrainError> {
+    let spec = &a.spec;
+    let model = names
+        .iter()
+        .zip(params)
+        .map(|(n, p)| checkpoint::HostTensor::copy_of(n, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let optim = optimizer
+        .state_tensors(names)
+        .iter()
+        .map(|(n, t)| checkpoint::HostTensor::copy_of(n, t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (epoch, step_in_epoch) = plan.position(step);
+    Ok(checkpoint::Snapshot {
+        root: spec.checkpoint.dir.clone(),
+        job_id: a.job_id.clone(),
+        step,
+        model,
+        optimizer: optim,
+        state: checkpoint::TrainState {
+            format_version: 1,
+            job_id: a.job_id.clone(),
+            step,
+            epoch,
+            step_in_epoch,
+            global_batch: u64::from(spec.train.global_batch),
+            world_size: world,
+            generation: a.generation,
+            seed: spec.seed,
+            optimizer: format!("{:?}", spec.train.optimizer),
+            optimizer_steps: optimizer.steps(),
+            learning_rate: spec.train.learning_rate,
+            lr_schedule: "constant".into(),
+            rng: "libtorch re-seeded every step from (seed, step, rank)".into(),
+            metrics: metrics.clone(),
+        },
+    })
+}
+
+/// Loads the newest candidate checkpoint that verifies, noting every one
+/// skipped and why. No candidates means a fresh start.
+fn resume(
+    a: &Assignment,
+    names: &[String],
+    params: &[Tensor],
+    optimizer: &mut Optimizer,
+    device: Device,
+    events: &mut dyn FnMut(Event),
+) -> Result<Option<checkpoint::TrainState>, TrainError> {
+    if a.resume_candidates.is_empty() {
+        return Ok(None);
+    }
+    let mut skipped = Vec::new();
+    for dir in &a.resume_candidates {
+        let loaded = match checkpoint::load(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                if a.rank == 0 {
+                    events(Event::Note(format!(
+                        "skipped checkpoint {}: {e}",
+                        dir.display()
+                    )));
+                }
+                skipped.push(format!("{}: {e}", dir.display()));
+                continue;
+            }
+        };
+        let state = loaded.state;
+        if state.global_batch != u64::from(a.spec.train.global_batch) {
+            return Err(TrainError::Resume(format!(
+                "{} was taken with batch_size {}, the job has {}",
+                dir.display(),
+                state.global_batch,
+                a.spec.train.global_batch
+            )));
+        }
+        let mut model = loaded.model;
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (name, p) in names.iter().zip(params) {
+                let t = model.remove(name).ok_or_else(|| {
+                    TrainError::Resume(format!("{} has no tensor `{name}`", dir.display()))
+                })?;
+                if t.size() != p.size() {
+                    return Err(TrainError::Resume(format!(
+                        "`{name}` has shape {:?} in {}, the model has {:?}",
+                        t.size(),
+                        dir.display(),
+                        p.size()
+                    )));
+                }
+                p.shallow_clone().f_copy_(&t)?;
+            }
+            Ok(())
+        })?;
+        optimizer
+            .load_state(names, loaded.optimizer, state.optimizer_steps, device)
+            .map_err(TrainError::Resume)?;
+        if a.rank == 0 {
+            events(Event::Note(format!(
+                "resumed from {} at step {}",
+                dir.display(),
+                state.step
+            )));
+        }
+        return Ok(Some(state));
+    }
+    Err(TrainError::Resume(format!(
+        "no candidate checkpoint verifies: {}",
+        skipped.join("; ")
+    )))
 }
 
 /// A deterministic per-step seed for libtorch's RNG (splitmix64 finaliser).
@@ -399,18 +720,18 @@ impl Staging {
     }
 }
 
-/// Sums gradients (and the loss) over the ring bucket by bucket, then divides
-/// by the global batch's sample count. Returns the mean loss of the batch.
+/// Sums gradients over the ring bucket by bucket, then divides them by the
+/// global batch's sample count. `extras` ride along with the last bucket and
+/// come back summed over the ranks.
 fn all_reduce_grads(
     ring: &mut RingCollective,
     params: &[Tensor],
     buckets: &[std::ops::Range<usize>],
     staging: &mut Staging,
-    loss_sum: f64,
+    extras: &mut [f32],
     batch_len: u64,
-) -> Result<f64, TrainError> {
+) -> Result<(), TrainError> {
     let scale = 1.0 / batch_len.max(1) as f64;
-    let mut total_loss = 0.0;
     for (b, range) in buckets.iter().enumerate() {
         let last = b + 1 == buckets.len();
         let len = bucket_len(&params[range.clone()]);
@@ -420,13 +741,14 @@ fn all_reduce_grads(
             staging.view(off, k).f_copy_(&p.grad().view([-1]))?;
             off += k;
         }
-        let flat = staging.slice(len + usize::from(last));
+        let n_extra = if last { extras.len() } else { 0 };
+        let flat = staging.slice(len + n_extra);
         if last {
-            flat[len] = loss_sum as f32;
+            flat[len..].copy_from_slice(extras);
         }
         ring.all_reduce_sum(flat)?;
         if last {
-            total_loss = f64::from(flat[len]) * scale;
+            extras.copy_from_slice(&flat[len..]);
         }
         let _ = staging.view(0, len).f_mul_scalar_(scale)?;
         let mut off = 0;
@@ -437,7 +759,7 @@ fn all_reduce_grads(
             off += k;
         }
     }
-    Ok(total_loss)
+    Ok(())
 }
 
 /// Makes every rank start from rank 0's parameters.
@@ -530,14 +852,36 @@ struct MetricsLog {
 }
 
 impl MetricsLog {
-    fn create(dir: &Path) -> Result<Self, TrainError> {
+    /// Opens the log for a run starting at `first_step`: a fresh run starts
+    /// an empty file; a resumed one keeps the lines up to its checkpoint and
+    /// drops later ones (they are about to be recomputed).
+    fn open(dir: &Path, first_step: u64) -> Result<Self, TrainError> {
         let path = dir.join("metrics.jsonl");
         let err = |source| TrainError::Output {
             path: path.display().to_string(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(err)?;
-        let file = std::fs::File::create(&path).map_err(err)?;
+        let kept: String = if first_step == 0 {
+            String::new()
+        } else {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= first_step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        std::fs::write(&path, kept).map_err(err)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(err)?;
         Ok(MetricsLog {
             file,
             path: path.display().to_string(),

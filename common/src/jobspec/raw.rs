@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use serde_spanned::Spanned;
 
-use super::{Activation, DeviceKind};
+use super::{Activation, DeviceKind, MetricMode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a job file")]
@@ -28,6 +28,7 @@ pub(super) struct RawJob {
     #[serde(default)]
     pub workers: RawWorkers,
     pub output: RawOutput,
+    pub checkpoint: Option<RawCheckpoint>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +94,7 @@ pub(super) struct RawTrain {
     pub eps: Option<Spanned<Float>>,
     pub weight_decay: Option<Spanned<Float>>,
     pub eval_every_steps: Option<Spanned<Integer>>,
+    pub log_every_steps: Option<Spanned<Integer>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +125,28 @@ impl Default for RawWorkers {
 #[serde(deny_unknown_fields, expecting = "an [output] table")]
 pub(super) struct RawOutput {
     pub dir: Spanned<String>,
+}
+
+/// The optional `[checkpoint]` table; every key is optional too.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [checkpoint] table")]
+pub(super) struct RawCheckpoint {
+    pub dir: Option<Spanned<String>>,
+    pub every_steps: Option<Spanned<Integer>>,
+    pub every_seconds: Option<Spanned<Integer>>,
+    pub keep_last: Option<Spanned<Integer>>,
+    pub keep_best: Option<RawKeepBest>,
+    #[serde(rename = "async")]
+    pub asynchronous: Option<bool>,
+}
+
+/// `checkpoint.keep_best`, usually an inline table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a keep_best table")]
+pub(super) struct RawKeepBest {
+    pub metric: Spanned<String>,
+    pub mode: MetricMode,
+    pub count: Option<Spanned<Integer>>,
 }
 
 /// A TOML integer. Its own type so that a wrong type reads "expected an

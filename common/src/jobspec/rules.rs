@@ -7,7 +7,9 @@
 //! optimizer, both `epochs` and `steps`) live in `validate.rs`: the domain
 //! types can not express those mistakes.
 
-use super::{MAX_BATCH_SIZE, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS};
+use super::{
+    MAX_BATCH_SIZE, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS, REPORTED_METRICS,
+};
 
 pub(super) type Rule = Result<(), String>;
 
@@ -67,6 +69,10 @@ pub(super) fn steps(steps: i64) -> Rule {
 
 pub(super) fn eval_every_steps(every: i64) -> Rule {
     at_least_one("train.eval_every_steps", every)
+}
+
+pub(super) fn log_every_steps(every: i64) -> Rule {
+    at_least_one("train.log_every_steps", every)
 }
 
 pub(super) fn learning_rate(lr: f64) -> Rule {
@@ -166,6 +172,61 @@ pub(super) fn batch_split(batch: i64, min: i64, max: i64) -> Rule {
     Ok(())
 }
 
+pub(super) fn checkpoint_every_steps(every: i64) -> Rule {
+    at_least_one("checkpoint.every_steps", every)
+}
+
+pub(super) fn checkpoint_every_seconds(every: i64) -> Rule {
+    at_least_one("checkpoint.every_seconds", every)
+}
+
+pub(super) fn keep_last(keep: i64) -> Rule {
+    count("checkpoint.keep_last", keep)
+}
+
+pub(super) fn keep_best_count(keep: i64) -> Rule {
+    count("checkpoint.keep_best.count", keep)
+}
+
+/// A metric name is `[a-z0-9_]+`, and ranking by one the trainer never
+/// reports would keep nothing, so both are refused up front.
+pub(super) fn keep_best_metric(metric: &str) -> Rule {
+    let well_formed = !metric.is_empty()
+        && metric
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !well_formed {
+        return Err(format!(
+            "checkpoint.keep_best.metric {metric:?} must be 1 or more characters of a-z, 0-9 \
+             and '_'"
+        ));
+    }
+    if REPORTED_METRICS.contains(&metric) {
+        Ok(())
+    } else {
+        let expected = REPORTED_METRICS
+            .iter()
+            .map(|m| format!("`{m}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(format!(
+            "checkpoint.keep_best.metric {metric:?} is not reported by the trainer, expected \
+             one of {expected}"
+        ))
+    }
+}
+
+/// `val_*` metrics come from scoring the validation set.
+pub(super) fn keep_best_needs_validation(metric: &str, has_validation: bool) -> Rule {
+    if has_validation || !metric.starts_with("val_") {
+        Ok(())
+    } else {
+        Err(format!(
+            "checkpoint.keep_best.metric {metric:?} needs data.validation"
+        ))
+    }
+}
+
 pub(super) fn path_not_empty(key: &str, path: &str) -> Rule {
     if path.is_empty() {
         Err(format!("{key} must not be empty"))
@@ -187,6 +248,16 @@ fn at_least_one(key: &str, value: i64) -> Rule {
         Ok(())
     } else {
         Err(format!("{key} must be at least 1, got {value}"))
+    }
+}
+
+/// A count held as `u32` in the domain type.
+fn count(key: &str, value: i64) -> Rule {
+    at_least_one(key, value)?;
+    if value <= i64::from(u32::MAX) {
+        Ok(())
+    } else {
+        Err(format!("{key} must be at most {}, got {value}", u32::MAX))
     }
 }
 

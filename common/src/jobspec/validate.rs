@@ -13,12 +13,14 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::raw::{
-    Integer, RawData, RawJob, RawModel, RawModelKind, RawOptimizer, RawTrain, RawWorkers,
+    Integer, RawCheckpoint, RawData, RawJob, RawModel, RawModelKind, RawOptimizer, RawTrain,
+    RawWorkers,
 };
 use super::rules::{self, Rule};
 use super::{
-    DataSpec, Duration, JobSpec, Location, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec,
-    SpecError, SpecSpans, TrainSpec, WorkersSpec,
+    CheckpointSpec, DEFAULT_LOG_EVERY_STEPS, DataSpec, Duration, JobSpec, KeepBestSpec, Location,
+    MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError, SpecSpans, TrainSpec,
+    WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -137,6 +139,7 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
     let output = OutputSpec {
         dir: resolve(at, &raw.output.dir, "output.dir")?,
     };
+    let checkpoint = build_checkpoint(raw.checkpoint, &output, data.validation.is_some(), at)?;
     let spec = JobSpec {
         name: raw.name.into_inner(),
         seed,
@@ -145,6 +148,7 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         train,
         workers,
         output,
+        checkpoint,
     };
     let spans = SpecSpans {
         data_table,
@@ -250,6 +254,13 @@ fn build_train(
         }
         None => None,
     };
+    let log_every_steps = match &raw.log_every_steps {
+        Some(every) => {
+            at.check(every, rules::log_every_steps(every.get_ref().0))?;
+            non_negative(every.get_ref().0)
+        }
+        None => DEFAULT_LOG_EVERY_STEPS,
+    };
     let optimizer = build_optimizer(&raw, at)?;
     Ok(TrainSpec {
         global_batch: narrow(&raw.batch_size, at)?,
@@ -258,6 +269,7 @@ fn build_train(
         learning_rate: raw.learning_rate.get_ref().0,
         weight_decay,
         eval_every_steps,
+        log_every_steps,
     })
 }
 
@@ -371,6 +383,84 @@ fn build_workers(
         min: u32::try_from(min).unwrap_or(u32::MAX),
         max: u32::try_from(max).unwrap_or(u32::MAX),
         device: raw.device,
+    })
+}
+
+/// The `[checkpoint]` table, or its defaults when the file has none.
+fn build_checkpoint(
+    raw: Option<RawCheckpoint>,
+    output: &OutputSpec,
+    has_validation: bool,
+    at: &Locator<'_>,
+) -> Result<CheckpointSpec, SpecError> {
+    let Some(raw) = raw else {
+        return Ok(CheckpointSpec {
+            dir: output.dir.join("checkpoints"),
+            every_steps: None,
+            every_seconds: None,
+            keep_last: None,
+            keep_best: None,
+            asynchronous: true,
+        });
+    };
+    let dir = match &raw.dir {
+        Some(dir) => {
+            at.check(dir, rules::path_not_empty("checkpoint.dir", dir.get_ref()))?;
+            resolve(at, dir, "checkpoint.dir")?
+        }
+        None => output.dir.join("checkpoints"),
+    };
+    let every_steps = match &raw.every_steps {
+        Some(every) => {
+            at.check(every, rules::checkpoint_every_steps(every.get_ref().0))?;
+            Some(non_negative(every.get_ref().0))
+        }
+        None => None,
+    };
+    let every_seconds = match &raw.every_seconds {
+        Some(every) => {
+            at.check(every, rules::checkpoint_every_seconds(every.get_ref().0))?;
+            Some(non_negative(every.get_ref().0))
+        }
+        None => None,
+    };
+    let keep_last = match &raw.keep_last {
+        Some(keep) => {
+            at.check(keep, rules::keep_last(keep.get_ref().0))?;
+            Some(narrow(keep, at)?)
+        }
+        None => None,
+    };
+    let keep_best = match raw.keep_best {
+        Some(best) => {
+            let metric = &best.metric;
+            at.check(metric, rules::keep_best_metric(metric.get_ref()))?;
+            at.check(
+                metric,
+                rules::keep_best_needs_validation(metric.get_ref(), has_validation),
+            )?;
+            let count = match &best.count {
+                Some(count) => {
+                    at.check(count, rules::keep_best_count(count.get_ref().0))?;
+                    narrow(count, at)?
+                }
+                None => 1,
+            };
+            Some(KeepBestSpec {
+                metric: best.metric.into_inner(),
+                mode: best.mode,
+                count,
+            })
+        }
+        None => None,
+    };
+    Ok(CheckpointSpec {
+        dir,
+        every_steps,
+        every_seconds,
+        keep_last,
+        keep_best,
+        asynchronous: raw.asynchronous.unwrap_or(true),
     })
 }
 

@@ -34,6 +34,10 @@ pub struct JobRecord {
     pub id: JobId,
     pub spec: JobSpec,
     pub submitted_at_ms: u64,
+    /// A checkpoint directory the job starts from (a fork), used until the
+    /// job has committed checkpoints of its own.
+    #[serde(default)]
+    pub resume_from: Option<std::path::PathBuf>,
 }
 
 /// Where a job is in its life.
@@ -115,9 +119,24 @@ pub struct JobStatusRecord {
     pub reason: Option<String>,
     pub output_dir: String,
     pub updated_at_ms: u64,
+    /// Notable events, oldest first, bounded (see [`JobStatusRecord::note`]).
+    #[serde(default)]
+    pub events: Vec<String>,
 }
 
+/// How many events a status record keeps.
+pub const MAX_EVENTS: usize = 32;
+
 impl JobStatusRecord {
+    /// Appends an event, dropping the oldest beyond [`MAX_EVENTS`].
+    pub fn note(&mut self, event: impl Into<String>) {
+        self.events.push(event.into());
+        if self.events.len() > MAX_EVENTS {
+            let extra = self.events.len() - MAX_EVENTS;
+            self.events.drain(..extra);
+        }
+    }
+
     /// The status of a job just submitted.
     pub fn queued(total_steps: u64, output_dir: String, now_ms: u64) -> Self {
         JobStatusRecord {
@@ -130,8 +149,25 @@ impl JobStatusRecord {
             reason: None,
             output_dir,
             updated_at_ms: now_ms,
+            events: Vec::new(),
         }
     }
+}
+
+/// `/ringmaster/v1/jobs/<job>/checkpoints/<step>`: written when a checkpoint
+/// is committed (its files and manifest are complete on disk), deleted by
+/// retention before its files are.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    pub dir: std::path::PathBuf,
+    pub bytes: u64,
+    pub committed: bool,
+    pub generation: u64,
+    /// The job's latest metrics when the checkpoint was taken.
+    #[serde(with = "metrics_json")]
+    pub metrics: BTreeMap<String, f64>,
+    pub created_at_ms: u64,
 }
 
 /// `/ringmaster/v1/workers/<worker>`: a worker's registration.
