@@ -666,7 +666,7 @@ impl Cluster {
                 {
                     job.status.step = p.step;
                     job.status.total_steps = p.total_steps;
-                    job.status.metrics = p.metrics.into_iter().collect();
+                    job.status.metrics.extend(p.metrics);
                     job.status.updated_at_ms = now_ms();
                     job.watch.send_replace(job.view());
                 }
@@ -748,7 +748,7 @@ impl Cluster {
         job.finished.insert(rank);
         if rank == 0 {
             job.status.step = e.step;
-            job.status.metrics = e.metrics.into_iter().collect();
+            job.status.metrics.extend(e.metrics);
         }
         if job.finished.len() == job.members.len() {
             if e.stopped {

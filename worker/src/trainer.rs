@@ -310,6 +310,7 @@ pub fn train(
     let mut staging = Staging::new(staging_len);
     let mut stopped = false;
     let mut step = first_step;
+    let loop_start = Instant::now();
 
     while step < total_steps {
         control.check()?;
@@ -402,6 +403,10 @@ pub fn train(
                 record.insert("samples_per_sec".to_string(), rate);
             }
             record.insert("epoch".to_string(), epoch as f64);
+            record.insert(
+                "elapsed_seconds".to_string(),
+                loop_start.elapsed().as_secs_f64(),
+            );
             latest.extend(record.iter().map(|(k, v)| (k.clone(), *v)));
             if let Some(log) = metrics_log.as_mut() {
                 log.append(done, &record)?;
