@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ringmaster_common::dataset::{self, DatasetManifest};
 use ringmaster_common::jobspec::{JobSpec, SpanField};
-use ringmaster_common::store::embedded::EmbeddedStore;
+use ringmaster_common::store::{
+    EmbeddedStore, EtcdOptions, EtcdStore, StateStore, StoreUrl, parse_store_url,
+};
 use ringmaster_proto::pb::{self, control_client::ControlClient};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -149,9 +151,14 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Directory of the embedded store (created if missing).
+    /// Directory of the embedded store (created if missing); used when
+    /// --store is not given.
     #[arg(long, default_value = ".ringmaster")]
     pub state_dir: PathBuf,
+    /// The cluster store: `etcd://host:2379,host2:2379`, or
+    /// `embedded:///abs/dir` (default: the embedded store in --state-dir).
+    #[arg(long, env = "RINGMASTER_STORE")]
+    pub store: Option<String>,
     /// How often workers send heartbeats, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_interval_ms: u64,
@@ -282,18 +289,33 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("failed to create {}", args.state_dir.display()))?;
-    let db = args.state_dir.join("ringmaster.redb");
-    let store = EmbeddedStore::open(&db)
-        .with_context(|| format!("failed to open the store at {}", db.display()))?;
+    let url = match &args.store {
+        Some(s) => parse_store_url(s)?,
+        None => StoreUrl::Embedded(args.state_dir.clone()),
+    };
+    let store: Arc<dyn StateStore> = match &url {
+        StoreUrl::Embedded(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("failed to create {}", dir.display()))?;
+            let db = dir.join(EmbeddedStore::FILE_NAME);
+            Arc::new(
+                EmbeddedStore::open(&db)
+                    .with_context(|| format!("failed to open the store at {}", db.display()))?,
+            )
+        }
+        StoreUrl::Etcd(endpoints) => Arc::new(
+            EtcdStore::connect(endpoints, EtcdOptions::default())
+                .await
+                .with_context(|| format!("failed to connect to {url}"))?,
+        ),
+    };
     let cfg = ControlConfig {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(10)),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms.max(20)),
         progress_every_steps: args.progress_every_steps.max(1),
         stop_grace: Duration::from_secs(args.stop_grace_secs),
     };
-    let control = control::start(Arc::new(store), cfg)
+    let control = control::start(store, cfg)
         .await
         .context("failed to load the cluster state")?;
     let services = Services { control };
@@ -303,7 +325,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     // Scripts and tests read this line to learn the port when --listen ends in :0.
     println!("coordinator listening on {local}");
-    tracing::info!(%local, state_dir = %args.state_dir.display(), "serving");
+    tracing::info!(%local, store = %url, "serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(pb::control_server::ControlServer::new(services.clone()))
