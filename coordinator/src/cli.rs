@@ -171,6 +171,10 @@ pub struct ServeArgs {
     /// Seconds a cancelled job may take to write its final checkpoint.
     #[arg(long, default_value_t = 60)]
     pub stop_grace_secs: u64,
+    /// After a restart, seconds a running job's workers have to rejoin
+    /// before the job is declared failed.
+    #[arg(long, default_value_t = 30)]
+    pub adopt_grace_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -314,6 +318,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms.max(20)),
         progress_every_steps: args.progress_every_steps.max(1),
         stop_grace: Duration::from_secs(args.stop_grace_secs),
+        adopt_grace: Duration::from_secs(args.adopt_grace_secs),
     };
     let control = control::start(store, cfg)
         .await

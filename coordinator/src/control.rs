@@ -61,6 +61,9 @@ pub struct ControlConfig {
     /// How long a cancelled job may take to write its final checkpoint
     /// before it is stopped without one.
     pub stop_grace: Duration,
+    /// After a restart, how long a running job's workers have to rejoin
+    /// before the job is declared failed.
+    pub adopt_grace: Duration,
 }
 
 impl Default for ControlConfig {
@@ -70,6 +73,7 @@ impl Default for ControlConfig {
             heartbeat_timeout: Duration::from_secs(5),
             progress_every_steps: 10,
             stop_grace: Duration::from_secs(60),
+            adopt_grace: Duration::from_secs(30),
         }
     }
 }
@@ -90,7 +94,7 @@ pub enum Msg {
     ListCheckpoints(String, Reply<Vec<pb::CheckpointInfo>>),
     ListWorkers(Reply<Vec<pb::WorkerInfo>>),
     Watch(String, Reply<watch::Receiver<pb::JobStatus>>),
-    Register(pb::Register, SessionTx, Reply<(WorkerId, Duration)>),
+    Register(pb::Register, SessionTx, Reply<WorkerId>),
     FromWorker(WorkerId, worker_message::Kind),
     Disconnected(WorkerId, String),
 }
@@ -130,6 +134,9 @@ struct Job {
     checkpoints: BTreeMap<u64, CheckpointRecord>,
     /// Set when a cancel asked the group to checkpoint and stop.
     stopping: Option<Instant>,
+    /// After a coordinator restart, the deadline for the running group's
+    /// workers to rejoin; `members` holds placeholders until they do.
+    adopting: Option<Instant>,
 }
 
 impl Job {
@@ -203,30 +210,38 @@ impl Cluster {
                 warn!(job = %id, "job has a spec but no status; skipping");
                 continue;
             };
+            let mut adopting = None;
             if status.state == JobState::Running {
-                status.state = JobState::Failed;
-                status.reason = Some(
-                    "the coordinator restarted while the job was running (adopting running jobs is not supported yet)"
-                        .into(),
-                );
-                status.updated_at_ms = now_ms();
-                self.persist_status(&id, &status).await?;
+                // The group trains on without us: wait for its workers to
+                // rejoin and report their run, then adopt it.
+                status.note(format!(
+                    "coordinator restarted: waiting up to {} s for the {} workers to rejoin",
+                    self.cfg.adopt_grace.as_secs(),
+                    status.members.len()
+                ));
+                adopting = Some(Instant::now() + self.cfg.adopt_grace);
             }
             if status.state == JobState::Queued {
                 queued.push((record.submitted_at_ms, id.clone()));
             }
             let view = pb::JobStatus::from((&record, &status));
             let job_checkpoints = checkpoints.remove(&id).unwrap_or_default();
+            // Placeholders (no such worker) until each rank rejoins.
+            let members = match adopting {
+                Some(_) => vec![WorkerId(String::new()); status.members.len()],
+                None => Vec::new(),
+            };
             self.jobs.insert(
                 id,
                 Job {
                     record,
                     status,
                     watch: watch::channel(view).0,
-                    members: Vec::new(),
+                    members,
                     finished: BTreeSet::new(),
                     checkpoints: job_checkpoints,
                     stopping: None,
+                    adopting,
                 },
             );
         }
@@ -293,6 +308,18 @@ impl Cluster {
                 let id = WorkerId(format!("w{}", self.next_worker));
                 self.next_worker += 1;
                 info!(worker = %id, name = %info.name, data = %info.data_addr, "worker joined");
+                // Registered goes first on the session, before any command.
+                let registered = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Registered(pb::Registered {
+                        worker_id: id.to_string(),
+                        heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+                    })),
+                };
+                if tx.try_send(Ok(registered)).is_err() {
+                    let _ = reply.send(Err(ControlError::ShuttingDown));
+                    return;
+                }
+                let current = info.current.clone();
                 self.workers.insert(
                     id.clone(),
                     Worker {
@@ -302,7 +329,10 @@ impl Cluster {
                         assignment: None,
                     },
                 );
-                let _ = reply.send(Ok((id, self.cfg.heartbeat_interval)));
+                let _ = reply.send(Ok(id.clone()));
+                if let Some(run) = current {
+                    self.adopt(&id, run).await;
+                }
                 self.schedule().await;
             }
             Msg::FromWorker(id, kind) => self.on_worker_message(id, kind).await,
@@ -377,6 +407,7 @@ impl Cluster {
                 finished: BTreeSet::new(),
                 checkpoints: BTreeMap::new(),
                 stopping: None,
+                adopting: None,
             },
         );
         self.queue.push(id.clone());
@@ -633,6 +664,61 @@ impl Cluster {
         });
     }
 
+    /// A worker rejoined reporting the run it is part of. If that run is the
+    /// job's current generation, the worker takes its rank back (adoption
+    /// after a coordinator restart, or a reconnect); a stale run is told to
+    /// stop.
+    async fn adopt(&mut self, worker: &WorkerId, run: pb::CurrentRun) {
+        let name = self
+            .workers
+            .get(worker)
+            .map(|w| w.info.name.clone())
+            .unwrap_or_default();
+        let job_id = JobId(run.job_id.clone());
+        let rank = run.rank as usize;
+        let adoptable = self.jobs.get(&job_id).is_some_and(|j| {
+            j.status.state == JobState::Running
+                && j.status.generation == run.generation
+                && rank < j.members.len()
+                && !self.workers.contains_key(&j.members[rank])
+        });
+        if !adoptable {
+            let running_here = self.jobs.get(&job_id).is_some_and(|j| {
+                j.status.state == JobState::Running && j.status.generation == run.generation
+            });
+            if !running_here && let Some(w) = self.workers.get(worker) {
+                // Whatever it is still running is not ours any more.
+                let _ = w.tx.try_send(Ok(CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Abort(pb::AbortTraining {
+                        job_id: run.job_id.clone(),
+                        generation: run.generation,
+                        reason: "the run is not current on this coordinator".into(),
+                    })),
+                }));
+            }
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.assignment = Some((job_id.clone(), run.generation, run.rank));
+        }
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        job.members[rank] = worker.clone();
+        job.status.step = job.status.step.max(run.step);
+        info!(job = %job_id, rank, worker = %name, step = run.step, "rank rejoined");
+        if job.adopting.is_some() && job.members.iter().all(|m| self.workers.contains_key(m)) {
+            job.adopting = None;
+            let text = format!(
+                "adopted after a coordinator restart at step {}",
+                job.status.step
+            );
+            self.note(&job_id, text).await;
+        } else {
+            job.watch.send_replace(job.view());
+        }
+    }
+
     async fn note(&mut self, id: &JobId, text: String) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
@@ -770,6 +856,40 @@ impl Cluster {
             })
             .map(|(id, _)| id.clone())
             .collect();
+        let unadopted: Vec<(JobId, u64)> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.status.state == JobState::Running
+                    && j.adopting.is_some_and(|t| Instant::now() > t)
+            })
+            .map(|(id, j)| (id.clone(), j.status.generation))
+            .collect();
+        for (id, generation) in unadopted {
+            let missing: Vec<String> = self.jobs[&id]
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| !self.workers.contains_key(*w))
+                .map(|(rank, _)| {
+                    format!(
+                        "rank {rank} ({})",
+                        self.jobs[&id]
+                            .status
+                            .members
+                            .get(rank)
+                            .cloned()
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            let reason = format!(
+                "after a coordinator restart, {} did not rejoin within {} s",
+                missing.join(", "),
+                self.cfg.adopt_grace.as_secs()
+            );
+            self.fail(&id, generation, reason).await;
+        }
         for id in overdue {
             let reason = format!(
                 "cancelled by user (stopped without a final checkpoint: no stop within {} s)",

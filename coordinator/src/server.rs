@@ -207,19 +207,12 @@ impl Agent for Services {
             )));
         }
         let (tx, rx) = mpsc::channel(64);
-        let (worker, interval) = self
+        // The control loop sends `Registered` first on this channel.
+        let worker = self
             .control
-            .call(|r| Msg::Register(register, tx.clone(), r))
+            .call(|r| Msg::Register(register, tx, r))
             .await
             .map_err(to_status)?;
-        let _ = tx
-            .send(Ok(CoordinatorMessage {
-                kind: Some(pb::coordinator_message::Kind::Registered(pb::Registered {
-                    worker_id: worker.to_string(),
-                    heartbeat_interval_ms: interval.as_millis() as u64,
-                })),
-            }))
-            .await;
         let control = self.control.clone();
         tokio::spawn(async move {
             let reason = loop {

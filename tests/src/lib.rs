@@ -132,6 +132,50 @@ pub struct LocalCluster {
     pub state_dir: tempfile::TempDir,
     pub coordinator: ChildGuard,
     pub workers: Vec<ChildGuard>,
+    serve_args: Vec<String>,
+}
+
+/// Starts `coordinator serve` on `listen` and returns it with the address it
+/// reports. Heartbeats are fast so tests notice lost workers quickly.
+fn spawn_coordinator(
+    listen: &str,
+    state_dir: &Path,
+    serve_args: &[String],
+) -> anyhow::Result<(ChildGuard, String)> {
+    let mut child = Command::new(bin("coordinator"))
+        .args(["serve", "--listen", listen, "--state-dir"])
+        .arg(state_dir)
+        .args([
+            "--heartbeat-interval-ms",
+            "200",
+            "--heartbeat-timeout-ms",
+            "3000",
+        ])
+        .args(serve_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("failed to start the coordinator")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let guard = ChildGuard(Some(child));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the coordinator never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the coordinator did not report its address")?;
+    let addr = line
+        .strip_prefix("coordinator listening on ")
+        .with_context(|| format!("unexpected first line: {line}"))?
+        .to_string();
+    Ok((guard, addr))
 }
 
 impl LocalCluster {
@@ -153,47 +197,33 @@ impl LocalCluster {
         Self::start_with(tempfile::tempdir()?, workers, env)
     }
 
+    /// Like [`LocalCluster::start`], with extra `coordinator serve` arguments
+    /// (e.g. `--store etcd://...`).
+    pub fn start_with_serve_args(workers: usize, serve_args: &[String]) -> anyhow::Result<Self> {
+        Self::start_full(tempfile::tempdir()?, workers, &[], serve_args)
+    }
+
     fn start_with(
         state_dir: tempfile::TempDir,
         workers: usize,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin("coordinator"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state_dir.path())
-            .args([
-                "--heartbeat-interval-ms",
-                "200",
-                "--heartbeat-timeout-ms",
-                "3000",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("failed to start the coordinator")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let coordinator = ChildGuard(Some(child));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the coordinator never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("the coordinator did not report its address")?;
-        let addr = line
-            .strip_prefix("coordinator listening on ")
-            .with_context(|| format!("unexpected first line: {line}"))?;
+        Self::start_full(state_dir, workers, env, &[])
+    }
+
+    fn start_full(
+        state_dir: tempfile::TempDir,
+        workers: usize,
+        env: &[(&str, &str)],
+        serve_args: &[String],
+    ) -> anyhow::Result<Self> {
+        let (coordinator, addr) = spawn_coordinator("127.0.0.1:0", state_dir.path(), serve_args)?;
         let mut cluster = LocalCluster {
             url: format!("http://{addr}"),
             state_dir,
             coordinator,
             workers: Vec::new(),
+            serve_args: serve_args.to_vec(),
         };
         for i in 0..workers {
             cluster.add_worker_with_env(&format!("w{i}"), env)?;
@@ -201,6 +231,21 @@ impl LocalCluster {
             cluster.wait_for_workers(i + 1, Duration::from_secs(60))?;
         }
         Ok(cluster)
+    }
+
+    /// SIGKILLs the coordinator (workers keep running).
+    pub fn kill_coordinator(&mut self) {
+        self.coordinator.kill();
+    }
+
+    /// Starts the coordinator again on the same address, state dir and
+    /// store, e.g. after [`LocalCluster::kill_coordinator`].
+    pub fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.coordinator.kill();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let (guard, _) = spawn_coordinator(&listen, self.state_dir.path(), &self.serve_args)?;
+        self.coordinator = guard;
+        Ok(())
     }
 
     /// Starts one more worker.

@@ -108,13 +108,8 @@ fn unknown_jobs_are_reported_and_records_survive_a_restart() {
     // Restart the coordinator on the same state dir: both records are back,
     // the queued one still queued, and new ids continue the sequence.
     let state = cluster.state_dir.path().to_path_buf();
-    let LocalCluster {
-        mut coordinator,
-        state_dir,
-        ..
-    } = cluster;
-    coordinator.kill();
-    let restarted = LocalCluster::start_on(state_dir, 0).unwrap();
+    let mut restarted = cluster;
+    restarted.restart_coordinator().unwrap();
     assert_eq!(restarted.status(&a)["state"], "queued");
     assert_eq!(restarted.status(&b)["state"], "cancelled");
     let d = restarted.cli(&["submit", job.to_str().unwrap()], T);

@@ -1,6 +1,9 @@
 //! The agent: the worker's one session with the coordinator. It registers,
 //! heartbeats, turns `StartTraining` commands into a trainer on a dedicated
-//! OS thread, relays the trainer's progress, and aborts it on command.
+//! OS thread, relays the trainer's progress, and aborts it on command. The
+//! coordinator is off the step path: when the session breaks, training goes
+//! on, reports are buffered, and the agent reconnects and re-registers with
+//! the run it is part of so a restarted coordinator can adopt it.
 //!
 //! This is the only part of the worker that knows gRPC; the trainer only sees
 //! an [`Assignment`] and a progress callback.
@@ -40,14 +43,37 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
 }
 
+/// The run this worker was last assigned, kept until a new assignment
+/// replaces it so that a restarted coordinator can adopt it (and learn how it
+/// ended, if it ended while no coordinator was listening).
 struct Running {
     job_id: String,
     generation: u64,
+    rank: u32,
+    step: u64,
     control: Arc<TrainerControl>,
-    thread: std::thread::JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    ended: Option<WorkerMessage>,
 }
 
-/// Runs the worker until the coordinator closes the session or it is lost.
+impl Running {
+    fn as_current(&self) -> pb::CurrentRun {
+        pb::CurrentRun {
+            job_id: self.job_id.clone(),
+            generation: self.generation,
+            rank: self.rank,
+            step: self.step,
+        }
+    }
+}
+
+/// Messages produced while no session is up, sent after the next
+/// registration. Progress is only kept as the latest one.
+const MAX_PENDING: usize = 1024;
+
+/// Runs the worker until it is stopped. Losing the coordinator does not stop
+/// training: the agent reconnects with backoff and registers again, telling
+/// the coordinator which run it is part of.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let listener = Arc::new(
         DataPlaneListener::bind(&cfg.data_listen)
@@ -57,15 +83,110 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(a) => a.clone(),
         None => listener.local_addr().to_string(),
     };
-    let mut client = connect(&cfg.coordinator, cfg.connect_timeout).await?;
+    // Trainer threads report here; the agent forwards to whichever session
+    // is up.
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WorkerMessage>();
+    let mut current: Option<Running> = None;
+    let mut pending: std::collections::VecDeque<WorkerMessage> = Default::default();
+    let mut first = true;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let client = if first {
+            connect(&cfg.coordinator, cfg.connect_timeout).await?
+        } else {
+            match AgentClient::connect(cfg.coordinator.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Keep the trainer's messages while waiting.
+                    let deadline = tokio::time::sleep(backoff);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            Some(m) = events_rx.recv() => buffer(&mut pending, &mut current, m),
+                        }
+                    }
+                    warn!(
+                        "coordinator {} unreachable ({e}); retrying",
+                        cfg.coordinator
+                    );
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        };
+        first = false;
+        match session(
+            &cfg,
+            client,
+            &data_addr,
+            &listener,
+            &events_tx,
+            &mut events_rx,
+            &mut current,
+            &mut pending,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(e) => warn!("session with the coordinator ended: {e:#}; reconnecting"),
+        }
+        backoff = Duration::from_millis(100);
+    }
+}
+
+/// Keeps a message for the next session, updating what the agent knows of
+/// its run on the way.
+fn buffer(
+    pending: &mut std::collections::VecDeque<WorkerMessage>,
+    current: &mut Option<Running>,
+    m: WorkerMessage,
+) {
+    observe(current, &m);
+    if matches!(m.kind, Some(worker_message::Kind::Progress(_))) {
+        pending.retain(|p| !matches!(p.kind, Some(worker_message::Kind::Progress(_))));
+    }
+    if pending.len() >= MAX_PENDING {
+        pending.pop_front();
+    }
+    pending.push_back(m);
+}
+
+fn observe(current: &mut Option<Running>, m: &WorkerMessage) {
+    let Some(r) = current.as_mut() else {
+        return;
+    };
+    match &m.kind {
+        Some(worker_message::Kind::Progress(p)) if p.job_id == r.job_id => r.step = p.step,
+        Some(worker_message::Kind::Ended(e)) if e.job_id == r.job_id => {
+            r.step = r.step.max(e.step);
+            r.ended = Some(m.clone());
+        }
+        _ => {}
+    }
+}
+
+/// One session: register, then relay commands and reports until it breaks.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    cfg: &AgentConfig,
+    mut client: AgentClient<tonic::transport::Channel>,
+    data_addr: &str,
+    listener: &Arc<DataPlaneListener>,
+    events_tx: &mpsc::UnboundedSender<WorkerMessage>,
+    events_rx: &mut mpsc::UnboundedReceiver<WorkerMessage>,
+    current: &mut Option<Running>,
+    pending: &mut std::collections::VecDeque<WorkerMessage>,
+) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
     tx.send(msg(worker_message::Kind::Register(pb::Register {
         name: cfg.name.clone(),
         host: hostname(),
         device: cfg.device_label.clone(),
-        data_addr: data_addr.clone(),
+        data_addr: data_addr.to_string(),
         threads: cfg.threads as u32,
         protocol_version: PROTOCOL_VERSION,
+        current: current.as_ref().map(Running::as_current),
     })))
     .await?;
     let mut inbound = client
@@ -85,68 +206,82 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "registered with {}",
         cfg.coordinator
     );
-    let beat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(50, 60_000));
-    let heartbeat_tx = tx.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(beat);
-        loop {
-            tick.tick().await;
-            if heartbeat_tx
-                .send(msg(worker_message::Kind::Heartbeat(pb::Heartbeat {})))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-
-    let mut current: Option<Running> = None;
-    let result = loop {
-        let next = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => break Err(anyhow::anyhow!("coordinator closed the session")),
-            Err(status) => break Err(anyhow::anyhow!("coordinator session lost: {status}")),
-        };
-        match next.kind {
-            Some(coordinator_message::Kind::Start(start)) => {
-                if let Some(prev) = current.take() {
-                    prev.control.abort("superseded by a new assignment");
-                    let _ = tokio::task::spawn_blocking(move || prev.thread.join()).await;
-                }
-                match start_trainer(&cfg, start, &listener, &tx) {
-                    Ok(r) => current = Some(r),
-                    Err(e) => error!("could not start training: {e:#}"),
-                }
-            }
-            Some(coordinator_message::Kind::Abort(abort)) => {
-                if let Some(r) = &current
-                    && r.job_id == abort.job_id
-                    && r.generation == abort.generation
-                {
-                    info!(job = %abort.job_id, "aborting: {}", abort.reason);
-                    r.control.abort(&abort.reason);
-                }
-            }
-            Some(coordinator_message::Kind::Checkpoint(req)) => {
-                if let Some(r) = &current
-                    && r.job_id == req.job_id
-                    && r.generation == req.generation
-                {
-                    info!(job = %req.job_id, stop = req.stop, "checkpoint requested");
-                    r.control.request_checkpoint(req.stop);
-                }
-            }
-            Some(coordinator_message::Kind::Registered(_)) | None => {
-                warn!("ignoring an unexpected message from the coordinator")
-            }
-        }
-    };
-    if let Some(r) = current.take() {
-        r.control.abort("coordinator session lost");
-        let _ = tokio::task::spawn_blocking(move || r.thread.join()).await;
+    // What happened while no coordinator listened, then how the last run
+    // ended (a duplicate is ignored by the coordinator's fencing).
+    while let Some(m) = pending.pop_front() {
+        tx.send(m).await?;
     }
-    result
+    if let Some(ended) = current.as_ref().and_then(|r| r.ended.clone()) {
+        tx.send(ended).await?;
+    }
+    let beat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(50, 60_000));
+    let mut tick = tokio::time::interval(beat);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                tx.send(msg(worker_message::Kind::Heartbeat(pb::Heartbeat {}))).await?;
+            }
+            Some(m) = events_rx.recv() => {
+                observe(current, &m);
+                if let Err(e) = tx.send(m).await {
+                    buffer(pending, current, e.0);
+                    bail!("session closed");
+                }
+            }
+            next = inbound.message() => {
+                let next = match next {
+                    Ok(Some(m)) => m,
+                    Ok(None) => bail!("coordinator closed the session"),
+                    Err(status) => bail!("coordinator session lost: {status}"),
+                };
+                handle_command(cfg, next, listener, events_tx, current).await;
+            }
+        }
+    }
+}
+
+async fn handle_command(
+    cfg: &AgentConfig,
+    next: CoordinatorMessage,
+    listener: &Arc<DataPlaneListener>,
+    events_tx: &mpsc::UnboundedSender<WorkerMessage>,
+    current: &mut Option<Running>,
+) {
+    match next.kind {
+        Some(coordinator_message::Kind::Start(start)) => {
+            if let Some(mut prev) = current.take() {
+                prev.control.abort("superseded by a new assignment");
+                if let Some(t) = prev.thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
+                }
+            }
+            match start_trainer(cfg, start, listener, events_tx) {
+                Ok(r) => *current = Some(r),
+                Err(e) => error!("could not start training: {e:#}"),
+            }
+        }
+        Some(coordinator_message::Kind::Abort(abort)) => {
+            if let Some(r) = current.as_ref()
+                && r.job_id == abort.job_id
+                && r.generation == abort.generation
+            {
+                info!(job = %abort.job_id, "aborting: {}", abort.reason);
+                r.control.abort(&abort.reason);
+            }
+        }
+        Some(coordinator_message::Kind::Checkpoint(req)) => {
+            if let Some(r) = current.as_ref()
+                && r.job_id == req.job_id
+                && r.generation == req.generation
+            {
+                info!(job = %req.job_id, stop = req.stop, "checkpoint requested");
+                r.control.request_checkpoint(req.stop);
+            }
+        }
+        Some(coordinator_message::Kind::Registered(_)) | None => {
+            warn!("ignoring an unexpected message from the coordinator")
+        }
+    }
 }
 
 fn msg(kind: worker_message::Kind) -> WorkerMessage {
@@ -179,7 +314,7 @@ fn start_trainer(
     cfg: &AgentConfig,
     start: pb::StartTraining,
     listener: &Arc<DataPlaneListener>,
-    tx: &mpsc::Sender<WorkerMessage>,
+    tx: &mpsc::UnboundedSender<WorkerMessage>,
 ) -> anyhow::Result<Running> {
     let spec: JobSpec = serde_json::from_str(&start.spec_json).context("malformed job spec")?;
     spec.check()
@@ -253,7 +388,7 @@ fn start_trainer(
                             text,
                         }),
                     };
-                    let _ = tx.blocking_send(msg(kind));
+                    let _ = tx.send(msg(kind));
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     trainer::train(&assignment, &opts, &listener, &control, &mut report)
@@ -301,15 +436,18 @@ fn start_trainer(
                         }
                     }
                 };
-                let _ = tx.blocking_send(msg(worker_message::Kind::Ended(ended)));
+                let _ = tx.send(msg(worker_message::Kind::Ended(ended)));
             })
             .context("failed to spawn the trainer thread")?
     };
     Ok(Running {
         job_id,
         generation,
+        rank: start.rank,
+        step: 0,
         control,
-        thread,
+        thread: Some(thread),
+        ended: None,
     })
 }
 
