@@ -79,12 +79,14 @@ pub enum Command {
         #[arg(long)]
         resume_from: Option<PathBuf>,
     },
-    /// Show one job.
+    /// Show one job, or without JOB the coordinator itself (store, degraded
+    /// or healthy, job and worker counts).
     ///
-    /// Example:
+    /// Examples:
     ///   coordinator status digits-mlp-1 --output json
+    ///   coordinator status
     #[command(verbatim_doc_comment)]
-    Status { job: String },
+    Status { job: Option<String> },
     /// List all jobs.
     ///
     /// Example:
@@ -268,7 +270,10 @@ pub async fn run(cli: Cli) -> i32 {
             )
             .await
         }
-        Command::Status { job } => status(&cli.coordinator, cli.output, &job).await.map(|()| 0),
+        Command::Status { job: Some(job) } => {
+            status(&cli.coordinator, cli.output, &job).await.map(|()| 0)
+        }
+        Command::Status { job: None } => health(&cli.coordinator, cli.output).await,
         Command::List => list(&cli.coordinator, cli.output).await.map(|()| 0),
         Command::Cancel { job, now } => cancel(&cli.coordinator, cli.output, &job, now)
             .await
@@ -320,7 +325,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         adopt_grace: Duration::from_secs(args.adopt_grace_secs),
     };
-    let control = control::start(store, cfg)
+    let control = control::start(store, url.to_string(), cfg)
         .await
         .context("failed to load the cluster state")?;
     let services = Services { control };
@@ -585,6 +590,43 @@ async fn status(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `coordinator status` without a job: exit 0 when healthy, 1 when degraded.
+async fn health(url: &str, output: Output) -> anyhow::Result<i32> {
+    let h = client(url)
+        .await?
+        .health(pb::HealthRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "store": h.store,
+                "state": if h.degraded.is_empty() { "healthy" } else { "degraded" },
+                "degraded": if h.degraded.is_empty() { None } else { Some(&h.degraded) },
+                "jobs": h.jobs,
+                "running_jobs": h.running_jobs,
+                "workers": h.workers,
+                "version": h.version,
+            }))?
+        ),
+        Output::Text => {
+            if h.degraded.is_empty() {
+                println!("coordinator {url}: healthy");
+            } else {
+                println!("coordinator {url}: DEGRADED: {}", h.degraded);
+            }
+            println!("store: {}", h.store);
+            println!(
+                "jobs: {} ({} running), workers: {}",
+                h.jobs, h.running_jobs, h.workers
+            );
+        }
+    }
+    Ok(if h.degraded.is_empty() { 0 } else { 1 })
 }
 
 async fn list(url: &str, output: Output) -> anyhow::Result<()> {

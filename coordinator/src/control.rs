@@ -17,11 +17,12 @@ use ringmaster_common::now_ms;
 use ringmaster_common::store::records::{
     self, CheckpointRecord, JobRecord, JobState, JobStatusRecord,
 };
-use ringmaster_common::store::{StateStore, StoreError, keys};
+use ringmaster_common::store::{LeaseId, StateStore, StoreError, keys};
 use ringmaster_proto::pb::{self, CoordinatorMessage, coordinator_message, worker_message};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
@@ -94,7 +95,11 @@ pub enum Msg {
     ListCheckpoints(String, Reply<Vec<pb::CheckpointInfo>>),
     ListWorkers(Reply<Vec<pb::WorkerInfo>>),
     Watch(String, Reply<watch::Receiver<pb::JobStatus>>),
-    Register(pb::Register, SessionTx, Reply<WorkerId>),
+    Register(pb::Register, SessionTx, Arc<AtomicU64>, Reply<WorkerId>),
+    Health(Reply<pb::HealthResponse>),
+    /// The membership lease expired (e.g. the store was unreachable for
+    /// longer than its TTL) and was replaced: registrations are written again.
+    NewLease(LeaseId),
     FromWorker(WorkerId, worker_message::Kind),
     Disconnected(WorkerId, String),
 }
@@ -103,6 +108,10 @@ pub enum Msg {
 #[derive(Clone)]
 pub struct ControlHandle {
     tx: mpsc::Sender<Msg>,
+    /// Worker sessions report here. Unbounded so a session task never stops
+    /// reading its stream (and so never misses heartbeats) while the loop
+    /// is busy; each worker's report rate bounds what can queue.
+    sessions: mpsc::UnboundedSender<Msg>,
 }
 
 impl ControlHandle {
@@ -119,6 +128,11 @@ impl ControlHandle {
     /// Sends a notification that needs no reply.
     pub async fn notify(&self, msg: Msg) {
         let _ = self.tx.send(msg).await;
+    }
+
+    /// Passes on what a worker session received, without ever waiting.
+    pub fn from_session(&self, msg: Msg) {
+        let _ = self.sessions.send(msg);
     }
 }
 
@@ -148,7 +162,11 @@ impl Job {
 struct Worker {
     info: pb::Register,
     tx: SessionTx,
-    last_heartbeat: Instant,
+    /// When the session last heard from the worker (ms since the epoch),
+    /// updated by the session task itself: heartbeats never queue behind
+    /// the control loop's work, so a slow store write cannot make live
+    /// workers look dead.
+    last_seen: Arc<AtomicU64>,
     /// (job, generation, rank) while assigned.
     assignment: Option<(JobId, u64, u32)>,
 }
@@ -161,30 +179,106 @@ struct Cluster {
     queue: Vec<JobId>,
     workers: BTreeMap<WorkerId, Worker>,
     next_worker: u64,
+    /// Worker registrations in the store are bound to this lease, which a
+    /// background task keeps alive: if this coordinator dies, they expire.
+    lease: LeaseId,
+    health: Health,
+    store_name: String,
 }
+
+/// Whether the store can be written, shared by the control loop and the
+/// lease keeper. `None` is healthy.
+#[derive(Clone, Default)]
+pub struct Health(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Health {
+    fn set(&self, problem: Option<String>) {
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if *h != problem {
+            match &problem {
+                Some(p) => warn!("degraded: {p}"),
+                None => info!("store reachable again: no longer degraded"),
+            }
+            *h = problem;
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// TTL of the membership lease.
+const LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// Loads the cluster model from the store and starts the loop.
 pub async fn start(
     store: Arc<dyn StateStore>,
+    store_name: String,
     cfg: ControlConfig,
 ) -> Result<ControlHandle, ControlError> {
+    let lease = store.grant_lease(LEASE_TTL).await?;
+    let health = Health::default();
     let mut cluster = Cluster {
-        store,
+        store: store.clone(),
         cfg,
         jobs: BTreeMap::new(),
         queue: Vec::new(),
         workers: BTreeMap::new(),
         next_worker: 1,
+        lease,
+        health: health.clone(),
+        store_name: String::new(),
     };
     cluster.load().await?;
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(cluster.run(rx));
-    Ok(ControlHandle { tx })
+    let (sessions, session_rx) = mpsc::unbounded_channel();
+    let handle = ControlHandle { tx, sessions };
+    tokio::spawn(keep_lease(store, lease, health, handle.clone()));
+    tokio::spawn(cluster.run(rx, session_rx, store_name));
+    Ok(handle)
+}
+
+/// Keeps the membership lease alive; a failure marks the coordinator
+/// degraded (jobs keep training: the coordinator is off the step path) and a
+/// lost lease is replaced once the store answers again.
+async fn keep_lease(
+    store: Arc<dyn StateStore>,
+    mut lease: LeaseId,
+    health: Health,
+    control: ControlHandle,
+) {
+    let mut tick = tokio::time::interval(LEASE_TTL / 4);
+    loop {
+        tick.tick().await;
+        match store.keep_alive(lease).await {
+            Ok(_) => {
+                if health.get().is_some() {
+                    health.set(None);
+                    // Registrations skipped while degraded are written now.
+                    control.notify(Msg::NewLease(lease)).await;
+                }
+            }
+            Err(StoreError::LeaseNotFound(_)) => match store.grant_lease(LEASE_TTL).await {
+                Ok(new) => {
+                    lease = new;
+                    health.set(None);
+                    control.notify(Msg::NewLease(new)).await;
+                }
+                Err(e) => health.set(Some(format!("cannot write the store: {e}"))),
+            },
+            Err(e) => health.set(Some(format!("cannot reach the store: {e}"))),
+        }
+        if control.tx.is_closed() {
+            let _ = store.revoke_lease(lease).await;
+            return;
+        }
+    }
 }
 
 impl Cluster {
-    /// Rebuilds the job table. Jobs that were running when the previous
-    /// coordinator stopped are marked failed: adopting them is not built yet.
+    /// Rebuilds the job table from the store. Jobs that were running when the
+    /// previous coordinator stopped stay running, awaiting adoption.
     async fn load(&mut self) -> Result<(), ControlError> {
         let mut specs = BTreeMap::new();
         let mut statuses = BTreeMap::new();
@@ -255,7 +349,13 @@ impl Cluster {
         Ok(())
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Msg>,
+        mut session_rx: mpsc::UnboundedReceiver<Msg>,
+        store_name: String,
+    ) {
+        self.store_name = store_name;
         let mut tick = tokio::time::interval(self.cfg.heartbeat_interval / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -264,6 +364,7 @@ impl Cluster {
                     Some(msg) => self.handle(msg).await,
                     None => break,
                 },
+                Some(msg) = session_rx.recv() => self.handle(msg).await,
                 _ = tick.tick() => self.check_heartbeats().await,
             }
         }
@@ -304,7 +405,7 @@ impl Cluster {
             Msg::Watch(id, reply) => {
                 let _ = reply.send(self.job(&id).map(|j| j.watch.subscribe()));
             }
-            Msg::Register(info, tx, reply) => {
+            Msg::Register(info, tx, last_seen, reply) => {
                 let id = WorkerId(format!("w{}", self.next_worker));
                 self.next_worker += 1;
                 info!(worker = %id, name = %info.name, data = %info.data_addr, "worker joined");
@@ -325,20 +426,60 @@ impl Cluster {
                     Worker {
                         info,
                         tx,
-                        last_heartbeat: Instant::now(),
+                        last_seen,
                         assignment: None,
                     },
                 );
                 let _ = reply.send(Ok(id.clone()));
+                self.put_worker_record(&id).await;
                 if let Some(run) = current {
                     self.adopt(&id, run).await;
                 }
                 self.schedule().await;
             }
             Msg::FromWorker(id, kind) => self.on_worker_message(id, kind).await,
+            Msg::Health(reply) => {
+                let _ = reply.send(Ok(pb::HealthResponse {
+                    store: self.store_name.clone(),
+                    degraded: self.health.get().unwrap_or_default(),
+                    jobs: self.jobs.len() as u32,
+                    running_jobs: self
+                        .jobs
+                        .values()
+                        .filter(|j| j.status.state == JobState::Running)
+                        .count() as u32,
+                    workers: self.workers.len() as u32,
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                }));
+            }
+            Msg::NewLease(lease) => {
+                self.lease = lease;
+                let ids: Vec<WorkerId> = self.workers.keys().cloned().collect();
+                for id in ids {
+                    self.put_worker_record(&id).await;
+                }
+                // Transitions made while degraded live only in memory so far.
+                let statuses: Vec<(JobId, JobStatusRecord)> = self
+                    .jobs
+                    .iter()
+                    .map(|(id, j)| (id.clone(), j.status.clone()))
+                    .collect();
+                for (id, status) in statuses {
+                    if let Err(e) = self.persist_status(&id, &status).await {
+                        warn!(job = %id, "could not persist after recovery: {e}");
+                        break;
+                    }
+                }
+            }
             Msg::Disconnected(id, reason) => {
                 if let Some(w) = self.workers.remove(&id) {
                     info!(worker = %id, name = %w.info.name, "worker left: {reason}");
+                    if self.writable().is_ok()
+                        && let Ok(key) = keys::worker(&id)
+                        && let Err(e) = self.store.delete(&key).await
+                    {
+                        warn!(worker = %id, "could not remove the registration: {e}");
+                    }
                     if let Some((job, generation, rank)) = w.assignment {
                         let why = format!("worker {} (rank {rank}) lost: {reason}", w.info.name);
                         self.fail(&job, generation, why).await;
@@ -414,7 +555,18 @@ impl Cluster {
         Ok(id)
     }
 
+    /// While degraded the coordinator does not write: a store that does not
+    /// answer would stall the control loop on every call. What it skips is
+    /// written again on recovery ([`Msg::NewLease`]).
+    fn writable(&self) -> Result<(), StoreError> {
+        match self.health.get() {
+            Some(problem) => Err(StoreError::Unavailable(problem)),
+            None => Ok(()),
+        }
+    }
+
     async fn persist_status(&self, id: &JobId, status: &JobStatusRecord) -> Result<(), StoreError> {
+        self.writable()?;
         let key = keys::job_status(id)?;
         self.store
             .put(&key, records::encode(&key, status)?)
@@ -587,6 +739,13 @@ impl Cluster {
     /// after, deleting store records before files so that a committed
     /// record never points at missing files for long.
     async fn commit_checkpoint(&mut self, id: &JobId, generation: u64, r: pb::CheckpointReport) {
+        if let Err(e) = self.writable() {
+            let text = format!(
+                "checkpoint at step {} written but not committed: {e}",
+                r.step
+            );
+            return self.note(id, text).await;
+        }
         let record = CheckpointRecord {
             step: r.step,
             dir: PathBuf::from(&r.dir),
@@ -664,6 +823,45 @@ impl Cluster {
         });
     }
 
+    /// Records a registration in the store, bound to the coordinator's lease
+    /// (membership changes are the only worker writes; heartbeats never are).
+    async fn put_worker_record(&mut self, id: &WorkerId) {
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
+        if self.health.get().is_some() {
+            // Written when the store is back (see `keep_lease`), rather than
+            // stalling the control loop on a store that does not answer.
+            return;
+        }
+        let record = records::WorkerRecord {
+            id: id.clone(),
+            name: w.info.name.clone(),
+            host: w.info.host.clone(),
+            device: w.info.device.clone(),
+            data_addr: w.info.data_addr.clone(),
+            registered_at_ms: now_ms(),
+        };
+        let result = match keys::worker(id) {
+            Ok(key) => match records::encode(&key, &record) {
+                Ok(bytes) => self
+                    .store
+                    .put_with_lease(&key, bytes, self.lease)
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.retryable() => self
+                .health
+                .set(Some(format!("cannot write the store: {e}"))),
+            Err(e) => warn!(worker = %id, "could not record the registration: {e}"),
+        }
+    }
+
     /// A worker rejoined reporting the run it is part of. If that run is the
     /// job's current generation, the worker takes its rank back (adoption
     /// after a coordinator restart, or a reconnect); a stale run is told to
@@ -736,7 +934,6 @@ impl Cluster {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        worker.last_heartbeat = Instant::now();
         let assignment = worker.assignment.clone();
         match kind {
             worker_message::Kind::Heartbeat(_) | worker_message::Kind::Register(_) => {}
@@ -901,7 +1098,10 @@ impl Cluster {
         let silent: Vec<WorkerId> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.last_heartbeat.elapsed() > timeout)
+            .filter(|(_, w)| {
+                now_ms().saturating_sub(w.last_seen.load(Ordering::Relaxed))
+                    > timeout.as_millis() as u64
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in silent {
@@ -931,7 +1131,8 @@ impl Cluster {
                     .into(),
                     job_id,
                     rank,
-                    last_heartbeat_ms_ago: w.last_heartbeat.elapsed().as_millis() as u64,
+                    last_heartbeat_ms_ago: now_ms()
+                        .saturating_sub(w.last_seen.load(Ordering::Relaxed)),
                     data_addr: w.info.data_addr.clone(),
                 }
             })

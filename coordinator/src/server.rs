@@ -4,11 +4,14 @@
 
 use crate::control::{ControlError, ControlHandle, Msg};
 use ringmaster_common::jobspec::JobSpec;
+use ringmaster_common::now_ms;
 use ringmaster_proto::pb::{
     self, CoordinatorMessage, WorkerMessage, agent_server::Agent, control_server::Control,
     worker_message,
 };
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -124,6 +127,14 @@ impl Control for Services {
         Ok(Response::new(s))
     }
 
+    async fn health(
+        &self,
+        _req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let h = self.control.call(Msg::Health).await.map_err(to_status)?;
+        Ok(Response::new(h))
+    }
+
     async fn list_checkpoints(
         &self,
         req: Request<pb::GetJobRequest>,
@@ -207,25 +218,34 @@ impl Agent for Services {
             )));
         }
         let (tx, rx) = mpsc::channel(64);
+        let last_seen = Arc::new(AtomicU64::new(now_ms()));
         // The control loop sends `Registered` first on this channel.
         let worker = self
             .control
-            .call(|r| Msg::Register(register, tx, r))
+            .call(|r| Msg::Register(register, tx, last_seen.clone(), r))
             .await
             .map_err(to_status)?;
         let control = self.control.clone();
         tokio::spawn(async move {
             let reason = loop {
-                match inbound.next().await {
+                let next = inbound.next().await;
+                if matches!(next, Some(Ok(_))) {
+                    last_seen.store(now_ms(), Ordering::Relaxed);
+                }
+                match next {
+                    // Liveness is all a heartbeat carries: it stops here.
+                    Some(Ok(WorkerMessage {
+                        kind: Some(worker_message::Kind::Heartbeat(_)),
+                    })) => {}
                     Some(Ok(WorkerMessage { kind: Some(kind) })) => {
-                        control.notify(Msg::FromWorker(worker.clone(), kind)).await
+                        control.from_session(Msg::FromWorker(worker.clone(), kind))
                     }
                     Some(Ok(WorkerMessage { kind: None })) => {}
                     Some(Err(status)) => break format!("session broken: {}", status.message()),
                     None => break "session closed".to_string(),
                 }
             };
-            control.notify(Msg::Disconnected(worker, reason)).await;
+            control.from_session(Msg::Disconnected(worker, reason));
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

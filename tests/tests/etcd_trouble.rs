@@ -1,0 +1,118 @@
+//! etcd trouble with real processes: losing one member of three interrupts
+//! nothing; losing the store makes the coordinator report itself degraded
+//! (`coordinator status` exits 1 and says why) while jobs keep training, and
+//! it recovers by itself when the store returns.
+
+use ringmaster_tests::etcd::{EtcdCluster, EtcdProcess};
+use ringmaster_tests::{LocalCluster, pack_digits, wait_until};
+use std::path::Path;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn store_arg(endpoints: &[String]) -> Vec<String> {
+    let hosts: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e.trim_start_matches("http://"))
+        .collect();
+    vec!["--store".into(), format!("etcd://{}", hosts.join(","))]
+}
+
+fn write_job(dir: &Path, data: &Path, steps: u64) -> std::path::PathBuf {
+    let text = format!(
+        "name = \"etcd-job\"\n[model]\nkind = \"mlp\"\nhidden = [32]\n[data]\ntrain = \"{}\"\n\
+         [train]\nbatch_size = 64\nsteps = {steps}\noptimizer = \"sgd\"\nlearning_rate = 0.05\n\
+         [workers]\nmin = 2\n[output]\ndir = \"out\"\n[checkpoint]\nevery_steps = 500\n",
+        data.join("train").display()
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn health(cluster: &LocalCluster) -> (i32, serde_json::Value) {
+    let out = cluster.cli(&["status", "--output", "json"], T);
+    (out.code, out.json())
+}
+
+#[test]
+fn losing_one_of_three_etcd_members_interrupts_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut etcd = EtcdCluster::start(3).unwrap();
+    let cluster = LocalCluster::start_with_serve_args(2, &store_arg(&etcd.endpoints())).unwrap();
+    let job = write_job(tmp.path(), &data, 4000);
+    let out = cluster.cli(&["submit", job.to_str().unwrap()], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    wait_until(Duration::from_secs(120), || {
+        cluster.status(&id)["step"].as_u64().unwrap_or(0) >= 300
+    })
+    .unwrap();
+    etcd.kill(0);
+    let mut status = serde_json::Value::Null;
+    wait_until(Duration::from_secs(300), || {
+        status = cluster.status(&id);
+        status["state"] != "running"
+    })
+    .unwrap();
+    assert_eq!(status["state"], "succeeded", "{status}");
+    // Checkpoints kept being committed through the remaining members.
+    let out = cluster.cli(&["checkpoints", &id, "--output", "json"], T);
+    let steps: Vec<u64> = out
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["step"].as_u64())
+        .collect();
+    assert_eq!(steps, vec![500, 1000, 1500, 2000, 2500, 3000, 3500, 4000]);
+    assert_eq!(health(&cluster).0, 0);
+}
+
+#[test]
+fn losing_the_store_degrades_the_coordinator_until_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut etcd = EtcdProcess::start().unwrap();
+    let cluster = LocalCluster::start_with_serve_args(2, &store_arg(&etcd.endpoints())).unwrap();
+    let (code, h) = health(&cluster);
+    assert_eq!((code, h["state"].as_str()), (0, Some("healthy")), "{h}");
+    let job = write_job(tmp.path(), &data, 20000);
+    let out = cluster.cli(&["submit", job.to_str().unwrap()], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    wait_until(Duration::from_secs(120), || {
+        cluster.status(&id)["step"].as_u64().unwrap_or(0) >= 100
+    })
+    .unwrap();
+
+    etcd.kill();
+    let mut h = serde_json::Value::Null;
+    wait_until(Duration::from_secs(60), || {
+        let (code, v) = health(&cluster);
+        h = v;
+        code == 1
+    })
+    .expect("the coordinator never reported itself degraded");
+    assert_eq!(h["state"], "degraded");
+    assert!(
+        h["degraded"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot reach the store"),
+        "{h}"
+    );
+    // Training goes on meanwhile.
+    let before = cluster.status(&id)["step"].as_u64().unwrap();
+    wait_until(Duration::from_secs(60), || {
+        cluster.status(&id)["step"].as_u64().unwrap() > before + 100
+    })
+    .expect("training stopped while the store was down");
+
+    etcd.restart().unwrap();
+    wait_until(Duration::from_secs(60), || health(&cluster).0 == 0)
+        .expect("the coordinator did not recover when the store returned");
+    assert_eq!(cluster.status(&id)["state"], "running");
+    assert_eq!(cluster.cli(&["cancel", &id, "--now"], T).code, 0);
+}
