@@ -1029,3 +1029,56 @@ fn decode_refuses_oversized_values_before_parsing() {
         Err(StoreError::ValueTooLarge { .. })
     ));
 }
+
+/// A deposed leader cannot write: its fenced store refuses every mutation
+/// once the leader key is someone else's, while the new leader's works.
+#[tokio::test]
+async fn a_deposed_leaders_writes_are_fenced() {
+    use ringmaster_common::store::fenced::FencedStore;
+    use ringmaster_common::store::{MemoryStore, StateStore, StoreError, keys};
+    use std::sync::Arc;
+    let inner: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let old_version = inner
+        .put(&keys::leader(), b"http://a".to_vec())
+        .await
+        .unwrap();
+    let old = FencedStore::new(inner.clone(), keys::leader(), old_version);
+    old.put("/x", b"1".to_vec()).await.unwrap();
+    assert!(old.delete("/x").await.unwrap());
+
+    // Leadership moves to another coordinator.
+    inner.delete(&keys::leader()).await.unwrap();
+    let new_version = inner
+        .put(&keys::leader(), b"http://b".to_vec())
+        .await
+        .unwrap();
+    let new = FencedStore::new(inner.clone(), keys::leader(), new_version);
+
+    for result in [
+        old.put("/y", b"2".to_vec()).await.map(|_| ()),
+        old.delete("/x").await.map(|_| ()),
+        old.compare_and_swap("/z", None, b"3".to_vec())
+            .await
+            .map(|_| ()),
+    ] {
+        match result {
+            Err(StoreError::NotLeader(why)) => {
+                assert_eq!(
+                    why,
+                    "/ringmaster/v1/leader changed since this coordinator was elected"
+                )
+            }
+            other => panic!("expected NotLeader, got {other:?}"),
+        }
+    }
+    assert!(inner.get("/y").await.unwrap().is_none());
+    assert!(inner.get("/z").await.unwrap().is_none());
+    new.put("/y", b"2".to_vec()).await.unwrap();
+    assert_eq!(inner.get("/y").await.unwrap().unwrap().value, b"2");
+    // The new leader's own failed compare is an ordinary `false`.
+    assert!(
+        !new.compare_and_swap("/y", None, b"4".to_vec())
+            .await
+            .unwrap()
+    );
+}

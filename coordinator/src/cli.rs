@@ -3,12 +3,15 @@
 //! coordinator over the `Control` service; `serve` runs one.
 
 use crate::control::{self, ControlConfig};
-use crate::server::Services;
+use crate::election;
+use crate::server::{Role, STANDBY_PREFIX, Services};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ringmaster_common::dataset::{self, DatasetManifest};
 use ringmaster_common::jobspec::{JobSpec, SpanField};
+use ringmaster_common::store::fenced::FencedStore;
+use ringmaster_common::store::keys;
 use ringmaster_common::store::{
     EmbeddedStore, EtcdOptions, EtcdStore, StateStore, StoreUrl, parse_store_url,
 };
@@ -30,7 +33,8 @@ use tonic::transport::Channel;
 #[derive(Parser, Debug)]
 #[command(name = "coordinator", version, verbatim_doc_comment)]
 pub struct Cli {
-    /// Coordinator URL for client commands.
+    /// Coordinator URL for client commands; several (comma-separated) for a
+    /// leader and its standbys: the leader is found.
     #[arg(
         long,
         global = true,
@@ -170,6 +174,10 @@ pub struct ServeArgs {
     /// Workers report progress every this many steps.
     #[arg(long, default_value_t = 10)]
     pub progress_every_steps: u64,
+    /// The URL clients and workers should use to reach this coordinator
+    /// (what a standby tells them); default `http://<listen address>`.
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Seconds a cancelled job may take to write its final checkpoint.
     #[arg(long, default_value_t = 60)]
     pub stop_grace_secs: u64,
@@ -325,17 +333,61 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         adopt_grace: Duration::from_secs(args.adopt_grace_secs),
     };
-    let control = control::start(store, url.to_string(), cfg)
-        .await
-        .context("failed to load the cluster state")?;
-    let services = Services { control };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let local = listener.local_addr()?;
     // Scripts and tests read this line to learn the port when --listen ends in :0.
     println!("coordinator listening on {local}");
-    tracing::info!(%local, store = %url, "serving");
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    tracing::info!(%local, store = %url, %advertise, "serving; campaigning for leadership");
+    let role = Arc::new(std::sync::RwLock::new(Role::Standby { leader: None }));
+    let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(None::<String>);
+    {
+        // While standing by, answer with the current leader's address.
+        let role = role.clone();
+        tokio::spawn(async move {
+            while leader_rx.changed().await.is_ok() {
+                let leader = leader_rx.borrow_and_update().clone();
+                let mut r = role.write().unwrap_or_else(|e| e.into_inner());
+                if let Role::Standby { .. } = &*r {
+                    *r = Role::Standby { leader };
+                }
+            }
+        });
+    }
+    {
+        let role = role.clone();
+        let store_name = url.to_string();
+        tokio::spawn(async move {
+            let leadership = election::campaign(&store, &advertise, &leader_tx).await;
+            // Every write of this leader is conditioned on its leader key.
+            let fenced: Arc<dyn StateStore> = Arc::new(FencedStore::new(
+                store.clone(),
+                keys::leader(),
+                leadership.version,
+            ));
+            match control::start(fenced, store_name, cfg).await {
+                Ok(control) => {
+                    *role.write().unwrap_or_else(|e| e.into_inner()) = Role::Leader(control);
+                    tracing::info!("leading");
+                }
+                Err(e) => {
+                    eprintln!("error: failed to load the cluster state: {e}");
+                    std::process::exit(1);
+                }
+            }
+            let why = election::hold(&store, leadership).await;
+            // Another coordinator may lead now: stop rather than act on a
+            // cluster we no longer own (our writes are fenced meanwhile).
+            eprintln!("error: deposed as leader ({why}); exiting");
+            std::process::exit(1);
+        });
+    }
+    let services = Services { role };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(pb::control_server::ControlServer::new(services.clone()))
@@ -359,10 +411,48 @@ async fn shutdown_signal() {
     }
 }
 
-async fn client(url: &str) -> anyhow::Result<ControlClient<Channel>> {
-    ControlClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("failed to reach the coordinator at {url}"))
+/// How long client commands keep looking for a leader (one may be in the
+/// middle of an election).
+const FIND_LEADER: Duration = Duration::from_secs(15);
+
+/// Connects to the leader among `urls` (comma-separated): a standby answers
+/// with the leader's address, which is followed.
+async fn client(urls: &str) -> anyhow::Result<ControlClient<Channel>> {
+    let mut candidates: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+    let deadline = tokio::time::Instant::now() + FIND_LEADER;
+    let mut last_error = None;
+    loop {
+        let mut i = 0;
+        while i < candidates.len() {
+            let url = candidates[i].clone();
+            i += 1;
+            let mut c = match ControlClient::connect(url.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last_error = Some(
+                        anyhow::Error::new(e)
+                            .context(format!("failed to reach the coordinator at {url}")),
+                    );
+                    continue;
+                }
+            };
+            match c.health(pb::HealthRequest {}).await {
+                Ok(_) => return Ok(c),
+                Err(status) => {
+                    if let Some(leader) = status.message().strip_prefix(STANDBY_PREFIX)
+                        && !candidates.iter().any(|u| u == leader)
+                    {
+                        candidates.push(leader.to_string());
+                    }
+                    last_error = Some(anyhow::anyhow!("{url}: {}", status.message()));
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no coordinator given")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Parses and validates a job file, including its datasets, with every error

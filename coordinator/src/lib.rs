@@ -4,5 +4,6 @@
 
 pub mod cli;
 pub mod control;
+pub mod election;
 pub mod scheduler;
 pub mod server;

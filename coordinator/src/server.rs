@@ -32,10 +32,37 @@ pub fn to_status(e: ControlError) -> Status {
     }
 }
 
-/// Both services share the control loop handle.
+/// What this coordinator is: the leader (with its control loop) or a
+/// standby that knows where the leader is.
+#[derive(Clone)]
+pub enum Role {
+    Standby { leader: Option<String> },
+    Leader(ControlHandle),
+}
+
+/// Both services share the role; handlers reach the control loop through it.
 #[derive(Clone)]
 pub struct Services {
-    pub control: ControlHandle,
+    pub role: Arc<std::sync::RwLock<Role>>,
+}
+
+/// The message prefix a standby answers with; clients look for it to find
+/// the leader.
+pub const STANDBY_PREFIX: &str = "this coordinator is a standby; the leader is at ";
+
+impl Services {
+    /// The control loop, or an `unavailable` status naming the leader.
+    fn control(&self) -> Result<ControlHandle, Status> {
+        match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
+            Role::Leader(h) => Ok(h.clone()),
+            Role::Standby { leader: Some(url) } => {
+                Err(Status::unavailable(format!("{STANDBY_PREFIX}{url}")))
+            }
+            Role::Standby { leader: None } => Err(Status::unavailable(
+                "this coordinator is a standby and no leader is elected yet",
+            )),
+        }
+    }
 }
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
@@ -58,7 +85,7 @@ impl Control for Services {
             }
         };
         let id = self
-            .control
+            .control()?
             .call(|r| Msg::Submit(spec, resume_from, r))
             .await
             .map_err(to_status)?;
@@ -73,7 +100,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
         let s = self
-            .control
+            .control()?
             .call(|r| Msg::GetJob(id, r))
             .await
             .map_err(to_status)?;
@@ -84,7 +111,11 @@ impl Control for Services {
         &self,
         _req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = self.control.call(Msg::ListJobs).await.map_err(to_status)?;
+        let jobs = self
+            .control()?
+            .call(Msg::ListJobs)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
@@ -94,7 +125,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let req = req.into_inner();
         let s = self
-            .control
+            .control()?
             .call(|r| Msg::Cancel(req.job_id, req.now, r))
             .await
             .map_err(to_status)?;
@@ -107,7 +138,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
         let s = self
-            .control
+            .control()?
             .call(|r| Msg::Resume(id, r))
             .await
             .map_err(to_status)?;
@@ -120,7 +151,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
         let s = self
-            .control
+            .control()?
             .call(|r| Msg::RequestCheckpoint(id, r))
             .await
             .map_err(to_status)?;
@@ -131,7 +162,7 @@ impl Control for Services {
         &self,
         _req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let h = self.control.call(Msg::Health).await.map_err(to_status)?;
+        let h = self.control()?.call(Msg::Health).await.map_err(to_status)?;
         Ok(Response::new(h))
     }
 
@@ -141,7 +172,7 @@ impl Control for Services {
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
         let id = req.into_inner().job_id;
         let checkpoints = self
-            .control
+            .control()?
             .call(|r| Msg::ListCheckpoints(id, r))
             .await
             .map_err(to_status)?;
@@ -153,7 +184,7 @@ impl Control for Services {
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self
-            .control
+            .control()?
             .call(Msg::ListWorkers)
             .await
             .map_err(to_status)?;
@@ -168,7 +199,7 @@ impl Control for Services {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = req.into_inner().job_id;
         let mut rx = self
-            .control
+            .control()?
             .call(|r| Msg::Watch(id, r))
             .await
             .map_err(to_status)?;
@@ -221,11 +252,11 @@ impl Agent for Services {
         let last_seen = Arc::new(AtomicU64::new(now_ms()));
         // The control loop sends `Registered` first on this channel.
         let worker = self
-            .control
+            .control()?
             .call(|r| Msg::Register(register, tx, last_seen.clone(), r))
             .await
             .map_err(to_status)?;
-        let control = self.control.clone();
+        let control = self.control()?;
         tokio::spawn(async move {
             let reason = loop {
                 let next = inbound.next().await;

@@ -248,6 +248,15 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Starts another coordinator on the same store (a standby, if this
+    /// cluster's coordinator leads) with its own state dir; returns it and
+    /// its URL.
+    pub fn spawn_standby(&self) -> anyhow::Result<(ChildGuard, String, tempfile::TempDir)> {
+        let dir = tempfile::tempdir()?;
+        let (guard, addr) = spawn_coordinator("127.0.0.1:0", dir.path(), &self.serve_args)?;
+        Ok((guard, format!("http://{addr}"), dir))
+    }
+
     /// Starts one more worker.
     pub fn add_worker(&mut self, name: &str) -> anyhow::Result<()> {
         self.add_worker_with_env(name, &[])

@@ -88,50 +88,96 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WorkerMessage>();
     let mut current: Option<Running> = None;
     let mut pending: std::collections::VecDeque<WorkerMessage> = Default::default();
-    let mut first = true;
+    // Several URLs: a leader and its standbys. A standby's refusal names the
+    // leader, which is tried next.
+    let mut urls: Vec<String> = cfg
+        .coordinator
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        bail!("no coordinator URL given");
+    }
+    let mut idx = 0;
+    let started = std::time::Instant::now();
+    let mut reached = false;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let client = if first {
-            connect(&cfg.coordinator, cfg.connect_timeout).await?
-        } else {
-            match AgentClient::connect(cfg.coordinator.clone()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Keep the trainer's messages while waiting.
-                    let deadline = tokio::time::sleep(backoff);
-                    tokio::pin!(deadline);
-                    loop {
-                        tokio::select! {
-                            _ = &mut deadline => break,
-                            Some(m) = events_rx.recv() => buffer(&mut pending, &mut current, m),
-                        }
+        let url = urls[idx].clone();
+        match AgentClient::connect(url.clone()).await {
+            Ok(client) => {
+                reached = true;
+                let result = session(
+                    cfg_with(&cfg, &url),
+                    client,
+                    &data_addr,
+                    &listener,
+                    &events_tx,
+                    &mut events_rx,
+                    &mut current,
+                    &mut pending,
+                )
+                .await;
+                match result {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(e) => {
+                        let text = format!("{e:#}");
+                        warn!("session with {url} ended: {text}; reconnecting");
+                        idx = next_url(&mut urls, idx, &text);
                     }
-                    warn!(
-                        "coordinator {} unreachable ({e}); retrying",
-                        cfg.coordinator
-                    );
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
                 }
             }
-        };
-        first = false;
-        match session(
-            &cfg,
-            client,
-            &data_addr,
-            &listener,
-            &events_tx,
-            &mut events_rx,
-            &mut current,
-            &mut pending,
-        )
-        .await
-        {
-            Ok(()) => {}
-            Err(e) => warn!("session with the coordinator ended: {e:#}; reconnecting"),
+            Err(e) => {
+                if !reached && started.elapsed() >= cfg.connect_timeout {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "failed to reach the coordinator at {}",
+                        cfg.coordinator
+                    )));
+                }
+                warn!("coordinator {url} unreachable ({e}); retrying");
+                idx = (idx + 1) % urls.len();
+            }
         }
-        backoff = Duration::from_millis(100);
+        // Keep the trainer's messages while waiting.
+        let deadline = tokio::time::sleep(backoff);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                Some(m) = events_rx.recv() => buffer(&mut pending, &mut current, m),
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// The URL to try after a failed session: the leader a standby named, else
+/// the next one in the list.
+fn next_url(urls: &mut Vec<String>, idx: usize, error: &str) -> usize {
+    const HINT: &str = "the leader is at ";
+    if let Some(pos) = error.find(HINT) {
+        let leader: String = error[pos + HINT.len()..]
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '"' && *c != ',' && *c != ';')
+            .collect();
+        if !leader.is_empty() {
+            return match urls.iter().position(|u| *u == leader) {
+                Some(i) => i,
+                None => {
+                    urls.push(leader);
+                    urls.len() - 1
+                }
+            };
+        }
+    }
+    (idx + 1) % urls.len()
+}
+
+fn cfg_with(cfg: &AgentConfig, url: &str) -> AgentConfig {
+    AgentConfig {
+        coordinator: url.to_string(),
+        ..cfg.clone()
     }
 }
 
@@ -169,7 +215,7 @@ fn observe(current: &mut Option<Running>, m: &WorkerMessage) {
 /// One session: register, then relay commands and reports until it breaks.
 #[allow(clippy::too_many_arguments)]
 async fn session(
-    cfg: &AgentConfig,
+    cfg: AgentConfig,
     mut client: AgentClient<tonic::transport::Channel>,
     data_addr: &str,
     listener: &Arc<DataPlaneListener>,
@@ -234,7 +280,7 @@ async fn session(
                     Ok(None) => bail!("coordinator closed the session"),
                     Err(status) => bail!("coordinator session lost: {status}"),
                 };
-                handle_command(cfg, next, listener, events_tx, current).await;
+                handle_command(&cfg, next, listener, events_tx, current).await;
             }
         }
     }
@@ -286,28 +332,6 @@ async fn handle_command(
 
 fn msg(kind: worker_message::Kind) -> WorkerMessage {
     WorkerMessage { kind: Some(kind) }
-}
-
-async fn connect(
-    url: &str,
-    timeout: Duration,
-) -> anyhow::Result<AgentClient<tonic::transport::Channel>> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match AgentClient::connect(url.to_string()).await {
-            Ok(c) => return Ok(c),
-            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                warn!("coordinator {url} not reachable yet ({e}); retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("failed to reach the coordinator at {url}")));
-            }
-        }
-    }
 }
 
 fn start_trainer(

@@ -16,7 +16,8 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, verbatim_doc_comment)]
 struct Args {
-    /// Coordinator URL.
+    /// Coordinator URL; several (comma-separated) for a leader and its
+    /// standbys: a standby points the worker at the leader.
     #[arg(
         long,
         env = "RINGMASTER_COORDINATOR",

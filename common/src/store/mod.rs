@@ -16,6 +16,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
+pub mod fenced;
 pub mod keys;
 pub mod lease;
 mod local;
@@ -223,6 +224,10 @@ pub enum StoreError {
     /// to it are gone; the caller must grant a new lease and write them again.
     #[error("lease {0} not found (expired or revoked)")]
     LeaseNotFound(LeaseId),
+    /// A fenced write was refused because the writer no longer holds the
+    /// leadership it was granted (see [`fenced`]): another coordinator leads.
+    #[error("not the leader any more: {0}")]
+    NotLeader(String),
     /// The store refused the request for lack of permission (etcd auth).
     #[error("store refused the request: {0}")]
     PermissionDenied(String),
@@ -244,7 +249,8 @@ impl StoreError {
             | StoreError::Internal(_)
             | StoreError::Compacted { .. }
             | StoreError::LeaseNotFound(_)
-            | StoreError::PermissionDenied(_) => false,
+            | StoreError::PermissionDenied(_)
+            | StoreError::NotLeader(_) => false,
         }
     }
 }
