@@ -281,6 +281,22 @@ impl LocalCluster {
         coordinator_cli(&self.url, args, timeout)
     }
 
+    /// Submits a job file with `--follow --output json`, asserts the command
+    /// succeeded, and returns the final status.
+    pub fn follow(&self, job: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec![
+            "submit",
+            job.to_str().expect("utf-8 path"),
+            "--follow",
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args, Duration::from_secs(300));
+        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+        out.json()
+    }
+
     /// The `workers --output json` listing.
     pub fn workers_json(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["workers", "--output", "json"], Duration::from_secs(20));
@@ -303,6 +319,15 @@ impl LocalCluster {
         assert_eq!(out.code, 0, "status failed: {}", out.stderr);
         out.json()
     }
+}
+
+/// `coordinator serve` arguments for a store on these etcd endpoints.
+pub fn etcd_store_args(endpoints: &[String]) -> Vec<String> {
+    let hosts: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e.trim_start_matches("http://"))
+        .collect();
+    vec!["--store".into(), format!("etcd://{}", hosts.join(","))]
 }
 
 /// Reads `metrics.jsonl` as JSON objects.

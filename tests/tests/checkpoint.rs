@@ -367,18 +367,7 @@ fn a_failed_checkpoint_write_is_reported_and_training_continues() {
         &[("RINGMASTER_FAILPOINT", "checkpoint-before-manifest=error")],
     )
     .unwrap();
-    let out = cluster.cli(
-        &[
-            "submit",
-            job.to_str().unwrap(),
-            "--follow",
-            "--output",
-            "json",
-        ],
-        JOB_TIMEOUT,
-    );
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    let done = out.json();
+    let done = cluster.follow(&job, &[]);
     assert_eq!(done["step"], 200);
     let ev = events(&done);
     let failures: Vec<&String> = ev.iter().filter(|e| e.contains("failed")).collect();
@@ -412,18 +401,10 @@ fn retention_keeps_the_last_two_and_the_best() {
         },
     );
     let cluster = LocalCluster::start(2).unwrap();
-    let out = cluster.cli(
-        &[
-            "submit",
-            job.to_str().unwrap(),
-            "--follow",
-            "--output",
-            "json",
-        ],
-        JOB_TIMEOUT,
-    );
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    let id = out.json()["id"].as_str().unwrap().to_string();
+    let id = cluster.follow(&job, &[])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // The expected set, from the validation accuracy logged at each step.
     let acc: Vec<(u64, f64)> = read_metrics(&tmp.path().join("out-keep/metrics.jsonl"))

@@ -5,7 +5,9 @@
 //! (same state dir) and on a real etcd.
 
 use ringmaster_tests::etcd::EtcdProcess;
-use ringmaster_tests::{LocalCluster, pack_digits, read_metrics, read_params, wait_until};
+use ringmaster_tests::{
+    LocalCluster, etcd_store_args, pack_digits, read_metrics, read_params, wait_until,
+};
 use std::path::Path;
 use std::time::Duration;
 
@@ -133,10 +135,5 @@ fn coordinator_sigkill_and_restart_on_the_embedded_store() {
 #[test]
 fn coordinator_sigkill_and_restart_on_etcd() {
     let etcd = EtcdProcess::start().unwrap();
-    let hosts: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| e.trim_start_matches("http://").to_string())
-        .collect();
-    restart_mid_job(&["--store".into(), format!("etcd://{}", hosts.join(","))]);
+    restart_mid_job(&etcd_store_args(&etcd.endpoints()));
 }

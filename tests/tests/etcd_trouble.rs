@@ -4,19 +4,11 @@
 //! it recovers by itself when the store returns.
 
 use ringmaster_tests::etcd::{EtcdCluster, EtcdProcess};
-use ringmaster_tests::{LocalCluster, pack_digits, wait_until};
+use ringmaster_tests::{LocalCluster, etcd_store_args, pack_digits, wait_until};
 use std::path::Path;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
-
-fn store_arg(endpoints: &[String]) -> Vec<String> {
-    let hosts: Vec<&str> = endpoints
-        .iter()
-        .map(|e| e.trim_start_matches("http://"))
-        .collect();
-    vec!["--store".into(), format!("etcd://{}", hosts.join(","))]
-}
 
 fn write_job(dir: &Path, data: &Path, steps: u64) -> std::path::PathBuf {
     let text = format!(
@@ -40,7 +32,8 @@ fn losing_one_of_three_etcd_members_interrupts_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let mut etcd = EtcdCluster::start(3).unwrap();
-    let cluster = LocalCluster::start_with_serve_args(2, &store_arg(&etcd.endpoints())).unwrap();
+    let cluster =
+        LocalCluster::start_with_serve_args(2, &etcd_store_args(&etcd.endpoints())).unwrap();
     let job = write_job(tmp.path(), &data, 4000);
     let out = cluster.cli(&["submit", job.to_str().unwrap()], T);
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -75,7 +68,8 @@ fn losing_the_store_degrades_the_coordinator_until_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let mut etcd = EtcdProcess::start().unwrap();
-    let cluster = LocalCluster::start_with_serve_args(2, &store_arg(&etcd.endpoints())).unwrap();
+    let cluster =
+        LocalCluster::start_with_serve_args(2, &etcd_store_args(&etcd.endpoints())).unwrap();
     let (code, h) = health(&cluster);
     assert_eq!((code, h["state"].as_str()), (0, Some("healthy")), "{h}");
     let job = write_job(tmp.path(), &data, 20000);

@@ -5,7 +5,9 @@
 //! store tests).
 
 use ringmaster_tests::etcd::EtcdProcess;
-use ringmaster_tests::{LocalCluster, coordinator_cli, pack_digits, read_params, wait_until};
+use ringmaster_tests::{
+    LocalCluster, coordinator_cli, etcd_store_args, pack_digits, read_params, wait_until,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,12 +30,7 @@ fn the_standby_takes_over_and_adopts_the_running_job() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let etcd = EtcdProcess::start().unwrap();
-    let hosts: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| e.trim_start_matches("http://").to_string())
-        .collect();
-    let store = vec!["--store".to_string(), format!("etcd://{}", hosts.join(","))];
+    let store = etcd_store_args(&etcd.endpoints());
     let mut cluster = LocalCluster::start_with_serve_args(0, &store).unwrap();
     let leader_url = cluster.url.clone();
     wait_until(Duration::from_secs(30), || {
