@@ -1141,6 +1141,12 @@ impl Cluster {
 
     /// Starts every queued job that the free workers allow.
     async fn schedule(&mut self) {
+        // Registrations and departures call this; with nothing queued it
+        // must not cost O(workers) each (measured: half the coordinator's
+        // CPU while 10k workers registered).
+        if self.queue.is_empty() {
+            return;
+        }
         let queue: Vec<Demand> = self
             .queue
             .iter()
