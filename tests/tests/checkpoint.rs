@@ -430,3 +430,65 @@ fn retention_keeps_the_last_two_and_the_best() {
     wait_until(Duration::from_secs(20), || step_dirs(&root) == expected)
         .unwrap_or_else(|_| panic!("on disk {:?}, expected {expected:?}", step_dirs(&root)));
 }
+
+#[test]
+fn checkpoints_come_on_a_timer_and_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let train = "steps = 1000000\noptimizer = \"sgd\"\nlearning_rate = 0.05";
+    let timer = write_job(
+        tmp.path(),
+        &data,
+        &Job {
+            name: "timer",
+            workers: 2,
+            train,
+            checkpoint: "every_seconds = 1",
+            dropout: 0.0,
+        },
+    );
+    let manual = write_job(
+        tmp.path(),
+        &data,
+        &Job {
+            name: "manual",
+            workers: 2,
+            train,
+            checkpoint: "",
+            dropout: 0.0,
+        },
+    );
+    let cluster = LocalCluster::start(2).unwrap();
+
+    // The timer alone produces checkpoints.
+    let id = submit(&cluster, &timer, &[]);
+    wait_until(JOB_TIMEOUT, || checkpoints(&cluster, &id).len() >= 2).unwrap();
+    assert_eq!(cluster.cli(&["cancel", &id, "--now"], T).code, 0);
+    wait_for_state(&cluster, &id, "cancelled");
+
+    // Without a schedule, one checkpoint comes per request.
+    let id = submit(&cluster, &manual, &[]);
+    wait_until(JOB_TIMEOUT, || {
+        cluster.status(&id)["step"].as_u64().unwrap_or(0) >= 100
+    })
+    .unwrap();
+    assert!(checkpoints(&cluster, &id).is_empty());
+    let out = cluster.cli(&["checkpoint", &id], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    wait_until(JOB_TIMEOUT, || checkpoints(&cluster, &id).len() == 1).unwrap();
+
+    // cancel --now stops without a final checkpoint.
+    let out = cluster.cli(&["cancel", &id, "--now"], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let cancelled = wait_for_state(&cluster, &id, "cancelled");
+    assert_eq!(cancelled["reason"], "cancelled by user");
+    assert_eq!(checkpoints(&cluster, &id).len(), 1);
+    // A job that is not running cannot checkpoint.
+    let out = cluster.cli(&["checkpoint", &id], T);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("only a running job can checkpoint"),
+        "{}",
+        out.stderr
+    );
+}
