@@ -1,9 +1,9 @@
 //! etcd trouble with real processes: losing one member of three interrupts
-//! nothing; losing the store makes the coordinator report itself degraded
+//! nothing; losing quorum (two of three) makes the coordinator report itself degraded
 //! (`coordinator status` exits 1 and says why) while jobs keep training, and
 //! it recovers by itself when the store returns.
 
-use ringmaster_tests::etcd::{EtcdCluster, EtcdProcess};
+use ringmaster_tests::etcd::EtcdCluster;
 use ringmaster_tests::{LocalCluster, etcd_store_args, pack_digits, wait_until};
 use std::path::Path;
 use std::time::Duration;
@@ -64,10 +64,10 @@ fn losing_one_of_three_etcd_members_interrupts_nothing() {
 }
 
 #[test]
-fn losing_the_store_degrades_the_coordinator_until_it_returns() {
+fn losing_etcd_quorum_degrades_the_coordinator_until_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
-    let mut etcd = EtcdProcess::start().unwrap();
+    let mut etcd = EtcdCluster::start(3).unwrap();
     let cluster =
         LocalCluster::start_with_serve_args(2, &etcd_store_args(&etcd.endpoints())).unwrap();
     let (code, h) = health(&cluster);
@@ -81,7 +81,9 @@ fn losing_the_store_degrades_the_coordinator_until_it_returns() {
     })
     .unwrap();
 
-    etcd.kill();
+    // Two of three members gone: the survivor has no quorum.
+    etcd.kill(1);
+    etcd.kill(2);
     let mut h = serde_json::Value::Null;
     wait_until(Duration::from_secs(60), || {
         let (code, v) = health(&cluster);
@@ -104,7 +106,8 @@ fn losing_the_store_degrades_the_coordinator_until_it_returns() {
     })
     .expect("training stopped while the store was down");
 
-    etcd.restart().unwrap();
+    etcd.restart(1).unwrap();
+    etcd.restart(2).unwrap();
     wait_until(Duration::from_secs(60), || health(&cluster).0 == 0)
         .expect("the coordinator did not recover when the store returned");
     assert_eq!(cluster.status(&id)["state"], "running");
