@@ -502,14 +502,14 @@ impl Cluster {
         resume_from: Option<PathBuf>,
     ) -> Result<JobId, ControlError> {
         spec.check().map_err(ControlError::Invalid)?;
+        self.writable()?;
         // The sequence lives in the store so ids stay unique across restarts.
         let seq_key = keys::job_seq();
         let seq = match self.store.get(&seq_key).await? {
             Some(v) => records::decode::<u64>(&seq_key, &v.value)? + 1,
             None => 1,
         };
-        self.store
-            .put(&seq_key, records::encode(&seq_key, &seq)?)
+        self.put_settled(&seq_key, records::encode(&seq_key, &seq)?)
             .await?;
         let id = JobId::parse(&format!("{}-{seq}", spec.name))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
@@ -532,8 +532,7 @@ impl Cluster {
             events: Vec::new(),
         };
         let key = keys::job_spec(&id)?;
-        self.store
-            .put(&key, records::encode(&key, &record)?)
+        self.put_settled(&key, records::encode(&key, &record)?)
             .await?;
         self.persist_status(&id, &status).await?;
         let view = pb::JobStatus::from((&record, &status));
@@ -565,13 +564,30 @@ impl Cluster {
         }
     }
 
+    /// Writes `key`. A write that may or may not have happened (a timeout
+    /// after sending: [`StoreError::Ambiguous`]) is settled by reading the key
+    /// back before going on, and written again only if it did not land.
+    async fn put_settled(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        match self.store.put(key, bytes.clone()).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Ambiguous(why)) => {
+                warn!(
+                    key,
+                    "write may or may not have happened ({why}); reading it back"
+                );
+                match self.store.get(key).await? {
+                    Some(v) if v.value == bytes => Ok(()),
+                    _ => self.store.put(key, bytes).await.map(|_| ()),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn persist_status(&self, id: &JobId, status: &JobStatusRecord) -> Result<(), StoreError> {
         self.writable()?;
         let key = keys::job_status(id)?;
-        self.store
-            .put(&key, records::encode(&key, status)?)
-            .await
-            .map(|_| ())
+        self.put_settled(&key, records::encode(&key, status)?).await
     }
 
     /// Applies a final state: persisted first, then members are told to stop
@@ -760,7 +776,7 @@ impl Cluster {
             Err(e) => return warn!(job = %id, "bad checkpoint key: {e}"),
         };
         let written = match records::encode(&key, &record) {
-            Ok(bytes) => self.store.put(&key, bytes).await,
+            Ok(bytes) => self.put_settled(&key, bytes).await,
             Err(e) => Err(e),
         };
         if let Err(e) = written {
