@@ -79,7 +79,8 @@ impl Default for ControlConfig {
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+/// Where the control loop answers a request.
+pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
 /// Outbound half of a worker's session.
 pub type SessionTx = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 

@@ -2,7 +2,7 @@
 //! Handlers translate requests into control-loop messages and back; they hold
 //! no state. Domain errors map to gRPC codes in [`to_status`] and nowhere else.
 
-use crate::control::{ControlError, ControlHandle, Msg};
+use crate::control::{ControlError, ControlHandle, Msg, Reply};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::now_ms;
 use ringmaster_proto::pb::{
@@ -65,6 +65,13 @@ impl Services {
     }
 }
 
+impl Services {
+    /// Sends one request to the control loop; errors become statuses.
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, Status> {
+        self.control()?.call(make).await.map_err(to_status)
+    }
+}
+
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -84,11 +91,7 @@ impl Control for Services {
                 )));
             }
         };
-        let id = self
-            .control()?
-            .call(|r| Msg::Submit(spec, resume_from, r))
-            .await
-            .map_err(to_status)?;
+        let id = self.ask(|r| Msg::Submit(spec, resume_from, r)).await?;
         Ok(Response::new(pb::SubmitResponse {
             job_id: id.to_string(),
         }))
@@ -99,11 +102,7 @@ impl Control for Services {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
-        let s = self
-            .control()?
-            .call(|r| Msg::GetJob(id, r))
-            .await
-            .map_err(to_status)?;
+        let s = self.ask(|r| Msg::GetJob(id, r)).await?;
         Ok(Response::new(s))
     }
 
@@ -111,11 +110,7 @@ impl Control for Services {
         &self,
         _req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = self
-            .control()?
-            .call(Msg::ListJobs)
-            .await
-            .map_err(to_status)?;
+        let jobs = self.ask(Msg::ListJobs).await?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
@@ -124,11 +119,7 @@ impl Control for Services {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
         let req = req.into_inner();
-        let s = self
-            .control()?
-            .call(|r| Msg::Cancel(req.job_id, req.now, r))
-            .await
-            .map_err(to_status)?;
+        let s = self.ask(|r| Msg::Cancel(req.job_id, req.now, r)).await?;
         Ok(Response::new(s))
     }
 
@@ -137,11 +128,7 @@ impl Control for Services {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
-        let s = self
-            .control()?
-            .call(|r| Msg::Resume(id, r))
-            .await
-            .map_err(to_status)?;
+        let s = self.ask(|r| Msg::Resume(id, r)).await?;
         Ok(Response::new(s))
     }
 
@@ -150,11 +137,7 @@ impl Control for Services {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
-        let s = self
-            .control()?
-            .call(|r| Msg::RequestCheckpoint(id, r))
-            .await
-            .map_err(to_status)?;
+        let s = self.ask(|r| Msg::RequestCheckpoint(id, r)).await?;
         Ok(Response::new(s))
     }
 
@@ -162,7 +145,7 @@ impl Control for Services {
         &self,
         _req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let h = self.control()?.call(Msg::Health).await.map_err(to_status)?;
+        let h = self.ask(Msg::Health).await?;
         Ok(Response::new(h))
     }
 
@@ -171,11 +154,7 @@ impl Control for Services {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
         let id = req.into_inner().job_id;
-        let checkpoints = self
-            .control()?
-            .call(|r| Msg::ListCheckpoints(id, r))
-            .await
-            .map_err(to_status)?;
+        let checkpoints = self.ask(|r| Msg::ListCheckpoints(id, r)).await?;
         Ok(Response::new(pb::ListCheckpointsResponse { checkpoints }))
     }
 
@@ -183,11 +162,7 @@ impl Control for Services {
         &self,
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self
-            .control()?
-            .call(Msg::ListWorkers)
-            .await
-            .map_err(to_status)?;
+        let workers = self.ask(Msg::ListWorkers).await?;
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
@@ -198,11 +173,7 @@ impl Control for Services {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = req.into_inner().job_id;
-        let mut rx = self
-            .control()?
-            .call(|r| Msg::Watch(id, r))
-            .await
-            .map_err(to_status)?;
+        let mut rx = self.ask(|r| Msg::Watch(id, r)).await?;
         let (tx, out) = mpsc::channel(16);
         tokio::spawn(async move {
             loop {
@@ -251,12 +222,11 @@ impl Agent for Services {
         let (tx, rx) = mpsc::channel(64);
         let last_seen = Arc::new(AtomicU64::new(now_ms()));
         // The control loop sends `Registered` first on this channel.
-        let worker = self
-            .control()?
+        let control = self.control()?;
+        let worker = control
             .call(|r| Msg::Register(register, tx, last_seen.clone(), r))
             .await
             .map_err(to_status)?;
-        let control = self.control()?;
         tokio::spawn(async move {
             let reason = loop {
                 let next = inbound.next().await;
