@@ -682,12 +682,12 @@ impl Cluster {
             generation: job.status.generation,
             stop,
         };
-        for w in &job.members {
-            if let Some(worker) = self.workers.get(w) {
-                let _ = worker.tx.try_send(Ok(CoordinatorMessage {
-                    kind: Some(coordinator_message::Kind::Checkpoint(request.clone())),
-                }));
-            }
+        // Rank 0 alone: flags from several ranks could land in different
+        // steps' all-reduces and take two checkpoints for one request.
+        if let Some(worker) = job.members.first().and_then(|w| self.workers.get(w)) {
+            let _ = worker.tx.try_send(Ok(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Checkpoint(request)),
+            }));
         }
         Ok(())
     }
