@@ -125,8 +125,23 @@ pub enum DeviceKind {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OutputSpec {
-    /// Absolute directory where rank 0 writes `model.safetensors` and `metrics.jsonl`.
+    /// Absolute directory under which each job gets its own folder
+    /// ([`OutputSpec::job_dir`]), where rank 0 writes `model.safetensors`
+    /// and `metrics.jsonl`.
     pub dir: PathBuf,
+}
+
+/// The name of the link in `output.dir` that points at the folder of the
+/// job that started there last.
+pub const LATEST_LINK: &str = "latest";
+
+impl OutputSpec {
+    /// `<output.dir>/<job-id>/`: every job writes into a folder of its own,
+    /// so submitting the same job file twice never mixes two runs' metrics
+    /// or overwrites a model (job ids are unique per store).
+    pub fn job_dir(&self, job_id: &str) -> PathBuf {
+        self.dir.join(job_id)
+    }
 }
 
 /// When and where rank 0 saves checkpoints, and which it keeps. With no

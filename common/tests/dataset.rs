@@ -42,7 +42,132 @@ fn csv_input(path: &Path, label_column: LabelColumn, has_header: Option<bool>) -
         path: path.into(),
         label_column,
         has_header,
+        skip_rows: 0,
     }
+}
+
+/// Shaped like scikit-learn's `breast_cancer.csv` and `wine_data.csv`: a first
+/// line of sample count, feature count and class names, then rows of
+/// features and the label, no header.
+const SKLEARN_SHAPED: &[u8] = b"4,3,malignant,benign\n\
+    17.99,10.38,122.8,0\n\
+    20.57,17.77,132.9,0\n\
+    13.54,14.36,87.46,1\n\
+    7.76,24.54,47.92,1\n";
+
+#[test]
+fn skip_rows_reads_scikit_learn_shaped_csv() {
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = write_file(tmp.path(), "breast_cancer.csv", SKLEARN_SHAPED);
+    let out = tmp.path().join("out");
+    let input = PackInput::Csv {
+        path: csv.clone(),
+        label_column: LabelColumn::Last,
+        has_header: None,
+        skip_rows: 1,
+    };
+    let report = pack(&options(input, &out)).unwrap();
+    assert_eq!(
+        (report.train_samples, report.features, report.num_classes),
+        (4, 3, 2)
+    );
+    let ds = Dataset::load(&out.join("train")).unwrap();
+    assert_eq!(
+        ds.x,
+        [
+            17.99, 10.38, 122.8, 20.57, 17.77, 132.9, 13.54, 14.36, 87.46, 7.76, 24.54, 47.92
+        ]
+    );
+    assert_eq!(ds.y, [0, 0, 1, 1]);
+    let source = ds.manifest.source.unwrap();
+    assert!(source.contains("first line skipped, no header"), "{source}");
+
+    // Gzip too: lines are skipped after decompression.
+    let gz = write_file(tmp.path(), "wine.csv.gz", &gzip(SKLEARN_SHAPED));
+    let input = PackInput::Csv {
+        path: gz,
+        label_column: LabelColumn::Last,
+        has_header: None,
+        skip_rows: 1,
+    };
+    let report = pack(&options(input, &tmp.path().join("gz"))).unwrap();
+    assert_eq!((report.train_samples, report.features), (4, 3));
+}
+
+#[test]
+fn skip_rows_then_header_and_lines_count_from_the_top() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two lines of preamble that are not CSV at all, then a header.
+    let text = b"exported by \"some tool\", v2\n# units: cm\nlabel,a,b\n1,0.5,2\n0,1.5,x\n";
+    let csv = write_file(tmp.path(), "t.csv", text);
+    let input = |skip_rows| PackInput::Csv {
+        path: csv.clone(),
+        label_column: LabelColumn::Name("label".into()),
+        has_header: None,
+        skip_rows,
+    };
+    let err = pack(&options(input(2), &tmp.path().join("o")))
+        .unwrap_err()
+        .to_string();
+    // The bad value is on line 5 of the file, though the 3rd line read as CSV.
+    assert_eq!(
+        err,
+        format!(
+            "{}:5: column 3: cannot parse `x` as a number",
+            csv.display()
+        )
+    );
+
+    let fixed = write_file(
+        tmp.path(),
+        "u.csv",
+        b"exported by \"some tool\", v2\n# units: cm\nlabel,a,b\n1,0.5,2\n0,1.5,3\n",
+    );
+    let input = PackInput::Csv {
+        path: fixed,
+        label_column: LabelColumn::Name("label".into()),
+        has_header: None,
+        skip_rows: 2,
+    };
+    let out = tmp.path().join("u");
+    pack(&options(input, &out)).unwrap();
+    let ds = Dataset::load(&out.join("train")).unwrap();
+    assert_eq!(ds.x, [0.5, 2.0, 1.5, 3.0]);
+    assert_eq!(ds.y, [1, 0]);
+}
+
+#[test]
+fn a_preamble_taken_for_a_header_suggests_skip_rows() {
+    // Without --skip-rows the line of counts and class names reads as a header;
+    // its width differs from the rows', which gives it away (as in
+    // breast_cancer.csv: 4 fields, then rows of 31).
+    let text = b"2,4,malignant,benign\n1,2,3,4,0\n5,6,7,8,1\n";
+    check_csv_error(
+        "breast_cancer.csv",
+        text,
+        LabelColumn::Last,
+        ":2: expected 4 fields like the header on line 1, found 5; if the lines above the \
+         table are not column names, skip them (--skip-rows N)",
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = write_file(tmp.path(), "t.csv", b"a,b,label\n1,2,0\n");
+    let input = PackInput::Csv {
+        path: csv.clone(),
+        label_column: LabelColumn::Last,
+        has_header: None,
+        skip_rows: 3,
+    };
+    let err = pack(&options(input, &tmp.path().join("o")))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "invalid input: {}: skipping 3 leading lines leaves no data: the file has 2",
+            csv.display()
+        )
+    );
 }
 
 #[test]

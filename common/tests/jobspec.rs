@@ -287,7 +287,8 @@ fn value_ranges() {
     );
     check_err(
         &edit(&[("seed = 1", "seed = -1")]),
-        "job.toml:2:8: seed must not be negative, got -1",
+        "job.toml:2:8: seed must be an integer between 0 and 2^64-1 (18446744073709551615), \
+         got -1",
     );
     check_err(
         &edit(&[(
@@ -307,6 +308,93 @@ fn value_ranges() {
         &edit(&[("dir = \"out\"", "dir = \"\"")]),
         "job.toml:18:7: output.dir must not be empty",
     );
+}
+
+/// TOML integers past `i64` (which the `toml` crate hands over as `u64`,
+/// `i128` or `u128`) get the key's range, not serde's `invalid type: integer
+/// ... as i128`.
+#[test]
+fn integers_past_i64_report_the_range() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "seed = 1",
+            "seed = 1180591620717411303424",
+            "job.toml:2:8: seed must be an integer between 0 and 2^64-1 (18446744073709551615), \
+             got 1180591620717411303424",
+        ),
+        (
+            "seed = 1",
+            "seed = 18446744073709551616",
+            "job.toml:2:8: seed must be an integer between 0 and 2^64-1 (18446744073709551615), \
+             got 18446744073709551616",
+        ),
+        (
+            "seed = 1",
+            "seed = -1180591620717411303424",
+            "job.toml:2:8: seed must be an integer between 0 and 2^64-1 (18446744073709551615), \
+             got -1180591620717411303424",
+        ),
+        (
+            "batch_size = 12",
+            "batch_size = 1180591620717411303424",
+            "job.toml:10:14: train.batch_size must be between 1 and 1048576, \
+             got 1180591620717411303424",
+        ),
+        (
+            "batch_size = 12",
+            "batch_size = 9223372036854775808",
+            "job.toml:10:14: train.batch_size must be between 1 and 1048576, \
+             got 9223372036854775808",
+        ),
+        (
+            "hidden = [16, 8]",
+            "hidden = [16, 1180591620717411303424]",
+            "job.toml:5:15: model.hidden[1] must be between 1 and 65536, \
+             got 1180591620717411303424",
+        ),
+        (
+            "steps = 10",
+            "steps = 1180591620717411303424",
+            "job.toml:11:9: train.steps must be between 1 and 9223372036854775807, \
+             got 1180591620717411303424",
+        ),
+        (
+            "min = 2",
+            "min = -1180591620717411303424",
+            "job.toml:15:7: workers.min must be between 1 and 1024, \
+             got -1180591620717411303424",
+        ),
+        (
+            "learning_rate = 0.1",
+            "learning_rate = -1180591620717411303424",
+            "job.toml:13:17: train.learning_rate must be positive and finite, \
+             got -1.1805916207174113e21",
+        ),
+        // Past i128 no rule can print the value; it is still named.
+        (
+            "batch_size = 12",
+            "batch_size = 170141183460469231731687303715884105728",
+            "job.toml:10:14: invalid value: integer `170141183460469231731687303715884105728`, \
+             expected an integer",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        check_err(&edit(&[(from, to)]), expected);
+    }
+    check_err(
+        &with_checkpoint("keep_last = 1180591620717411303424"),
+        "job.toml:20:13: checkpoint.keep_last must be at most 4294967295, \
+         got 1180591620717411303424",
+    );
+    check_err(
+        &with_checkpoint("every_seconds = 9223372036854775808"),
+        "job.toml:20:17: checkpoint.every_seconds must be between 1 and 9223372036854775807, \
+         got 9223372036854775808",
+    );
+    // The whole u64 range is a valid seed.
+    let spec = parse(&edit(&[("seed = 1", "seed = 18446744073709551615")]));
+    assert_eq!(spec.seed, u64::MAX);
+    assert_eq!(spec.check(), Ok(()));
 }
 
 /// `BASE` with a `[checkpoint]` table holding `body` appended: the table is
@@ -535,7 +623,10 @@ fn error_kinds() {
         "{err}"
     );
     assert_eq!(err.location().file, Path::new("a/job.toml"));
-    assert_eq!(err.message(), "seed must not be negative, got -1");
+    assert_eq!(
+        err.message(),
+        "seed must be an integer between 0 and 2^64-1 (18446744073709551615), got -1"
+    );
 }
 
 #[test]

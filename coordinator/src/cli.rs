@@ -33,20 +33,70 @@ use tonic::transport::Channel;
 #[derive(Parser, Debug)]
 #[command(name = "coordinator", version, verbatim_doc_comment)]
 pub struct Cli {
-    /// Coordinator URL for client commands; several (comma-separated) for a
-    /// leader and its standbys: the leader is found.
-    #[arg(
-        long,
-        global = true,
-        env = "RINGMASTER_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub coordinator: String,
-    /// Output format for commands that print data.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
-    pub output: Output,
+    /// Where client commands find the coordinator and how they print; also
+    /// accepted after the subcommand.
+    #[command(flatten)]
+    pub client: ClientOpts,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The default coordinator URL of client commands.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:50051";
+/// The environment variable client commands read the coordinator URL from.
+pub const URL_ENV: &str = "RINGMASTER_COORDINATOR";
+
+/// Options of the commands that talk to a running coordinator.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ClientOpts {
+    /// Coordinator URL [env: RINGMASTER_COORDINATOR; default: http://127.0.0.1:50051];
+    /// several (comma-separated) for a leader and its standbys: the leader is found.
+    #[arg(long, value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// Output format: text or json.
+    #[arg(long, value_enum)]
+    pub output: Option<Output>,
+    /// With several URLs (or while a leader is being elected), how long to
+    /// keep looking for the leader, in seconds.
+    #[arg(long, value_name = "SECS")]
+    pub leader_wait_secs: Option<u64>,
+}
+
+impl ClientOpts {
+    /// These options where given, else `outer`'s: a flag after the
+    /// subcommand wins over one before it.
+    pub fn or(self, outer: &ClientOpts) -> ClientOpts {
+        ClientOpts {
+            coordinator: self.coordinator.or_else(|| outer.coordinator.clone()),
+            output: self.output.or(outer.output),
+            leader_wait_secs: self.leader_wait_secs.or(outer.leader_wait_secs),
+        }
+    }
+
+    /// The coordinator URL(s): the flag, else `$RINGMASTER_COORDINATOR`,
+    /// else the default.
+    pub fn url(&self) -> String {
+        self.coordinator
+            .clone()
+            .or_else(|| std::env::var(URL_ENV).ok().filter(|u| !u.trim().is_empty()))
+            .unwrap_or_else(|| DEFAULT_URL.to_string())
+    }
+
+    pub fn output(&self) -> Output {
+        self.output.unwrap_or(Output::Text)
+    }
+
+    fn leader_wait(&self) -> Duration {
+        Duration::from_secs(self.leader_wait_secs.unwrap_or(15))
+    }
+}
+
+/// The output format of a dataset command (it talks to no coordinator).
+#[derive(Args, Debug, Default, Clone)]
+pub struct OutputOpt {
+    /// Output format: text or json.
+    #[arg(long, value_enum, global = true)]
+    pub output: Option<Output>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -65,6 +115,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate a job file and submit it.
     ///
+    /// Each job writes into its own folder, `<output.dir>/<job-id>/`, and
+    /// `<output.dir>/latest` points at the newest one.
+    ///
     /// Examples:
     ///   coordinator submit examples/digits-mlp.toml --follow
     ///   coordinator submit job.toml --dry-run
@@ -73,6 +126,7 @@ pub enum Command {
         /// The job file (job.toml).
         job: PathBuf,
         /// Show progress until the job ends; exit 0 only if it succeeded.
+        /// Ctrl-C stops following, not the job.
         #[arg(long)]
         follow: bool,
         /// Validate (job file and datasets) and print the job, submit nothing.
@@ -82,21 +136,35 @@ pub enum Command {
         /// of a fresh initialisation: a fork. The worker count may differ.
         #[arg(long)]
         resume_from: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Show one job, or without JOB the coordinator itself (store, degraded
     /// or healthy, job and worker counts).
     ///
     /// Examples:
     ///   coordinator status digits-mlp-1 --output json
+    ///   coordinator status digits-mlp-1 --follow
     ///   coordinator status
     #[command(verbatim_doc_comment)]
-    Status { job: Option<String> },
+    Status {
+        /// The job's id, as `submit` printed it (e.g. digits-mlp-1).
+        job: Option<String>,
+        /// Follow the job until it ends (exit 0 only if it succeeded).
+        #[arg(long, requires = "job")]
+        follow: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// List all jobs.
     ///
     /// Example:
     ///   coordinator list --output json
     #[command(verbatim_doc_comment)]
-    List,
+    List {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Cancel a queued or running job. A running job first takes a final
     /// checkpoint at its next step boundary (unless --now), so it can be resumed.
     ///
@@ -105,10 +173,13 @@ pub enum Command {
     ///   coordinator cancel digits-mlp-1 --now
     #[command(verbatim_doc_comment)]
     Cancel {
+        /// The job's id, as `submit` printed it (e.g. digits-mlp-1).
         job: String,
         /// Stop at once, without a final checkpoint.
         #[arg(long)]
         now: bool,
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Continue a failed or cancelled job from its latest committed checkpoint
     /// (falling back to an older one if the newest does not verify).
@@ -117,32 +188,52 @@ pub enum Command {
     ///   coordinator resume digits-mlp-1 --follow
     #[command(verbatim_doc_comment)]
     Resume {
+        /// The job's id, as `submit` printed it (e.g. digits-mlp-1).
         job: String,
         /// Show progress until the job ends; exit 0 only if it succeeded.
         #[arg(long)]
         follow: bool,
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Ask a running job for a checkpoint at its next step boundary.
     ///
     /// Example:
     ///   coordinator checkpoint digits-mlp-1
     #[command(verbatim_doc_comment)]
-    Checkpoint { job: String },
+    Checkpoint {
+        /// The job's id, as `submit` printed it (e.g. digits-mlp-1).
+        job: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// List a job's checkpoints: step, metrics, size, committed.
     ///
     /// Example:
     ///   coordinator checkpoints digits-mlp-1 --output json
     #[command(verbatim_doc_comment)]
-    Checkpoints { job: String },
+    Checkpoints {
+        /// The job's id, as `submit` printed it (e.g. digits-mlp-1).
+        job: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// List connected workers.
     ///
     /// Example:
     ///   coordinator workers
     #[command(verbatim_doc_comment)]
-    Workers,
+    Workers {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Prepare datasets in Ringmaster's shard format.
-    #[command(subcommand)]
-    Dataset(DatasetCommand),
+    Dataset {
+        #[command(flatten)]
+        output: OutputOpt,
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
 }
 
 impl Command {
@@ -215,6 +306,13 @@ pub struct PackArgs {
     /// Whether the CSV has a header row (default: detected).
     #[arg(long)]
     pub header: Option<bool>,
+    /// Lines to skip at the top of the CSV, before the header if there is one.
+    ///
+    /// For files that open with something other than the table, such as scikit-learn's
+    /// breast_cancer.csv and wine_data.csv, whose first line holds counts and class names:
+    /// `--skip-rows 1`. Lines in error messages still count from the top of the file.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub skip_rows: usize,
     /// NPY features, 2-D float32/float64.
     #[arg(long, requires = "npy_labels")]
     pub npy_features: Option<PathBuf>,
@@ -246,20 +344,29 @@ pub struct SynthArgs {
     /// The dataset directory to write.
     #[arg(long)]
     pub out_dir: PathBuf,
+    /// Number of samples to generate.
     #[arg(long, default_value_t = 10000)]
     pub samples: usize,
+    /// Features per sample (1 to 1048576).
     #[arg(long, default_value_t = 784)]
     pub features: usize,
+    /// Number of classes (2 to 1048576).
+    ///
+    /// Labels are drawn uniformly; each class's samples are a unit-variance Gaussian blob around
+    /// a random mean of its own, so a small model learns them well but not perfectly.
     #[arg(long, default_value_t = 10)]
     pub classes: u32,
+    /// Seed of the class means, labels and noise: the same seed and sizes give the same data.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Samples per shard file.
     #[arg(long, default_value_t = 65536)]
     pub shard_samples: usize,
 }
 
 /// Runs a parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
+    let top = cli.client;
     let result = match cli.command {
         Command::Serve(args) => serve(args).await.map(|()| 0),
         Command::Submit {
@@ -267,10 +374,10 @@ pub async fn run(cli: Cli) -> i32 {
             follow,
             dry_run,
             resume_from,
+            client,
         } => {
             submit(
-                &cli.coordinator,
-                cli.output,
+                &client.or(&top),
                 &job,
                 follow,
                 dry_run,
@@ -278,32 +385,53 @@ pub async fn run(cli: Cli) -> i32 {
             )
             .await
         }
-        Command::Status { job: Some(job) } => {
-            status(&cli.coordinator, cli.output, &job).await.map(|()| 0)
+        Command::Status {
+            job: Some(job),
+            follow,
+            client,
+        } => status(&client.or(&top), &job, follow).await,
+        Command::Status {
+            job: None, client, ..
+        } => health(&client.or(&top)).await,
+        Command::List { client } => list(&client.or(&top)).await.map(|()| 0),
+        Command::Cancel { job, now, client } => {
+            cancel(&client.or(&top), &job, now).await.map(|()| 0)
         }
-        Command::Status { job: None } => health(&cli.coordinator, cli.output).await,
-        Command::List => list(&cli.coordinator, cli.output).await.map(|()| 0),
-        Command::Cancel { job, now } => cancel(&cli.coordinator, cli.output, &job, now)
-            .await
-            .map(|()| 0),
-        Command::Resume { job, follow } => resume(&cli.coordinator, cli.output, &job, follow).await,
-        Command::Checkpoint { job } => checkpoint_now(&cli.coordinator, cli.output, &job)
-            .await
-            .map(|()| 0),
-        Command::Checkpoints { job } => checkpoints(&cli.coordinator, cli.output, &job)
-            .await
-            .map(|()| 0),
-        Command::Workers => workers(&cli.coordinator, cli.output).await.map(|()| 0),
-        Command::Dataset(cmd) => dataset_cmd(cmd, cli.output).map(|()| 0),
+        Command::Resume {
+            job,
+            follow,
+            client,
+        } => resume(&client.or(&top), &job, follow).await,
+        Command::Checkpoint { job, client } => {
+            checkpoint_now(&client.or(&top), &job).await.map(|()| 0)
+        }
+        Command::Checkpoints { job, client } => {
+            checkpoints(&client.or(&top), &job).await.map(|()| 0)
+        }
+        Command::Workers { client } => workers(&client.or(&top)).await.map(|()| 0),
+        Command::Dataset { output, command } => {
+            let output = output.output.or(top.output).unwrap_or(Output::Text);
+            dataset_cmd(command, output).map(|()| 0)
+        }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            1
+            if e.downcast_ref::<UsageError>().is_some() {
+                2
+            } else {
+                1
+            }
         }
     }
 }
+
+/// A mistake in how a command was called (exit code 2), found after clap's
+/// own parsing, e.g. a coordinator URL that is not a URL.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let url = match &args.store {
@@ -332,6 +460,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         progress_every_steps: args.progress_every_steps.max(1),
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         adopt_grace: Duration::from_secs(args.adopt_grace_secs),
+        ..ControlConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -344,17 +473,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
     tracing::info!(%local, store = %url, %advertise, "serving; campaigning for leadership");
-    let role = Arc::new(std::sync::RwLock::new(Role::Standby { leader: None }));
+    let role = Arc::new(std::sync::RwLock::new(Role::Standby {
+        leader: None,
+        problem: None,
+    }));
     let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(None::<String>);
+    let (problem_tx, mut problem_rx) = tokio::sync::watch::channel(None::<String>);
     {
-        // While standing by, answer with the current leader's address.
+        // While standing by, answer with the current leader's address and
+        // what keeps this coordinator from leading.
         let role = role.clone();
         tokio::spawn(async move {
-            while leader_rx.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = leader_rx.changed() => if changed.is_err() { break },
+                    changed = problem_rx.changed() => if changed.is_err() { break },
+                }
                 let leader = leader_rx.borrow_and_update().clone();
+                let problem = problem_rx.borrow_and_update().clone();
                 let mut r = role.write().unwrap_or_else(|e| e.into_inner());
                 if let Role::Standby { .. } = &*r {
-                    *r = Role::Standby { leader };
+                    *r = Role::Standby { leader, problem };
                 }
             }
         });
@@ -363,28 +502,57 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let role = role.clone();
         let store_name = url.to_string();
         tokio::spawn(async move {
-            let leadership = election::campaign(&store, &advertise, &leader_tx).await;
-            // Every write of this leader is conditioned on its leader key.
-            let fenced: Arc<dyn StateStore> = Arc::new(FencedStore::new(
-                store.clone(),
-                keys::leader(),
-                leadership.version,
-            ));
-            match control::start(fenced, store_name, cfg).await {
-                Ok(control) => {
-                    *role.write().unwrap_or_else(|e| e.into_inner()) = Role::Leader(control);
-                    tracing::info!("leading");
-                }
-                Err(e) => {
-                    eprintln!("error: failed to load the cluster state: {e}");
-                    std::process::exit(1);
-                }
+            loop {
+                let leadership =
+                    election::campaign(&store, &advertise, &leader_tx, &problem_tx).await;
+                // Every write of this leader is conditioned on its leader key,
+                // and the cluster model is loaded afresh each time it leads.
+                let fenced: Arc<dyn StateStore> = Arc::new(FencedStore::new(
+                    store.clone(),
+                    keys::leader(),
+                    leadership.version,
+                ));
+                let control = match control::start(fenced, store_name.clone(), cfg).await {
+                    Ok(control) => control,
+                    Err(e) if e.retryable() => {
+                        tracing::warn!("failed to load the cluster state: {e}; standing by");
+                        let _ = store.revoke_lease(leadership.lease).await;
+                        leader_tx.send_replace(None);
+                        problem_tx
+                            .send_replace(Some(format!("cannot load the cluster state: {e}")));
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        eprintln!("error: failed to load the cluster state: {e}");
+                        std::process::exit(1);
+                    }
+                };
+                *role.write().unwrap_or_else(|e| e.into_inner()) = Role::Leader(control.clone());
+                tracing::info!("leading");
+                let why = tokio::select! {
+                    why = election::hold(&store, leadership) => why,
+                    () = control.deposed() => "a write was refused: another coordinator leads".to_string(),
+                };
+                // Stop acting before anyone else can: no more commands or
+                // writes from this loop, and the workers' sessions close so
+                // they look for the leader.
+                tracing::warn!("stepping down as leader: {why}");
+                leader_tx.send_replace(None);
+                problem_tx.send_replace(Some(format!("stepped down as leader: {why}")));
+                *role.write().unwrap_or_else(|e| e.into_inner()) = Role::Standby {
+                    leader: None,
+                    problem: Some(format!("stepped down as leader: {why}")),
+                };
+                control.shutdown().await;
+                // Best effort: lets a standby take over without waiting for
+                // the lease to run out, if the store still answers.
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    store.revoke_lease(leadership.lease),
+                )
+                .await;
             }
-            let why = election::hold(&store, leadership).await;
-            // Another coordinator may lead now: stop rather than act on a
-            // cluster we no longer own (our writes are fenced meanwhile).
-            eprintln!("error: deposed as leader ({why}); exiting");
-            std::process::exit(1);
         });
     }
     let services = Services { role };
@@ -413,47 +581,140 @@ async fn shutdown_signal() {
     }
 }
 
-/// How long client commands keep looking for a leader (one may be in the
-/// middle of an election).
-const FIND_LEADER: Duration = Duration::from_secs(15);
+/// How long one connection attempt to one coordinator URL may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Connects to the leader among `urls` (comma-separated): a standby answers
-/// with the leader's address, which is followed.
-async fn client(urls: &str) -> anyhow::Result<ControlClient<Channel>> {
-    let mut candidates: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
-    let deadline = tokio::time::Instant::now() + FIND_LEADER;
-    let mut last_error = None;
+/// Checks the coordinator URL list before anything is dialled, so a typo is
+/// a usage error at once rather than a wait.
+fn parse_urls(urls: &str) -> Result<Vec<tonic::transport::Endpoint>, UsageError> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(UsageError(
+            "no coordinator URL given (--coordinator)".into(),
+        ));
+    }
+    list.into_iter()
+        .map(|u| {
+            let bad = |why: &str| {
+                UsageError(format!(
+                    "invalid coordinator URL `{u}`: {why} (expected e.g. http://127.0.0.1:50051)"
+                ))
+            };
+            let uri: tonic::codegen::http::Uri = u.parse().map_err(|e| bad(&format!("{e}")))?;
+            match uri.scheme_str() {
+                Some("http" | "https") => {}
+                Some(other) => return Err(bad(&format!("unsupported scheme `{other}`"))),
+                None => return Err(bad("no scheme")),
+            }
+            if uri.authority().is_none() {
+                return Err(bad("no host"));
+            }
+            Ok(tonic::transport::Endpoint::from(uri).connect_timeout(CONNECT_TIMEOUT))
+        })
+        .collect()
+}
+
+/// Connects to the leader among the given URLs: a standby answers with the
+/// leader's address, which is followed. With one URL that cannot be reached
+/// at all this fails at once; otherwise (several URLs, or an election in
+/// progress) it keeps looking for `--leader-wait-secs`, saying what it waits
+/// for.
+async fn client(opts: &ClientOpts) -> anyhow::Result<ControlClient<Channel>> {
+    let urls = opts.url();
+    let mut candidates = parse_urls(&urls)?;
+    let single = candidates.len() == 1;
+    let wait = opts.leader_wait();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut said_waiting = false;
     loop {
+        let mut problems = Vec::new();
         let mut i = 0;
         while i < candidates.len() {
-            let url = candidates[i].clone();
+            let endpoint = candidates[i].clone();
+            let url = endpoint.uri().to_string();
             i += 1;
-            let mut c = match ControlClient::connect(url.clone()).await {
-                Ok(c) => c,
+            let mut c = match endpoint.connect().await {
+                Ok(channel) => ControlClient::new(channel),
                 Err(e) => {
-                    last_error = Some(
-                        anyhow::Error::new(e)
-                            .context(format!("failed to reach the coordinator at {url}")),
-                    );
+                    let cause = connect_cause(&e);
+                    if single {
+                        bail!(
+                            "failed to reach the coordinator at {urls}: {cause}; \
+                             is `coordinator serve` running there?"
+                        );
+                    }
+                    problems.push(format!("{url}: {cause}"));
                     continue;
                 }
             };
             match c.health(pb::HealthRequest {}).await {
-                Ok(_) => return Ok(c),
+                Ok(h) if h.get_ref().role != "standby" => return Ok(c),
+                Ok(h) => {
+                    let h = h.into_inner();
+                    if !h.leader.is_empty()
+                        && !candidates.iter().any(|u| same_url(u, &h.leader))
+                        && let Ok(more) = parse_urls(&h.leader)
+                    {
+                        candidates.extend(more);
+                    }
+                    problems.push(match (h.leader.is_empty(), h.degraded.is_empty()) {
+                        (false, _) => format!("{url}: a standby; the leader is at {}", h.leader),
+                        (true, true) => format!("{url}: a standby; no leader is elected yet"),
+                        (true, false) => format!("{url}: a standby; {}", h.degraded),
+                    });
+                }
                 Err(status) => {
                     if let Some(leader) = status.message().strip_prefix(STANDBY_PREFIX)
-                        && !candidates.iter().any(|u| u == leader)
+                        && !candidates.iter().any(|u| same_url(u, leader))
+                        && let Ok(more) = parse_urls(leader)
                     {
-                        candidates.push(leader.to_string());
+                        candidates.extend(more);
                     }
-                    last_error = Some(anyhow::anyhow!("{url}: {}", status.message()));
+                    problems.push(format!("{url}: {}", status.message()));
                 }
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no coordinator given")));
+            bail!(
+                "no leading coordinator found within {} s ({})",
+                wait.as_secs(),
+                problems.join("; ")
+            );
+        }
+        if !said_waiting {
+            eprintln!(
+                "waiting up to {} s for a leading coordinator ({})",
+                wait.as_secs(),
+                problems.join("; ")
+            );
+            said_waiting = true;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether `endpoint` is the coordinator at `url` (a parsed URI gains a
+/// trailing `/`).
+fn same_url(endpoint: &tonic::transport::Endpoint, url: &str) -> bool {
+    endpoint.uri().to_string().trim_end_matches('/') == url.trim_end_matches('/')
+}
+
+/// The innermost cause of a failed connection (`connection refused`, ...),
+/// rather than tonic's generic `transport error`.
+fn connect_cause(e: &tonic::transport::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let text = cause.to_string();
+    if text.contains("elapsed") || text.contains("timed out") {
+        format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())
+    } else {
+        text
     }
 }
 
@@ -497,13 +758,13 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
 }
 
 async fn submit(
-    url: &str,
-    output: Output,
+    c: &ClientOpts,
     path: &Path,
     follow: bool,
     dry_run: bool,
     resume_from: Option<&Path>,
 ) -> anyhow::Result<i32> {
+    let output = c.output();
     let spec = load_job(path)?;
     let resume_from = match resume_from {
         Some(dir) => {
@@ -523,7 +784,7 @@ async fn submit(
         }
         return Ok(0);
     }
-    let mut client = client(url).await?;
+    let mut client = client(c).await?;
     let id = client
         .submit(pb::SubmitRequest {
             resume_from,
@@ -544,7 +805,27 @@ async fn submit(
     if output == Output::Text {
         println!("submitted {id}");
     }
-    let last = follow_job(&mut client, &id, output == Output::Text).await?;
+    follow_to_end(&mut client, &id, output).await
+}
+
+/// Exit code of a follow that the user interrupted (128 + SIGINT).
+const INTERRUPTED: i32 = 130;
+
+/// Follows a job until it ends and prints its final status; the exit code
+/// is 0 only if it succeeded. Ctrl-C stops following, not the job, and says
+/// how to pick it up again.
+async fn follow_to_end(
+    client: &mut ControlClient<Channel>,
+    id: &str,
+    output: Output,
+) -> anyhow::Result<i32> {
+    let Some(last) = follow_job(client, id, output == Output::Text).await? else {
+        eprintln!(
+            "stopped following; job {id} goes on. Follow it again with \
+             `coordinator status {id} --follow`, stop it with `coordinator cancel {id}`"
+        );
+        return Ok(INTERRUPTED);
+    };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&last))?),
         Output::Text => print_summary(&last),
@@ -552,12 +833,13 @@ async fn submit(
     Ok(if last.state == "succeeded" { 0 } else { 1 })
 }
 
-/// Streams a job's status until it ends, drawing progress; returns the final status.
+/// Streams a job's status until it ends, drawing progress; returns the
+/// final status, or `None` if the user pressed Ctrl-C.
 async fn follow_job(
     client: &mut ControlClient<Channel>,
     id: &str,
     show: bool,
-) -> anyhow::Result<pb::JobStatus> {
+) -> anyhow::Result<Option<pb::JobStatus>> {
     let mut stream = client
         .watch_job(pb::GetJobRequest { job_id: id.into() })
         .await
@@ -576,11 +858,19 @@ async fn follow_job(
     }
     let mut last: Option<pb::JobStatus> = None;
     let mut last_printed: Option<std::time::Instant> = None;
-    while let Some(item) = stream
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-    {
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let next = tokio::select! {
+            next = stream.message() => next,
+            _ = &mut interrupted => {
+                bar.finish_and_clear();
+                return Ok(None);
+            }
+        };
+        let Some(item) = next.map_err(|s| anyhow::anyhow!("{}", s.message()))? else {
+            break;
+        };
         if item.total_steps > 0 {
             bar.set_length(item.total_steps);
         }
@@ -596,11 +886,15 @@ async fn follow_job(
         last = Some(item);
     }
     bar.finish_and_clear();
-    last.ok_or_else(|| anyhow::anyhow!("the coordinator ended the watch without a status"))
+    last.map(Some)
+        .ok_or_else(|| anyhow::anyhow!("the coordinator ended the watch without a status"))
 }
 
 fn progress_line(s: &pb::JobStatus) -> String {
     let mut parts = vec![s.state.clone()];
+    if !s.waiting.is_empty() {
+        parts.push(s.waiting.clone());
+    }
     for (key, label, digits) in [
         ("loss", "loss", 4),
         ("val_accuracy", "val_acc", 4),
@@ -614,10 +908,19 @@ fn progress_line(s: &pb::JobStatus) -> String {
 }
 
 fn print_summary(s: &pb::JobStatus) {
-    println!(
-        "job {} {} at step {}/{}",
-        s.job_id, s.state, s.step, s.total_steps
-    );
+    if s.state == "queued" && s.step == 0 {
+        println!("job {} queued", s.job_id);
+    } else if s.total_steps == 0 {
+        println!("job {} {} at step {}", s.job_id, s.state, s.step);
+    } else {
+        println!(
+            "job {} {} at step {}/{}",
+            s.job_id, s.state, s.step, s.total_steps
+        );
+    }
+    if !s.waiting.is_empty() {
+        println!("waiting: {}", s.waiting);
+    }
     if let Some(acc) = s.metrics.get("val_accuracy") {
         println!("validation accuracy: {acc:.4}");
     }
@@ -654,6 +957,7 @@ pub fn job_json(s: &pb::JobStatus) -> serde_json::Value {
         "metrics": s.metrics.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "output_dir": s.output_dir,
         "reason": if s.reason.is_empty() { None } else { Some(&s.reason) },
+        "waiting": if s.waiting.is_empty() { None } else { Some(&s.waiting) },
         "members": s.members,
         "submitted_at_ms": s.submitted_at_ms,
         "updated_at_ms": s.updated_at_ms,
@@ -661,9 +965,13 @@ pub fn job_json(s: &pb::JobStatus) -> serde_json::Value {
     })
 }
 
-async fn status(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
-    let s = client(url)
-        .await?
+async fn status(c: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<i32> {
+    let output = c.output();
+    let mut client = client(c).await?;
+    if follow {
+        return follow_to_end(&mut client, id, output).await;
+    }
+    let s = client
         .get_job(pb::GetJobRequest { job_id: id.into() })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -681,48 +989,102 @@ async fn status(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
 
-/// `coordinator status` without a job: exit 0 when healthy, 1 when degraded.
-async fn health(url: &str, output: Output) -> anyhow::Result<i32> {
-    let h = client(url)
-        .await?
-        .health(pb::HealthRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "store": h.store,
-                "state": if h.degraded.is_empty() { "healthy" } else { "degraded" },
-                "degraded": if h.degraded.is_empty() { None } else { Some(&h.degraded) },
-                "jobs": h.jobs,
-                "running_jobs": h.running_jobs,
-                "workers": h.workers,
-                "version": h.version,
-            }))?
-        ),
-        Output::Text => {
-            if h.degraded.is_empty() {
-                println!("coordinator {url}: healthy");
-            } else {
-                println!("coordinator {url}: DEGRADED: {}", h.degraded);
+/// `coordinator status` without a job: asks every given coordinator itself
+/// (leader or standby) how it is. Exit 0 when one of them leads and can
+/// write its store, 1 otherwise.
+async fn health(c: &ClientOpts) -> anyhow::Result<i32> {
+    let output = c.output();
+    let endpoints = parse_urls(&c.url())?;
+    let single = endpoints.len() == 1;
+    let mut rows = Vec::new();
+    let mut ok = false;
+    for endpoint in endpoints {
+        let url = endpoint.uri().to_string();
+        let answer = match endpoint.connect().await {
+            Ok(channel) => ControlClient::new(channel)
+                .health(pb::HealthRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.message().to_string()),
+            Err(e) if single => bail!(
+                "failed to reach the coordinator at {url}: {}; is `coordinator serve` running there?",
+                connect_cause(&e)
+            ),
+            Err(e) => Err(connect_cause(&e)),
+        };
+        let row = match answer {
+            Ok(h) => {
+                let standby = h.role == "standby";
+                let state = match (standby, h.degraded.is_empty()) {
+                    (false, true) => "healthy",
+                    (_, false) => "degraded",
+                    (true, true) => "standby",
+                };
+                ok |= state == "healthy";
+                serde_json::json!({
+                    "url": url,
+                    "role": if standby { "standby" } else { "leader" },
+                    "state": state,
+                    "degraded": if h.degraded.is_empty() { None } else { Some(&h.degraded) },
+                    "leader": if h.leader.is_empty() { None } else { Some(&h.leader) },
+                    "store": h.store,
+                    "jobs": h.jobs,
+                    "running_jobs": h.running_jobs,
+                    "workers": h.workers,
+                    "version": h.version,
+                })
             }
-            println!("store: {}", h.store);
-            println!(
-                "jobs: {} ({} running), workers: {}",
-                h.jobs, h.running_jobs, h.workers
-            );
+            Err(why) => serde_json::json!({"url": url, "state": "unreachable", "error": why}),
+        };
+        rows.push(row);
+    }
+    match output {
+        Output::Json if single => println!("{}", serde_json::to_string_pretty(&rows[0])?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Text => {
+            for r in &rows {
+                let url = r["url"].as_str().unwrap_or_default();
+                match (r["state"].as_str().unwrap_or_default(), r["role"].as_str()) {
+                    ("unreachable", _) => {
+                        println!(
+                            "coordinator {url}: UNREACHABLE: {}",
+                            r["error"].as_str().unwrap_or_default()
+                        )
+                    }
+                    (_, Some("standby")) => {
+                        let mut line = format!("coordinator {url}: standby");
+                        if let Some(l) = r["leader"].as_str() {
+                            line.push_str(&format!(", the leader is at {l}"));
+                        }
+                        if let Some(d) = r["degraded"].as_str() {
+                            line.push_str(&format!("; DEGRADED: {d}"));
+                        }
+                        println!("{line}");
+                    }
+                    (state, _) => {
+                        match r["degraded"].as_str() {
+                            None => println!("coordinator {url}: leader, {state}"),
+                            Some(d) => println!("coordinator {url}: leader, DEGRADED: {d}"),
+                        }
+                        println!("store: {}", r["store"].as_str().unwrap_or_default());
+                        println!(
+                            "jobs: {} ({} running), workers: {}",
+                            r["jobs"], r["running_jobs"], r["workers"]
+                        );
+                    }
+                }
+            }
         }
     }
-    Ok(if h.degraded.is_empty() { 0 } else { 1 })
+    Ok(if ok { 0 } else { 1 })
 }
 
-async fn list(url: &str, output: Output) -> anyhow::Result<()> {
-    let jobs = client(url)
+async fn list(c: &ClientOpts) -> anyhow::Result<()> {
+    let output = c.output();
+    let jobs = client(c)
         .await?
         .list_jobs(pb::ListJobsRequest {})
         .await
@@ -758,8 +1120,9 @@ async fn list(url: &str, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cancel(url: &str, output: Output, id: &str, now: bool) -> anyhow::Result<()> {
-    let s = client(url)
+async fn cancel(c: &ClientOpts, id: &str, now: bool) -> anyhow::Result<()> {
+    let output = c.output();
+    let s = client(c)
         .await?
         .cancel_job(pb::CancelJobRequest {
             job_id: id.into(),
@@ -778,8 +1141,9 @@ async fn cancel(url: &str, output: Output, id: &str, now: bool) -> anyhow::Resul
     Ok(())
 }
 
-async fn resume(url: &str, output: Output, id: &str, follow: bool) -> anyhow::Result<i32> {
-    let mut client = client(url).await?;
+async fn resume(c: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<i32> {
+    let output = c.output();
+    let mut client = client(c).await?;
     let s = client
         .resume_job(pb::GetJobRequest { job_id: id.into() })
         .await
@@ -792,16 +1156,12 @@ async fn resume(url: &str, output: Output, id: &str, follow: bool) -> anyhow::Re
         }
         return Ok(0);
     }
-    let last = follow_job(&mut client, id, output == Output::Text).await?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&last))?),
-        Output::Text => print_summary(&last),
-    }
-    Ok(if last.state == "succeeded" { 0 } else { 1 })
+    follow_to_end(&mut client, id, output).await
 }
 
-async fn checkpoint_now(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
-    let s = client(url)
+async fn checkpoint_now(c: &ClientOpts, id: &str) -> anyhow::Result<()> {
+    let output = c.output();
+    let s = client(c)
         .await?
         .request_checkpoint(pb::GetJobRequest { job_id: id.into() })
         .await
@@ -814,8 +1174,9 @@ async fn checkpoint_now(url: &str, output: Output, id: &str) -> anyhow::Result<(
     Ok(())
 }
 
-async fn checkpoints(url: &str, output: Output, id: &str) -> anyhow::Result<()> {
-    let list = client(url)
+async fn checkpoints(c: &ClientOpts, id: &str) -> anyhow::Result<()> {
+    let output = c.output();
+    let list = client(c)
         .await?
         .list_checkpoints(pb::GetJobRequest { job_id: id.into() })
         .await
@@ -864,8 +1225,9 @@ async fn checkpoints(url: &str, output: Output, id: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn workers(url: &str, output: Output) -> anyhow::Result<()> {
-    let workers = client(url)
+async fn workers(c: &ClientOpts) -> anyhow::Result<()> {
+    let output = c.output();
+    let workers = client(c)
         .await?
         .list_workers(pb::ListWorkersRequest {})
         .await
@@ -923,6 +1285,7 @@ fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
                     path: csv.clone(),
                     label_column: parse_label_column(&a.label_column),
                     has_header: a.header,
+                    skip_rows: a.skip_rows,
                 },
                 (None, Some(f), Some(l)) => dataset::PackInput::Npy {
                     features: f.clone(),

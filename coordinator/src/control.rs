@@ -49,6 +49,33 @@ pub enum ControlError {
     Id(#[from] ringmaster_common::ids::IdError),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    #[error(
+        "a worker named `{name}` is already registered ({id} on {host}, data plane {data_addr}); \
+         give this one another --name"
+    )]
+    DuplicateName {
+        name: String,
+        id: String,
+        host: String,
+        data_addr: String,
+    },
+}
+
+impl ControlError {
+    /// Whether the same request may succeed later without any change (the
+    /// store did not answer, or a write's fate is unknown).
+    pub fn retryable(&self) -> bool {
+        match self {
+            ControlError::Store(e) => e.retryable() || matches!(e, StoreError::Ambiguous(_)),
+            ControlError::ShuttingDown => true,
+            ControlError::JobNotFound(_)
+            | ControlError::JobFinished { .. }
+            | ControlError::Invalid(_)
+            | ControlError::WrongState { .. }
+            | ControlError::Id(_)
+            | ControlError::DuplicateName { .. } => false,
+        }
+    }
 }
 
 /// Timing knobs; tests shorten them through configuration, never sleeps.
@@ -65,6 +92,19 @@ pub struct ControlConfig {
     /// After a restart, how long a running job's workers have to rejoin
     /// before the job is declared failed.
     pub adopt_grace: Duration,
+    /// After a job ends, how long its members may take to report how their
+    /// run ended before they are freed anyway (a worker that never reports
+    /// must not stay busy forever).
+    pub release_grace: Duration,
+}
+
+impl ControlConfig {
+    /// How long a peer's "connection closed" report waits for a more direct
+    /// sign of which worker died (its session closing, or its heartbeats
+    /// stopping) before the job fails with what the reports say.
+    fn blame_window(&self) -> Duration {
+        self.heartbeat_timeout + self.heartbeat_interval
+    }
 }
 
 impl Default for ControlConfig {
@@ -75,6 +115,7 @@ impl Default for ControlConfig {
             progress_every_steps: 10,
             stop_grace: Duration::from_secs(60),
             adopt_grace: Duration::from_secs(30),
+            release_grace: Duration::from_secs(15),
         }
     }
 }
@@ -103,12 +144,18 @@ pub enum Msg {
     NewLease(LeaseId),
     FromWorker(WorkerId, worker_message::Kind),
     Disconnected(WorkerId, String),
+    /// Stop the loop: this coordinator no longer leads. Dropping the cluster
+    /// model closes every worker session, so workers look for the leader.
+    Shutdown(Reply<()>),
 }
 
 /// A cheap, cloneable handle for sending requests to the loop.
 #[derive(Clone)]
 pub struct ControlHandle {
     tx: mpsc::Sender<Msg>,
+    /// Signalled when a write was refused because another coordinator
+    /// leads now (the fence on the leader key).
+    deposed: Arc<tokio::sync::Notify>,
     /// Worker sessions report here. Unbounded so a session task never stops
     /// reading its stream (and so never misses heartbeats) while the loop
     /// is busy; each worker's report rate bounds what can queue.
@@ -135,28 +182,133 @@ impl ControlHandle {
     pub fn from_session(&self, msg: Msg) {
         let _ = self.sessions.send(msg);
     }
+
+    /// Resolves when a store write was refused because another coordinator
+    /// leads: this one must step down at once.
+    pub async fn deposed(&self) {
+        self.deposed.notified().await
+    }
+
+    /// Stops the control loop and waits until it has (its sessions closed).
+    pub async fn shutdown(&self) {
+        let _ = self.call(Msg::Shutdown).await;
+        self.tx.closed().await;
+    }
+}
+
+/// One rank of a job's current group.
+#[derive(Clone, Debug)]
+struct Member {
+    /// The worker's name, kept even while no session holds the rank (after
+    /// a coordinator restart, until the worker rejoins).
+    name: String,
+    /// The worker's session id; `None` until the worker rejoins after a
+    /// coordinator restart.
+    worker: Option<WorkerId>,
+}
+
+/// What a deadline does when it passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimerKind {
+    /// A cancel asked for a final checkpoint: stop without it if it is late.
+    StopGrace,
+    /// After a coordinator restart, the group's workers must rejoin by now.
+    Adopt,
+    /// A peer reported a closed connection: fail the job with what the
+    /// reports say unless a member's session broke first.
+    Blame,
+}
+
+/// A deadline of one generation of a job. A timer of an older generation
+/// never fires: a new generation clears the table, and firing checks again.
+#[derive(Clone, Copy, Debug)]
+struct Timer {
+    generation: u64,
+    at: Instant,
+    kind: TimerKind,
+}
+
+/// A rank's report that its run failed on the data plane.
+#[derive(Clone, Debug)]
+struct PeerReport {
+    rank: u32,
+    /// The peer whose connection closed, when the rank could tell.
+    lost: Option<u32>,
+    text: String,
 }
 
 struct Job {
     record: JobRecord,
     status: JobStatusRecord,
     watch: watch::Sender<pb::JobStatus>,
-    /// Workers by rank for the current generation.
-    members: Vec<WorkerId>,
+    /// The current generation's members, by rank.
+    members: Vec<Member>,
     /// Ranks that finished the current generation successfully.
     finished: BTreeSet<u32>,
     /// Committed checkpoints by step, as recorded in the store.
     checkpoints: BTreeMap<u64, CheckpointRecord>,
-    /// Set when a cancel asked the group to checkpoint and stop.
-    stopping: Option<Instant>,
-    /// After a coordinator restart, the deadline for the running group's
-    /// workers to rejoin; `members` holds placeholders until they do.
-    adopting: Option<Instant>,
+    /// Deadlines of the current generation.
+    timers: Vec<Timer>,
+    /// Data-plane failures reported in the current generation, awaiting the
+    /// decision of who is to blame.
+    peer_reports: Vec<PeerReport>,
+    /// While queued: why the job cannot start yet.
+    waiting: Option<String>,
+    /// The job ended while its final state could not be written: its
+    /// members are told to stop once it is (persist before acting).
+    aborts_unsent: bool,
 }
 
 impl Job {
+    fn new(record: JobRecord, status: JobStatusRecord) -> Job {
+        let view = pb::JobStatus::from((&record, &status));
+        Job {
+            record,
+            status,
+            watch: watch::channel(view).0,
+            members: Vec::new(),
+            finished: BTreeSet::new(),
+            checkpoints: BTreeMap::new(),
+            timers: Vec::new(),
+            peer_reports: Vec::new(),
+            waiting: None,
+            aborts_unsent: false,
+        }
+    }
+
     fn view(&self) -> pb::JobStatus {
-        pb::JobStatus::from((&self.record, &self.status))
+        let mut v = pb::JobStatus::from((&self.record, &self.status));
+        if self.status.state == JobState::Queued {
+            v.waiting = self.waiting.clone().unwrap_or_default();
+        }
+        v
+    }
+
+    fn publish(&self) {
+        self.watch.send_replace(self.view());
+    }
+
+    fn set_timer(&mut self, kind: TimerKind, after: Duration) {
+        self.timers.retain(|t| t.kind != kind);
+        self.timers.push(Timer {
+            generation: self.status.generation,
+            at: Instant::now() + after,
+            kind,
+        });
+    }
+
+    fn has_timer(&self, kind: TimerKind) -> bool {
+        self.timers
+            .iter()
+            .any(|t| t.kind == kind && t.generation == self.status.generation)
+    }
+
+    /// `name (rank r)` of a member, for messages.
+    fn member_label(&self, rank: u32) -> String {
+        match self.members.get(rank as usize) {
+            Some(m) => format!("{} (rank {rank})", m.name),
+            None => format!("rank {rank}"),
+        }
     }
 }
 
@@ -172,10 +324,20 @@ struct Worker {
     assignment: Option<(JobId, u64, u32)>,
 }
 
+/// A member of an ended job that has not reported its end yet: freed at
+/// `at` if it still holds that assignment then.
+struct Release {
+    at: Instant,
+    worker: WorkerId,
+    job: JobId,
+    generation: u64,
+}
+
 struct Cluster {
     store: Arc<dyn StateStore>,
     cfg: ControlConfig,
     jobs: BTreeMap<JobId, Job>,
+    releases: Vec<Release>,
     /// Queued jobs in submission order.
     queue: Vec<JobId>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -185,6 +347,7 @@ struct Cluster {
     lease: LeaseId,
     health: Health,
     store_name: String,
+    deposed: Arc<tokio::sync::Notify>,
 }
 
 /// Whether the store can be written, shared by the control loop and the
@@ -209,6 +372,15 @@ impl Health {
     }
 }
 
+/// The device kind a worker registered with (`cpu`, `cuda:N`).
+fn device_kind(info: &pb::Register) -> DeviceKind {
+    if info.device.starts_with("cuda") {
+        DeviceKind::Cuda
+    } else {
+        DeviceKind::Cpu
+    }
+}
+
 /// TTL of the membership lease.
 const LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -224,17 +396,23 @@ pub async fn start(
         store: store.clone(),
         cfg,
         jobs: BTreeMap::new(),
+        releases: Vec::new(),
         queue: Vec::new(),
         workers: BTreeMap::new(),
         next_worker: 1,
         lease,
         health: health.clone(),
         store_name: String::new(),
+        deposed: Arc::new(tokio::sync::Notify::new()),
     };
     cluster.load().await?;
     let (tx, rx) = mpsc::channel(1024);
     let (sessions, session_rx) = mpsc::unbounded_channel();
-    let handle = ControlHandle { tx, sessions };
+    let handle = ControlHandle {
+        tx,
+        sessions,
+        deposed: cluster.deposed.clone(),
+    };
     tokio::spawn(keep_lease(store, lease, health, handle.clone()));
     tokio::spawn(cluster.run(rx, session_rx, store_name));
     Ok(handle)
@@ -305,8 +483,8 @@ impl Cluster {
                 warn!(job = %id, "job has a spec but no status; skipping");
                 continue;
             };
-            let mut adopting = None;
-            if status.state == JobState::Running {
+            let running = status.state == JobState::Running;
+            if running {
                 // The group trains on without us: wait for its workers to
                 // rejoin and report their run, then adopt it.
                 status.note(format!(
@@ -314,31 +492,26 @@ impl Cluster {
                     self.cfg.adopt_grace.as_secs(),
                     status.members.len()
                 ));
-                adopting = Some(Instant::now() + self.cfg.adopt_grace);
             }
             if status.state == JobState::Queued {
                 queued.push((record.submitted_at_ms, id.clone()));
             }
-            let view = pb::JobStatus::from((&record, &status));
-            let job_checkpoints = checkpoints.remove(&id).unwrap_or_default();
-            // Placeholders (no such worker) until each rank rejoins.
-            let members = match adopting {
-                Some(_) => vec![WorkerId(String::new()); status.members.len()],
-                None => Vec::new(),
-            };
-            self.jobs.insert(
-                id,
-                Job {
-                    record,
-                    status,
-                    watch: watch::channel(view).0,
-                    members,
-                    finished: BTreeSet::new(),
-                    checkpoints: job_checkpoints,
-                    stopping: None,
-                    adopting,
-                },
-            );
+            let mut job = Job::new(record, status);
+            job.checkpoints = checkpoints.remove(&id).unwrap_or_default();
+            if running {
+                // Each rank keeps its worker's name until the worker rejoins.
+                job.members = job
+                    .status
+                    .members
+                    .iter()
+                    .map(|name| Member {
+                        name: name.clone(),
+                        worker: None,
+                    })
+                    .collect();
+                job.set_timer(TimerKind::Adopt, self.cfg.adopt_grace);
+            }
+            self.jobs.insert(id, job);
         }
         queued.sort();
         self.queue = queued.into_iter().map(|(_, id)| id).collect();
@@ -362,11 +535,16 @@ impl Cluster {
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
+                    Some(Msg::Shutdown(reply)) => {
+                        info!("control loop stopping; closing {} worker sessions", self.workers.len());
+                        let _ = reply.send(Ok(()));
+                        break;
+                    }
                     Some(msg) => self.handle(msg).await,
                     None => break,
                 },
                 Some(msg) = session_rx.recv() => self.handle(msg).await,
-                _ = tick.tick() => self.check_heartbeats().await,
+                _ = tick.tick() => self.tick().await,
             }
         }
     }
@@ -407,6 +585,35 @@ impl Cluster {
                 let _ = reply.send(self.job(&id).map(|j| j.watch.subscribe()));
             }
             Msg::Register(info, tx, last_seen, reply) => {
+                if let Some((old, w)) = self.workers.iter().find(|(_, w)| w.info.name == info.name)
+                {
+                    if w.info.instance.is_empty() || w.info.instance != info.instance {
+                        let _ = reply.send(Err(ControlError::DuplicateName {
+                            name: info.name.clone(),
+                            id: old.to_string(),
+                            host: w.info.host.clone(),
+                            data_addr: w.info.data_addr.clone(),
+                        }));
+                        return;
+                    }
+                    // The same process again: its old session broke without
+                    // the coordinator noticing yet. The new one replaces it,
+                    // and the run it reports is adopted below.
+                    let old = old.clone();
+                    info!(worker = %old, name = %info.name, "worker reconnected; replacing its old session");
+                    self.workers.remove(&old);
+                    if let Some(job) = self
+                        .jobs
+                        .values_mut()
+                        .find(|j| j.members.iter().any(|m| m.worker.as_ref() == Some(&old)))
+                    {
+                        for m in &mut job.members {
+                            if m.worker.as_ref() == Some(&old) {
+                                m.worker = None;
+                            }
+                        }
+                    }
+                }
                 let id = WorkerId(format!("w{}", self.next_worker));
                 self.next_worker += 1;
                 info!(worker = %id, name = %info.name, data = %info.data_addr, "worker joined");
@@ -439,6 +646,9 @@ impl Cluster {
                 self.schedule().await;
             }
             Msg::FromWorker(id, kind) => self.on_worker_message(id, kind).await,
+            Msg::Shutdown(reply) => {
+                let _ = reply.send(Ok(()));
+            }
             Msg::Health(reply) => {
                 let _ = reply.send(Ok(pb::HealthResponse {
                     store: self.store_name.clone(),
@@ -451,6 +661,8 @@ impl Cluster {
                         .count() as u32,
                     workers: self.workers.len() as u32,
                     version: env!("CARGO_PKG_VERSION").to_string(),
+                    role: "leader".into(),
+                    leader: String::new(),
                 }));
             }
             Msg::NewLease(lease) => {
@@ -469,6 +681,10 @@ impl Cluster {
                     if let Err(e) = self.persist_status(&id, &status).await {
                         warn!(job = %id, "could not persist after recovery: {e}");
                         break;
+                    }
+                    // Its final state is written now: the members may stop.
+                    if self.jobs.get(&id).is_some_and(|j| j.aborts_unsent) {
+                        self.send_aborts(&id);
                     }
                 }
             }
@@ -528,7 +744,7 @@ impl Cluster {
             metrics: BTreeMap::new(),
             members: Vec::new(),
             reason: None,
-            output_dir: spec.output.dir.display().to_string(),
+            output_dir: spec.output.job_dir(id.as_str()).display().to_string(),
             updated_at_ms: now_ms(),
             events: Vec::new(),
         };
@@ -536,21 +752,8 @@ impl Cluster {
         self.put_settled(&key, records::encode(&key, &record)?)
             .await?;
         self.persist_status(&id, &status).await?;
-        let view = pb::JobStatus::from((&record, &status));
         info!(job = %id, "queued");
-        self.jobs.insert(
-            id.clone(),
-            Job {
-                record,
-                status,
-                watch: watch::channel(view).0,
-                members: Vec::new(),
-                finished: BTreeSet::new(),
-                checkpoints: BTreeMap::new(),
-                stopping: None,
-                adopting: None,
-            },
-        );
+        self.jobs.insert(id.clone(), Job::new(record, status));
         self.queue.push(id.clone());
         Ok(id)
     }
@@ -569,6 +772,11 @@ impl Cluster {
     /// after sending: [`StoreError::Ambiguous`]) is settled by reading the key
     /// back before going on, and written again only if it did not land.
     async fn put_settled(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let r = self.put_settled_inner(key, bytes).await;
+        self.check_fenced(r)
+    }
+
+    async fn put_settled_inner(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
         match self.store.put(key, bytes.clone()).await {
             Ok(_) => Ok(()),
             Err(StoreError::Ambiguous(why)) => {
@@ -591,6 +799,16 @@ impl Cluster {
         self.put_settled(&key, records::encode(&key, status)?).await
     }
 
+    /// A write refused by the leader fence means another coordinator leads:
+    /// tell the election to step down now rather than at the next keep-alive.
+    fn check_fenced<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::NotLeader(why)) = &r {
+            warn!("a write was fenced off ({why}): stepping down");
+            self.deposed.notify_one();
+        }
+        r
+    }
+
     /// Applies a final state: persisted first, then members are told to stop
     /// and watchers see it.
     async fn finish(&mut self, id: &JobId, state: JobState, reason: Option<String>) {
@@ -603,34 +821,67 @@ impl Cluster {
         job.status.state = state;
         job.status.reason = reason.clone();
         job.status.updated_at_ms = now_ms();
-        let status = job.status.clone();
-        let generation = job.status.generation;
-        let members = job.members.clone();
-        let finished = job.finished.clone();
-        if let Err(e) = self.persist_status(id, &status).await {
-            // The in-memory state still moves on: refusing to stop a failed
-            // job would be worse. The next transition writes it again.
-            warn!(job = %id, "could not persist the final state: {e}");
+        job.peer_reports.clear();
+        job.timers.clear();
+        // Members that never report how their run ended are freed anyway.
+        let at = Instant::now() + self.cfg.release_grace;
+        for (rank, m) in job.members.iter().enumerate() {
+            if let Some(w) = &m.worker
+                && !job.finished.contains(&(rank as u32))
+            {
+                self.releases.push(Release {
+                    at,
+                    worker: w.clone(),
+                    job: id.clone(),
+                    generation: job.status.generation,
+                });
+            }
         }
+        let status = job.status.clone();
         info!(job = %id, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "job ended");
-        for (rank, w) in members.iter().enumerate() {
-            if finished.contains(&(rank as u32)) {
+        match self.persist_status(id, &status).await {
+            Ok(()) => self.send_aborts(id),
+            Err(e) => {
+                // Persist before acting: the members are told once the final
+                // state is written (`Msg::NewLease`). Meanwhile the job is
+                // over here, so nothing schedules it again.
+                warn!(job = %id, "could not persist the final state: {e}; members are told once it is");
+                if let Some(job) = self.jobs.get_mut(id) {
+                    job.aborts_unsent = true;
+                }
+            }
+        }
+        if let Some(job) = self.jobs.get(id) {
+            job.publish();
+        }
+        self.queue.retain(|q| q != id);
+    }
+
+    /// Tells the members of an ended job that have not finished to stop.
+    fn send_aborts(&mut self, id: &JobId) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.aborts_unsent = false;
+        let reason = job
+            .status
+            .reason
+            .clone()
+            .unwrap_or_else(|| job.status.state.as_str().to_string());
+        for (rank, m) in job.members.iter().enumerate() {
+            if job.finished.contains(&(rank as u32)) {
                 continue;
             }
-            if let Some(worker) = self.workers.get(w) {
+            if let Some(worker) = m.worker.as_ref().and_then(|w| self.workers.get(w)) {
                 let _ = worker.tx.try_send(Ok(CoordinatorMessage {
                     kind: Some(coordinator_message::Kind::Abort(pb::AbortTraining {
                         job_id: id.to_string(),
-                        generation,
-                        reason: reason.clone().unwrap_or_else(|| state.as_str().to_string()),
+                        generation: job.status.generation,
+                        reason: reason.clone(),
                     })),
                 }));
             }
         }
-        if let Some(job) = self.jobs.get(id) {
-            job.watch.send_replace(job.view());
-        }
-        self.queue.retain(|q| q != id);
     }
 
     async fn fail(&mut self, id: &JobId, generation: u64, reason: String) {
@@ -653,11 +904,12 @@ impl Cluster {
             // Stop at the next step boundary after a final checkpoint; the
             // job becomes `cancelled` when every rank has stopped.
             self.request_checkpoint(id.as_str(), true)?;
+            let grace = self.cfg.stop_grace;
             if let Some(job) = self.jobs.get_mut(&id) {
-                job.stopping = Some(Instant::now());
+                job.set_timer(TimerKind::StopGrace, grace);
                 job.status
                     .note("cancel requested: taking a final checkpoint");
-                job.watch.send_replace(job.view());
+                job.publish();
             }
         } else {
             self.finish(&id, JobState::Cancelled, Some("cancelled by user".into()))
@@ -684,7 +936,12 @@ impl Cluster {
         };
         // Rank 0 alone: flags from several ranks could land in different
         // steps' all-reduces and take two checkpoints for one request.
-        if let Some(worker) = job.members.first().and_then(|w| self.workers.get(w)) {
+        if let Some(worker) = job
+            .members
+            .first()
+            .and_then(|m| m.worker.as_ref())
+            .and_then(|w| self.workers.get(w))
+        {
             let _ = worker.tx.try_send(Ok(CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Checkpoint(request)),
             }));
@@ -720,8 +977,8 @@ impl Cluster {
         self.persist_status(&id, &status).await?;
         if let Some(job) = self.jobs.get_mut(&id) {
             job.status = status;
-            job.stopping = None;
-            job.watch.send_replace(job.view());
+            job.timers.clear();
+            job.publish();
         }
         self.queue.push(id.clone());
         self.job(id.as_str()).map(Job::view)
@@ -795,6 +1052,16 @@ impl Cluster {
         ] {
             job.status.metrics.insert(k.to_string(), v);
         }
+        // A commit is a store write anyway: the step goes with it, so a
+        // restarted coordinator knows how far the job got.
+        job.status.step = job.status.step.max(r.step);
+        let status = job.status.clone();
+        if let Err(e) = self.persist_status(id, &status).await {
+            warn!(job = %id, "could not persist the step of the checkpoint: {e}");
+        }
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
         let spec = &job.record.spec.checkpoint;
         let policy = RetentionPolicy {
             keep_last: spec.keep_last,
@@ -894,8 +1161,11 @@ impl Cluster {
         let adoptable = self.jobs.get(&job_id).is_some_and(|j| {
             j.status.state == JobState::Running
                 && j.status.generation == run.generation
-                && rank < j.members.len()
-                && !self.workers.contains_key(&j.members[rank])
+                && j.members.get(rank).is_some_and(|m| {
+                    m.worker
+                        .as_ref()
+                        .is_none_or(|w| !self.workers.contains_key(w))
+                })
         });
         if !adoptable {
             let running_here = self.jobs.get(&job_id).is_some_and(|j| {
@@ -919,18 +1189,26 @@ impl Cluster {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
-        job.members[rank] = worker.clone();
+        job.members[rank] = Member {
+            name: name.clone(),
+            worker: Some(worker.clone()),
+        };
         job.status.step = job.status.step.max(run.step);
         info!(job = %job_id, rank, worker = %name, step = run.step, "rank rejoined");
-        if job.adopting.is_some() && job.members.iter().all(|m| self.workers.contains_key(m)) {
-            job.adopting = None;
+        let all_back = job.members.iter().all(|m| {
+            m.worker
+                .as_ref()
+                .is_some_and(|w| self.workers.contains_key(w))
+        });
+        if job.has_timer(TimerKind::Adopt) && all_back {
+            job.timers.retain(|t| t.kind != TimerKind::Adopt);
             let text = format!(
                 "adopted after a coordinator restart at step {}",
                 job.status.step
             );
             self.note(&job_id, text).await;
         } else {
-            job.watch.send_replace(job.view());
+            job.publish();
         }
     }
 
@@ -940,7 +1218,7 @@ impl Cluster {
         };
         info!(job = %id, "{text}");
         job.status.note(text);
-        job.watch.send_replace(job.view());
+        job.publish();
         let status = job.status.clone();
         if let Err(e) = self.persist_status(id, &status).await {
             warn!(job = %id, "could not persist an event: {e}");
@@ -964,11 +1242,21 @@ impl Cluster {
                 if let Some(job) = self.jobs.get_mut(&job_id)
                     && job.status.state == JobState::Running
                 {
+                    // The length of the run is written once per generation
+                    // (not per report), so that a restarted coordinator shows
+                    // where the job was rather than `0/0`.
+                    let learned_total = job.status.total_steps != p.total_steps;
                     job.status.step = p.step;
                     job.status.total_steps = p.total_steps;
                     job.status.metrics.extend(p.metrics);
                     job.status.updated_at_ms = now_ms();
-                    job.watch.send_replace(job.view());
+                    job.publish();
+                    if learned_total {
+                        let status = job.status.clone();
+                        if let Err(e) = self.persist_status(&job_id, &status).await {
+                            warn!(job = %job_id, "could not persist the run length: {e}");
+                        }
+                    }
                 }
             }
             worker_message::Kind::Checkpoint(r) => {
@@ -1006,23 +1294,31 @@ impl Cluster {
                 }
                 if e.success {
                     self.rank_succeeded(&job_id, rank, e).await;
+                } else if e.peer_fault || e.lost_peer_rank.is_some() {
+                    // A closed connection says a peer is gone, not which one
+                    // died first: a dead worker's own session break (or its
+                    // silence) outranks this, so wait briefly for it.
+                    let window = self.cfg.blame_window();
+                    if let Some(job) = self.jobs.get_mut(&job_id)
+                        && job.status.state == JobState::Running
+                        && job.status.generation == generation
+                    {
+                        job.peer_reports.push(PeerReport {
+                            rank,
+                            lost: e.lost_peer_rank,
+                            text: e.reason,
+                        });
+                        if !job.has_timer(TimerKind::Blame) {
+                            job.set_timer(TimerKind::Blame, window);
+                        }
+                    }
                 } else {
-                    let reason = match e.lost_peer_rank {
-                        Some(peer) => {
-                            let name = self.member_name(&job_id, peer);
-                            format!(
-                                "worker {name} (rank {peer}) lost: ring connection closed (reported by rank {rank})"
-                            )
-                        }
-                        None => {
-                            let name = self.workers.get(&id).map(|w| w.info.name.clone());
-                            format!(
-                                "rank {rank} on worker {} failed: {}",
-                                name.unwrap_or_default(),
-                                e.reason
-                            )
-                        }
-                    };
+                    let name = self.workers.get(&id).map(|w| w.info.name.clone());
+                    let reason = format!(
+                        "rank {rank} on worker {} failed: {}",
+                        name.unwrap_or_default(),
+                        e.reason
+                    );
                     self.fail(&job_id, generation, reason).await;
                 }
                 self.schedule().await;
@@ -1030,15 +1326,35 @@ impl Cluster {
         }
     }
 
-    fn member_name(&self, job: &JobId, rank: u32) -> String {
-        self.jobs
-            .get(job)
-            .and_then(|j| j.members.get(rank as usize))
-            .map(|w| match self.workers.get(w) {
-                Some(worker) => worker.info.name.clone(),
-                None => w.to_string(),
-            })
-            .unwrap_or_else(|| format!("of rank {rank}"))
+    /// The reason a job fails with when only peers' reports of closed
+    /// connections arrived and no member's session broke within the blame
+    /// window: the one rank every report names, if they agree and it did
+    /// not report itself; otherwise what each rank reported.
+    fn blame_from_reports(&self, job: &Job) -> String {
+        let reporters: BTreeSet<u32> = job.peer_reports.iter().map(|r| r.rank).collect();
+        let blamed: BTreeSet<u32> = job.peer_reports.iter().filter_map(|r| r.lost).collect();
+        if blamed.len() == 1
+            && let Some(&lost) = blamed.iter().next()
+            && !reporters.contains(&lost)
+            && job.peer_reports.iter().all(|r| r.lost == Some(lost))
+        {
+            let by: Vec<String> = reporters.iter().map(|r| r.to_string()).collect();
+            return format!(
+                "worker {} lost: ring connection closed (reported by rank {}); its session to the \
+                 coordinator stayed open",
+                job.member_label(lost),
+                by.join(", ")
+            );
+        }
+        let what: Vec<String> = job
+            .peer_reports
+            .iter()
+            .map(|r| format!("{} reported: {}", job.member_label(r.rank), r.text))
+            .collect();
+        format!(
+            "the data plane failed while every worker stayed connected; {}",
+            what.join("; ")
+        )
     }
 
     async fn rank_succeeded(&mut self, id: &JobId, rank: u32, e: pb::TrainingEnded) {
@@ -1060,56 +1376,50 @@ impl Cluster {
         }
     }
 
-    async fn check_heartbeats(&mut self) {
-        let grace = self.cfg.stop_grace;
-        let overdue: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| {
-                !j.status.state.is_final() && j.stopping.is_some_and(|t| t.elapsed() > grace)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        let unadopted: Vec<(JobId, u64)> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| {
-                j.status.state == JobState::Running
-                    && j.adopting.is_some_and(|t| Instant::now() > t)
-            })
-            .map(|(id, j)| (id.clone(), j.status.generation))
-            .collect();
-        for (id, generation) in unadopted {
-            let missing: Vec<String> = self.jobs[&id]
-                .members
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| !self.workers.contains_key(*w))
-                .map(|(rank, _)| {
-                    format!(
-                        "rank {rank} ({})",
-                        self.jobs[&id]
-                            .status
-                            .members
-                            .get(rank)
-                            .cloned()
-                            .unwrap_or_default()
-                    )
-                })
-                .collect();
-            let reason = format!(
-                "after a coordinator restart, {} did not rejoin within {} s",
-                missing.join(", "),
-                self.cfg.adopt_grace.as_secs()
-            );
-            self.fail(&id, generation, reason).await;
+    /// Fires the deadlines that have passed, then declares silent workers
+    /// lost. Runs on a timer tick.
+    async fn tick(&mut self) {
+        let now = Instant::now();
+        let mut due: Vec<(JobId, TimerKind)> = Vec::new();
+        for (id, job) in &mut self.jobs {
+            let generation = job.status.generation;
+            job.timers.retain(|t| {
+                if t.at > now {
+                    return true;
+                }
+                // A deadline of another generation dies unfired.
+                if t.generation == generation {
+                    due.push((id.clone(), t.kind));
+                }
+                false
+            });
         }
-        for id in overdue {
-            let reason = format!(
-                "cancelled by user (stopped without a final checkpoint: no stop within {} s)",
-                grace.as_secs()
-            );
-            self.finish(&id, JobState::Cancelled, Some(reason)).await;
+        for (id, kind) in due {
+            self.fire(&id, kind).await;
+        }
+        let (releases, later): (Vec<Release>, Vec<Release>) = std::mem::take(&mut self.releases)
+            .into_iter()
+            .partition(|r| r.at <= now);
+        self.releases = later;
+        let mut freed = false;
+        for r in releases {
+            if let Some(w) = self.workers.get_mut(&r.worker)
+                && w.assignment
+                    .as_ref()
+                    .is_some_and(|(j, g, _)| *j == r.job && *g == r.generation)
+            {
+                warn!(
+                    worker = %r.worker,
+                    job = %r.job,
+                    "no end report within {} s of the job's end; freeing the worker",
+                    self.cfg.release_grace.as_secs()
+                );
+                w.assignment = None;
+                freed = true;
+            }
+        }
+        if freed {
+            self.schedule().await;
         }
         let timeout = self.cfg.heartbeat_timeout;
         let silent: Vec<WorkerId> = self
@@ -1124,6 +1434,46 @@ impl Cluster {
         for id in silent {
             let reason = format!("no heartbeat for {} ms", timeout.as_millis());
             Box::pin(self.handle(Msg::Disconnected(id, reason))).await;
+        }
+    }
+
+    async fn fire(&mut self, id: &JobId, kind: TimerKind) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        let generation = job.status.generation;
+        match kind {
+            TimerKind::StopGrace if !job.status.state.is_final() => {
+                let reason = format!(
+                    "cancelled by user (stopped without a final checkpoint: no stop within {} s)",
+                    self.cfg.stop_grace.as_secs()
+                );
+                self.finish(id, JobState::Cancelled, Some(reason)).await;
+            }
+            TimerKind::Adopt if job.status.state == JobState::Running => {
+                let missing: Vec<String> = job
+                    .members
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| {
+                        m.worker
+                            .as_ref()
+                            .is_none_or(|w| !self.workers.contains_key(w))
+                    })
+                    .map(|(rank, _)| job.member_label(rank as u32))
+                    .collect();
+                let reason = format!(
+                    "after a coordinator restart, {} did not rejoin within {} s",
+                    missing.join(", "),
+                    self.cfg.adopt_grace.as_secs()
+                );
+                self.fail(id, generation, reason).await;
+            }
+            TimerKind::Blame if job.status.state == JobState::Running => {
+                let reason = self.blame_from_reports(job);
+                self.fail(id, generation, reason).await;
+            }
+            TimerKind::StopGrace | TimerKind::Adopt | TimerKind::Blame => {}
         }
     }
 
@@ -1182,14 +1532,25 @@ impl Cluster {
             .filter(|(_, w)| w.assignment.is_none())
             .map(|(id, w)| FreeWorker {
                 id: id.clone(),
-                device: if w.info.device.starts_with("cuda") {
-                    DeviceKind::Cuda
-                } else {
-                    DeviceKind::Cpu
-                },
+                device: device_kind(&w.info),
             })
             .collect();
-        for placement in scheduler::place(&queue, &free) {
+        let placements = scheduler::place(&queue, &free);
+        let registered = |kind: DeviceKind| {
+            self.workers
+                .values()
+                .filter(|w| device_kind(&w.info) == kind)
+                .count()
+        };
+        for (id, why) in scheduler::explain(&queue, &free, &registered, &placements) {
+            if let Some(job) = self.jobs.get_mut(&id)
+                && job.waiting.as_deref() != Some(why.as_str())
+            {
+                job.waiting = Some(why);
+                job.publish();
+            }
+        }
+        for placement in placements {
             if let Err(e) = self.launch(&placement.job, placement.workers).await {
                 warn!(job = %placement.job, "could not start: {e}");
             }
@@ -1218,10 +1579,21 @@ impl Cluster {
         status.updated_at_ms = now_ms();
         self.persist_status(id, &status).await?;
         let job = self.jobs.get_mut(id).ok_or(ControlError::ShuttingDown)?;
+        job.members = members
+            .iter()
+            .zip(&status.members)
+            .map(|(w, name)| Member {
+                name: name.clone(),
+                worker: Some(w.clone()),
+            })
+            .collect();
         job.status = status;
-        job.members = members.clone();
         job.finished.clear();
-        job.watch.send_replace(job.view());
+        // Deadlines and reports of the previous generation die with it.
+        job.timers.clear();
+        job.peer_reports.clear();
+        job.waiting = None;
+        job.publish();
         let spec_json = ringmaster_proto::spec_to_json(&job.record.spec);
         let resume_candidates: Vec<String> = if job.checkpoints.is_empty() {
             job.record

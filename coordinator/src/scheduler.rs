@@ -75,6 +75,60 @@ pub fn place(queue: &[Demand], free: &[FreeWorker]) -> Vec<Placement> {
     out
 }
 
+/// Why a queued job did not start, in words a user can act on: too few
+/// workers of its kind registered, too few free, no world size in
+/// `[min, max]` that divides its batch, or an earlier job of its kind that
+/// holds the queue. `registered` counts every worker by device kind, busy or
+/// not; `placed` is what [`place`] decided for the same inputs.
+pub fn explain(
+    queue: &[Demand],
+    free: &[FreeWorker],
+    registered: &dyn Fn(DeviceKind) -> usize,
+    placed: &[Placement],
+) -> Vec<(JobId, String)> {
+    let taken: BTreeSet<&WorkerId> = placed.iter().flat_map(|p| &p.workers).collect();
+    let mut blocker: Vec<(DeviceKind, &JobId)> = Vec::new();
+    let mut out = Vec::new();
+    for d in queue {
+        if placed.iter().any(|p| p.job == d.job) {
+            continue;
+        }
+        let kind = match d.device {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        };
+        let total = registered(d.device);
+        let idle = free
+            .iter()
+            .filter(|w| w.device == d.device && !taken.contains(&w.id))
+            .count();
+        let why = if let Some((_, first)) = blocker.iter().find(|(k, _)| *k == d.device) {
+            format!("behind job {first}, which is waiting for {kind} workers")
+        } else if total < d.min as usize {
+            format!(
+                "waiting for workers: needs {} {kind} worker{}, {total} registered",
+                d.min,
+                if d.min == 1 { "" } else { "s" }
+            )
+        } else if idle < d.min as usize {
+            format!(
+                "waiting for free workers: needs {} {kind} worker{}, {idle} free of {total} \
+                 (the others are busy)",
+                d.min,
+                if d.min == 1 { "" } else { "s" }
+            )
+        } else {
+            format!(
+                "no world size from {} to {} divides the batch of {} with {idle} free {kind} workers",
+                d.min, d.max, d.global_batch
+            )
+        };
+        blocker.push((d.device, &d.job));
+        out.push((d.job.clone(), why));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,7 @@ pub fn to_status(e: ControlError) -> Status {
         ControlError::Store(ref s) if s.retryable() => Status::unavailable(msg),
         ControlError::Store(_) => Status::internal(msg),
         ControlError::ShuttingDown => Status::unavailable(msg),
+        ControlError::DuplicateName { .. } => Status::already_exists(msg),
     }
 }
 
@@ -36,7 +37,12 @@ pub fn to_status(e: ControlError) -> Status {
 /// standby that knows where the leader is.
 #[derive(Clone)]
 pub enum Role {
-    Standby { leader: Option<String> },
+    Standby {
+        leader: Option<String>,
+        /// Why this coordinator cannot lead or find a leader, e.g. the
+        /// store does not answer (it stepped down for that reason).
+        problem: Option<String>,
+    },
     Leader(ControlHandle),
 }
 
@@ -55,10 +61,19 @@ impl Services {
     fn control(&self) -> Result<ControlHandle, Status> {
         match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
             Role::Leader(h) => Ok(h.clone()),
-            Role::Standby { leader: Some(url) } => {
-                Err(Status::unavailable(format!("{STANDBY_PREFIX}{url}")))
-            }
-            Role::Standby { leader: None } => Err(Status::unavailable(
+            Role::Standby {
+                leader: Some(url), ..
+            } => Err(Status::unavailable(format!("{STANDBY_PREFIX}{url}"))),
+            Role::Standby {
+                leader: None,
+                problem: Some(p),
+            } => Err(Status::unavailable(format!(
+                "this coordinator is a standby and no leader is known: {p}"
+            ))),
+            Role::Standby {
+                leader: None,
+                problem: None,
+            } => Err(Status::unavailable(
                 "this coordinator is a standby and no leader is elected yet",
             )),
         }
@@ -145,6 +160,22 @@ impl Control for Services {
         &self,
         _req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        // A standby answers this one call itself, so an admin can see each
+        // coordinator's role and trouble; clients looking for the leader
+        // read `role`.
+        let standby = match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
+            Role::Leader(_) => None,
+            Role::Standby { leader, problem } => Some((leader.clone(), problem.clone())),
+        };
+        if let Some((leader, problem)) = standby {
+            return Ok(Response::new(pb::HealthResponse {
+                role: "standby".into(),
+                leader: leader.unwrap_or_default(),
+                degraded: problem.unwrap_or_default(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                ..Default::default()
+            }));
+        }
         let h = self.ask(Msg::Health).await?;
         Ok(Response::new(h))
     }

@@ -80,6 +80,7 @@ impl From<(&JobRecord, &JobStatusRecord)> for pb::JobStatus {
             submitted_at_ms: job.submitted_at_ms,
             updated_at_ms: status.updated_at_ms,
             events: status.events.clone(),
+            waiting: String::new(),
         }
     }
 }

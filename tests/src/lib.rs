@@ -6,6 +6,7 @@
 //! --workspace --bins`); set `RINGMASTER_BIN_DIR` to use others.
 
 pub mod etcd;
+pub mod proxy;
 
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
@@ -137,7 +138,7 @@ pub struct LocalCluster {
 
 /// Starts `coordinator serve` on `listen` and returns it with the address it
 /// reports. Heartbeats are fast so tests notice lost workers quickly.
-fn spawn_coordinator(
+pub fn spawn_coordinator(
     listen: &str,
     state_dir: &Path,
     serve_args: &[String],
@@ -264,15 +265,7 @@ impl LocalCluster {
 
     /// Starts one more worker with extra environment variables.
     pub fn add_worker_with_env(&mut self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {
-        let child = Command::new(bin("worker"))
-            .args(["--coordinator", &self.url, "--name", name, "--threads", "1"])
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("failed to start a worker")?;
-        self.workers.push(ChildGuard(Some(child)));
+        self.workers.push(spawn_worker(&self.url, name, env)?);
         Ok(())
     }
 
@@ -319,6 +312,20 @@ impl LocalCluster {
         assert_eq!(out.code, 0, "status failed: {}", out.stderr);
         out.json()
     }
+}
+
+/// Starts a worker process for the coordinator(s) at `url` (one URL or
+/// several, comma-separated).
+pub fn spawn_worker(url: &str, name: &str, env: &[(&str, &str)]) -> anyhow::Result<ChildGuard> {
+    let child = Command::new(bin("worker"))
+        .args(["--coordinator", url, "--name", name, "--threads", "1"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("failed to start a worker")?;
+    Ok(ChildGuard(Some(child)))
 }
 
 /// `coordinator serve` arguments for a store on these etcd endpoints.

@@ -181,11 +181,15 @@ fn cancel_then_resume_is_bitwise_identical_to_an_undisturbed_run() {
     );
     assert!(events(&done).contains(&resumed), "{:?}", events(&done));
 
-    let a = read_params(&tmp.path().join("out-whole/model.safetensors"));
-    let b = read_params(&tmp.path().join("out-split/model.safetensors"));
+    let a = read_params(&tmp.path().join("out-whole/latest/model.safetensors"));
+    let b = read_params(&tmp.path().join("out-split/latest/model.safetensors"));
     assert_eq!(a, b, "parameters differ after cancel + resume");
-    let la = losses(&read_metrics(&tmp.path().join("out-whole/metrics.jsonl")));
-    let lb = losses(&read_metrics(&tmp.path().join("out-split/metrics.jsonl")));
+    let la = losses(&read_metrics(
+        &tmp.path().join("out-whole/latest/metrics.jsonl"),
+    ));
+    let lb = losses(&read_metrics(
+        &tmp.path().join("out-split/latest/metrics.jsonl"),
+    ));
     assert_eq!(la.len(), 6000);
     assert_eq!(la, lb, "per-step losses differ");
 }
@@ -232,8 +236,8 @@ fn a_fork_with_another_worker_count_sees_the_same_samples() {
         JOB_TIMEOUT,
     );
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    let a = read_params(&tmp.path().join("out-base/model.safetensors"));
-    let b = read_params(&tmp.path().join("out-fork/model.safetensors"));
+    let a = read_params(&tmp.path().join("out-base/latest/model.safetensors"));
+    let b = read_params(&tmp.path().join("out-fork/latest/model.safetensors"));
     let (mut diff, mut norm) = (0f64, 0f64);
     for (k, (_, va)) in &a {
         for (x, y) in va.iter().zip(&b[k].1) {
@@ -245,7 +249,7 @@ fn a_fork_with_another_worker_count_sees_the_same_samples() {
     eprintln!("fork with 1 worker vs 2: relative L2 {rel:e}");
     assert!(rel < 1e-5, "relative L2 {rel}");
     // The fork logged only the steps after the fork point.
-    let steps: Vec<u64> = read_metrics(&tmp.path().join("out-fork/metrics.jsonl"))
+    let steps: Vec<u64> = read_metrics(&tmp.path().join("out-fork/latest/metrics.jsonl"))
         .iter()
         .filter_map(|m| m["step"].as_u64())
         .collect();
@@ -382,7 +386,11 @@ fn a_failed_checkpoint_write_is_reported_and_training_continues() {
         step_dirs(&tmp.path().join("out-enospc/checkpoints/enospc-1")),
         BTreeSet::new()
     );
-    assert!(tmp.path().join("out-enospc/model.safetensors").exists());
+    assert!(
+        tmp.path()
+            .join("out-enospc/latest/model.safetensors")
+            .exists()
+    );
 }
 
 #[test]
@@ -407,7 +415,7 @@ fn retention_keeps_the_last_two_and_the_best() {
         .to_string();
 
     // The expected set, from the validation accuracy logged at each step.
-    let acc: Vec<(u64, f64)> = read_metrics(&tmp.path().join("out-keep/metrics.jsonl"))
+    let acc: Vec<(u64, f64)> = read_metrics(&tmp.path().join("out-keep/latest/metrics.jsonl"))
         .iter()
         .filter_map(|m| Some((m["step"].as_u64()?, m["val_accuracy"].as_f64()?)))
         .filter(|(s, _)| s % 50 == 0)

@@ -72,7 +72,7 @@ fn restart_mid_job(serve_args: &[String]) {
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
     let id = out.stdout.trim().to_string();
-    let metrics = tmp.path().join("out-chaos/metrics.jsonl");
+    let metrics = tmp.path().join("out-chaos/latest/metrics.jsonl");
     wait_until(JOB_TIMEOUT, || last_logged_step(&metrics) >= 200).unwrap();
 
     cluster.kill_coordinator();
@@ -112,8 +112,8 @@ fn restart_mid_job(serve_args: &[String]) {
         "the job was restarted instead of adopted"
     );
 
-    let a = read_params(&tmp.path().join("out-calm/model.safetensors"));
-    let b = read_params(&tmp.path().join("out-chaos/model.safetensors"));
+    let a = read_params(&tmp.path().join("out-calm/latest/model.safetensors"));
+    let b = read_params(&tmp.path().join("out-chaos/latest/model.safetensors"));
     assert_eq!(a, b, "parameters differ from the undisturbed run");
     let losses = |p: &Path| -> Vec<(u64, f64)> {
         read_metrics(p)
@@ -122,7 +122,7 @@ fn restart_mid_job(serve_args: &[String]) {
             .collect()
     };
     assert_eq!(
-        losses(&tmp.path().join("out-calm/metrics.jsonl")),
+        losses(&tmp.path().join("out-calm/latest/metrics.jsonl")),
         losses(&metrics)
     );
 }

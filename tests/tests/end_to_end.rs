@@ -94,8 +94,13 @@ fn digits_with_two_workers_reaches_95_percent() {
     assert_eq!(status["total_steps"], 460);
     assert!(status["reason"].is_null());
 
+    // Each job writes into its own folder, and `latest` points at it.
     let out_dir = Path::new(status["output_dir"].as_str().unwrap());
-    assert_eq!(out_dir, tmp.path().join("out-digits"));
+    assert_eq!(out_dir, tmp.path().join("out-digits").join(&id));
+    assert_eq!(
+        std::fs::read_link(tmp.path().join("out-digits/latest")).unwrap(),
+        Path::new(&id)
+    );
     let params = read_params(&out_dir.join("model.safetensors"));
     let shapes: Vec<(String, Vec<usize>)> = params
         .iter()
@@ -180,8 +185,8 @@ fn one_and_two_workers_end_with_the_same_parameters() {
         let out = cluster.cli(&["submit", job.to_str().unwrap(), "--follow"], JOB_TIMEOUT);
         assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     }
-    let a = read_params(&tmp.path().join("out-one/model.safetensors"));
-    let b = read_params(&tmp.path().join("out-two/model.safetensors"));
+    let a = read_params(&tmp.path().join("out-one/latest/model.safetensors"));
+    let b = read_params(&tmp.path().join("out-two/latest/model.safetensors"));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     let flat = |m: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>| -> Vec<f32> {
         m.values().flat_map(|(_, v)| v.iter().copied()).collect()
@@ -193,6 +198,68 @@ fn one_and_two_workers_end_with_the_same_parameters() {
     // And training moved the parameters: the comparison is not trivially equal.
     let init_moved = fa.iter().any(|x| x.abs() > 0.0);
     assert!(init_moved);
+}
+
+/// Adds `dropout = p` to the `[model]` table of a job written by [`write_job`].
+fn set_dropout(job: &Path, p: f64) {
+    let text = std::fs::read_to_string(job).expect("read job");
+    let text = text.replacen("\n[data]", &format!("dropout = {p}\n\n[data]"), 1);
+    std::fs::write(job, text).expect("write job");
+}
+
+/// Runs `job` to success and returns its final parameters, flattened in name
+/// order. The model is found through the status' `output_dir`, so the test
+/// does not depend on how output folders are laid out.
+fn train_to_params(cluster: &LocalCluster, job: &Path, fallback_dir: &Path) -> Vec<f32> {
+    let done = cluster.follow(job, &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let dir = match done["output_dir"].as_str() {
+        Some(d) => std::path::PathBuf::from(d),
+        None => match cluster.status(done["id"].as_str().unwrap())["output_dir"].as_str() {
+            Some(d) => std::path::PathBuf::from(d),
+            None => fallback_dir.to_path_buf(),
+        },
+    };
+    read_params(&dir.join("model.safetensors"))
+        .into_values()
+        .flat_map(|(_, v)| v)
+        .collect()
+}
+
+/// Dropout masks belong to the samples, not to the ranks: with dropout on,
+/// 1, 2 and 4 workers still compute the same run.
+#[test]
+fn one_two_and_four_workers_with_dropout_end_with_the_same_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    // 300 steps cross 13 epoch boundaries, each with a short last batch
+    // (1438 = 22 * 64 + 30) that 4 ranks split unevenly.
+    let train = "steps = 300\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05";
+    let cluster = LocalCluster::start(4).unwrap();
+    let mut runs = Vec::new();
+    for workers in [1, 2, 4] {
+        let name = format!("dropout-w{workers}");
+        let job = write_job(tmp.path(), &data, &name, workers, train);
+        set_dropout(&job, 0.2);
+        let params = train_to_params(&cluster, &job, &tmp.path().join(format!("out-{name}")));
+        runs.push((workers, params));
+    }
+    let (_, one) = &runs[0];
+    for (workers, params) in &runs[1..] {
+        assert_eq!(params.len(), one.len());
+        let rel = relative_l2(one, params);
+        eprintln!("dropout 0.2: relative L2 between 1 and {workers} workers: {rel:e}");
+        assert!(
+            rel < 1e-5,
+            "dropout 0.2: relative L2 between 1 and {workers} workers: {rel}"
+        );
+    }
+
+    // Dropout was really on: the same job without it ends elsewhere.
+    let job = write_job(tmp.path(), &data, "no-dropout", 1, train);
+    let plain = train_to_params(&cluster, &job, &tmp.path().join("out-no-dropout"));
+    let rel = relative_l2(one, &plain);
+    assert!(rel > 1e-2, "dropout changed the parameters by only {rel}");
 }
 
 #[test]

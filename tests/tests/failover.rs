@@ -101,8 +101,8 @@ fn the_standby_takes_over_and_adopts_the_running_job() {
         status["generation"], 1,
         "the job was restarted instead of adopted"
     );
-    let a = read_params(&tmp.path().join("out-calm/model.safetensors"));
-    let b = read_params(&tmp.path().join("out-storm/model.safetensors"));
+    let a = read_params(&tmp.path().join("out-calm/latest/model.safetensors"));
+    let b = read_params(&tmp.path().join("out-storm/latest/model.safetensors"));
     assert_eq!(a, b, "parameters differ from the undisturbed run");
     assert!(
         takeover < Duration::from_secs(10),

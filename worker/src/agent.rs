@@ -43,6 +43,33 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
 }
 
+/// The coordinator refused this worker's name: another live worker has it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NameTaken(String);
+
+/// How long a refused name is retried before the worker gives up: long
+/// enough for the coordinator to notice that a previous process of this
+/// name (killed and restarted) is gone, short enough that a real duplicate
+/// hears about it at once.
+const NAME_TAKEN_PATIENCE: Duration = Duration::from_secs(5);
+
+/// A random id for this process, sent with every registration so that the
+/// coordinator can tell a reconnect of this process from another process
+/// that uses the same name.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:016x}", h.finish())
+}
+
 /// The run this worker was last assigned, kept until a new assignment
 /// replaces it so that a restarted coordinator can adopt it (and learn how it
 /// ended, if it ended while no coordinator was listening).
@@ -101,6 +128,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut idx = 0;
     let started = std::time::Instant::now();
+    let instance = instance_id();
+    let mut name_refused_since: Option<std::time::Instant> = None;
     let mut reached = false;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -111,6 +140,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let result = session(
                     cfg_with(&cfg, &url),
                     client,
+                    &instance,
                     &data_addr,
                     &listener,
                     &events_tx,
@@ -121,6 +151,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .await;
                 match result {
                     Ok(()) => backoff = Duration::from_millis(100),
+                    Err(e) if e.downcast_ref::<NameTaken>().is_some() => {
+                        let since = *name_refused_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= NAME_TAKEN_PATIENCE {
+                            return Err(e.context("the coordinator refused this worker"));
+                        }
+                        warn!("{e:#}; retrying in case the previous holder of the name is gone");
+                    }
                     Err(e) => {
                         let text = format!("{e:#}");
                         warn!("session with {url} ended: {text}; reconnecting");
@@ -217,6 +254,7 @@ fn observe(current: &mut Option<Running>, m: &WorkerMessage) {
 async fn session(
     cfg: AgentConfig,
     mut client: AgentClient<tonic::transport::Channel>,
+    instance: &str,
     data_addr: &str,
     listener: &Arc<DataPlaneListener>,
     events_tx: &mpsc::UnboundedSender<WorkerMessage>,
@@ -233,13 +271,18 @@ async fn session(
         threads: cfg.threads as u32,
         protocol_version: PROTOCOL_VERSION,
         current: current.as_ref().map(Running::as_current),
+        instance: instance.to_string(),
     })))
     .await?;
-    let mut inbound = client
-        .session(ReceiverStream::new(rx))
-        .await
-        .context("coordinator refused the session")?
-        .into_inner();
+    let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {
+            return Err(NameTaken(status.message().to_string()).into());
+        }
+        Err(status) => {
+            return Err(anyhow::Error::new(status).context("coordinator refused the session"));
+        }
+    };
     let registered = match inbound.message().await? {
         Some(CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Registered(r)),
@@ -301,9 +344,32 @@ async fn handle_command(
                     let _ = tokio::task::spawn_blocking(move || t.join()).await;
                 }
             }
+            let (job_id, generation, rank) = (start.job_id.clone(), start.generation, start.rank);
             match start_trainer(cfg, start, listener, events_tx) {
                 Ok(r) => *current = Some(r),
-                Err(e) => error!("could not start training: {e:#}"),
+                Err(e) => {
+                    // Said as a failed run, so the coordinator frees this
+                    // worker and fails the job naming the real cause rather
+                    // than waiting for the peers to time out.
+                    error!(job = %job_id, "could not start training: {e:#}");
+                    let ended = pb::TrainingEnded {
+                        job_id: job_id.clone(),
+                        generation,
+                        success: false,
+                        reason: format!("could not start training: {e:#}"),
+                        ..Default::default()
+                    };
+                    *current = Some(Running {
+                        job_id,
+                        generation,
+                        rank,
+                        step: 0,
+                        control: Arc::new(TrainerControl::default()),
+                        thread: None,
+                        ended: None,
+                    });
+                    let _ = events_tx.send(msg(worker_message::Kind::Ended(ended)));
+                }
             }
         }
         Some(coordinator_message::Kind::Abort(abort)) => {
@@ -340,9 +406,12 @@ fn start_trainer(
     listener: &Arc<DataPlaneListener>,
     tx: &mpsc::UnboundedSender<WorkerMessage>,
 ) -> anyhow::Result<Running> {
-    let spec: JobSpec = serde_json::from_str(&start.spec_json).context("malformed job spec")?;
-    spec.check()
-        .map_err(|e| anyhow::anyhow!("invalid job spec: {e}"))?;
+    if start_failpoint() {
+        bail!("fail point agent-start=error");
+    }
+    // Bounded and re-checked: inbound data can be malformed.
+    let spec: JobSpec = ringmaster_proto::spec_from_json(&start.spec_json)?;
+    let output_dir = spec.output.job_dir(&start.job_id);
     let assignment = Assignment {
         job_id: start.job_id.clone(),
         generation: start.generation,
@@ -351,6 +420,7 @@ fn start_trainer(
         spec,
         progress_every: start.progress_every_steps.max(1),
         resume_candidates: start.resume_candidates.iter().map(PathBuf::from).collect(),
+        output_dir,
     };
     let opts = TrainerOptions {
         device: cfg.device,
@@ -427,6 +497,7 @@ fn start_trainer(
                         metrics: outcome.metrics.into_iter().collect(),
                         lost_peer_rank: None,
                         stopped: outcome.stopped,
+                        peer_fault: false,
                     },
                     Ok(Err(e)) => {
                         warn!(job = %assignment.job_id, "training failed: {e}");
@@ -438,6 +509,7 @@ fn start_trainer(
                             step: 0,
                             metrics: Default::default(),
                             lost_peer_rank: e.lost_peer(),
+                            peer_fault: matches!(e, trainer::TrainError::Collective(_)),
                             stopped: false,
                         }
                     }
@@ -457,6 +529,7 @@ fn start_trainer(
                             metrics: Default::default(),
                             lost_peer_rank: None,
                             stopped: false,
+                            peer_fault: false,
                         }
                     }
                 };
@@ -475,7 +548,15 @@ fn start_trainer(
     })
 }
 
-fn hostname() -> String {
+/// `RINGMASTER_FAILPOINT=agent-start=error` makes every start fail, as a
+/// spec the worker cannot use or a thread it cannot spawn would (tests).
+fn start_failpoint() -> bool {
+    std::env::var("RINGMASTER_FAILPOINT")
+        .is_ok_and(|v| v.split(',').any(|e| e.trim() == "agent-start=error"))
+}
+
+/// This machine's host name, for registration and default worker names.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())

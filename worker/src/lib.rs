@@ -7,4 +7,5 @@ pub mod checkpoint;
 pub mod collective;
 pub mod model;
 pub mod optim;
+pub mod sample_rng;
 pub mod trainer;

@@ -30,7 +30,8 @@ struct Args {
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Name shown in `coordinator workers` (default: host and pid).
+    /// Name shown in `coordinator workers`, unique among live workers
+    /// (default: `<host>-<pid>`).
     #[arg(long)]
     name: Option<String>,
     /// Address the data plane (ring all-reduce) listens on.
@@ -70,7 +71,7 @@ fn main() {
     let name = args
         .name
         .clone()
-        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+        .unwrap_or_else(|| format!("{}-{}", agent::hostname(), std::process::id()));
     let cfg = AgentConfig {
         coordinator: args.coordinator.clone(),
         name,

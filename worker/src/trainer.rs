@@ -16,8 +16,9 @@ use crate::checkpoint;
 use crate::collective::{
     AbortHandle, Collective, CollectiveError, DataPlaneListener, RingCollective, RingConfig,
 };
-use crate::model::Mlp;
+use crate::model::{self, AllocError, Mlp};
 use crate::optim::Optimizer;
+use crate::sample_rng::SampleNoise;
 use ringmaster_common::dataset::{Dataset, DatasetError, ShardPlan, rank_range};
 use ringmaster_common::jobspec::JobSpec;
 use std::collections::BTreeMap;
@@ -47,6 +48,8 @@ pub struct Assignment {
     /// Checkpoint directories to resume from, newest first: the first that
     /// verifies is used. Empty for a fresh start.
     pub resume_candidates: Vec<PathBuf>,
+    /// This job's own output folder, `<output.dir>/<job-id>/`.
+    pub output_dir: PathBuf,
 }
 
 /// How this worker runs libtorch.
@@ -108,8 +111,14 @@ pub enum TrainError {
     Data(#[from] DatasetError),
     #[error("collective: {0}")]
     Collective(#[from] CollectiveError),
-    #[error("libtorch: {0}")]
+    /// libtorch's first line only: its C++ backtrace helps nobody reading
+    /// a job's failure reason.
+    #[error("libtorch: {}", model::torch_message(.0))]
     Torch(#[from] tch::TchError),
+    /// Memory for the model, the data or the gradient staging was refused:
+    /// the job is too large for this worker's device.
+    #[error("{0}")]
+    Allocation(#[from] AllocError),
     #[error("writing {path}: {source}")]
     Output {
         path: String,
@@ -236,16 +245,14 @@ pub fn train(
         )));
     }
     let n = train_set.y.len() as i64;
-    let xs = Tensor::from_slice(&train_set.x)
-        .view([n, inputs])
-        .to_device(device);
-    let ys = Tensor::from_slice(&train_set.y).to_device(device);
+    let xs = model::from_host("training inputs", &train_set.x, &[n, inputs], device)?;
+    let ys = model::from_host("training labels", &train_set.y, &[n], device)?;
 
     // Same seed on every rank gives the same initial parameters; rank 0's are
     // broadcast anyway so that the group provably starts from one state.
     tch::manual_seed(spec.seed as i64);
     let vs = nn::VarStore::new(device);
-    let model = Mlp::new(&vs.root(), inputs, classes, &spec.model);
+    let model = Mlp::new(&vs.root(), inputs, classes, &spec.model)?;
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|x, y| x.0.cmp(&y.0));
     let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
@@ -280,7 +287,9 @@ pub fn train(
     }
 
     let mut metrics_log = if a.rank == 0 {
-        Some(MetricsLog::open(&spec.output.dir, first_step)?)
+        let log = MetricsLog::open(&a.output_dir, first_step)?;
+        link_latest(&a.output_dir);
+        Some(log)
     } else {
         None
     };
@@ -307,7 +316,7 @@ pub fn train(
         .max()
         .unwrap_or(0)
         + EXTRAS;
-    let mut staging = Staging::new(staging_len);
+    let mut staging = Staging::new(staging_len)?;
     let mut stopped = false;
     let mut step = first_step;
     let loop_start = Instant::now();
@@ -322,14 +331,8 @@ pub fn train(
         let batch = plan.batch_range(step_in_epoch);
         let batch_len = batch.end - batch.start;
         let mine = rank_range(batch.clone(), a.rank, world);
-        let idx: Vec<i64> = perm[mine.start as usize..mine.end as usize]
-            .iter()
-            .map(|&i| i as i64)
-            .collect();
-
-        // Dropout draws from libtorch's RNG: seeding it per (step, rank) makes
-        // every step reproducible on its own, so resume needs no RNG state.
-        tch::manual_seed(step_seed(spec.seed, step, a.rank));
+        let ids = &perm[mine.start as usize..mine.end as usize];
+        let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         for p in &params {
             let mut g = p.grad();
             if g.defined() {
@@ -349,7 +352,10 @@ pub fn train(
             let idx = Tensor::from_slice(&idx).to_device(device);
             let xb = xs.index_select(0, &idx);
             let yb = ys.index_select(0, &idx);
-            let logits = model.forward_t(&xb, true);
+            // Keyed by dataset sample id, not by rank or row: a sample gets
+            // the same dropout mask however the batch is split.
+            let noise = SampleNoise::new(spec.seed, step, ids, device);
+            let logits = model.forward_train(&xb, &noise)?;
             let loss = logits.cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0);
             loss.backward();
             loss.double_value(&[])
@@ -465,7 +471,7 @@ pub fn train(
         }
     }
     if a.rank == 0 && !stopped {
-        save_model(&spec.output.dir, &named)?;
+        save_model(&a.output_dir, &named)?;
     }
     // Nobody leaves before rank 0 has written the model (or its final
     // checkpoint), so "succeeded" always means the output exists.
@@ -583,7 +589,9 @@ fn take_snapshot(
             optimizer_steps: optimizer.steps(),
             learning_rate: spec.train.learning_rate,
             lr_schedule: "constant".into(),
-            rng: "libtorch re-seeded every step from (seed, step, rank)".into(),
+            rng: "no state: dropout masks are a counter-based hash of (seed, step, dataset \
+                  sample id, layer, unit)"
+                .into(),
             metrics: metrics.clone(),
         },
     })
@@ -662,16 +670,6 @@ fn resume(
     )))
 }
 
-/// A deterministic per-step seed for libtorch's RNG (splitmix64 finaliser).
-fn step_seed(seed: u64, step: u64, rank: u32) -> i64 {
-    let mut z = seed
-        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ u64::from(rank).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) as i64 & i64::MAX
-}
-
 /// Groups consecutive parameters into buckets of about [`BUCKET_BYTES`].
 fn buckets(params: &[Tensor]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
@@ -705,11 +703,11 @@ struct Staging {
 }
 
 impl Staging {
-    fn new(len: usize) -> Self {
-        Staging {
-            tensor: Tensor::zeros([len as i64], (Kind::Float, Device::Cpu)),
+    fn new(len: usize) -> Result<Self, AllocError> {
+        Ok(Staging {
+            tensor: model::zeros("gradient staging", &[len as i64], Kind::Float, Device::Cpu)?,
             len,
-        }
+        })
     }
 
     fn slice(&mut self, len: usize) -> &mut [f32] {
@@ -820,7 +818,7 @@ fn evaluate(
     let mine = rank_range(0..n, rank, world);
     let d = val.features;
     let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<(), TrainError> {
         let mut start = mine.start as i64;
         let end = mine.end as i64;
         while start < end {
@@ -830,7 +828,7 @@ fn evaluate(
                 .view([stop - start, d as i64])
                 .to_device(device);
             let yb = Tensor::from_slice(&val.y[s..e]).to_device(device);
-            let logits = model.forward_t(&xb, false);
+            let logits = model.forward_eval(&xb)?;
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)
                 .double_value(&[]);
@@ -841,7 +839,8 @@ fn evaluate(
                 .int64_value(&[]) as f64;
             start = stop;
         }
-    });
+        Ok(())
+    })?;
     // f32 holds integer counts exactly up to 2^24 samples per rank sum.
     let mut sums = [loss_sum as f32, correct as f32];
     ring.all_reduce_sum(&mut sums)?;
@@ -904,6 +903,27 @@ impl MetricsLog {
             path: self.path.clone(),
             source,
         })
+    }
+}
+
+/// Points `<output.dir>/latest` at this job's folder (a relative link,
+/// replaced atomically), so a user finds the newest run without its id. A
+/// failure only costs the convenience: it is logged, not fatal.
+fn link_latest(job_dir: &Path) {
+    let (Some(root), Some(name)) = (job_dir.parent(), job_dir.file_name()) else {
+        return;
+    };
+    let link = root.join(ringmaster_common::jobspec::LATEST_LINK);
+    let tmp = root.join(format!(".latest.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let made = std::os::unix::fs::symlink(name, &tmp).and_then(|()| std::fs::rename(&tmp, &link));
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(
+            "could not point {} at {}: {e}",
+            link.display(),
+            job_dir.display()
+        );
     }
 }
 

@@ -157,6 +157,17 @@ pub enum DatasetError {
         expected: usize,
         found: usize,
     },
+    #[error(
+        "{path}:{line}: expected {expected} fields like the header on line {header_line}, found \
+         {found}; if the lines above the table are not column names, skip them (--skip-rows N)"
+    )]
+    CsvHeaderMismatch {
+        path: PathBuf,
+        line: u64,
+        expected: usize,
+        found: usize,
+        header_line: u64,
+    },
     #[error("{path}:{line}: column {column}: cannot parse `{value}` as a number")]
     CsvNotANumber {
         path: PathBuf,

@@ -63,6 +63,11 @@ pub enum PackInput {
         /// `None`: the first row is a header when any of its fields is not a
         /// number.
         has_header: Option<bool>,
+        /// Lines skipped before the table (and before its header, if any),
+        /// for files that open with something else: scikit-learn's
+        /// `breast_cancer.csv` and `wine_data.csv` start with a line of counts
+        /// and class names.
+        skip_rows: usize,
     },
     /// A 2-D float32/float64 feature array and a 1-D integer label array.
     Npy { features: PathBuf, labels: PathBuf },
@@ -146,7 +151,8 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
             path,
             label_column,
             has_header,
-        } => read_csv(path, label_column, *has_header, &progress)?,
+            skip_rows,
+        } => read_csv(path, label_column, *has_header, *skip_rows, &progress)?,
         PackInput::Npy { features, labels } => {
             let raw = read_npy(features, labels)?;
             progress.set_position(raw.y.len() as u64);

@@ -3,11 +3,16 @@
 //! that would have been accepted.
 //!
 //! Nothing here is validated beyond TOML types and enum spellings. Integers are
-//! `i64` (TOML's own integer type) so that a negative or oversized value reaches
-//! the range rules in `rules.rs` and gets their message, not serde's. Values a
-//! later check must point at are [`Spanned`]; an optional key is an `Option` so
-//! that "given" and "defaulted" stay distinguishable (sgd-only keys given with
-//! adam are errors, not silently ignored). Defaults are applied in `validate.rs`.
+//! `i128`, wider than any key allows and than TOML's own `i64`, because the
+//! `toml` crate hands over larger literals as `u64`, `i128` or `u128`: so a
+//! negative or oversized value reaches the range rules in `rules.rs` and gets
+//! their message (`train.batch_size must be between 1 and 1048576`), not
+//! serde's (`invalid type: integer ... as i128`).
+//!
+//! Values a later check must point at are [`Spanned`]; an optional key is an
+//! `Option` so that "given" and "defaulted" stay distinguishable (sgd-only keys
+//! given with adam are errors, not silently ignored). Defaults are applied in
+//! `validate.rs`.
 
 use std::fmt;
 
@@ -150,9 +155,10 @@ pub(super) struct RawKeepBest {
 }
 
 /// A TOML integer. Its own type so that a wrong type reads "expected an
-/// integer", not serde's "expected i64".
+/// integer", not serde's "expected i64", and so that an integer past `i64`
+/// still reaches the range rules.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Integer(pub i64);
+pub(super) struct Integer(pub i128);
 
 /// A TOML float; integers are accepted too (`weight_decay = 0`).
 #[derive(Clone, Copy, Debug)]
@@ -167,12 +173,22 @@ impl<'de> Deserialize<'de> for Integer {
                 f.write_str("an integer")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Integer, E> {
-                Ok(Integer(v))
+                Ok(Integer(v.into()))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Integer, E> {
-                i64::try_from(v)
-                    .map(Integer)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+                Ok(Integer(v.into()))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Integer, E> {
+                Ok(Integer(v))
+            }
+            // Only literals of 2^127 and more land here (`toml` tries i128
+            // first); no rule could print them as an i128, so they are refused
+            // here, still naming the value. Past u128 `toml` itself reports
+            // "integer number overflowed".
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Integer, E> {
+                i128::try_from(v).map(Integer).map_err(|_| {
+                    E::invalid_value(de::Unexpected::Other(&format!("integer `{v}`")), &self)
+                })
             }
         }
         deserializer.deserialize_i64(IntegerVisitor)
@@ -195,6 +211,13 @@ impl<'de> Deserialize<'de> for Float {
                 Ok(Float(v as f64))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Float, E> {
+                Ok(Float(v as f64))
+            }
+            // Past i64 the nearest float; the rules then judge its magnitude.
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Float, E> {
+                Ok(Float(v as f64))
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Float, E> {
                 Ok(Float(v as f64))
             }
         }

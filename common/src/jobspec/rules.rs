@@ -11,7 +11,14 @@ use super::{
     MAX_BATCH_SIZE, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS, REPORTED_METRICS,
 };
 
+/// Integer rules take `impl Into<i128>`: job files hand over values past `i64`
+/// (`raw.rs`), received specs hand over `i64`s, and both must get the same
+/// message.
 pub(super) type Rule = Result<(), String>;
+
+/// Counts held as `u64` in the domain type are bounded by `i64::MAX`, the
+/// largest integer TOML promises to carry.
+const MAX_COUNT: i128 = i64::MAX as i128;
 
 pub(super) fn name(name: &str) -> Rule {
     let mut chars = name.chars();
@@ -29,11 +36,17 @@ pub(super) fn name(name: &str) -> Rule {
     }
 }
 
-pub(super) fn seed(seed: i64) -> Rule {
-    if seed >= 0 {
+/// Any `u64`, the domain type: the seed only feeds hashing, so nothing is
+/// gained by refusing the upper half, which `toml` reads as `u64`.
+pub(super) fn seed(seed: impl Into<i128>) -> Rule {
+    let seed = seed.into();
+    if (0..=i128::from(u64::MAX)).contains(&seed) {
         Ok(())
     } else {
-        Err(format!("seed must not be negative, got {seed}"))
+        Err(format!(
+            "seed must be an integer between 0 and 2^64-1 ({}), got {seed}",
+            u64::MAX
+        ))
     }
 }
 
@@ -47,7 +60,7 @@ pub(super) fn hidden_len(layers: usize) -> Rule {
     }
 }
 
-pub(super) fn hidden_width(index: usize, width: i64) -> Rule {
+pub(super) fn hidden_width(index: usize, width: impl Into<i128>) -> Rule {
     in_range(&format!("model.hidden[{index}]"), width, 1, MAX_LAYER_WIDTH)
 }
 
@@ -55,23 +68,23 @@ pub(super) fn dropout(p: f64) -> Rule {
     unit_interval("model.dropout", p)
 }
 
-pub(super) fn batch_size(batch: i64) -> Rule {
+pub(super) fn batch_size(batch: impl Into<i128>) -> Rule {
     in_range("train.batch_size", batch, 1, MAX_BATCH_SIZE)
 }
 
-pub(super) fn epochs(epochs: i64) -> Rule {
+pub(super) fn epochs(epochs: impl Into<i128>) -> Rule {
     at_least_one("train.epochs", epochs)
 }
 
-pub(super) fn steps(steps: i64) -> Rule {
+pub(super) fn steps(steps: impl Into<i128>) -> Rule {
     at_least_one("train.steps", steps)
 }
 
-pub(super) fn eval_every_steps(every: i64) -> Rule {
+pub(super) fn eval_every_steps(every: impl Into<i128>) -> Rule {
     at_least_one("train.eval_every_steps", every)
 }
 
-pub(super) fn log_every_steps(every: i64) -> Rule {
+pub(super) fn log_every_steps(every: impl Into<i128>) -> Rule {
     at_least_one("train.log_every_steps", every)
 }
 
@@ -129,11 +142,11 @@ pub(super) fn eval_needs_validation(has_validation: bool) -> Rule {
     }
 }
 
-pub(super) fn workers_min(min: i64) -> Rule {
+pub(super) fn workers_min(min: impl Into<i128>) -> Rule {
     in_range("workers.min", min, 1, MAX_WORKERS)
 }
 
-pub(super) fn workers_max(max: i64) -> Rule {
+pub(super) fn workers_max(max: impl Into<i128>) -> Rule {
     in_range("workers.max", max, 1, MAX_WORKERS)
 }
 
@@ -172,19 +185,19 @@ pub(super) fn batch_split(batch: i64, min: i64, max: i64) -> Rule {
     Ok(())
 }
 
-pub(super) fn checkpoint_every_steps(every: i64) -> Rule {
+pub(super) fn checkpoint_every_steps(every: impl Into<i128>) -> Rule {
     at_least_one("checkpoint.every_steps", every)
 }
 
-pub(super) fn checkpoint_every_seconds(every: i64) -> Rule {
+pub(super) fn checkpoint_every_seconds(every: impl Into<i128>) -> Rule {
     at_least_one("checkpoint.every_seconds", every)
 }
 
-pub(super) fn keep_last(keep: i64) -> Rule {
+pub(super) fn keep_last(keep: impl Into<i128>) -> Rule {
     count("checkpoint.keep_last", keep)
 }
 
-pub(super) fn keep_best_count(keep: i64) -> Rule {
+pub(super) fn keep_best_count(keep: impl Into<i128>) -> Rule {
     count("checkpoint.keep_best.count", keep)
 }
 
@@ -235,29 +248,37 @@ pub(super) fn path_not_empty(key: &str, path: &str) -> Rule {
     }
 }
 
-fn in_range(key: &str, value: i64, lo: i64, hi: i64) -> Rule {
-    if (lo..=hi).contains(&value) {
+fn in_range(key: &str, value: impl Into<i128>, lo: i64, hi: i64) -> Rule {
+    let value = value.into();
+    if (i128::from(lo)..=i128::from(hi)).contains(&value) {
         Ok(())
     } else {
         Err(format!("{key} must be between {lo} and {hi}, got {value}"))
     }
 }
 
-fn at_least_one(key: &str, value: i64) -> Rule {
-    if value >= 1 {
-        Ok(())
-    } else {
+fn at_least_one(key: &str, value: impl Into<i128>) -> Rule {
+    let value = value.into();
+    if value < 1 {
         Err(format!("{key} must be at least 1, got {value}"))
+    } else if value > MAX_COUNT {
+        Err(format!(
+            "{key} must be between 1 and {MAX_COUNT}, got {value}"
+        ))
+    } else {
+        Ok(())
     }
 }
 
 /// A count held as `u32` in the domain type.
-fn count(key: &str, value: i64) -> Rule {
-    at_least_one(key, value)?;
-    if value <= i64::from(u32::MAX) {
-        Ok(())
-    } else {
+fn count(key: &str, value: impl Into<i128>) -> Rule {
+    let value = value.into();
+    if value < 1 {
+        Err(format!("{key} must be at least 1, got {value}"))
+    } else if value > i128::from(u32::MAX) {
         Err(format!("{key} must be at most {}, got {value}", u32::MAX))
+    } else {
+        Ok(())
     }
 }
 

@@ -360,14 +360,14 @@ fn build_workers(
     let min = match &raw.min {
         Some(min) => {
             at.check(min, rules::workers_min(min.get_ref().0))?;
-            min.get_ref().0
+            bounded(min.get_ref().0)
         }
         None => 1,
     };
     let max = match &raw.max {
         Some(max) => {
             at.check(max, rules::workers_max(max.get_ref().0))?;
-            max.get_ref().0
+            bounded(max.get_ref().0)
         }
         None => min,
     };
@@ -464,12 +464,17 @@ fn build_checkpoint(
     })
 }
 
-/// An `i64` that a rule has already found non-negative, as a `u64`.
-fn non_negative(value: i64) -> u64 {
+/// An integer that a rule has already found within `0..=u64::MAX`, as a `u64`.
+fn non_negative(value: i128) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
 
-/// An `i64` that a rule has already bounded, as a `u32`; the error is
+/// An integer that a rule has already bounded well within `i64`, as an `i64`.
+fn bounded(value: i128) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// An integer that a rule has already bounded, as a `u32`; the error is
 /// unreachable unless a rule's bounds are widened past `u32`.
 fn narrow(value: &Spanned<Integer>, at: &Locator<'_>) -> Result<u32, SpecError> {
     u32::try_from(value.get_ref().0)

@@ -1,0 +1,384 @@
+//! The control loop driven in process, with fake worker sessions: who is
+//! blamed when a worker dies, deadlines that die with their generation,
+//! workers that never report their end, duplicate names, and why a queued
+//! job waits. Each case is one a user hit with the real binaries.
+
+use ringmaster_common::ids::{JobId, WorkerId};
+use ringmaster_common::jobspec::JobSpec;
+use ringmaster_common::now_ms;
+use ringmaster_common::store::records::{
+    self, CheckpointRecord, JobRecord, JobState, JobStatusRecord,
+};
+use ringmaster_common::store::{MemoryStore, StateStore, keys};
+use ringmaster_coordinator::control::{self, ControlConfig, ControlError, ControlHandle, Msg};
+use ringmaster_proto::pb::{self, CoordinatorMessage, coordinator_message, worker_message};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// A worker as the control loop sees it: its id and its command stream.
+struct FakeWorker {
+    id: WorkerId,
+    commands: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
+    /// Kept so the session stays "alive" (its heartbeat clock).
+    _last_seen: Arc<AtomicU64>,
+}
+
+impl FakeWorker {
+    /// The next `StartTraining`, skipping anything else.
+    async fn start(&mut self) -> pb::StartTraining {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), self.commands.recv())
+                .await
+                .expect("no command within 5 s")
+                .expect("session closed")
+                .expect("error status");
+            if let Some(coordinator_message::Kind::Start(s)) = next.kind {
+                return s;
+            }
+        }
+    }
+}
+
+fn cfg() -> ControlConfig {
+    ControlConfig {
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_secs(60),
+        adopt_grace: Duration::from_millis(600),
+        release_grace: Duration::from_millis(300),
+        ..ControlConfig::default()
+    }
+}
+
+fn spec(min: u32) -> JobSpec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/digits-mlp.toml");
+    let mut spec = JobSpec::from_toml(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+    spec.workers.min = min;
+    spec.workers.max = min;
+    spec.train.global_batch = 96;
+    spec
+}
+
+async fn register(
+    h: &ControlHandle,
+    name: &str,
+    instance: &str,
+    current: Option<pb::CurrentRun>,
+) -> Result<FakeWorker, ControlError> {
+    let (tx, mut rx) = mpsc::channel(64);
+    let last_seen = Arc::new(AtomicU64::new(now_ms()));
+    {
+        // Heartbeats: the session task stamps this clock on every message.
+        let clock = last_seen.clone();
+        tokio::spawn(async move {
+            loop {
+                clock.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    let info = pb::Register {
+        name: name.into(),
+        host: "test".into(),
+        device: "cpu".into(),
+        data_addr: format!("127.0.0.1:{}", 9000 + name.len()),
+        threads: 1,
+        protocol_version: 1,
+        current,
+        instance: instance.into(),
+    };
+    let id = h
+        .call(|r| Msg::Register(info, tx, last_seen.clone(), r))
+        .await?;
+    // `Registered` comes first.
+    let first = rx.recv().await.unwrap().unwrap();
+    assert!(matches!(
+        first.kind,
+        Some(coordinator_message::Kind::Registered(_))
+    ));
+    Ok(FakeWorker {
+        id,
+        commands: rx,
+        _last_seen: last_seen,
+    })
+}
+
+fn ended(job: &str, generation: u64, success: bool) -> pb::TrainingEnded {
+    pb::TrainingEnded {
+        job_id: job.into(),
+        generation,
+        success,
+        ..Default::default()
+    }
+}
+
+async fn report(h: &ControlHandle, w: &WorkerId, e: pb::TrainingEnded) {
+    h.from_session(Msg::FromWorker(w.clone(), worker_message::Kind::Ended(e)));
+}
+
+async fn job(h: &ControlHandle, id: &JobId) -> pb::JobStatus {
+    let id = id.to_string();
+    h.call(|r| Msg::GetJob(id, r)).await.unwrap()
+}
+
+async fn wait_state(h: &ControlHandle, id: &JobId, state: &str) -> pb::JobStatus {
+    for _ in 0..200 {
+        let s = job(h, id).await;
+        if s.state == state {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("job {id} never became {state}: {:?}", job(h, id).await);
+}
+
+async fn workers(h: &ControlHandle) -> Vec<pb::WorkerInfo> {
+    h.call(Msg::ListWorkers).await.unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+#[test]
+fn a_dead_worker_is_blamed_even_when_a_neighbours_report_comes_first() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut ws = Vec::new();
+        for name in ["n0", "n1", "n2"] {
+            ws.push(register(&h, name, name, None).await.unwrap());
+        }
+        let id = h.call(|r| Msg::Submit(spec(3), None, r)).await.unwrap();
+        for w in &mut ws {
+            w.start().await;
+        }
+        // n2 (rank 2) dies. Its ring neighbours' reports race its session
+        // break, and name a live worker: rank 1 saw rank 0's connection close
+        // as the ring came down.
+        let mut e = ended(id.as_str(), 1, false);
+        e.peer_fault = true;
+        e.lost_peer_rank = Some(0);
+        e.reason = "collective: peer rank 0 lost: ring connection closed".into();
+        report(&h, &ws[1].id, e).await;
+        h.from_session(Msg::Disconnected(ws[2].id.clone(), "session closed".into()));
+        let s = wait_state(&h, &id, "failed").await;
+        assert_eq!(s.reason, "worker n2 (rank 2) lost: session closed");
+    });
+}
+
+#[test]
+fn without_a_session_break_the_reason_says_what_each_rank_reported() {
+    rt().block_on(async {
+        let mut c = cfg();
+        c.heartbeat_timeout = Duration::from_millis(300);
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), c)
+            .await
+            .unwrap();
+        let mut ws = Vec::new();
+        for name in ["n0", "n1"] {
+            ws.push(register(&h, name, name, None).await.unwrap());
+        }
+        let id = h.call(|r| Msg::Submit(spec(2), None, r)).await.unwrap();
+        for w in &mut ws {
+            w.start().await;
+        }
+        for (rank, w) in ws.iter().enumerate() {
+            let mut e = ended(id.as_str(), 1, false);
+            e.peer_fault = true;
+            e.lost_peer_rank = Some(1 - rank as u32);
+            e.reason = format!("collective: peer rank {} lost", 1 - rank);
+            report(&h, &w.id, e).await;
+        }
+        // Both sessions stay open and keep beating: nobody is known dead.
+        let s = wait_state(&h, &id, "failed").await;
+        assert!(
+            s.reason
+                .contains("n0 (rank 0) reported: collective: peer rank 1 lost")
+                && s.reason
+                    .contains("n1 (rank 1) reported: collective: peer rank 0 lost"),
+            "{}",
+            s.reason
+        );
+    });
+}
+
+#[test]
+fn a_worker_that_never_reports_its_end_is_freed() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut ws = Vec::new();
+        for name in ["n0", "n1"] {
+            ws.push(register(&h, name, name, None).await.unwrap());
+        }
+        let id = h.call(|r| Msg::Submit(spec(2), None, r)).await.unwrap();
+        for w in &mut ws {
+            w.start().await;
+        }
+        // Rank 0 could not start; rank 1 (a worker that failed to start
+        // too, say) never reports anything.
+        let mut e = ended(id.as_str(), 1, false);
+        e.reason = "could not start training: no thread".into();
+        report(&h, &ws[0].id, e).await;
+        let s = wait_state(&h, &id, "failed").await;
+        assert_eq!(
+            s.reason,
+            "rank 0 on worker n0 failed: could not start training: no thread"
+        );
+        let mut idle = false;
+        for _ in 0..100 {
+            idle = workers(&h).await.iter().all(|w| w.state == "idle");
+            if idle {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(idle, "{:?}", workers(&h).await);
+    });
+}
+
+#[test]
+fn a_live_duplicate_name_is_refused_but_a_reconnect_of_the_same_process_is_not() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let first = register(&h, "gpu0", "aaaa", None).await.unwrap();
+        match register(&h, "gpu0", "bbbb", None).await {
+            Err(ControlError::DuplicateName { name, id, .. }) => {
+                assert_eq!((name.as_str(), id), ("gpu0", first.id.to_string()));
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a second worker named gpu0 was accepted"),
+        }
+        let again = register(&h, "gpu0", "aaaa", None).await.unwrap();
+        let list = workers(&h).await;
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0].worker_id, again.id.to_string());
+    });
+}
+
+#[test]
+fn a_queued_job_says_why_it_waits() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let id = h.call(|r| Msg::Submit(spec(2), None, r)).await.unwrap();
+        assert_eq!(
+            job(&h, &id).await.waiting,
+            "waiting for workers: needs 2 cpu workers, 0 registered"
+        );
+        let _w = register(&h, "n0", "n0", None).await.unwrap();
+        assert_eq!(
+            job(&h, &id).await.waiting,
+            "waiting for workers: needs 2 cpu workers, 1 registered"
+        );
+        let later = h.call(|r| Msg::Submit(spec(1), None, r)).await.unwrap();
+        assert_eq!(
+            job(&h, &later).await.waiting,
+            format!("behind job {id}, which is waiting for cpu workers")
+        );
+    });
+}
+
+/// What a store holds for a job that was running (generation 1, two
+/// members, a committed checkpoint) when its coordinator died.
+async fn running_job_in_store(store: &MemoryStore) -> JobId {
+    let id = JobId("digits-mlp-1".into());
+    let record = JobRecord {
+        id: id.clone(),
+        spec: spec(2),
+        submitted_at_ms: now_ms(),
+        resume_from: None,
+    };
+    let status = JobStatusRecord {
+        state: JobState::Running,
+        generation: 1,
+        step: 300,
+        total_steps: 1000,
+        metrics: BTreeMap::new(),
+        members: vec!["n0".into(), "n1".into()],
+        reason: None,
+        output_dir: "/tmp/out".into(),
+        updated_at_ms: now_ms(),
+        events: Vec::new(),
+    };
+    let ckpt = CheckpointRecord {
+        step: 300,
+        dir: "/tmp/out/checkpoints/digits-mlp-1/step-300".into(),
+        bytes: 1,
+        committed: true,
+        generation: 1,
+        metrics: BTreeMap::new(),
+        created_at_ms: now_ms(),
+    };
+    for (key, bytes) in [
+        (
+            keys::job_spec(&id).unwrap(),
+            records::encode("spec", &record).unwrap(),
+        ),
+        (
+            keys::job_status(&id).unwrap(),
+            records::encode("status", &status).unwrap(),
+        ),
+        (
+            keys::job_checkpoint(&id, 300).unwrap(),
+            records::encode("ckpt", &ckpt).unwrap(),
+        ),
+    ] {
+        store.put(&key, bytes).await.unwrap();
+    }
+    id
+}
+
+#[test]
+fn after_a_restart_a_lost_rank_keeps_its_name_and_the_adoption_deadline_dies_with_its_generation() {
+    rt().block_on(async {
+        let store = Arc::new(MemoryStore::new());
+        let id = running_job_in_store(&store).await;
+        let h = control::start(store.clone(), "mem".into(), cfg())
+            .await
+            .unwrap();
+        // The restarted coordinator shows where the job was, not 0/0.
+        let s = job(&h, &id).await;
+        assert_eq!((s.step, s.total_steps), (300, 1000));
+        // Rank 0 rejoins; rank 1 was killed while no coordinator ran, and
+        // rank 0's ring to it is closed.
+        let run = pb::CurrentRun {
+            job_id: id.to_string(),
+            generation: 1,
+            rank: 0,
+            step: 310,
+        };
+        let n0 = register(&h, "n0", "n0", Some(run)).await.unwrap();
+        let mut e = ended(id.as_str(), 1, false);
+        e.peer_fault = true;
+        e.lost_peer_rank = Some(1);
+        e.reason = "collective: peer rank 1 lost".into();
+        report(&h, &n0.id, e).await;
+        let s = wait_state(&h, &id, "failed").await;
+        assert!(s.reason.contains("n1 (rank 1)"), "{}", s.reason);
+
+        // Resumed on two fresh workers, generation 2 outlives the old
+        // adoption deadline (600 ms after the restart).
+        let mut n2 = register(&h, "n2", "n2", None).await.unwrap();
+        let idr = id.to_string();
+        h.call(|r| Msg::Resume(idr, r)).await.unwrap();
+        let mut n0 = n0;
+        let mut starts = Vec::new();
+        for w in [&mut n0, &mut n2] {
+            starts.push(w.start().await);
+        }
+        assert!(starts.iter().all(|s| s.generation == 2));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let s = job(&h, &id).await;
+        assert_eq!((s.state.as_str(), s.generation), ("running", 2), "{s:?}");
+    });
+}

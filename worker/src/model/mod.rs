@@ -1,0 +1,171 @@
+//! Built-in models. Parameter names follow PyTorch's `nn.Linear` convention
+//! (`fc0.weight`, `fc0.bias`, ..., `out.weight`, `out.bias`) so a saved
+//! `model.safetensors` loads into the equivalent Python module unchanged.
+//! Nothing here knows about data, optimizers or collectives.
+//!
+//! Parameters are allocated through libtorch's fallible API, so a model too
+//! large for the device is an [`AllocError`] naming the parameter, not a
+//! panic. Dropout masks come from [`SampleNoise`], keyed by the samples
+//! themselves, so a sample gets the same mask on any rank layout.
+
+mod alloc;
+
+pub use alloc::{AllocError, allocate, device_name, from_host, torch_message, zeros};
+
+use crate::sample_rng::{SampleNoise, Stream};
+use ringmaster_common::jobspec::{Activation, ModelSpec};
+use tch::nn::{self, Init};
+use tch::{TchError, Tensor};
+
+/// A multi-layer perceptron: `Linear -> activation -> dropout` per hidden layer,
+/// then a linear classifier head.
+#[derive(Debug)]
+pub struct Mlp {
+    hidden: Vec<Linear>,
+    out: Linear,
+    activation: Activation,
+    dropout: f64,
+}
+
+impl Mlp {
+    /// Creates the parameters under `root` (initialised from libtorch's RNG,
+    /// so the caller seeds it first).
+    pub fn new(
+        root: &nn::Path,
+        inputs: i64,
+        classes: i64,
+        spec: &ModelSpec,
+    ) -> Result<Self, AllocError> {
+        let ModelSpec::Mlp {
+            hidden,
+            activation,
+            dropout,
+        } = spec;
+        let mut layers = Vec::with_capacity(hidden.len());
+        let mut width = inputs;
+        for (i, &h) in hidden.iter().enumerate() {
+            layers.push(Linear::new(root, &format!("fc{i}"), width, i64::from(h))?);
+            width = i64::from(h);
+        }
+        let out = Linear::new(root, "out", width, classes)?;
+        Ok(Mlp {
+            hidden: layers,
+            out,
+            activation: *activation,
+            dropout: *dropout,
+        })
+    }
+
+    /// Logits for a training batch `[n, inputs]` whose row `i` is the sample
+    /// `noise` knows as its `i`-th: dropout masks are drawn for each sample
+    /// from its own key, whatever batch or rank it is in.
+    pub fn forward_train(&self, xs: &Tensor, noise: &SampleNoise) -> Result<Tensor, TchError> {
+        let rows = xs.size().first().copied().unwrap_or(0);
+        if rows != noise.len() as i64 {
+            return Err(TchError::Shape(format!(
+                "batch of {rows} rows with noise for {} samples",
+                noise.len()
+            )));
+        }
+        self.forward(xs, Some(noise))
+    }
+
+    /// Logits for evaluation: no dropout.
+    pub fn forward_eval(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        self.forward(xs, None)
+    }
+
+    fn forward(&self, xs: &Tensor, noise: Option<&SampleNoise>) -> Result<Tensor, TchError> {
+        let mut x = xs.shallow_clone();
+        for (i, layer) in self.hidden.iter().enumerate() {
+            x = layer.forward(&x)?;
+            x = match self.activation {
+                Activation::Relu => x.f_relu()?,
+                Activation::Gelu => x.f_gelu("none")?,
+                Activation::Tanh => x.f_tanh()?,
+            };
+            if let Some(noise) = noise
+                && self.dropout > 0.0
+            {
+                x = dropout(&x, self.dropout, noise, Stream::dropout(i as u32))?;
+            }
+        }
+        self.out.forward(&x)
+    }
+}
+
+/// Inverted dropout: each unit of `x` (`[n, ...]`, row `i` belonging to
+/// `noise`'s `i`-th sample) is zeroed with probability `p` and the kept ones
+/// are scaled by `1 / (1 - p)`, so evaluation needs no rescaling.
+pub fn dropout(
+    x: &Tensor,
+    p: f64,
+    noise: &SampleNoise,
+    stream: Stream,
+) -> Result<Tensor, TchError> {
+    let width = x.size()[1..].to_vec();
+    let keep = noise.at_least(stream, &width, p)?;
+    let mut scale = Tensor::f_where_scalar(&keep, 1.0 / (1.0 - p), 0.0)?;
+    if scale.kind() != x.kind() {
+        scale = scale.f_to_kind(x.kind())?;
+    }
+    x.f_mul(&scale)
+}
+
+/// `y = x W^T + b`, as PyTorch's `nn.Linear`.
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Registers `<name>.bias` then `<name>.weight` under `root`, initialised
+    /// exactly as `tch::nn::linear` does (same distributions, same order of
+    /// draws from libtorch's RNG), so a seed gives the parameters it always
+    /// gave. Note tch's weight init is Kaiming-uniform with ReLU gain, bound
+    /// `sqrt(6 / inputs)`, wider than PyTorch `nn.Linear`'s `1 / sqrt(inputs)`;
+    /// the biases match PyTorch's.
+    fn new(root: &nn::Path, name: &str, inputs: i64, outputs: i64) -> Result<Self, AllocError> {
+        let path = root / name;
+        let bound = 1.0 / (inputs as f64).sqrt();
+        let bias = parameter(
+            &path,
+            name,
+            "bias",
+            &[outputs],
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let weight = parameter(
+            &path,
+            name,
+            "weight",
+            &[outputs, inputs],
+            nn::init::DEFAULT_KAIMING_UNIFORM,
+        )?;
+        Ok(Linear { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_linear(&self.weight, Some(&self.bias))
+    }
+}
+
+fn parameter(
+    path: &nn::Path,
+    layer: &str,
+    name: &str,
+    shape: &[i64],
+    init: Init,
+) -> Result<Tensor, AllocError> {
+    allocate(
+        &format!("model parameter {layer}.{name}"),
+        shape,
+        path.kind(),
+        path.device(),
+        || path.f_var(name, shape, init),
+    )
+}
