@@ -139,6 +139,24 @@ async fn workers(h: &ControlHandle) -> Vec<pb::WorkerInfo> {
     h.call(Msg::ListWorkers).await.unwrap()
 }
 
+/// A job of `names.len()` ranks running on fresh fake workers with those
+/// names: the loop, the workers (each has received its start) and the job.
+async fn running_job(c: ControlConfig, names: &[&str]) -> (ControlHandle, Vec<FakeWorker>, JobId) {
+    let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), c)
+        .await
+        .unwrap();
+    let mut ws = Vec::new();
+    for name in names {
+        ws.push(register(&h, name, name, None).await.unwrap());
+    }
+    let world = names.len() as u32;
+    let id = h.call(|r| Msg::Submit(spec(world), None, r)).await.unwrap();
+    for w in &mut ws {
+        w.start().await;
+    }
+    (h, ws, id)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
@@ -146,17 +164,7 @@ fn rt() -> tokio::runtime::Runtime {
 #[test]
 fn a_dead_worker_is_blamed_even_when_a_neighbours_report_comes_first() {
     rt().block_on(async {
-        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
-            .await
-            .unwrap();
-        let mut ws = Vec::new();
-        for name in ["n0", "n1", "n2"] {
-            ws.push(register(&h, name, name, None).await.unwrap());
-        }
-        let id = h.call(|r| Msg::Submit(spec(3), None, r)).await.unwrap();
-        for w in &mut ws {
-            w.start().await;
-        }
+        let (h, ws, id) = running_job(cfg(), &["n0", "n1", "n2"]).await;
         // n2 (rank 2) dies. Its ring neighbours' reports race its session
         // break, and name a live worker: rank 1 saw rank 0's connection close
         // as the ring came down.
@@ -176,17 +184,7 @@ fn without_a_session_break_the_reason_says_what_each_rank_reported() {
     rt().block_on(async {
         let mut c = cfg();
         c.heartbeat_timeout = Duration::from_millis(300);
-        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), c)
-            .await
-            .unwrap();
-        let mut ws = Vec::new();
-        for name in ["n0", "n1"] {
-            ws.push(register(&h, name, name, None).await.unwrap());
-        }
-        let id = h.call(|r| Msg::Submit(spec(2), None, r)).await.unwrap();
-        for w in &mut ws {
-            w.start().await;
-        }
+        let (h, ws, id) = running_job(c, &["n0", "n1"]).await;
         for (rank, w) in ws.iter().enumerate() {
             let mut e = ended(id.as_str(), 1, false);
             e.peer_fault = true;
@@ -210,17 +208,7 @@ fn without_a_session_break_the_reason_says_what_each_rank_reported() {
 #[test]
 fn a_worker_that_never_reports_its_end_is_freed() {
     rt().block_on(async {
-        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
-            .await
-            .unwrap();
-        let mut ws = Vec::new();
-        for name in ["n0", "n1"] {
-            ws.push(register(&h, name, name, None).await.unwrap());
-        }
-        let id = h.call(|r| Msg::Submit(spec(2), None, r)).await.unwrap();
-        for w in &mut ws {
-            w.start().await;
-        }
+        let (h, ws, id) = running_job(cfg(), &["n0", "n1"]).await;
         // Rank 0 could not start; rank 1 (a worker that failed to start
         // too, say) never reports anything.
         let mut e = ended(id.as_str(), 1, false);

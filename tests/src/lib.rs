@@ -346,6 +346,16 @@ pub fn read_metrics(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The highest step in a `metrics.jsonl` (0 while it is missing or empty).
+pub fn last_logged_step(metrics: &Path) -> u64 {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;

@@ -6,7 +6,8 @@
 
 use ringmaster_tests::etcd::EtcdProcess;
 use ringmaster_tests::{
-    LocalCluster, etcd_store_args, pack_digits, read_metrics, read_params, wait_until,
+    LocalCluster, etcd_store_args, last_logged_step, pack_digits, read_metrics, read_params,
+    wait_until,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -42,15 +43,6 @@ dir = "out-{name}"
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn last_logged_step(metrics: &Path) -> u64 {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
-        .max()
-        .unwrap_or(0)
 }
 
 fn restart_mid_job(serve_args: &[String]) {

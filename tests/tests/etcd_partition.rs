@@ -77,7 +77,7 @@ fn a_leader_partitioned_from_etcd_steps_down_and_the_standby_adopts_its_job() {
     // It stood down before its 5 s lease could expire: the standby had not
     // been elected yet, so the two never led at once.
     let stood_down = cut_at.elapsed();
-    assert!(stood_down < Duration::from_millis(4800), "{stood_down:?}");
+    assert!(stood_down < Duration::from_secs(5), "{stood_down:?}");
     assert_eq!(
         health(&b)["role"],
         "standby",

@@ -5,7 +5,7 @@
 //! adopts the running job by itself.
 
 use ringmaster_tests::etcd::EtcdCluster;
-use ringmaster_tests::{LocalCluster, etcd_store_args, pack_digits, wait_until};
+use ringmaster_tests::{LocalCluster, etcd_store_args, last_logged_step, pack_digits, wait_until};
 use std::path::Path;
 use std::time::Duration;
 
@@ -101,9 +101,9 @@ fn losing_etcd_quorum_degrades_the_coordinator_until_it_returns() {
     );
     // Training goes on meanwhile: rank 0 keeps logging.
     let metrics = cluster_metrics(tmp.path());
-    let before = last_step(&metrics);
+    let before = last_logged_step(&metrics);
     wait_until(Duration::from_secs(60), || {
-        last_step(&metrics) > before + 100
+        last_logged_step(&metrics) > before + 100
     })
     .expect("training stopped while the store was down");
 
@@ -126,13 +126,4 @@ fn losing_etcd_quorum_degrades_the_coordinator_until_it_returns() {
 /// `metrics.jsonl` of the job (each job writes into `out/<id>/`).
 fn cluster_metrics(root: &Path) -> std::path::PathBuf {
     root.join("out/latest/metrics.jsonl")
-}
-
-fn last_step(metrics: &Path) -> u64 {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
-        .max()
-        .unwrap_or(0)
 }
