@@ -12,6 +12,7 @@ use ringmaster_common::dataset::{self, DatasetManifest};
 use ringmaster_common::jobspec::{JobSpec, SpanField};
 use ringmaster_common::store::fenced::FencedStore;
 use ringmaster_common::store::keys;
+use ringmaster_common::store::records::JobState;
 use ringmaster_common::store::{
     EmbeddedStore, EtcdOptions, EtcdStore, StateStore, StoreUrl, parse_store_url,
 };
@@ -830,7 +831,11 @@ async fn follow_to_end(
         Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&last))?),
         Output::Text => print_summary(&last),
     }
-    Ok(if last.state == "succeeded" { 0 } else { 1 })
+    Ok(if state_of(&last) == Ok(JobState::Succeeded) {
+        0
+    } else {
+        1
+    })
 }
 
 /// Streams a job's status until it ends, drawing progress; returns the
@@ -890,8 +895,18 @@ async fn follow_job(
         .ok_or_else(|| anyhow::anyhow!("the coordinator ended the watch without a status"))
 }
 
+/// A job status's state; a state this client does not know is an error.
+fn state_of(s: &pb::JobStatus) -> Result<JobState, ringmaster_proto::WireError> {
+    s.job_state()
+}
+
+/// The lowercase state name users and scripts read (`succeeded`, ...).
+fn state_name(s: &pb::JobStatus) -> &'static str {
+    state_of(s).map(JobState::as_str).unwrap_or("unknown")
+}
+
 fn progress_line(s: &pb::JobStatus) -> String {
-    let mut parts = vec![s.state.clone()];
+    let mut parts = vec![state_name(s).to_string()];
     if !s.waiting.is_empty() {
         parts.push(s.waiting.clone());
     }
@@ -908,14 +923,15 @@ fn progress_line(s: &pb::JobStatus) -> String {
 }
 
 fn print_summary(s: &pb::JobStatus) {
-    if s.state == "queued" && s.step == 0 {
+    let state = state_name(s);
+    if state_of(s) == Ok(JobState::Queued) && s.step == 0 {
         println!("job {} queued", s.job_id);
     } else if s.total_steps == 0 {
-        println!("job {} {} at step {}", s.job_id, s.state, s.step);
+        println!("job {} {state} at step {}", s.job_id, s.step);
     } else {
         println!(
             "job {} {} at step {}/{}",
-            s.job_id, s.state, s.step, s.total_steps
+            s.job_id, state, s.step, s.total_steps
         );
     }
     if !s.waiting.is_empty() {
@@ -927,7 +943,7 @@ fn print_summary(s: &pb::JobStatus) {
     if let Some(loss) = s.metrics.get("loss") {
         println!("training loss: {loss:.4}");
     }
-    if s.state == "succeeded" {
+    if state_of(s) == Ok(JobState::Succeeded) {
         println!(
             "model: {}",
             Path::new(&s.output_dir).join("model.safetensors").display()
@@ -950,7 +966,7 @@ pub fn job_json(s: &pb::JobStatus) -> serde_json::Value {
     serde_json::json!({
         "id": s.job_id,
         "name": s.name,
-        "state": s.state,
+        "state": state_name(s),
         "generation": s.generation,
         "step": s.step,
         "total_steps": s.total_steps,
@@ -1110,7 +1126,7 @@ async fn list(c: &ClientOpts) -> anyhow::Result<()> {
                 println!(
                     "{:<28} {:<10} {:>12} {:>8}",
                     j.job_id,
-                    j.state,
+                    state_name(&j),
                     format!("{}/{}", j.step, j.total_steps),
                     acc
                 );
@@ -1134,8 +1150,10 @@ async fn cancel(c: &ClientOpts, id: &str, now: bool) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&s))?),
         Output::Text => match s.events.last() {
-            Some(e) if s.state == "running" => println!("{} {}: {e}", s.job_id, s.state),
-            _ => println!("{} {}", s.job_id, s.state),
+            Some(e) if state_of(&s) == Ok(JobState::Running) => {
+                println!("{} {}: {e}", s.job_id, state_name(&s))
+            }
+            _ => println!("{} {}", s.job_id, state_name(&s)),
         },
     }
     Ok(())
@@ -1152,7 +1170,7 @@ async fn resume(c: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<i32> {
     if !follow {
         match output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&job_json(&s))?),
-            Output::Text => println!("{} {}", s.job_id, s.state),
+            Output::Text => println!("{} {}", s.job_id, state_name(&s)),
         }
         return Ok(0);
     }

@@ -209,7 +209,7 @@ impl Control for Services {
         tokio::spawn(async move {
             loop {
                 let current = rx.borrow_and_update().clone();
-                let done = is_final(&current.state);
+                let done = current.job_state().is_ok_and(|s| s.is_final());
                 if tx.send(Ok(current)).await.is_err() || done {
                     break;
                 }
@@ -220,10 +220,6 @@ impl Control for Services {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
-}
-
-fn is_final(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
 }
 
 #[tonic::async_trait]

@@ -127,7 +127,7 @@ async fn job(h: &ControlHandle, id: &JobId) -> pb::JobStatus {
 async fn wait_state(h: &ControlHandle, id: &JobId, state: &str) -> pb::JobStatus {
     for _ in 0..200 {
         let s = job(h, id).await;
-        if s.state == state {
+        if s.job_state().map(JobState::as_str) == Ok(state) {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -367,6 +367,10 @@ fn after_a_restart_a_lost_rank_keeps_its_name_and_the_adoption_deadline_dies_wit
         assert!(starts.iter().all(|s| s.generation == 2));
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let s = job(&h, &id).await;
-        assert_eq!((s.state.as_str(), s.generation), ("running", 2), "{s:?}");
+        assert_eq!(
+            (s.job_state(), s.generation),
+            (Ok(JobState::Running), 2),
+            "{s:?}"
+        );
     });
 }

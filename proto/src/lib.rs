@@ -5,7 +5,7 @@
 //! this crate builds wire messages field by field.
 
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_common::store::records::{CheckpointRecord, JobRecord, JobStatusRecord};
+use ringmaster_common::store::records::{CheckpointRecord, JobRecord, JobState, JobStatusRecord};
 
 /// Generated protobuf and gRPC code (package `ringmaster.v1`).
 pub mod pb {
@@ -24,6 +24,44 @@ pub enum WireError {
     SpecMalformed(String),
     #[error("job spec is invalid: {0}")]
     SpecInvalid(String),
+    #[error("unknown job state {0} on the wire")]
+    UnknownJobState(i32),
+}
+
+impl From<JobState> for pb::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Queued => pb::JobState::Queued,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        }
+    }
+}
+
+impl TryFrom<pb::JobState> for JobState {
+    type Error = WireError;
+    fn try_from(s: pb::JobState) -> Result<Self, Self::Error> {
+        Ok(match s {
+            pb::JobState::Queued => JobState::Queued,
+            pb::JobState::Running => JobState::Running,
+            pb::JobState::Succeeded => JobState::Succeeded,
+            pb::JobState::Failed => JobState::Failed,
+            pb::JobState::Cancelled => JobState::Cancelled,
+            pb::JobState::Unspecified => return Err(WireError::UnknownJobState(s as i32)),
+        })
+    }
+}
+
+impl pb::JobStatus {
+    /// The job's state as the domain type; a value this version does not
+    /// know (or none) is an error, never a default.
+    pub fn job_state(&self) -> Result<JobState, WireError> {
+        let wire = pb::JobState::try_from(self.state)
+            .map_err(|_| WireError::UnknownJobState(self.state))?;
+        JobState::try_from(wire)
+    }
 }
 
 /// Decodes and re-validates a job spec received as JSON.
@@ -65,7 +103,7 @@ impl From<(&JobRecord, &JobStatusRecord)> for pb::JobStatus {
         pb::JobStatus {
             job_id: job.id.to_string(),
             name: job.spec.name.clone(),
-            state: status.state.as_str().to_string(),
+            state: pb::JobState::from(status.state) as i32,
             generation: status.generation,
             step: status.step,
             total_steps: status.total_steps,
@@ -94,6 +132,29 @@ impl From<&CheckpointRecord> for pb::CheckpointInfo {
             committed: c.committed,
             metrics: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             created_at_ms: c.created_at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_job_state_survives_the_wire_and_unknown_ones_are_refused() {
+        for state in JobState::ALL {
+            let status = pb::JobStatus {
+                state: pb::JobState::from(state) as i32,
+                ..Default::default()
+            };
+            assert_eq!(status.job_state(), Ok(state));
+        }
+        for bad in [0, 6, -1] {
+            let status = pb::JobStatus {
+                state: bad,
+                ..Default::default()
+            };
+            assert_eq!(status.job_state(), Err(WireError::UnknownJobState(bad)));
         }
     }
 }
