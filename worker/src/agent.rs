@@ -549,10 +549,13 @@ fn start_trainer(
 }
 
 /// `RINGMASTER_FAILPOINT=agent-start=error` makes every start fail, as a
-/// spec the worker cannot use or a thread it cannot spawn would (tests).
+/// spec the worker cannot use or a thread it cannot spawn would (tests; only
+/// in builds with fail points, see `FAILPOINTS_BUILT_IN`).
 fn start_failpoint() -> bool {
-    std::env::var("RINGMASTER_FAILPOINT")
-        .is_ok_and(|v| v.split(',').any(|e| e.trim() == "agent-start=error"))
+    use ringmaster_common::checkpoint::{FAILPOINT_ENV, FAILPOINTS_BUILT_IN};
+    FAILPOINTS_BUILT_IN
+        && std::env::var(FAILPOINT_ENV)
+            .is_ok_and(|v| v.split(',').any(|e| e.trim() == "agent-start=error"))
 }
 
 /// This machine's host name, for registration and default worker names.

@@ -75,7 +75,8 @@ pub use retention::{
 };
 pub use verify::verify_checkpoint;
 pub use write::{
-    FAILPOINT_ENV, FAILPOINT_EXIT_CODE, WritePhase, write_checkpoint, write_checkpoint_with,
+    FAILPOINT_ENV, FAILPOINT_EXIT_CODE, FAILPOINTS_BUILT_IN, WritePhase, write_checkpoint,
+    write_checkpoint_with,
 };
 
 use crate::ids::IdError;

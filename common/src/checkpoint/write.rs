@@ -16,6 +16,10 @@ use super::{
 
 /// Environment variable read by [`write_checkpoint`] to inject faults.
 pub const FAILPOINT_ENV: &str = "RINGMASTER_FAILPOINT";
+/// Whether this build honours [`FAILPOINT_ENV`]: debug builds (tests) and
+/// builds with the `failpoints` feature do; a release build ignores the
+/// variable, so a stray environment cannot break production checkpoints.
+pub const FAILPOINTS_BUILT_IN: bool = cfg!(any(debug_assertions, feature = "failpoints"));
 /// Exit status of a process stopped by an `=exit` fail point.
 pub const FAILPOINT_EXIT_CODE: i32 = 86;
 /// Message of the error an `=error` fail point injects.
@@ -42,7 +46,8 @@ pub enum WritePhase<'a> {
 /// already holds a valid checkpoint with the same files it is kept and its
 /// manifest returned; if it holds anything else it is replaced.
 ///
-/// Reads the fail-point variable [`FAILPOINT_ENV`]: a comma-separated list of
+/// Reads the fail-point variable [`FAILPOINT_ENV`] (only where
+/// [`FAILPOINTS_BUILT_IN`]): a comma-separated list of
 /// `<point>=<action>`, where the point is `checkpoint-before-file`,
 /// `checkpoint-before-manifest` or `checkpoint-before-rename` (the
 /// [`WritePhase`]s; `before-file` fires at the first file) and the action is
@@ -59,6 +64,8 @@ pub fn write_checkpoint(
     files: &[(&str, &[u8])],
 ) -> Result<CheckpointManifest, CheckpointError> {
     let failpoints = match std::env::var(FAILPOINT_ENV) {
+        // Release builds leave fault injection out unless asked for.
+        _ if !FAILPOINTS_BUILT_IN => Failpoints::default(),
         Ok(spec) => Failpoints::parse(&spec)?,
         Err(std::env::VarError::NotPresent) => Failpoints::default(),
         Err(std::env::VarError::NotUnicode(raw)) => {
