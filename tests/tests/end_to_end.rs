@@ -195,9 +195,32 @@ fn one_and_two_workers_end_with_the_same_parameters() {
     let rel = relative_l2(&fa, &fb);
     eprintln!("relative L2 between 1 and 2 workers: {rel:e}");
     assert!(rel < 1e-5, "relative L2 between 1 and 2 workers: {rel}");
-    // And training moved the parameters: the comparison is not trivially equal.
-    let init_moved = fa.iter().any(|x| x.abs() > 0.0);
-    assert!(init_moved);
+    // And training moved the parameters away from where both runs started,
+    // so the comparison is not trivially equal. The start: the same job for
+    // one step at a learning rate far below float resolution, which leaves
+    // every parameter exactly where initialisation put it.
+    let start = write_job(
+        tmp.path(),
+        &data,
+        "start",
+        1,
+        "steps = 1\noptimizer = \"sgd\"\nlearning_rate = 1e-30",
+    );
+    let out = cluster.cli(
+        &["submit", start.to_str().unwrap(), "--follow"],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let init = flat(&read_params(
+        &tmp.path().join("out-start/latest/model.safetensors"),
+    ));
+    assert_eq!(init.len(), fa.len());
+    let moved = relative_l2(&init, &fa);
+    eprintln!("relative L2 between the initial and the trained parameters: {moved:e}");
+    assert!(
+        moved > 1e-2,
+        "training barely moved the parameters: {moved}"
+    );
 }
 
 /// Adds `dropout = p` to the `[model]` table of a job written by [`write_job`].

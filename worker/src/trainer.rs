@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tch::{Device, Kind, Reduction, Tensor, nn};
+use tch::{Device, Kind, Reduction, Tensor};
 
 /// Gradients are fused into buckets of about this many bytes per all-reduce.
 const BUCKET_BYTES: usize = 25 << 20;
@@ -250,11 +250,8 @@ pub fn train(
 
     // Same seed on every rank gives the same initial parameters; rank 0's are
     // broadcast anyway so that the group provably starts from one state.
-    tch::manual_seed(spec.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let model = Mlp::new(&vs.root(), inputs, classes, &spec.model)?;
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|x, y| x.0.cmp(&y.0));
+    let (vs, model) = crate::model::initial(spec.seed, inputs, classes, &spec.model, device)?;
+    let named = crate::model::named_parameters(&vs);
     let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let buckets = buckets(&params);

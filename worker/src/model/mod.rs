@@ -27,6 +27,31 @@ pub struct Mlp {
     dropout: f64,
 }
 
+/// The job's initial model on `device`: libtorch's generator seeded with the
+/// job's seed, then the parameters built. Every rank, and anything that needs
+/// to know where a run started (tests comparing against the initial
+/// parameters), goes through this one function.
+pub fn initial(
+    seed: u64,
+    inputs: i64,
+    classes: i64,
+    spec: &ModelSpec,
+    device: tch::Device,
+) -> Result<(nn::VarStore, Mlp), AllocError> {
+    tch::manual_seed(seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = Mlp::new(&vs.root(), inputs, classes, spec)?;
+    Ok((vs, model))
+}
+
+/// The parameters of `vs` by name, in name order (the order of buckets,
+/// checkpoints and `model.safetensors`).
+pub fn named_parameters(vs: &nn::VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut named: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|x, y| x.0.cmp(&y.0));
+    named
+}
+
 impl Mlp {
     /// Creates the parameters under `root` (initialised from libtorch's RNG,
     /// so the caller seeds it first).
