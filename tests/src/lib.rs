@@ -356,6 +356,154 @@ pub fn last_logged_step(metrics: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A `job.toml` for a test: an MLP on a dataset packed by [`pack_digits`]
+/// (or any `<data>/train`, `<data>/val`), with every table a test may need
+/// to change. Defaults: seed 0, hidden `[32]`, batch 64, one worker at
+/// least, no validation set, output `out-<name>` next to the file. Lines
+/// given to [`JobBuilder::model`], [`JobBuilder::train`] and
+/// [`JobBuilder::checkpoint`] are TOML written into that table as they are.
+#[derive(Clone, Debug)]
+pub struct JobBuilder {
+    name: String,
+    data: PathBuf,
+    seed: u64,
+    hidden: Vec<u32>,
+    model: Vec<String>,
+    validation: bool,
+    batch: u32,
+    train: Vec<String>,
+    min: u32,
+    max: Option<u32>,
+    output: String,
+    checkpoint: Vec<String>,
+}
+
+impl JobBuilder {
+    /// A job called `name` training on `<data>/train`.
+    pub fn new(name: &str, data: &Path) -> Self {
+        JobBuilder {
+            name: name.to_string(),
+            data: data.to_path_buf(),
+            seed: 0,
+            hidden: vec![32],
+            model: Vec::new(),
+            validation: false,
+            batch: 64,
+            train: Vec::new(),
+            min: 1,
+            max: None,
+            output: format!("out-{name}"),
+            checkpoint: Vec::new(),
+        }
+    }
+
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    pub fn hidden(mut self, widths: &[u32]) -> Self {
+        self.hidden = widths.to_vec();
+        self
+    }
+
+    /// More `[model]` lines, e.g. `dropout = 0.2`.
+    pub fn model(mut self, lines: &str) -> Self {
+        self.model.push(lines.to_string());
+        self
+    }
+
+    /// Scores `<data>/val` as the validation set.
+    pub fn validation(mut self) -> Self {
+        self.validation = true;
+        self
+    }
+
+    pub fn batch(mut self, batch: u32) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// More `[train]` lines, e.g. `steps = 100\noptimizer = "sgd"`.
+    pub fn train(mut self, lines: &str) -> Self {
+        self.train.push(lines.to_string());
+        self
+    }
+
+    /// `workers.min`; `workers.max` stays unset (it defaults to `min`).
+    pub fn workers(mut self, min: u32) -> Self {
+        self.min = min;
+        self.max = None;
+        self
+    }
+
+    /// `workers.min = workers.max = n`.
+    pub fn exactly(mut self, n: u32) -> Self {
+        self.min = n;
+        self.max = Some(n);
+        self
+    }
+
+    /// `output.dir`, relative to the job file's directory.
+    pub fn output(mut self, dir: &str) -> Self {
+        self.output = dir.to_string();
+        self
+    }
+
+    /// `[checkpoint]` lines, e.g. `every_steps = 200`.
+    pub fn checkpoint(mut self, lines: &str) -> Self {
+        self.checkpoint.push(lines.to_string());
+        self
+    }
+
+    /// The file's text.
+    pub fn toml(&self) -> String {
+        let hidden: Vec<String> = self.hidden.iter().map(u32::to_string).collect();
+        let mut t = format!(
+            "name = \"{}\"\nseed = {}\n\n[model]\nkind = \"mlp\"\nhidden = [{}]\n",
+            self.name,
+            self.seed,
+            hidden.join(", ")
+        );
+        for l in &self.model {
+            t.push_str(&format!("{l}\n"));
+        }
+        t.push_str(&format!(
+            "\n[data]\ntrain = \"{}\"\n",
+            self.data.join("train").display()
+        ));
+        if self.validation {
+            t.push_str(&format!(
+                "validation = \"{}\"\n",
+                self.data.join("val").display()
+            ));
+        }
+        t.push_str(&format!("\n[train]\nbatch_size = {}\n", self.batch));
+        for l in &self.train {
+            t.push_str(&format!("{l}\n"));
+        }
+        t.push_str(&format!("\n[workers]\nmin = {}\n", self.min));
+        if let Some(max) = self.max {
+            t.push_str(&format!("max = {max}\n"));
+        }
+        t.push_str(&format!("\n[output]\ndir = \"{}\"\n", self.output));
+        if !self.checkpoint.is_empty() {
+            t.push_str("\n[checkpoint]\n");
+            for l in &self.checkpoint {
+                t.push_str(&format!("{l}\n"));
+            }
+        }
+        t
+    }
+
+    /// Writes `<dir>/<name>.toml` and returns its path.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let path = dir.join(format!("{}.toml", self.name));
+        std::fs::write(&path, self.toml()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        path
+    }
+}
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;

@@ -2,7 +2,9 @@
 //! cancel, forks with another worker count, corruption fallback, a crash
 //! between the files and the manifest, disk errors, and retention.
 
-use ringmaster_tests::{LocalCluster, pack_digits, read_metrics, read_params, wait_until};
+use ringmaster_tests::{
+    JobBuilder, LocalCluster, pack_digits, read_metrics, read_params, wait_until,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,44 +21,14 @@ struct Job<'a> {
 }
 
 fn write_job(dir: &Path, data: &Path, job: &Job) -> PathBuf {
-    let text = format!(
-        r#"name = "{name}"
-seed = 11
-
-[model]
-kind = "mlp"
-hidden = [32]
-dropout = {dropout}
-
-[data]
-train = "{train_dir}"
-validation = "{val_dir}"
-
-[train]
-batch_size = 64
-{train}
-
-[workers]
-min = {workers}
-max = {workers}
-
-[output]
-dir = "out-{name}"
-
-[checkpoint]
-{checkpoint}
-"#,
-        name = job.name,
-        dropout = job.dropout,
-        train = job.train,
-        workers = job.workers,
-        checkpoint = job.checkpoint,
-        train_dir = data.join("train").display(),
-        val_dir = data.join("val").display(),
-    );
-    let path = dir.join(format!("{}.toml", job.name));
-    std::fs::write(&path, text).expect("write job");
-    path
+    JobBuilder::new(job.name, data)
+        .seed(11)
+        .model(&format!("dropout = {}", job.dropout))
+        .validation()
+        .train(job.train)
+        .exactly(job.workers)
+        .checkpoint(job.checkpoint)
+        .write(dir)
 }
 
 fn submit(cluster: &LocalCluster, job: &Path, extra: &[&str]) -> String {

@@ -6,8 +6,8 @@
 
 use ringmaster_tests::etcd::EtcdProcess;
 use ringmaster_tests::{
-    LocalCluster, etcd_store_args, last_logged_step, pack_digits, read_metrics, read_params,
-    wait_until,
+    JobBuilder, LocalCluster, etcd_store_args, last_logged_step, pack_digits, read_metrics,
+    read_params, wait_until,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -15,34 +15,14 @@ use std::time::Duration;
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn write_job(dir: &Path, data: &Path, name: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"name = "{name}"
-seed = 5
-[model]
-kind = "mlp"
-hidden = [32]
-dropout = 0.1
-[data]
-train = "{train}"
-validation = "{val}"
-[train]
-batch_size = 64
-steps = 6000
-optimizer = "adam"
-learning_rate = 0.002
-eval_every_steps = 1000
-log_every_steps = 1
-[workers]
-min = 2
-[output]
-dir = "out-{name}"
-"#,
-        train = data.join("train").display(),
-        val = data.join("val").display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    JobBuilder::new(name, data)
+        .seed(5)
+        .model("dropout = 0.1")
+        .validation()
+        .train("steps = 6000\noptimizer = \"adam\"\nlearning_rate = 0.002")
+        .train("eval_every_steps = 1000\nlog_every_steps = 1")
+        .workers(2)
+        .write(dir)
 }
 
 fn restart_mid_job(serve_args: &[String]) {

@@ -3,7 +3,7 @@
 //! user cares about: accuracy, the parameters written, exit codes and the
 //! failure reason when a worker dies.
 
-use ringmaster_tests::{LocalCluster, pack_digits, read_params, wait_until};
+use ringmaster_tests::{JobBuilder, LocalCluster, pack_digits, read_params, wait_until};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,37 +11,15 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Writes a digits job file into `dir` and returns its path.
 fn write_job(dir: &Path, data: &Path, name: &str, workers: u32, train: &str) -> std::path::PathBuf {
-    let job = format!(
-        r#"name = "{name}"
-seed = 3
-
-[model]
-kind = "mlp"
-hidden = [64]
-activation = "relu"
-
-[data]
-train = "{train_dir}"
-validation = "{val_dir}"
-
-[train]
-batch_size = 64
-{train}
-eval_every_steps = 20
-
-[workers]
-min = {workers}
-max = {workers}
-
-[output]
-dir = "out-{name}"
-"#,
-        train_dir = data.join("train").display(),
-        val_dir = data.join("val").display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, job).expect("write job");
-    path
+    JobBuilder::new(name, data)
+        .seed(3)
+        .hidden(&[64])
+        .model("activation = \"relu\"")
+        .validation()
+        .train(train)
+        .train("eval_every_steps = 20")
+        .exactly(workers)
+        .write(dir)
 }
 
 fn relative_l2(a: &[f32], b: &[f32]) -> f64 {

@@ -8,7 +8,8 @@
 use ringmaster_tests::etcd::EtcdProcess;
 use ringmaster_tests::proxy::PartitionProxy;
 use ringmaster_tests::{
-    coordinator_cli, etcd_store_args, pack_digits, spawn_coordinator, spawn_worker, wait_until,
+    JobBuilder, coordinator_cli, etcd_store_args, pack_digits, spawn_coordinator, spawn_worker,
+    wait_until,
 };
 use std::time::{Duration, Instant};
 
@@ -47,17 +48,11 @@ fn a_leader_partitioned_from_etcd_steps_down_and_the_standby_adopts_its_job() {
     let _workers: Vec<_> = (0..2)
         .map(|i| spawn_worker(&both, &format!("w{i}"), &[]).unwrap())
         .collect();
-    let job = tmp.path().join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "name = \"part\"\n[model]\nkind = \"mlp\"\nhidden = [32]\n[data]\ntrain = \"{}\"\n\
-             [train]\nbatch_size = 64\nsteps = 200000\noptimizer = \"sgd\"\nlearning_rate = 0.05\n\
-             [workers]\nmin = 2\n[output]\ndir = \"out\"\n",
-            data.join("train").display()
-        ),
-    )
-    .unwrap();
+    let job = JobBuilder::new("part", &data)
+        .train("steps = 200000\noptimizer = \"sgd\"\nlearning_rate = 0.05")
+        .workers(2)
+        .output("out")
+        .write(tmp.path());
     let out = coordinator_cli(&a, &["submit", job.to_str().unwrap()], T);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let id = out.stdout.trim().to_string();

@@ -5,22 +5,23 @@
 //! adopts the running job by itself.
 
 use ringmaster_tests::etcd::EtcdCluster;
-use ringmaster_tests::{LocalCluster, etcd_store_args, last_logged_step, pack_digits, wait_until};
+use ringmaster_tests::{
+    JobBuilder, LocalCluster, etcd_store_args, last_logged_step, pack_digits, wait_until,
+};
 use std::path::Path;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
 fn write_job(dir: &Path, data: &Path, steps: u64) -> std::path::PathBuf {
-    let text = format!(
-        "name = \"etcd-job\"\n[model]\nkind = \"mlp\"\nhidden = [32]\n[data]\ntrain = \"{}\"\n\
-         [train]\nbatch_size = 64\nsteps = {steps}\noptimizer = \"sgd\"\nlearning_rate = 0.05\n\
-         [workers]\nmin = 2\n[output]\ndir = \"out\"\n[checkpoint]\nevery_steps = 500\n",
-        data.join("train").display()
-    );
-    let path = dir.join("job.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    JobBuilder::new("etcd-job", data)
+        .train(&format!(
+            "steps = {steps}\noptimizer = \"sgd\"\nlearning_rate = 0.05"
+        ))
+        .workers(2)
+        .output("out")
+        .checkpoint("every_steps = 500")
+        .write(dir)
 }
 
 fn health(cluster: &LocalCluster) -> (i32, serde_json::Value) {

@@ -6,7 +6,8 @@
 
 use ringmaster_tests::etcd::EtcdProcess;
 use ringmaster_tests::{
-    LocalCluster, coordinator_cli, etcd_store_args, pack_digits, read_params, wait_until,
+    JobBuilder, LocalCluster, coordinator_cli, etcd_store_args, pack_digits, read_params,
+    wait_until,
 };
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,15 +15,11 @@ use std::time::{Duration, Instant};
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn write_job(dir: &Path, data: &Path, name: &str) -> std::path::PathBuf {
-    let text = format!(
-        "name = \"{name}\"\nseed = 9\n[model]\nkind = \"mlp\"\nhidden = [32]\n[data]\ntrain = \"{}\"\n\
-         [train]\nbatch_size = 64\nsteps = 6000\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.02\n\
-         [workers]\nmin = 2\n[output]\ndir = \"out-{name}\"\n",
-        data.join("train").display()
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    JobBuilder::new(name, data)
+        .seed(9)
+        .train("steps = 6000\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.02")
+        .workers(2)
+        .write(dir)
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! file in one output folder, and help texts.
 
 use ringmaster_tests::{
-    LocalCluster, bin, coordinator_cli, pack_digits, read_metrics, run_with_timeout, wait_until,
+    JobBuilder, LocalCluster, bin, coordinator_cli, pack_digits, read_metrics, run_with_timeout,
+    wait_until,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,16 +14,12 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
 
-fn write_job(dir: &Path, data: &Path, name: &str, min: u32, extra: &str) -> PathBuf {
-    let text = format!(
-        "name = \"{name}\"\nseed = 3\n[model]\nkind = \"mlp\"\nhidden = [32]\n[data]\n\
-         train = \"{}\"\n[train]\nbatch_size = 64\noptimizer = \"sgd\"\nlearning_rate = 0.05\n\
-         log_every_steps = 1\n{extra}\n[workers]\nmin = {min}\n[output]\ndir = \"out-{name}\"\n",
-        data.join("train").display()
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+fn job(name: &str, data: &Path, min: u32, train: &str) -> JobBuilder {
+    JobBuilder::new(name, data)
+        .seed(3)
+        .train("optimizer = \"sgd\"\nlearning_rate = 0.05\nlog_every_steps = 1")
+        .train(train)
+        .workers(min)
 }
 
 /// A port nothing listens on (bound, then released).
@@ -104,7 +101,7 @@ fn ctrl_c_on_follow_leaves_the_job_running_and_says_how_to_find_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(0).unwrap();
-    let job = write_job(tmp.path(), &data, "waits", 2, "steps = 10");
+    let job = job("waits", &data, 2, "steps = 10").write(tmp.path());
     let child = Command::new(bin("coordinator"))
         .args(["submit", job.to_str().unwrap(), "--follow"])
         .env("RINGMASTER_COORDINATOR", &cluster.url)
@@ -150,7 +147,7 @@ fn the_same_job_file_twice_writes_two_folders() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(1).unwrap();
-    let job = write_job(tmp.path(), &data, "twice", 1, "steps = 30");
+    let job = job("twice", &data, 1, "steps = 30").write(tmp.path());
     let first = cluster.follow(&job, &[]);
     let second = cluster.follow(&job, &[]);
     let dirs: Vec<PathBuf> = [&first, &second]
@@ -182,7 +179,7 @@ fn a_worker_that_cannot_start_fails_the_job_at_once_and_is_free_again() {
         .add_worker_with_env("broken", &[("RINGMASTER_FAILPOINT", "agent-start=error")])
         .unwrap();
     cluster.wait_for_workers(2, T).unwrap();
-    let job = write_job(tmp.path(), &data, "nostart", 2, "steps = 50");
+    let job = job("nostart", &data, 2, "steps = 50").write(tmp.path());
     let started = Instant::now();
     let out = cluster.cli(
         &[
@@ -220,13 +217,9 @@ fn a_job_resumed_after_a_coordinator_restart_is_not_killed_by_the_old_adoption_d
     let data = pack_digits(&tmp.path().join("digits"));
     let serve = ["--adopt-grace-secs".to_string(), "3".to_string()];
     let mut cluster = LocalCluster::start_with_serve_args(2, &serve).unwrap();
-    let job = write_job(
-        tmp.path(),
-        &data,
-        "long",
-        2,
-        "steps = 30000\n[checkpoint]\nevery_steps = 200",
-    );
+    let job = job("long", &data, 2, "steps = 30000")
+        .checkpoint("every_steps = 200")
+        .write(tmp.path());
     let out = cluster.cli(&["submit", job.to_str().unwrap()], T);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let id = out.stdout.trim().to_string();
