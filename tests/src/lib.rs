@@ -274,9 +274,9 @@ impl LocalCluster {
         coordinator_cli(&self.url, args, timeout)
     }
 
-    /// Submits a job file with `--follow --output json`, asserts the command
-    /// succeeded, and returns the final status.
-    pub fn follow(&self, job: &Path, extra: &[&str]) -> serde_json::Value {
+    /// Submits a job file with `--follow --output json` and returns how the
+    /// command ended, whatever the job's fate.
+    pub fn submit_follow(&self, job: &Path, extra: &[&str]) -> Output {
         let mut args = vec![
             "submit",
             job.to_str().expect("utf-8 path"),
@@ -285,7 +285,13 @@ impl LocalCluster {
             "json",
         ];
         args.extend_from_slice(extra);
-        let out = self.cli(&args, Duration::from_secs(300));
+        self.cli(&args, Duration::from_secs(300))
+    }
+
+    /// Submits a job file with `--follow --output json`, asserts the command
+    /// succeeded, and returns the final status.
+    pub fn follow(&self, job: &Path, extra: &[&str]) -> serde_json::Value {
+        let out = self.submit_follow(job, extra);
         assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
         out.json()
     }

@@ -44,16 +44,7 @@ fn digits_with_two_workers_reaches_95_percent() {
         "epochs = 20\noptimizer = \"adam\"\nlearning_rate = 0.003",
     );
     let cluster = LocalCluster::start(2).unwrap();
-    let out = cluster.cli(
-        &[
-            "submit",
-            job.to_str().unwrap(),
-            "--follow",
-            "--output",
-            "json",
-        ],
-        JOB_TIMEOUT,
-    );
+    let out = cluster.submit_follow(&job, &[]);
     assert_eq!(
         out.code, 0,
         "submit --follow failed:\n{}\n{}",

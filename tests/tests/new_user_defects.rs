@@ -181,16 +181,7 @@ fn a_worker_that_cannot_start_fails_the_job_at_once_and_is_free_again() {
     cluster.wait_for_workers(2, T).unwrap();
     let job = job("nostart", &data, 2, "steps = 50").write(tmp.path());
     let started = Instant::now();
-    let out = cluster.cli(
-        &[
-            "submit",
-            job.to_str().unwrap(),
-            "--follow",
-            "--output",
-            "json",
-        ],
-        T,
-    );
+    let out = cluster.submit_follow(&job, &[]);
     assert_eq!(out.code, 1, "{out:?}");
     let status = out.json();
     assert_eq!(status["state"], "failed");
