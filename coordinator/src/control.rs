@@ -134,7 +134,9 @@ pub enum Msg {
     Cancel(String, bool, Reply<pb::JobStatus>),
     Resume(String, Reply<pb::JobStatus>),
     RequestCheckpoint(String, Reply<pb::JobStatus>),
-    ListCheckpoints(String, Reply<Vec<pb::CheckpointInfo>>),
+    /// A job's committed checkpoints; the caller adds what is on disk
+    /// ([`with_uncommitted`]) off the loop.
+    ListCheckpoints(String, Reply<CommittedCheckpoints>),
     ListWorkers(Reply<Vec<pb::WorkerInfo>>),
     Watch(String, Reply<watch::Receiver<pb::JobStatus>>),
     Register(pb::Register, SessionTx, Arc<AtomicU64>, Reply<WorkerId>),
@@ -370,6 +372,37 @@ impl Health {
     fn get(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// What the control loop knows of a job's checkpoints: the committed ones
+/// and where the job's checkpoint directories are.
+#[derive(Debug)]
+pub struct CommittedCheckpoints {
+    pub root: PathBuf,
+    pub job: String,
+    pub committed: Vec<pb::CheckpointInfo>,
+}
+
+/// Adds the checkpoint directories on disk that were never committed (an
+/// interrupted write, or one whose commit is in flight), listed as such.
+/// Reads the file system, so it runs off the control loop (the gRPC handler
+/// calls it on a blocking thread).
+pub fn with_uncommitted(c: CommittedCheckpoints) -> Vec<pb::CheckpointInfo> {
+    let mut out: BTreeMap<u64, pb::CheckpointInfo> =
+        c.committed.into_iter().map(|i| (i.step, i)).collect();
+    if let Ok(entries) = ckpt::list_checkpoints(&c.root, &c.job) {
+        for e in entries {
+            out.entry(e.step).or_insert_with(|| pb::CheckpointInfo {
+                step: e.step,
+                dir: e.dir.display().to_string(),
+                bytes: e.bytes,
+                committed: false,
+                metrics: Default::default(),
+                created_at_ms: 0,
+            });
+        }
+    }
+    out.into_values().collect()
 }
 
 /// The device kind a worker registered with (`cpu`, `cuda:N`).
@@ -984,28 +1017,17 @@ impl Cluster {
         self.job(id.as_str()).map(Job::view)
     }
 
-    fn list_checkpoints(&self, id: &str) -> Result<Vec<pb::CheckpointInfo>, ControlError> {
+    fn list_checkpoints(&self, id: &str) -> Result<CommittedCheckpoints, ControlError> {
         let job = self.job(id)?;
-        let mut out: BTreeMap<u64, pb::CheckpointInfo> = job
-            .checkpoints
-            .iter()
-            .map(|(step, c)| (*step, pb::CheckpointInfo::from(c)))
-            .collect();
-        // Directories on disk that were never committed (an interrupted
-        // write, or one whose commit is in flight) are listed as such.
-        if let Ok(entries) = ckpt::list_checkpoints(&job.record.spec.checkpoint.dir, id) {
-            for e in entries {
-                out.entry(e.step).or_insert_with(|| pb::CheckpointInfo {
-                    step: e.step,
-                    dir: e.dir.display().to_string(),
-                    bytes: e.bytes,
-                    committed: false,
-                    metrics: Default::default(),
-                    created_at_ms: 0,
-                });
-            }
-        }
-        Ok(out.into_values().collect())
+        Ok(CommittedCheckpoints {
+            root: job.record.spec.checkpoint.dir.clone(),
+            job: id.to_string(),
+            committed: job
+                .checkpoints
+                .values()
+                .map(pb::CheckpointInfo::from)
+                .collect(),
+        })
     }
 
     /// Phase two of a checkpoint: the files are complete on disk (phase one,

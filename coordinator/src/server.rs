@@ -2,7 +2,7 @@
 //! Handlers translate requests into control-loop messages and back; they hold
 //! no state. Domain errors map to gRPC codes in [`to_status`] and nowhere else.
 
-use crate::control::{ControlError, ControlHandle, Msg, Reply};
+use crate::control::{self, ControlError, ControlHandle, Msg, Reply};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::now_ms;
 use ringmaster_proto::pb::{
@@ -185,7 +185,11 @@ impl Control for Services {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
         let id = req.into_inner().job_id;
-        let checkpoints = self.ask(|r| Msg::ListCheckpoints(id, r)).await?;
+        let committed = self.ask(|r| Msg::ListCheckpoints(id, r)).await?;
+        // The directory listing is file IO: never inside the control loop.
+        let checkpoints = tokio::task::spawn_blocking(move || control::with_uncommitted(committed))
+            .await
+            .map_err(|e| Status::internal(format!("listing checkpoints: {e}")))?;
         Ok(Response::new(pb::ListCheckpointsResponse { checkpoints }))
     }
 
