@@ -803,10 +803,19 @@ async fn submit(
         }
         return Ok(0);
     }
+    // Listening before saying "submitted": a Ctrl-C from then on stops the
+    // follow with its message, never the process mid-way.
+    let interrupt = interrupt_listener()?;
     if output == Output::Text {
         println!("submitted {id}");
     }
-    follow_to_end(&mut client, &id, output).await
+    follow_to_end(&mut client, &id, output, interrupt).await
+}
+
+/// Catches Ctrl-C (SIGINT) from now on, for a follow to end cleanly.
+fn interrupt_listener() -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("failed to listen for Ctrl-C")
 }
 
 /// Exit code of a follow that the user interrupted (128 + SIGINT).
@@ -819,8 +828,9 @@ async fn follow_to_end(
     client: &mut ControlClient<Channel>,
     id: &str,
     output: Output,
+    interrupt: tokio::signal::unix::Signal,
 ) -> anyhow::Result<i32> {
-    let Some(last) = follow_job(client, id, output == Output::Text).await? else {
+    let Some(last) = follow_job(client, id, output == Output::Text, interrupt).await? else {
         eprintln!(
             "stopped following; job {id} goes on. Follow it again with \
              `coordinator status {id} --follow`, stop it with `coordinator cancel {id}`"
@@ -844,6 +854,7 @@ async fn follow_job(
     client: &mut ControlClient<Channel>,
     id: &str,
     show: bool,
+    mut interrupt: tokio::signal::unix::Signal,
 ) -> anyhow::Result<Option<pb::JobStatus>> {
     let mut stream = client
         .watch_job(pb::GetJobRequest { job_id: id.into() })
@@ -863,12 +874,10 @@ async fn follow_job(
     }
     let mut last: Option<pb::JobStatus> = None;
     let mut last_printed: Option<std::time::Instant> = None;
-    let interrupted = tokio::signal::ctrl_c();
-    tokio::pin!(interrupted);
     loop {
         let next = tokio::select! {
             next = stream.message() => next,
-            _ = &mut interrupted => {
+            _ = interrupt.recv() => {
                 bar.finish_and_clear();
                 return Ok(None);
             }
@@ -985,7 +994,7 @@ async fn status(c: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<i32> {
     let output = c.output();
     let mut client = client(c).await?;
     if follow {
-        return follow_to_end(&mut client, id, output).await;
+        return follow_to_end(&mut client, id, output, interrupt_listener()?).await;
     }
     let s = client
         .get_job(pb::GetJobRequest { job_id: id.into() })
@@ -1174,7 +1183,7 @@ async fn resume(c: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    follow_to_end(&mut client, id, output).await
+    follow_to_end(&mut client, id, output, interrupt_listener()?).await
 }
 
 async fn checkpoint_now(c: &ClientOpts, id: &str) -> anyhow::Result<()> {

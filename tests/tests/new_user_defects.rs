@@ -127,7 +127,13 @@ fn ctrl_c_on_follow_leaves_the_job_running_and_says_how_to_find_it() {
         status["waiting"], "waiting for workers: needs 2 cpu workers, 0 registered",
         "{status}"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The client says "submitted" once it listens for Ctrl-C.
+    let mut child = guard.0.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "submitted waits-1");
+    guard.0 = Some(child);
     // SAFETY: kill(2) of our own child, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGINT) };
     let out = guard.0.take().unwrap().wait_with_output().unwrap();
