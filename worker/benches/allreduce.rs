@@ -8,7 +8,7 @@
 //! `RESULT <impl> <bytes> <iters> <seconds per op> <algbw GB/s> <busbw GB/s>`.
 
 use ringmaster_worker::collective::{
-    Collective, DataPlaneListener, RingCollective, RingConfig, ring,
+    DataPlaneListener, RingCollective, RingConfig, ring,
 };
 use std::process::ExitCode;
 use std::thread;

@@ -8,7 +8,7 @@
 //! This is the only part of the worker that knows gRPC; the trainer only sees
 //! an [`Assignment`] and a progress callback.
 
-use crate::collective::DataPlaneListener;
+use crate::collective::{Collective, CollectiveError, DataPlaneListener, RingBackend, RingConfig};
 use crate::trainer::{self, Assignment, TrainerControl, TrainerOptions};
 use anyhow::{Context, bail};
 use ringmaster_common::jobspec::JobSpec;
@@ -485,7 +485,8 @@ fn start_trainer(
                     let _ = tx.send(msg(kind));
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    trainer::train(&assignment, &opts, &listener, &control, &mut report)
+                    let connect = || join_group(&listener, &assignment, &opts);
+                    trainer::train(&assignment, &opts, connect, &control, &mut report)
                 }));
                 let ended = match result {
                     Ok(Ok(outcome)) => pb::TrainingEnded {
@@ -546,6 +547,19 @@ fn start_trainer(
         thread: Some(thread),
         ended: None,
     })
+}
+
+/// Joins the data plane of the assignment's generation with the collective
+/// backend this worker uses: the ring, which reduces CPU tensors in place and
+/// stages device tensors through pinned host memory.
+fn join_group(
+    listener: &DataPlaneListener,
+    a: &Assignment,
+    opts: &TrainerOptions,
+) -> Result<Box<dyn Collective>, CollectiveError> {
+    let mut cfg = RingConfig::new(a.job_id.clone(), a.generation, a.rank, a.peers.clone());
+    cfg.connect_timeout = opts.connect_timeout;
+    Ok(Box::new(RingBackend::connect(listener, cfg)?))
 }
 
 /// `RINGMASTER_FAILPOINT=agent-start=error` makes every start fail, as a

@@ -49,7 +49,7 @@ impl Optimizer {
         let t = self.steps as f64;
         tch::no_grad(|| {
             for (i, p) in params.iter().enumerate() {
-                let grad = p.grad();
+                let grad = p.f_grad()?;
                 if !grad.defined() {
                     continue;
                 }
@@ -57,13 +57,15 @@ impl Optimizer {
                     OptimizerSpec::Sgd { momentum, nesterov } => {
                         let mut g = grad;
                         if self.weight_decay != 0.0 {
-                            g = g.f_add(&(p * self.weight_decay))?;
+                            g = g.f_add(&p.f_mul_scalar(self.weight_decay)?)?;
                         }
                         if momentum != 0.0 {
                             // In place: the buffer is updated without a new
                             // allocation of the parameter's size.
                             let buf = match self.first[i].take() {
-                                None => g.copy(),
+                                // A copy, never the gradient itself: gradients are views
+                                // into buckets that the next step overwrites.
+                                None => g.f_detach_copy()?,
                                 Some(mut buf) => {
                                     let _ = buf.f_mul_scalar_(momentum)?;
                                     let _ = buf.f_add_(&g)?;
@@ -71,14 +73,14 @@ impl Optimizer {
                                 }
                             };
                             g = if nesterov {
-                                g + &buf * momentum
+                                g.f_add(&buf.f_mul_scalar(momentum)?)?
                             } else {
                                 buf.shallow_clone()
                             };
                             self.first[i] = Some(buf);
                         }
                         let mut p = p.shallow_clone();
-                        let _ = p.f_sub_(&(g * self.lr))?;
+                        let _ = p.f_sub_(&g.f_mul_scalar(self.lr)?)?;
                     }
                     OptimizerSpec::Adam { beta1, beta2, eps }
                     | OptimizerSpec::AdamW { beta1, beta2, eps } => {
@@ -89,27 +91,27 @@ impl Optimizer {
                             if decoupled {
                                 let _ = p.f_mul_scalar_(1.0 - self.lr * self.weight_decay)?;
                             } else {
-                                g = g.f_add(&(&p * self.weight_decay))?;
+                                g = g.f_add(&p.f_mul_scalar(self.weight_decay)?)?;
                             }
                         }
                         let mut m = match self.first[i].take() {
                             Some(m) => m,
-                            None => g.zeros_like(),
+                            None => g.f_zeros_like()?,
                         };
                         let _ = m.f_mul_scalar_(beta1)?;
-                        let _ = m.f_add_(&(&g * (1.0 - beta1)))?;
+                        let _ = m.f_add_(&g.f_mul_scalar(1.0 - beta1)?)?;
                         let mut v = match self.second[i].take() {
                             Some(v) => v,
-                            None => g.zeros_like(),
+                            None => g.f_zeros_like()?,
                         };
                         let _ = v.f_mul_scalar_(beta2)?;
-                        let _ = v.f_addcmul_(&g, &(&g * (1.0 - beta2)))?;
+                        let _ = v.f_addcmul_(&g, &g.f_mul_scalar(1.0 - beta2)?)?;
                         let bias1 = 1.0 - beta1.powf(t);
                         let bias2 = 1.0 - beta2.powf(t);
-                        let mut denom = &v * (1.0 / bias2);
+                        let mut denom = v.f_mul_scalar(1.0 / bias2)?;
                         let _ = denom.f_sqrt_()?;
                         let _ = denom.f_add_scalar_(eps)?;
-                        let mut update = &m * (self.lr / bias1);
+                        let mut update = m.f_mul_scalar(self.lr / bias1)?;
                         let _ = update.f_div_(&denom)?;
                         let _ = p.f_sub_(&update)?;
                         self.first[i] = Some(m);
@@ -171,15 +173,30 @@ impl Optimizer {
             ));
         }
         let (first, second) = state_names(&self.spec);
-        for (i, name) in names.iter().enumerate() {
-            self.first[i] = tensors
-                .remove(&format!("{name}.{first}"))
-                .map(|t| t.to_device(device));
-            if let Some(second) = second {
-                self.second[i] = tensors
-                    .remove(&format!("{name}.{second}"))
-                    .map(|t| t.to_device(device));
-            }
+        let mut take = |key: String| -> Result<Option<Tensor>, String> {
+            tensors
+                .remove(&key)
+                .map(|t| t.f_to_device(device))
+                .transpose()
+                .map_err(|e| {
+                    format!(
+                        "moving `{key}` to the device: {}",
+                        crate::model::torch_message(&e)
+                    )
+                })
+        };
+        let mut loaded = Vec::with_capacity(names.len());
+        for name in names {
+            let a = take(format!("{name}.{first}"))?;
+            let b = match second {
+                Some(second) => take(format!("{name}.{second}"))?,
+                None => None,
+            };
+            loaded.push((a, b));
+        }
+        for (i, (a, b)) in loaded.into_iter().enumerate() {
+            self.first[i] = a;
+            self.second[i] = b;
         }
         if let Some(extra) = tensors.keys().next() {
             return Err(format!(

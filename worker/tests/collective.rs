@@ -7,7 +7,7 @@
 //! throughput (`benches/allreduce.rs`).
 
 use ringmaster_worker::collective::{
-    Collective, CollectiveError, DataPlaneListener, RefuseReason, RingCollective, RingConfig, ring,
+    CollectiveError, DataPlaneListener, RefuseReason, RingCollective, RingConfig, ring,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -679,4 +679,35 @@ fn abort_unblocks_a_rank_waiting_for_a_silent_peer() {
             );
         });
     });
+}
+
+/// The tensor-level ring: each rank sums tensors through [`RingBackend`] as the trainer does
+/// (reduced in place in the tensor's own memory), and broadcasts reach every rank.
+#[test]
+fn the_ring_backend_reduces_and_broadcasts_tensors_in_place() {
+    use ringmaster_worker::collective::{Collective, RingBackend};
+    use tch::{Device, Kind, Tensor};
+    let world = 3;
+    let ls = listeners(world);
+    let results = on_ring(&ls, "tensors", 1, 1024, |rank, ring| {
+        let mut c = RingBackend::new(ring);
+        let n = 1000;
+        let mut t = Tensor::from_slice(&(0..n).map(|i| value(0, rank, i)).collect::<Vec<_>>());
+        let before = t.data_ptr();
+        c.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(t.data_ptr(), before, "reduced in place");
+        let mut b = Tensor::full([7], rank as f64, (Kind::Float, Device::Cpu));
+        c.broadcast(&mut b, 2).unwrap();
+        (
+            Vec::<f32>::try_from(&t).unwrap(),
+            Vec::<f32>::try_from(&b).unwrap(),
+        )
+    });
+    let expect: Vec<f32> = (0..1000)
+        .map(|i| (0..world).map(|r| value(0, r, i)).sum())
+        .collect();
+    for (sums, bcast) in results {
+        assert_eq!(sums, expect);
+        assert_eq!(bcast, vec![2.0; 7]);
+    }
 }

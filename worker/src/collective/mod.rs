@@ -2,37 +2,51 @@
 //! calls, the [`CollectiveError`] every backend reports, and the [`AbortHandle`] the agent uses to
 //! unblock a rank when the coordinator abandons a generation.
 //!
-//! Backends live in submodules: [`ring`] is the CPU backend (a chunked, pipelined ring over TCP) and
-//! [`listener`] is the data-plane port it accepts connections on. No backend talks to the
-//! coordinator or the store: ranks, peers and generations are handed in by the agent.
+//! The trait works on tensors: a caller hands over a whole bucket (one flat f32 tensor on the
+//! model's device) and the backend decides how it travels. Backends own their staging: the
+//! [`RingBackend`] reduces CPU tensors in place and stages device tensors through one pinned host
+//! buffer (one bulk copy each way per bucket); a device-native backend (NCCL) reduces device
+//! memory where it lies. [`ring`] is the host transport under the ring backend (a chunked,
+//! pipelined ring over TCP) and [`listener`] is the data-plane port it accepts connections on. No
+//! backend talks to the coordinator or the store: ranks, peers and generations are handed in by
+//! the agent, which picks the backend.
 
 pub mod listener;
 pub mod ring;
+mod ring_backend;
 
 pub use listener::DataPlaneListener;
 pub use ring::{RingCollective, RingConfig};
+pub use ring_backend::RingBackend;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tch::Tensor;
 
-/// Collective operations among the `world_size` ranks of one generation of a job.
+/// Collective operations among the `world_size` ranks of one generation of a job, on tensors.
 ///
-/// Every rank must issue the same operations in the same order with the same buffer lengths;
+/// Every rank must issue the same operations in the same order with tensors of the same length;
 /// backends check this and report [`CollectiveError::ShapeMismatch`] or
 /// [`CollectiveError::OpMismatch`] instead of producing garbage. After any error the communicator
 /// is unusable ([`CollectiveError::Poisoned`]): the agent re-forms the group under a new generation.
+///
+/// Tensors are one-dimensional, contiguous and fp32, on any device the backend supports; they are
+/// reduced in place, so a gradient bucket whose parameters' `.grad` are views into it needs no
+/// copy on the caller's side.
 pub trait Collective: Send {
     /// This rank, in `0..world_size()`.
     fn rank(&self) -> u32;
     /// Number of ranks in the group.
     fn world_size(&self) -> u32;
-    /// Replaces `buf` on every rank with the element-wise fp32 sum over all ranks. Averaging is the
+    /// The generation of the job this group belongs to.
+    fn generation(&self) -> u64;
+    /// Replaces `flat` on every rank with the element-wise sum over all ranks. Averaging is the
     /// caller's business: the trainer divides by the global sample count, which it alone knows.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
-    /// Copies `buf` of rank `root` into `buf` on every other rank.
-    fn broadcast(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError>;
+    fn all_reduce_sum(&mut self, flat: &mut Tensor) -> Result<(), CollectiveError>;
+    /// Copies `flat` of rank `root` into `flat` on every other rank.
+    fn broadcast(&mut self, flat: &mut Tensor, root: u32) -> Result<(), CollectiveError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
     /// A handle another thread can use to abort operations in flight, now or later.
@@ -161,6 +175,10 @@ pub enum CollectiveError {
         #[source]
         source: io::Error,
     },
+    /// libtorch refused a tensor operation of the backend (staging allocation, a device copy, a
+    /// tensor that is not flat fp32): this rank's device is at fault, not the group.
+    #[error("{0}")]
+    Device(String),
     /// An earlier operation failed, leaving the peers' streams in an unknown state.
     #[error("communicator unusable after an earlier failure: {cause}")]
     Poisoned {
@@ -187,7 +205,8 @@ impl CollectiveError {
             | CollectiveError::Aborted
             | CollectiveError::Protocol { .. }
             | CollectiveError::InvalidConfig(_)
-            | CollectiveError::InvalidArgument(_) => false,
+            | CollectiveError::InvalidArgument(_)
+            | CollectiveError::Device(_) => false,
         }
     }
 }

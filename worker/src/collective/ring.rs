@@ -19,7 +19,7 @@
 //! thread holding a chunk is the only one that can touch it.
 
 use super::listener::{self, DataPlaneListener, Hello, MAX_JOB_ID_LEN};
-use super::{AbortHandle, Collective, CollectiveError, lock_ignoring_poison};
+use super::{AbortHandle, CollectiveError, lock_ignoring_poison};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
@@ -446,20 +446,26 @@ impl Drop for RingCollective {
     }
 }
 
-impl Collective for RingCollective {
-    fn rank(&self) -> u32 {
+/// The host transport's operations on fp32 slices; [`RingBackend`](super::RingBackend) puts the
+/// tensor-level [`Collective`](super::Collective) on top.
+impl RingCollective {
+    /// This rank, in `0..world_size()`.
+    pub fn rank(&self) -> u32 {
         self.rank
     }
 
-    fn world_size(&self) -> u32 {
+    /// Number of ranks in the ring.
+    pub fn world_size(&self) -> u32 {
         self.world_size
     }
 
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+    /// Replaces `buf` on every rank with the element-wise sum over all ranks.
+    pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         self.run(Op::AllReduceSum, buf)
     }
 
-    fn broadcast(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError> {
+    /// Copies `buf` of rank `root` into `buf` on every other rank.
+    pub fn broadcast(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError> {
         if root >= self.world_size {
             return Err(CollectiveError::InvalidArgument(format!(
                 "broadcast root {root} is outside a world of {}",
@@ -469,7 +475,8 @@ impl Collective for RingCollective {
         self.run(Op::Broadcast { root }, buf)
     }
 
-    fn barrier(&mut self) -> Result<(), CollectiveError> {
+    /// Returns once every rank has entered the barrier.
+    pub fn barrier(&mut self) -> Result<(), CollectiveError> {
         // The reduced value reaches a rank only after passing through every other rank, so
         // completing this all-reduce means everybody has entered.
         let mut token = [1.0f32];
@@ -485,10 +492,6 @@ impl Collective for RingCollective {
             });
         }
         Ok(())
-    }
-
-    fn abort_handle(&self) -> AbortHandle {
-        RingCollective::abort_handle(self)
     }
 }
 

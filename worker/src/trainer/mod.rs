@@ -1,0 +1,220 @@
+//! The trainer: runs one rank of a job on the calling OS thread (the agent
+//! gives it a dedicated one). A [`Run`] owns everything that outlives a
+//! generation (model, optimizer, data cursor, metrics, checkpoint writer); a
+//! generation lends it a [`Collective`], chosen by the agent, through
+//! [`Run::rebind`]. [`train`] is the whole life of one assignment.
+//!
+//! It knows nothing of gRPC or the store: progress goes out through a callback,
+//! and the agent stops it through [`TrainerControl`].
+//!
+//! Semantics (DESIGN.md invariants): the global batch `B` is fixed by the job;
+//! step `k` of an epoch consumes positions `[kB, (k+1)B)` of the epoch's
+//! permutation and rank `r` takes its balanced slice; every rank sums its
+//! per-sample losses, gradients are summed across ranks and divided by the
+//! number of samples in the global batch, so W workers compute exactly the
+//! SGD step of one worker on the whole batch (up to float summation order).
+
+mod data;
+mod grads;
+mod metrics;
+mod run;
+mod state;
+
+pub use grads::{BUCKET_BYTES, GradBuckets};
+pub use run::Run;
+
+use crate::collective::{AbortHandle, Collective, CollectiveError};
+use crate::model::{self, AllocError};
+use ringmaster_common::dataset::DatasetError;
+use ringmaster_common::jobspec::JobSpec;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tch::Device;
+
+/// What the coordinator asked this rank to do.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    pub job_id: String,
+    pub generation: u64,
+    pub rank: u32,
+    /// Data-plane addresses of every rank, indexed by rank.
+    pub peers: Vec<String>,
+    pub spec: JobSpec,
+    /// Report progress every this many steps.
+    pub progress_every: u64,
+    /// Checkpoint directories to resume from, newest first: the first that
+    /// verifies is used. Empty for a fresh start.
+    pub resume_candidates: Vec<PathBuf>,
+    /// This job's own output folder, `<output.dir>/<job-id>/`.
+    pub output_dir: PathBuf,
+}
+
+/// How this worker runs libtorch.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainerOptions {
+    pub device: Device,
+    pub threads: usize,
+    /// How long to wait for ring peers to connect.
+    pub connect_timeout: Duration,
+}
+
+/// Something worth telling the coordinator, sent at most every
+/// `progress_every` steps (never per step).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What the trainer reports while it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Progress(Progress),
+    /// A checkpoint finished writing (rank 0 only), or failed to.
+    Checkpoint {
+        step: u64,
+        outcome: Result<CheckpointWritten, String>,
+        metrics: BTreeMap<String, f64>,
+    },
+    /// Something the user should know, e.g. a corrupt checkpoint skipped.
+    Note(String),
+}
+
+/// A complete checkpoint on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointWritten {
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub write_seconds: f64,
+    /// Training time this checkpoint blocked the step loop (snapshot, plus
+    /// the write itself when synchronous or when waiting for a previous one).
+    pub blocked_seconds: f64,
+}
+
+/// A finished run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub step: u64,
+    pub metrics: BTreeMap<String, f64>,
+    /// The run stopped early on request (after its final checkpoint).
+    pub stopped: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("dataset: {0}")]
+    Data(#[from] DatasetError),
+    #[error("collective: {0}")]
+    Collective(#[from] CollectiveError),
+    /// libtorch's first line only: its C++ backtrace helps nobody reading
+    /// a job's failure reason.
+    #[error("libtorch: {}", model::torch_message(.0))]
+    Torch(#[from] tch::TchError),
+    /// Memory for the model, the data or the gradient staging was refused:
+    /// the job is too large for this worker's device.
+    #[error("{0}")]
+    Allocation(#[from] AllocError),
+    #[error("writing {path}: {source}")]
+    Output {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid assignment: {0}")]
+    Invalid(String),
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    #[error("aborted: {0}")]
+    Aborted(String),
+}
+
+impl TrainError {
+    /// The rank whose loss caused this error, when a peer vanished.
+    pub fn lost_peer(&self) -> Option<u32> {
+        match self {
+            TrainError::Collective(CollectiveError::PeerLost { rank, .. }) => Some(*rank),
+            _ => None,
+        }
+    }
+}
+
+/// Lets another thread steer a running trainer: abort promptly (the flag is
+/// checked at every step boundary and the abort handle unblocks
+/// collectives), or ask for a checkpoint / a checkpoint-then-stop, which the
+/// ranks agree on through the next gradient all-reduce.
+#[derive(Default)]
+pub struct TrainerControl {
+    aborted: AtomicBool,
+    checkpoint: AtomicBool,
+    stop: AtomicBool,
+    reason: Mutex<Option<String>>,
+    handle: Mutex<Option<AbortHandle>>,
+}
+
+impl TrainerControl {
+    /// Stops the trainer; safe to call at any time, from any thread.
+    pub fn abort(&self, reason: &str) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        self.aborted.store(true, Ordering::SeqCst);
+        if let Some(h) = self
+            .handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.abort();
+        }
+    }
+
+    /// Asks for a checkpoint at the next step boundary; with `stop`, training
+    /// ends right after it.
+    pub fn request_checkpoint(&self, stop: bool) {
+        self.checkpoint.store(true, Ordering::SeqCst);
+        if stop {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn check(&self) -> Result<(), TrainError> {
+        if self.aborted.load(Ordering::SeqCst) {
+            let reason = self
+                .reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Err(TrainError::Aborted(reason.unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    fn install(&self, handle: AbortHandle) -> Result<(), TrainError> {
+        *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
+        // An abort that raced with the installation must still take effect.
+        if self.aborted.load(Ordering::SeqCst) {
+            handle.abort();
+        }
+        self.check()
+    }
+}
+
+/// Runs one assignment to its end: builds the [`Run`] (data, model, any
+/// checkpoint to resume from), then joins the generation through `connect`
+/// (the agent's choice of collective backend) and trains. Loading comes
+/// first so a slow loader does not eat its peers' connect timeout.
+pub fn train(
+    a: &Assignment,
+    opts: &TrainerOptions,
+    connect: impl FnOnce() -> Result<Box<dyn Collective>, CollectiveError>,
+    control: &TrainerControl,
+    events: &mut dyn FnMut(Event),
+) -> Result<Outcome, TrainError> {
+    let mut run = Run::start(a, opts, control, events)?;
+    let collective = connect()?;
+    control.install(collective.abort_handle())?;
+    run.rebind(collective)?;
+    run.run_to_end(control, events)
+}

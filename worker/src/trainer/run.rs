@@ -1,0 +1,572 @@
+//! [`Run`]: one rank's training state for a job, independent of any one
+//! generation. It owns the model, the optimizer, the data and its cursor, the
+//! metrics and the checkpoint writer; a generation lends it a collective
+//! through [`Run::rebind`], and the state stays when that group is gone.
+//!
+//! Step semantics (DESIGN.md invariants): the global batch `B` is fixed by the
+//! job; step `k` of an epoch consumes positions `[kB, (k+1)B)` of the epoch's
+//! permutation and rank `r` takes its balanced slice; every rank sums its
+//! per-sample losses, gradients are summed across ranks and divided by the
+//! number of samples in the global batch, so W workers compute exactly the
+//! SGD step of one worker on the whole batch (up to float summation order).
+
+use super::data::TrainData;
+use super::grads::GradBuckets;
+use super::metrics::{MetricsLog, Window, link_latest};
+use super::{
+    Assignment, CheckpointWritten, Event, Outcome, Progress, TrainError, TrainerControl,
+    TrainerOptions, state,
+};
+use crate::checkpoint;
+use crate::collective::Collective;
+use crate::model::{self, Mlp};
+use crate::optim::Optimizer;
+use crate::sample_rng::SampleNoise;
+use ringmaster_common::dataset::{ShardPlan, rank_range};
+use ringmaster_common::jobspec::JobSpec;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tch::{Device, Kind, Reduction, Tensor, nn};
+
+/// Slots appended to the last gradient bucket, summed with it: the batch's
+/// loss and the control flags every rank must agree on at this step.
+const EXTRA_LOSS: usize = 0;
+const EXTRA_CHECKPOINT: usize = 1;
+const EXTRA_STOP: usize = 2;
+const EXTRAS: usize = 3;
+
+/// One rank's training state, kept across generations.
+pub struct Run {
+    job_id: String,
+    spec: JobSpec,
+    output_dir: PathBuf,
+    progress_every: u64,
+    device: Device,
+    data: TrainData,
+    model: Mlp,
+    /// Owns the parameters the model and `params` point into.
+    _vars: nn::VarStore,
+    /// Parameters by name, in name order (buckets, checkpoints and
+    /// `model.safetensors` use this order).
+    named: Vec<(String, Tensor)>,
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    grads: GradBuckets,
+    optimizer: Optimizer,
+    plan: ShardPlan,
+    /// The data cursor: steps completed. The plan turns it into an epoch and
+    /// a position in that epoch's order.
+    step: u64,
+    total_steps: u64,
+    /// Whether every rank provably holds the same state (all loaded one
+    /// checkpoint, or rank 0's was broadcast).
+    in_sync: bool,
+    /// The permutation of the epoch the cursor is in, computed once per epoch.
+    order: Option<(u64, Vec<u64>)>,
+    latest: BTreeMap<String, f64>,
+    window: Window,
+    /// `metrics.jsonl`, written by rank 0 only.
+    log: Option<MetricsLog>,
+    started: Option<Instant>,
+    writer: Option<checkpoint::Writer>,
+    /// Seconds each submitted asynchronous checkpoint blocked the step loop.
+    pending_blocked: BTreeMap<u64, f64>,
+    last_checkpoint: Instant,
+    group: Option<Box<dyn Collective>>,
+}
+
+/// What one step did, agreed by every rank.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// Steps completed after it.
+    pub step: u64,
+    /// The epoch it belonged to.
+    pub epoch: u64,
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Samples in the global batch.
+    pub samples: u64,
+    /// Some rank asked for a checkpoint at this step.
+    pub checkpoint: bool,
+    /// Some rank asked to stop after this step.
+    pub stop: bool,
+}
+
+impl Run {
+    /// Loads the data, builds the initial model on the configured device and
+    /// resumes from the first of `a.resume_candidates` that verifies. The run
+    /// cannot step until [`rebind`](Self::rebind) gives it a group.
+    pub fn start(
+        a: &Assignment,
+        opts: &TrainerOptions,
+        control: &TrainerControl,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Run, TrainError> {
+        let world = a.peers.len() as u32;
+        if world == 0 || a.rank >= world {
+            return Err(TrainError::Invalid(format!(
+                "rank {} outside world of {world}",
+                a.rank
+            )));
+        }
+        tch::set_num_threads(opts.threads.max(1) as i32);
+        let spec = a.spec.clone();
+        let device = opts.device;
+        let data = TrainData::load(&spec, device)?;
+        control.check()?;
+
+        // Same seed on every rank gives the same initial parameters; rank 0's
+        // are broadcast anyway so that the group provably starts from one state.
+        let (vars, model) = model::initial(
+            spec.seed,
+            data.features as i64,
+            i64::from(data.classes),
+            &spec.model,
+            device,
+        )?;
+        let named = model::named_parameters(&vars);
+        let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
+        let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let grads = GradBuckets::bind(&params, EXTRAS, device)?;
+        let mut optimizer = Optimizer::new(
+            spec.train.optimizer,
+            spec.train.learning_rate,
+            spec.train.weight_decay,
+            params.len(),
+        );
+        let samples = data.samples();
+        let plan = ShardPlan::new(samples, u64::from(spec.train.global_batch), spec.seed)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let total_steps = spec.total_steps(samples);
+
+        // Every rank loads the same committed checkpoint (each verifies it),
+        // so no broadcast is needed after a resume.
+        let resumed = state::resume(a, &names, &params, &mut optimizer, device, events)?;
+        let (step, latest) = match &resumed {
+            Some(s) => (s.step, s.metrics.clone()),
+            None => (0, BTreeMap::new()),
+        };
+        Ok(Run {
+            job_id: a.job_id.clone(),
+            spec,
+            output_dir: a.output_dir.clone(),
+            progress_every: a.progress_every.max(1),
+            device,
+            data,
+            model,
+            _vars: vars,
+            named,
+            names,
+            params,
+            grads,
+            optimizer,
+            plan,
+            step,
+            total_steps,
+            in_sync: resumed.is_some(),
+            order: None,
+            latest,
+            window: Window::default(),
+            log: None,
+            started: None,
+            writer: None,
+            pending_blocked: BTreeMap::new(),
+            last_checkpoint: Instant::now(),
+            group: None,
+        })
+    }
+
+    /// Steps completed so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Steps the job runs in all.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// The parameters by name, in name order.
+    pub fn named_parameters(&self) -> &[(String, Tensor)] {
+        &self.named
+    }
+
+    /// Hands the run the group of a new generation: rank 0 takes on the
+    /// metrics log and the checkpoint writer, and a group that does not yet
+    /// share one state is given rank 0's parameters.
+    pub fn rebind(&mut self, collective: Box<dyn Collective>) -> Result<(), TrainError> {
+        let rank = collective.rank();
+        tracing::debug!(job = %self.job_id, generation = collective.generation(), rank,
+            world = collective.world_size(), "run bound to a group");
+        self.group = Some(collective);
+        if rank == 0 {
+            if self.log.is_none() {
+                self.log = Some(MetricsLog::open(&self.output_dir, self.step)?);
+                link_latest(&self.output_dir);
+            }
+            if self.spec.checkpoint.asynchronous && self.writer.is_none() {
+                self.writer =
+                    Some(
+                        checkpoint::Writer::start().map_err(|source| TrainError::Output {
+                            path: "checkpoint writer thread".into(),
+                            source,
+                        })?,
+                    );
+            }
+        } else {
+            self.log = None;
+        }
+        if !self.in_sync {
+            self.broadcast_parameters()?;
+            self.in_sync = true;
+        }
+        self.started.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    fn group(&mut self) -> Result<&mut dyn Collective, TrainError> {
+        match self.group.as_deref_mut() {
+            Some(g) => Ok(g),
+            None => Err(TrainError::Invalid(
+                "the run has no group to train with".into(),
+            )),
+        }
+    }
+
+    /// Makes every rank's parameters rank 0's, a bucket at a time.
+    fn broadcast_parameters(&mut self) -> Result<(), TrainError> {
+        let ranges: Vec<_> = self.grads.ranges().collect();
+        let group = match self.group.as_deref_mut() {
+            Some(g) if g.world_size() > 1 => g,
+            _ => return Ok(()),
+        };
+        for range in ranges {
+            let ps = &self.params[range];
+            if ps.is_empty() {
+                continue;
+            }
+            let views = ps
+                .iter()
+                .map(|p| p.f_view([-1]))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut flat = tch::no_grad(|| Tensor::f_cat(&views, 0))?;
+            group.broadcast(&mut flat, 0)?;
+            tch::no_grad(|| -> Result<(), TrainError> {
+                let mut off = 0;
+                for p in ps {
+                    let k = p.numel() as i64;
+                    let part = flat.f_narrow(0, off, k)?.f_view(p.size().as_slice())?;
+                    p.shallow_clone().f_copy_(&part)?;
+                    off += k;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on the next global batch: forward and backward on
+    /// this rank's slice, gradients summed over the group, averaged, applied.
+    /// Checkpoint and stop requests ride on the gradient all-reduce, so every
+    /// rank learns of them at the same step.
+    pub fn step(&mut self, control: &TrainerControl) -> Result<StepReport, TrainError> {
+        control.check()?;
+        let (rank, world) = {
+            let g = self.group()?;
+            (g.rank(), g.world_size())
+        };
+        let (epoch, step_in_epoch) = self.plan.position(self.step);
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.order = Some((epoch, self.plan.epoch_permutation(epoch)));
+        }
+        let batch = self.plan.batch_range(step_in_epoch);
+        let batch_len = batch.end - batch.start;
+        let mine = rank_range(batch, rank, world);
+        let order = &self.order.as_ref().expect("computed above").1;
+        let ids = &order[mine.start as usize..mine.end as usize];
+
+        // A rank with no samples still joins the all-reduce with zeros.
+        self.grads.zero()?;
+        let loss_sum = if ids.is_empty() {
+            0.0
+        } else {
+            let (xb, yb) = self.data.batch(ids)?;
+            // Keyed by dataset sample id, not by rank or row: a sample gets
+            // the same dropout mask however the batch is split.
+            let noise = SampleNoise::new(self.spec.seed, self.step, ids, self.device);
+            let logits = self.model.forward_train(&xb, &noise)?;
+            let loss =
+                logits.f_cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)?;
+            loss.f_backward()?;
+            loss.f_double_value(&[])?
+        };
+
+        let mut extras = [0f32; EXTRAS];
+        extras[EXTRA_LOSS] = loss_sum as f32;
+        let timer_due = rank == 0
+            && self
+                .spec
+                .checkpoint
+                .every_seconds
+                .is_some_and(|s| self.last_checkpoint.elapsed().as_secs() >= s);
+        if control.checkpoint.swap(false, Ordering::SeqCst) || timer_due {
+            extras[EXTRA_CHECKPOINT] = 1.0;
+        }
+        if control.stop.swap(false, Ordering::SeqCst) {
+            extras[EXTRA_STOP] = 1.0;
+        }
+        let group = self
+            .group
+            .as_deref_mut()
+            .ok_or_else(|| TrainError::Invalid("the run has no group".into()))?;
+        let scale = 1.0 / batch_len.max(1) as f64;
+        self.grads.all_reduce(group, &mut extras, scale)?;
+        self.optimizer.step(&self.params)?;
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            epoch,
+            loss: f64::from(extras[EXTRA_LOSS]) / batch_len.max(1) as f64,
+            samples: batch_len,
+            checkpoint: extras[EXTRA_CHECKPOINT] > 0.0,
+            stop: extras[EXTRA_STOP] > 0.0,
+        })
+    }
+
+    /// Mean loss and accuracy over the whole validation set (`None` without
+    /// one): each rank scores its balanced slice and the sums are added over
+    /// the group, so every rank gets the same figures.
+    pub fn evaluate(&mut self) -> Result<Option<(f64, f64)>, TrainError> {
+        let Some(n) = self.data.validation_samples() else {
+            return Ok(None);
+        };
+        let (rank, world) = {
+            let g = self.group()?;
+            (g.rank(), g.world_size())
+        };
+        let mine = rank_range(0..n, rank, world);
+        let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+        let model = &self.model;
+        tch::no_grad(|| {
+            self.data.for_validation_chunks(mine, |xb, yb| {
+                let logits = model.forward_eval(xb)?;
+                loss_sum += logits
+                    .f_cross_entropy_loss::<Tensor>(yb, None, Reduction::Sum, -100, 0.0)?
+                    .f_double_value(&[])?;
+                correct += logits
+                    .f_argmax(-1, false)?
+                    .f_eq_tensor(yb)?
+                    .f_sum(Kind::Int64)?
+                    .f_int64_value(&[])? as f64;
+                Ok(())
+            })
+        })?;
+        // f32 holds integer counts exactly up to 2^24 samples per rank sum.
+        let mut sums = Tensor::f_from_slice(&[loss_sum as f32, correct as f32])?;
+        self.group()?.all_reduce_sum(&mut sums)?;
+        let mut out = [0f32; 2];
+        sums.f_copy_data(&mut out, 2)?;
+        let n = n.max(1) as f64;
+        Ok(Some((f64::from(out[0]) / n, f64::from(out[1]) / n)))
+    }
+
+    /// Snapshots model and optimizer state at this step boundary and writes
+    /// it (in the background when the job asks for asynchronous
+    /// checkpoints). Rank 0 only; the outcome arrives as an event.
+    pub fn checkpoint(&mut self, events: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let started = Instant::now();
+        let step = self.step;
+        let snapshot = self.snapshot()?;
+        match self.writer.as_ref() {
+            Some(w) => match w.submit(snapshot) {
+                Err(e) => report_checkpoint(events, step, Err(e), 0.0, &self.latest),
+                Ok(()) => {
+                    self.pending_blocked
+                        .insert(step, started.elapsed().as_secs_f64());
+                }
+            },
+            None => {
+                let result = checkpoint::write(&snapshot);
+                let blocked = started.elapsed().as_secs_f64();
+                report_result(events, result, blocked, &self.latest);
+            }
+        }
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Copies model and optimizer state to host memory.
+    fn snapshot(&self) -> Result<checkpoint::Snapshot, TrainError> {
+        let group = self
+            .group
+            .as_deref()
+            .ok_or_else(|| TrainError::Invalid("the run has no group".into()))?;
+        let spec = &self.spec;
+        let model = self
+            .named
+            .iter()
+            .map(|(n, p)| checkpoint::HostTensor::copy_of(n, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let optim = self
+            .optimizer
+            .state_tensors(&self.names)
+            .iter()
+            .map(|(n, t)| checkpoint::HostTensor::copy_of(n, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (epoch, step_in_epoch) = self.plan.position(self.step);
+        Ok(checkpoint::Snapshot {
+            root: spec.checkpoint.dir.clone(),
+            job_id: self.job_id.clone(),
+            step: self.step,
+            model,
+            optimizer: optim,
+            state: checkpoint::TrainState {
+                format_version: 1,
+                job_id: self.job_id.clone(),
+                step: self.step,
+                epoch,
+                step_in_epoch,
+                global_batch: u64::from(spec.train.global_batch),
+                world_size: group.world_size(),
+                generation: group.generation(),
+                seed: spec.seed,
+                optimizer: format!("{:?}", spec.train.optimizer),
+                optimizer_steps: self.optimizer.steps(),
+                learning_rate: spec.train.learning_rate,
+                lr_schedule: "constant".into(),
+                rng: "no state: dropout masks are a counter-based hash of (seed, step, dataset \
+                      sample id, layer, unit)"
+                    .into(),
+                metrics: self.latest.clone(),
+            },
+        })
+    }
+
+    /// Reports the asynchronous checkpoints that finished writing.
+    fn collect_written(&mut self, events: &mut dyn FnMut(Event)) {
+        if let Some(w) = self.writer.as_ref() {
+            for result in w.finished() {
+                let blocked = self.pending_blocked.remove(&result.step).unwrap_or(0.0);
+                report_result(events, result, blocked, &self.latest);
+            }
+        }
+    }
+
+    /// Trains until the job's last step or an agreed stop, with the job's
+    /// evaluation, logging, checkpoint and progress cadence; then rank 0
+    /// writes the model and the group leaves together.
+    pub fn run_to_end(
+        &mut self,
+        control: &TrainerControl,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Outcome, TrainError> {
+        let rank = self.group()?.rank();
+        let mut stopped = false;
+        while self.step < self.total_steps {
+            let r = self.step(control)?;
+            self.window.add(r.loss, r.samples);
+            let done = r.step;
+            let total = self.total_steps;
+            let train = &self.spec.train;
+            let eval_due = train.eval_every_steps.is_some_and(|e| done % e == 0) || done == total;
+            let log_every = train.log_every_steps.max(1);
+            let mut record = BTreeMap::new();
+            if eval_due && let Some((val_loss, val_acc)) = self.evaluate()? {
+                record.insert("val_loss".to_string(), val_loss);
+                record.insert("val_accuracy".to_string(), val_acc);
+            }
+            let log_due = done % log_every == 0 || done == total || r.stop || !record.is_empty();
+            if log_due {
+                if let Some((loss, rate)) = self.window.take() {
+                    record.insert("loss".to_string(), loss);
+                    record.insert("samples_per_sec".to_string(), rate);
+                }
+                record.insert("epoch".to_string(), r.epoch as f64);
+                let elapsed = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                record.insert("elapsed_seconds".to_string(), elapsed);
+                self.latest
+                    .extend(record.iter().map(|(k, v)| (k.clone(), *v)));
+                if let Some(log) = self.log.as_mut() {
+                    log.append(done, &record)?;
+                }
+            }
+
+            let checkpoint_due = r.checkpoint
+                || r.stop
+                || self
+                    .spec
+                    .checkpoint
+                    .every_steps
+                    .is_some_and(|e| done % e == 0);
+            if checkpoint_due && rank == 0 {
+                self.checkpoint(events)?;
+            }
+            self.collect_written(events);
+
+            let report_due = done % self.progress_every == 0 || done == total || r.stop;
+            if report_due || record.contains_key("val_accuracy") {
+                events(Event::Progress(Progress {
+                    step: done,
+                    total_steps: total,
+                    epoch: r.epoch,
+                    metrics: self.latest.clone(),
+                }));
+            }
+            if r.stop {
+                stopped = true;
+                break;
+            }
+        }
+
+        if let Some(mut w) = self.writer.take() {
+            for result in w.finish() {
+                let blocked = self.pending_blocked.remove(&result.step).unwrap_or(0.0);
+                report_result(events, result, blocked, &self.latest);
+            }
+        }
+        if rank == 0 && !stopped {
+            state::save_model(&self.output_dir, &self.named)?;
+        }
+        // Nobody leaves before rank 0 has written the model (or its final
+        // checkpoint), so "succeeded" always means the output exists.
+        self.group()?.barrier()?;
+        Ok(Outcome {
+            step: self.step,
+            metrics: self.latest.clone(),
+            stopped,
+        })
+    }
+}
+
+fn report_result(
+    events: &mut dyn FnMut(Event),
+    result: checkpoint::WriteResult,
+    blocked: f64,
+    metrics: &BTreeMap<String, f64>,
+) {
+    report_checkpoint(events, result.step, result.outcome, blocked, metrics)
+}
+
+fn report_checkpoint(
+    events: &mut dyn FnMut(Event),
+    step: u64,
+    outcome: Result<checkpoint::Written, String>,
+    blocked: f64,
+    metrics: &BTreeMap<String, f64>,
+) {
+    if let Err(e) = &outcome {
+        tracing::warn!(step, "checkpoint failed: {e}");
+    }
+    events(Event::Checkpoint {
+        step,
+        outcome: outcome.map(|w| CheckpointWritten {
+            dir: w.dir,
+            bytes: w.bytes,
+            write_seconds: w.seconds,
+            blocked_seconds: blocked,
+        }),
+        metrics: metrics.clone(),
+    });
+}
