@@ -25,6 +25,13 @@ pub struct Rank(pub u32);
 )]
 pub struct Generation(pub u64);
 
+impl Rank {
+    /// The rank as an index into its group's members.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 impl Generation {
     /// The generation after this one.
     pub fn next(self) -> Self {

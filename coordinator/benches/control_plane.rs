@@ -61,10 +61,11 @@
 //! `RESULT control-plane`.
 
 use anyhow::{Context, bail};
+use ringmaster_common::worker::Device;
 use ringmaster_proto::pb::{
     self, WorkerMessage, agent_client::AgentClient, control_client::ControlClient,
-    coordinator_message, worker_message,
 };
+use ringmaster_proto::{self as proto, Registration, WorkerReport};
 use ringmaster_tests::etcd::EtcdProcess;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -676,23 +677,19 @@ fn phase(i: usize) -> f64 {
     x as f64 / (1u64 << 53) as f64
 }
 
-fn worker_message(kind: worker_message::Kind) -> WorkerMessage {
-    WorkerMessage { kind: Some(kind) }
-}
-
 /// One simulated worker: registers, then beats until aborted or until the
 /// coordinator ends the session.
 async fn agent(i: usize, channel: Channel, fleet: Arc<Fleet>, gate: Arc<Semaphore>) {
     let permit = gate.acquire_owned().await;
     let (tx, rx) = mpsc::channel::<WorkerMessage>(8);
-    let register = worker_message(worker_message::Kind::Register(pb::Register {
+    let register = WorkerMessage::from(WorkerReport::Register(Registration {
         name: format!("bench-{i}"),
         host: "bench".into(),
-        device: "cpu".into(),
+        device: Device::Cpu,
         data_addr: "127.0.0.1:9".into(),
         threads: 1,
-        protocol_version: 1,
-        ..Default::default()
+        current: None,
+        instance: None,
     }));
     let registered = async {
         tx.send(register).await?;
@@ -701,10 +698,13 @@ async fn agent(i: usize, channel: Channel, fleet: Arc<Fleet>, gate: Arc<Semaphor
             .await
             .context("session refused")?
             .into_inner();
-        match inbound.message().await.context("no registration reply")? {
-            Some(pb::CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Registered(r)),
-            }) => anyhow::Ok((inbound, r)),
+        let reply = inbound
+            .message()
+            .await
+            .context("no registration reply")?
+            .map(proto::Command::try_from);
+        match reply {
+            Some(Ok(proto::Command::Registered(r))) => anyhow::Ok((inbound, r)),
             other => bail!("expected Registered, got {other:?}"),
         }
     }
@@ -719,7 +719,7 @@ async fn agent(i: usize, channel: Channel, fleet: Arc<Fleet>, gate: Arc<Semaphor
         }
     };
     fleet.registered.fetch_add(1, Ordering::Relaxed);
-    let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(1));
+    let interval = reply.heartbeat_interval.max(Duration::from_millis(1));
     let first = tokio::time::Instant::now() + interval.mul_f64(phase(i));
     let mut tick = tokio::time::interval_at(first, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -727,7 +727,7 @@ async fn agent(i: usize, channel: Channel, fleet: Arc<Fleet>, gate: Arc<Semaphor
         tokio::select! {
             _ = tick.tick() => {
                 fleet.record_send(i);
-                let beat = worker_message(worker_message::Kind::Heartbeat(pb::Heartbeat {}));
+                let beat = WorkerMessage::from(WorkerReport::Heartbeat);
                 if tx.send(beat).await.is_err() {
                     break "the request stream closed".to_string();
                 }
@@ -741,7 +741,7 @@ async fn agent(i: usize, channel: Channel, fleet: Arc<Fleet>, gate: Arc<Semaphor
             },
         }
     };
-    fleet.note_error(format!("worker {i} ({}): {why}", reply.worker_id));
+    fleet.note_error(format!("worker {i} ({}): {why}", reply.worker));
     fleet.lost.fetch_add(1, Ordering::Relaxed);
 }
 

@@ -16,6 +16,7 @@ use ringmaster_common::store::records::JobState;
 use ringmaster_common::store::{
     EmbeddedStore, EtcdOptions, EtcdStore, StateStore, StoreUrl, parse_store_url,
 };
+use ringmaster_common::worker::WorkerState;
 use ringmaster_proto::pb::{self, control_client::ControlClient};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -653,7 +654,7 @@ async fn client(opts: &ClientOpts) -> anyhow::Result<ControlClient<Channel>> {
                 }
             };
             match c.health(pb::HealthRequest {}).await {
-                Ok(h) if h.get_ref().role != "standby" => return Ok(c),
+                Ok(h) if !h.get_ref().is_standby() => return Ok(c),
                 Ok(h) => {
                     let h = h.into_inner();
                     if !h.leader.is_empty()
@@ -1042,13 +1043,14 @@ async fn health(c: &ClientOpts) -> anyhow::Result<i32> {
         };
         let row = match answer {
             Ok(h) => {
-                let standby = h.role == "standby";
+                let standby = h.is_standby();
+                let healthy = !standby && h.degraded.is_empty();
                 let state = match (standby, h.degraded.is_empty()) {
                     (false, true) => "healthy",
                     (_, false) => "degraded",
                     (true, true) => "standby",
                 };
-                ok |= state == "healthy";
+                ok |= healthy;
                 serde_json::json!({
                     "url": url,
                     "role": if standby { "standby" } else { "leader" },
@@ -1268,7 +1270,7 @@ async fn workers(c: &ClientOpts) -> anyhow::Result<()> {
                 .map(|w| {
                     serde_json::json!({
                         "id": w.worker_id, "name": w.name, "host": w.host, "device": w.device,
-                        "state": w.state,
+                        "state": worker_state_name(w),
                         "job": if w.job_id.is_empty() { None } else { Some(&w.job_id) },
                         "rank": if w.job_id.is_empty() { None } else { Some(w.rank) },
                         "last_heartbeat_ms_ago": w.last_heartbeat_ms_ago,
@@ -1294,7 +1296,7 @@ async fn workers(c: &ClientOpts) -> anyhow::Result<()> {
                     w.worker_id,
                     w.name,
                     w.device,
-                    w.state,
+                    worker_state_name(&w),
                     job,
                     w.last_heartbeat_ms_ago / 1000
                 );
@@ -1302,6 +1304,14 @@ async fn workers(c: &ClientOpts) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The lowercase worker state users and scripts read (`idle`, `busy`); a
+/// state this client does not know shows as `unknown`.
+fn worker_state_name(w: &pb::WorkerInfo) -> &'static str {
+    w.worker_state()
+        .map(WorkerState::as_str)
+        .unwrap_or("unknown")
 }
 
 fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {

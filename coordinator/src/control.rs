@@ -5,12 +5,16 @@
 //!
 //! Heartbeats only refresh an in-memory timestamp; the store sees membership
 //! and job-state changes alone.
+//!
+//! The loop speaks domain types only: it receives [`WorkerReport`]s, sends
+//! [`Command`]s and answers with views ([`JobView`], [`WorkerView`],
+//! [`HealthView`]); `server.rs` converts them to and from the wire.
 
 use crate::scheduler::{self, Demand, FreeWorker};
 use ringmaster_common::checkpoint::{
     self as ckpt, CheckpointInfo, KeepBest, Mode, RetentionPolicy,
 };
-use ringmaster_common::ids::{JobId, WorkerId};
+use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::MetricMode;
 use ringmaster_common::jobspec::{DeviceKind, JobSpec};
 use ringmaster_common::now_ms;
@@ -18,14 +22,17 @@ use ringmaster_common::store::records::{
     self, CheckpointRecord, JobRecord, JobState, JobStatusRecord,
 };
 use ringmaster_common::store::{LeaseId, StateStore, StoreError, keys};
-use ringmaster_proto::pb::{self, CoordinatorMessage, coordinator_message, worker_message};
+use ringmaster_proto::{
+    AbortTraining, CheckpointReport, CheckpointRequest, Command, CurrentRun, FailureCause,
+    HealthView, JobView, Metrics, Registered, Registration, Role, RunId, RunOutcome, StartTraining,
+    WireError, WorkerReport, WorkerView, WrittenCheckpoint,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::Status;
 use tracing::{info, warn};
 
 /// Why a control request was refused; mapped to gRPC codes in `server.rs`.
@@ -47,6 +54,10 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error("invalid id: {0}")]
     Id(#[from] ringmaster_common::ids::IdError),
+    /// A message that does not make a domain value (malformed, out of
+    /// bounds, or of another protocol version).
+    #[error(transparent)]
+    Wire(#[from] WireError),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error(
@@ -73,6 +84,7 @@ impl ControlError {
             | ControlError::Invalid(_)
             | ControlError::WrongState { .. }
             | ControlError::Id(_)
+            | ControlError::Wire(_)
             | ControlError::DuplicateName { .. } => false,
         }
     }
@@ -122,29 +134,39 @@ impl Default for ControlConfig {
 
 /// Where the control loop answers a request.
 pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
-/// Outbound half of a worker's session.
-pub type SessionTx = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+/// Outbound half of a worker's session; the session's gRPC stream turns
+/// each command into its wire form.
+pub type SessionTx = mpsc::Sender<Command>;
 
 /// Requests to the control loop.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a Submit carries its job spec; boxing it would change every caller for one \
+              allocation per submission"
+)]
 pub enum Msg {
     Submit(JobSpec, Option<PathBuf>, Reply<JobId>),
-    GetJob(String, Reply<pb::JobStatus>),
-    ListJobs(Reply<Vec<pb::JobStatus>>),
+    GetJob(String, Reply<JobView>),
+    ListJobs(Reply<Vec<JobView>>),
     /// Cancel a job; `true` stops at once without a final checkpoint.
-    Cancel(String, bool, Reply<pb::JobStatus>),
-    Resume(String, Reply<pb::JobStatus>),
-    RequestCheckpoint(String, Reply<pb::JobStatus>),
+    Cancel(String, bool, Reply<JobView>),
+    Resume(String, Reply<JobView>),
+    RequestCheckpoint(String, Reply<JobView>),
     /// A job's committed checkpoints; the caller adds what is on disk
     /// ([`with_uncommitted`]) off the loop.
     ListCheckpoints(String, Reply<CommittedCheckpoints>),
-    ListWorkers(Reply<Vec<pb::WorkerInfo>>),
-    Watch(String, Reply<watch::Receiver<pb::JobStatus>>),
-    Register(pb::Register, SessionTx, Arc<AtomicU64>, Reply<WorkerId>),
-    Health(Reply<pb::HealthResponse>),
+    ListWorkers(Reply<Vec<WorkerView>>),
+    Watch(String, Reply<watch::Receiver<JobView>>),
+    /// A worker's first message; the loop sends `Registered` on the session
+    /// before any other command.
+    Register(Registration, SessionTx, Arc<AtomicU64>, Reply<WorkerId>),
+    Health(Reply<HealthView>),
     /// The membership lease expired (e.g. the store was unreachable for
     /// longer than its TTL) and was replaced: registrations are written again.
     NewLease(LeaseId),
-    FromWorker(WorkerId, worker_message::Kind),
+    /// A worker's report after its registration (heartbeats stop in the
+    /// session task).
+    FromWorker(WorkerId, WorkerReport),
     Disconnected(WorkerId, String),
     /// Stop the loop: this coordinator no longer leads. Dropping the cluster
     /// model closes every worker session, so workers look for the leader.
@@ -225,7 +247,7 @@ enum TimerKind {
 /// never fires: a new generation clears the table, and firing checks again.
 #[derive(Clone, Copy, Debug)]
 struct Timer {
-    generation: u64,
+    generation: Generation,
     at: Instant,
     kind: TimerKind,
 }
@@ -233,20 +255,20 @@ struct Timer {
 /// A rank's report that its run failed on the data plane.
 #[derive(Clone, Debug)]
 struct PeerReport {
-    rank: u32,
+    rank: Rank,
     /// The peer whose connection closed, when the rank could tell.
-    lost: Option<u32>,
+    lost: Option<Rank>,
     text: String,
 }
 
 struct Job {
     record: JobRecord,
     status: JobStatusRecord,
-    watch: watch::Sender<pb::JobStatus>,
+    watch: watch::Sender<JobView>,
     /// The current generation's members, by rank.
     members: Vec<Member>,
     /// Ranks that finished the current generation successfully.
-    finished: BTreeSet<u32>,
+    finished: BTreeSet<Rank>,
     /// Committed checkpoints by step, as recorded in the store.
     checkpoints: BTreeMap<u64, CheckpointRecord>,
     /// Deadlines of the current generation.
@@ -263,7 +285,7 @@ struct Job {
 
 impl Job {
     fn new(record: JobRecord, status: JobStatusRecord) -> Job {
-        let view = pb::JobStatus::from((&record, &status));
+        let view = JobView::new(&record, &status, None);
         Job {
             record,
             status,
@@ -278,12 +300,21 @@ impl Job {
         }
     }
 
-    fn view(&self) -> pb::JobStatus {
-        let mut v = pb::JobStatus::from((&self.record, &self.status));
-        if self.status.state == JobState::Queued {
-            v.waiting = self.waiting.clone().unwrap_or_default();
+    fn view(&self) -> JobView {
+        JobView::new(&self.record, &self.status, self.waiting.clone())
+    }
+
+    /// The generation the job is in (or last ran).
+    fn generation(&self) -> Generation {
+        Generation(self.status.generation)
+    }
+
+    /// The job's current run, as job-scoped messages name it.
+    fn run(&self) -> RunId {
+        RunId {
+            job: self.record.id.clone(),
+            generation: self.generation(),
         }
-        v
     }
 
     fn publish(&self) {
@@ -293,7 +324,7 @@ impl Job {
     fn set_timer(&mut self, kind: TimerKind, after: Duration) {
         self.timers.retain(|t| t.kind != kind);
         self.timers.push(Timer {
-            generation: self.status.generation,
+            generation: self.generation(),
             at: Instant::now() + after,
             kind,
         });
@@ -302,12 +333,12 @@ impl Job {
     fn has_timer(&self, kind: TimerKind) -> bool {
         self.timers
             .iter()
-            .any(|t| t.kind == kind && t.generation == self.status.generation)
+            .any(|t| t.kind == kind && t.generation == self.generation())
     }
 
     /// `name (rank r)` of a member, for messages.
-    fn member_label(&self, rank: u32) -> String {
-        match self.members.get(rank as usize) {
+    fn member_label(&self, rank: Rank) -> String {
+        match self.members.get(rank.index()) {
             Some(m) => format!("{} (rank {rank})", m.name),
             None => format!("rank {rank}"),
         }
@@ -315,15 +346,23 @@ impl Job {
 }
 
 struct Worker {
-    info: pb::Register,
+    /// As registered, less the run it reported (adopted at registration).
+    info: Registration,
     tx: SessionTx,
     /// When the session last heard from the worker (ms since the epoch),
     /// updated by the session task itself: heartbeats never queue behind
     /// the control loop's work, so a slow store write cannot make live
     /// workers look dead.
     last_seen: Arc<AtomicU64>,
-    /// (job, generation, rank) while assigned.
-    assignment: Option<(JobId, u64, u32)>,
+    /// The run and rank it holds, while assigned.
+    assignment: Option<Assignment>,
+}
+
+/// A worker's rank in one generation of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Assignment {
+    run: RunId,
+    rank: Rank,
 }
 
 /// A member of an ended job that has not reported its end yet: freed at
@@ -331,8 +370,7 @@ struct Worker {
 struct Release {
     at: Instant,
     worker: WorkerId,
-    job: JobId,
-    generation: u64,
+    run: RunId,
 }
 
 struct Cluster {
@@ -380,38 +418,31 @@ impl Health {
 pub struct CommittedCheckpoints {
     pub root: PathBuf,
     pub job: String,
-    pub committed: Vec<pb::CheckpointInfo>,
+    pub committed: Vec<CheckpointRecord>,
 }
 
 /// Adds the checkpoint directories on disk that were never committed (an
 /// interrupted write, or one whose commit is in flight), listed as such.
 /// Reads the file system, so it runs off the control loop (the gRPC handler
 /// calls it on a blocking thread).
-pub fn with_uncommitted(c: CommittedCheckpoints) -> Vec<pb::CheckpointInfo> {
-    let mut out: BTreeMap<u64, pb::CheckpointInfo> =
+pub fn with_uncommitted(c: CommittedCheckpoints) -> Vec<CheckpointRecord> {
+    let mut out: BTreeMap<u64, CheckpointRecord> =
         c.committed.into_iter().map(|i| (i.step, i)).collect();
     if let Ok(entries) = ckpt::list_checkpoints(&c.root, &c.job) {
         for e in entries {
-            out.entry(e.step).or_insert_with(|| pb::CheckpointInfo {
+            // Not in the store: no generation, metrics or commit time known.
+            out.entry(e.step).or_insert_with(|| CheckpointRecord {
                 step: e.step,
-                dir: e.dir.display().to_string(),
+                dir: e.dir,
                 bytes: e.bytes,
                 committed: false,
+                generation: 0,
                 metrics: Default::default(),
                 created_at_ms: 0,
             });
         }
     }
     out.into_values().collect()
-}
-
-/// The device kind a worker registered with (`cpu`, `cuda:N`).
-fn device_kind(info: &pb::Register) -> DeviceKind {
-    if info.device.starts_with("cuda") {
-        DeviceKind::Cuda
-    } else {
-        DeviceKind::Cpu
-    }
 }
 
 /// TTL of the membership lease.
@@ -617,10 +648,12 @@ impl Cluster {
             Msg::Watch(id, reply) => {
                 let _ = reply.send(self.job(&id).map(|j| j.watch.subscribe()));
             }
-            Msg::Register(info, tx, last_seen, reply) => {
+            Msg::Register(mut info, tx, last_seen, reply) => {
                 if let Some((old, w)) = self.workers.iter().find(|(_, w)| w.info.name == info.name)
                 {
-                    if w.info.instance.is_empty() || w.info.instance != info.instance {
+                    // A worker that sent no instance can never prove it is
+                    // the same process.
+                    if w.info.instance.is_none() || w.info.instance != info.instance {
                         let _ = reply.send(Err(ControlError::DuplicateName {
                             name: info.name.clone(),
                             id: old.to_string(),
@@ -651,17 +684,15 @@ impl Cluster {
                 self.next_worker += 1;
                 info!(worker = %id, name = %info.name, data = %info.data_addr, "worker joined");
                 // Registered goes first on the session, before any command.
-                let registered = CoordinatorMessage {
-                    kind: Some(coordinator_message::Kind::Registered(pb::Registered {
-                        worker_id: id.to_string(),
-                        heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
-                    })),
-                };
-                if tx.try_send(Ok(registered)).is_err() {
+                let registered = Command::Registered(Registered {
+                    worker: id.clone(),
+                    heartbeat_interval: self.cfg.heartbeat_interval,
+                });
+                if tx.try_send(registered).is_err() {
                     let _ = reply.send(Err(ControlError::ShuttingDown));
                     return;
                 }
-                let current = info.current.clone();
+                let current = info.current.take();
                 self.workers.insert(
                     id.clone(),
                     Worker {
@@ -678,24 +709,24 @@ impl Cluster {
                 }
                 self.schedule().await;
             }
-            Msg::FromWorker(id, kind) => self.on_worker_message(id, kind).await,
+            Msg::FromWorker(id, report) => self.on_worker_report(id, report).await,
             Msg::Shutdown(reply) => {
                 let _ = reply.send(Ok(()));
             }
             Msg::Health(reply) => {
-                let _ = reply.send(Ok(pb::HealthResponse {
-                    store: self.store_name.clone(),
-                    degraded: self.health.get().unwrap_or_default(),
-                    jobs: self.jobs.len() as u32,
-                    running_jobs: self
-                        .jobs
-                        .values()
-                        .filter(|j| j.status.state == JobState::Running)
-                        .count() as u32,
-                    workers: self.workers.len() as u32,
+                let _ = reply.send(Ok(HealthView {
+                    role: Role::Leader {
+                        store: self.store_name.clone(),
+                        jobs: self.jobs.len() as u32,
+                        running_jobs: self
+                            .jobs
+                            .values()
+                            .filter(|j| j.status.state == JobState::Running)
+                            .count() as u32,
+                        workers: self.workers.len() as u32,
+                    },
+                    degraded: self.health.get(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
-                    role: "leader".into(),
-                    leader: String::new(),
                 }));
             }
             Msg::NewLease(lease) => {
@@ -730,9 +761,9 @@ impl Cluster {
                     {
                         warn!(worker = %id, "could not remove the registration: {e}");
                     }
-                    if let Some((job, generation, rank)) = w.assignment {
+                    if let Some(Assignment { run, rank }) = w.assignment {
                         let why = format!("worker {} (rank {rank}) lost: {reason}", w.info.name);
-                        self.fail(&job, generation, why).await;
+                        self.fail(&run.job, run.generation, why).await;
                     }
                     self.schedule().await;
                 }
@@ -858,15 +889,15 @@ impl Cluster {
         job.timers.clear();
         // Members that never report how their run ended are freed anyway.
         let at = Instant::now() + self.cfg.release_grace;
+        let run = job.run();
         for (rank, m) in job.members.iter().enumerate() {
             if let Some(w) = &m.worker
-                && !job.finished.contains(&(rank as u32))
+                && !job.finished.contains(&Rank(rank as u32))
             {
                 self.releases.push(Release {
                     at,
                     worker: w.clone(),
-                    job: id.clone(),
-                    generation: job.status.generation,
+                    run: run.clone(),
                 });
             }
         }
@@ -901,30 +932,28 @@ impl Cluster {
             .reason
             .clone()
             .unwrap_or_else(|| job.status.state.as_str().to_string());
+        let run = job.run();
         for (rank, m) in job.members.iter().enumerate() {
-            if job.finished.contains(&(rank as u32)) {
+            if job.finished.contains(&Rank(rank as u32)) {
                 continue;
             }
             if let Some(worker) = m.worker.as_ref().and_then(|w| self.workers.get(w)) {
-                let _ = worker.tx.try_send(Ok(CoordinatorMessage {
-                    kind: Some(coordinator_message::Kind::Abort(pb::AbortTraining {
-                        job_id: id.to_string(),
-                        generation: job.status.generation,
-                        reason: reason.clone(),
-                    })),
+                let _ = worker.tx.try_send(Command::Abort(AbortTraining {
+                    run: run.clone(),
+                    reason: reason.clone(),
                 }));
             }
         }
     }
 
-    async fn fail(&mut self, id: &JobId, generation: u64, reason: String) {
-        let current = self.jobs.get(id).map(|j| j.status.generation);
+    async fn fail(&mut self, id: &JobId, generation: Generation, reason: String) {
+        let current = self.jobs.get(id).map(Job::generation);
         if current == Some(generation) {
             self.finish(id, JobState::Failed, Some(reason)).await;
         }
     }
 
-    async fn cancel(&mut self, id: &str, now: bool) -> Result<pb::JobStatus, ControlError> {
+    async fn cancel(&mut self, id: &str, now: bool) -> Result<JobView, ControlError> {
         let job = self.job(id)?;
         if job.status.state.is_final() {
             return Err(ControlError::JobFinished {
@@ -962,11 +991,10 @@ impl Cluster {
                 what: "only a running job can checkpoint",
             });
         }
-        let request = pb::CheckpointRequest {
-            job_id: id.to_string(),
-            generation: job.status.generation,
+        let request = Command::Checkpoint(CheckpointRequest {
+            run: job.run(),
             stop,
-        };
+        });
         // Rank 0 alone: flags from several ranks could land in different
         // steps' all-reduces and take two checkpoints for one request.
         if let Some(worker) = job
@@ -975,16 +1003,14 @@ impl Cluster {
             .and_then(|m| m.worker.as_ref())
             .and_then(|w| self.workers.get(w))
         {
-            let _ = worker.tx.try_send(Ok(CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Checkpoint(request)),
-            }));
+            let _ = worker.tx.try_send(request);
         }
         Ok(())
     }
 
     /// Queues a failed or cancelled job again; its next generation starts
     /// from the newest committed checkpoint that verifies.
-    async fn resume(&mut self, id: &str) -> Result<pb::JobStatus, ControlError> {
+    async fn resume(&mut self, id: &str) -> Result<JobView, ControlError> {
         let job = self.job(id)?;
         if !matches!(job.status.state, JobState::Failed | JobState::Cancelled) {
             return Err(ControlError::WrongState {
@@ -1022,11 +1048,7 @@ impl Cluster {
         Ok(CommittedCheckpoints {
             root: job.record.spec.checkpoint.dir.clone(),
             job: id.to_string(),
-            committed: job
-                .checkpoints
-                .values()
-                .map(pb::CheckpointInfo::from)
-                .collect(),
+            committed: job.checkpoints.values().cloned().collect(),
         })
     }
 
@@ -1034,24 +1056,28 @@ impl Cluster {
     /// by rank 0); recording them in the store commits them. Retention runs
     /// after, deleting store records before files so that a committed
     /// record never points at missing files for long.
-    async fn commit_checkpoint(&mut self, id: &JobId, generation: u64, r: pb::CheckpointReport) {
+    async fn commit_checkpoint(
+        &mut self,
+        run: &RunId,
+        step: u64,
+        metrics: Metrics,
+        w: WrittenCheckpoint,
+    ) {
+        let id = &run.job;
         if let Err(e) = self.writable() {
-            let text = format!(
-                "checkpoint at step {} written but not committed: {e}",
-                r.step
-            );
+            let text = format!("checkpoint at step {step} written but not committed: {e}");
             return self.note(id, text).await;
         }
         let record = CheckpointRecord {
-            step: r.step,
-            dir: PathBuf::from(&r.dir),
-            bytes: r.bytes,
+            step,
+            dir: w.dir,
+            bytes: w.bytes,
             committed: true,
-            generation,
-            metrics: r.metrics.into_iter().collect(),
+            generation: run.generation.0,
+            metrics,
             created_at_ms: now_ms(),
         };
-        let key = match keys::job_checkpoint(id, r.step) {
+        let key = match keys::job_checkpoint(id, step) {
             Ok(k) => k,
             Err(e) => return warn!(job = %id, "bad checkpoint key: {e}"),
         };
@@ -1060,23 +1086,23 @@ impl Cluster {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            warn!(job = %id, step = r.step, "could not commit the checkpoint: {e}");
+            warn!(job = %id, step, "could not commit the checkpoint: {e}");
             return;
         }
-        info!(job = %id, step = r.step, bytes = r.bytes, "checkpoint committed");
+        info!(job = %id, step, bytes = w.bytes, "checkpoint committed");
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
-        job.checkpoints.insert(r.step, record);
+        job.checkpoints.insert(step, record);
         for (k, v) in [
-            ("checkpoint_write_seconds", r.write_seconds),
-            ("checkpoint_blocked_seconds", r.blocked_seconds),
+            ("checkpoint_write_seconds", w.write_seconds),
+            ("checkpoint_blocked_seconds", w.blocked_seconds),
         ] {
             job.status.metrics.insert(k.to_string(), v);
         }
         // A commit is a store write anyway: the step goes with it, so a
         // restarted coordinator knows how far the job got.
-        job.status.step = job.status.step.max(r.step);
+        job.status.step = job.status.step.max(step);
         let status = job.status.clone();
         if let Err(e) = self.persist_status(id, &status).await {
             warn!(job = %id, "could not persist the step of the checkpoint: {e}");
@@ -1144,7 +1170,7 @@ impl Cluster {
             id: id.clone(),
             name: w.info.name.clone(),
             host: w.info.host.clone(),
-            device: w.info.device.clone(),
+            device: w.info.device.to_string(),
             data_addr: w.info.data_addr.clone(),
             registered_at_ms: now_ms(),
         };
@@ -1172,51 +1198,48 @@ impl Cluster {
     /// job's current generation, the worker takes its rank back (adoption
     /// after a coordinator restart, or a reconnect); a stale run is told to
     /// stop.
-    async fn adopt(&mut self, worker: &WorkerId, run: pb::CurrentRun) {
+    async fn adopt(&mut self, worker: &WorkerId, current: CurrentRun) {
         let name = self
             .workers
             .get(worker)
             .map(|w| w.info.name.clone())
             .unwrap_or_default();
-        let job_id = JobId(run.job_id.clone());
-        let rank = run.rank as usize;
-        let adoptable = self.jobs.get(&job_id).is_some_and(|j| {
+        let CurrentRun { run, rank, step } = current;
+        let adoptable = self.jobs.get(&run.job).is_some_and(|j| {
             j.status.state == JobState::Running
-                && j.status.generation == run.generation
-                && j.members.get(rank).is_some_and(|m| {
+                && j.generation() == run.generation
+                && j.members.get(rank.index()).is_some_and(|m| {
                     m.worker
                         .as_ref()
                         .is_none_or(|w| !self.workers.contains_key(w))
                 })
         });
         if !adoptable {
-            let running_here = self.jobs.get(&job_id).is_some_and(|j| {
-                j.status.state == JobState::Running && j.status.generation == run.generation
+            let running_here = self.jobs.get(&run.job).is_some_and(|j| {
+                j.status.state == JobState::Running && j.generation() == run.generation
             });
             if !running_here && let Some(w) = self.workers.get(worker) {
                 // Whatever it is still running is not ours any more.
-                let _ = w.tx.try_send(Ok(CoordinatorMessage {
-                    kind: Some(coordinator_message::Kind::Abort(pb::AbortTraining {
-                        job_id: run.job_id.clone(),
-                        generation: run.generation,
-                        reason: "the run is not current on this coordinator".into(),
-                    })),
+                let _ = w.tx.try_send(Command::Abort(AbortTraining {
+                    run,
+                    reason: "the run is not current on this coordinator".into(),
                 }));
             }
             return;
         }
+        let job_id = run.job.clone();
         if let Some(w) = self.workers.get_mut(worker) {
-            w.assignment = Some((job_id.clone(), run.generation, run.rank));
+            w.assignment = Some(Assignment { run, rank });
         }
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
-        job.members[rank] = Member {
+        job.members[rank.index()] = Member {
             name: name.clone(),
             worker: Some(worker.clone()),
         };
-        job.status.step = job.status.step.max(run.step);
-        info!(job = %job_id, rank, worker = %name, step = run.step, "rank rejoined");
+        job.status.step = job.status.step.max(step);
+        info!(job = %job_id, rank = rank.0, worker = %name, step, "rank rejoined");
         let all_back = job.members.iter().all(|m| {
             m.worker
                 .as_ref()
@@ -1247,21 +1270,21 @@ impl Cluster {
         }
     }
 
-    async fn on_worker_message(&mut self, id: WorkerId, kind: worker_message::Kind) {
+    async fn on_worker_report(&mut self, id: WorkerId, report: WorkerReport) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
         let assignment = worker.assignment.clone();
-        match kind {
-            worker_message::Kind::Heartbeat(_) | worker_message::Kind::Register(_) => {}
-            worker_message::Kind::Progress(p) => {
-                let Some((job_id, generation, rank)) = assignment else {
+        match report {
+            WorkerReport::Heartbeat | WorkerReport::Register(_) => {}
+            WorkerReport::Progress(p) => {
+                let Some(Assignment { run, rank }) = assignment else {
                     return;
                 };
-                if p.job_id != job_id.0 || p.generation != generation || rank != 0 {
+                if p.run != run || rank != Rank(0) {
                     return; // fenced: stale generation, or not the reporting rank
                 }
-                if let Some(job) = self.jobs.get_mut(&job_id)
+                if let Some(job) = self.jobs.get_mut(&run.job)
                     && job.status.state == JobState::Running
                 {
                     // The length of the run is written once per generation
@@ -1275,73 +1298,91 @@ impl Cluster {
                     job.publish();
                     if learned_total {
                         let status = job.status.clone();
-                        if let Err(e) = self.persist_status(&job_id, &status).await {
-                            warn!(job = %job_id, "could not persist the run length: {e}");
+                        if let Err(e) = self.persist_status(&run.job, &status).await {
+                            warn!(job = %run.job, "could not persist the run length: {e}");
                         }
                     }
                 }
             }
-            worker_message::Kind::Checkpoint(r) => {
-                let Some((job_id, generation, _)) = assignment else {
+            WorkerReport::Checkpoint(r) => {
+                let Some(Assignment { run, .. }) = assignment else {
                     return;
                 };
-                if r.job_id != job_id.0 || r.generation != generation {
+                if r.run != run {
                     return; // fenced
                 }
-                if r.ok {
-                    self.commit_checkpoint(&job_id, generation, r).await;
-                } else {
-                    let text = format!("checkpoint at step {} failed: {}", r.step, r.error);
-                    self.note(&job_id, text).await;
+                let CheckpointReport {
+                    step,
+                    metrics,
+                    outcome,
+                    ..
+                } = r;
+                match outcome {
+                    Ok(written) => self.commit_checkpoint(&run, step, metrics, written).await,
+                    Err(error) => {
+                        let text = format!("checkpoint at step {step} failed: {error}");
+                        self.note(&run.job, text).await;
+                    }
                 }
             }
-            worker_message::Kind::Note(n) => {
-                let Some((job_id, generation, _)) = assignment else {
+            WorkerReport::Note(n) => {
+                let Some(Assignment { run, .. }) = assignment else {
                     return;
                 };
-                if n.job_id == job_id.0 && n.generation == generation {
-                    self.note(&job_id, n.text).await;
+                if n.run == run {
+                    self.note(&run.job, n.text).await;
                 }
             }
-            worker_message::Kind::Ended(e) => {
-                let Some((job_id, generation, rank)) = assignment else {
+            WorkerReport::Ended(e) => {
+                let Some(Assignment { run, rank }) = assignment else {
                     return;
                 };
-                if e.job_id != job_id.0 || e.generation != generation {
-                    warn!(worker = %id, job = %e.job_id, "ignoring a report for a stale generation");
+                if e.run != run {
+                    warn!(worker = %id, job = %e.run.job, "ignoring a report for a stale generation");
                     return;
                 }
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.assignment = None;
                 }
-                if e.success {
-                    self.rank_succeeded(&job_id, rank, e).await;
-                } else if e.peer_fault || e.lost_peer_rank.is_some() {
-                    // A closed connection says a peer is gone, not which one
-                    // died first: a dead worker's own session break (or its
-                    // silence) outranks this, so wait briefly for it.
-                    let window = self.cfg.blame_window();
-                    if let Some(job) = self.jobs.get_mut(&job_id)
-                        && job.status.state == JobState::Running
-                        && job.status.generation == generation
-                    {
-                        job.peer_reports.push(PeerReport {
-                            rank,
-                            lost: e.lost_peer_rank,
-                            text: e.reason,
-                        });
-                        if !job.has_timer(TimerKind::Blame) {
-                            job.set_timer(TimerKind::Blame, window);
+                match e.outcome {
+                    RunOutcome::Succeeded { stopped } => {
+                        self.rank_succeeded(&run.job, rank, e.step, e.metrics, stopped)
+                            .await
+                    }
+                    RunOutcome::Failed {
+                        reason,
+                        cause: FailureCause::DataPlane { lost_peer },
+                    } => {
+                        // A closed connection says a peer is gone, not which
+                        // one died first: a dead worker's own session break
+                        // (or its silence) outranks this, so wait briefly for
+                        // it.
+                        let window = self.cfg.blame_window();
+                        if let Some(job) = self.jobs.get_mut(&run.job)
+                            && job.status.state == JobState::Running
+                            && job.generation() == run.generation
+                        {
+                            job.peer_reports.push(PeerReport {
+                                rank,
+                                lost: lost_peer,
+                                text: reason,
+                            });
+                            if !job.has_timer(TimerKind::Blame) {
+                                job.set_timer(TimerKind::Blame, window);
+                            }
                         }
                     }
-                } else {
-                    let name = self.workers.get(&id).map(|w| w.info.name.clone());
-                    let reason = format!(
-                        "rank {rank} on worker {} failed: {}",
-                        name.unwrap_or_default(),
-                        e.reason
-                    );
-                    self.fail(&job_id, generation, reason).await;
+                    RunOutcome::Failed {
+                        reason,
+                        cause: FailureCause::OwnWork,
+                    } => {
+                        let name = self.workers.get(&id).map(|w| w.info.name.clone());
+                        let reason = format!(
+                            "rank {rank} on worker {} failed: {reason}",
+                            name.unwrap_or_default(),
+                        );
+                        self.fail(&run.job, run.generation, reason).await;
+                    }
                 }
                 self.schedule().await;
             }
@@ -1353,8 +1394,8 @@ impl Cluster {
     /// window: the one rank every report names, if they agree and it did
     /// not report itself; otherwise what each rank reported.
     fn blame_from_reports(&self, job: &Job) -> String {
-        let reporters: BTreeSet<u32> = job.peer_reports.iter().map(|r| r.rank).collect();
-        let blamed: BTreeSet<u32> = job.peer_reports.iter().filter_map(|r| r.lost).collect();
+        let reporters: BTreeSet<Rank> = job.peer_reports.iter().map(|r| r.rank).collect();
+        let blamed: BTreeSet<Rank> = job.peer_reports.iter().filter_map(|r| r.lost).collect();
         if blamed.len() == 1
             && let Some(&lost) = blamed.iter().next()
             && !reporters.contains(&lost)
@@ -1379,18 +1420,27 @@ impl Cluster {
         )
     }
 
-    async fn rank_succeeded(&mut self, id: &JobId, rank: u32, e: pb::TrainingEnded) {
+    /// A rank finished its run (`stopped`: early, on request, after its
+    /// final checkpoint); the job ends when every rank has.
+    async fn rank_succeeded(
+        &mut self,
+        id: &JobId,
+        rank: Rank,
+        step: u64,
+        metrics: Metrics,
+        stopped: bool,
+    ) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
         job.finished.insert(rank);
-        if rank == 0 {
-            job.status.step = e.step;
-            job.status.metrics.extend(e.metrics);
+        if rank == Rank(0) {
+            job.status.step = step;
+            job.status.metrics.extend(metrics);
         }
         if job.finished.len() == job.members.len() {
-            if e.stopped {
-                let reason = format!("cancelled by user at step {}", e.step);
+            if stopped {
+                let reason = format!("cancelled by user at step {step}");
                 self.finish(id, JobState::Cancelled, Some(reason)).await;
             } else {
                 self.finish(id, JobState::Succeeded, None).await;
@@ -1404,7 +1454,7 @@ impl Cluster {
         let now = Instant::now();
         let mut due: Vec<(JobId, TimerKind)> = Vec::new();
         for (id, job) in &mut self.jobs {
-            let generation = job.status.generation;
+            let generation = job.generation();
             job.timers.retain(|t| {
                 if t.at > now {
                     return true;
@@ -1426,13 +1476,11 @@ impl Cluster {
         let mut freed = false;
         for r in releases {
             if let Some(w) = self.workers.get_mut(&r.worker)
-                && w.assignment
-                    .as_ref()
-                    .is_some_and(|(j, g, _)| *j == r.job && *g == r.generation)
+                && w.assignment.as_ref().is_some_and(|a| a.run == r.run)
             {
                 warn!(
                     worker = %r.worker,
-                    job = %r.job,
+                    job = %r.run.job,
                     "no end report within {} s of the job's end; freeing the worker",
                     self.cfg.release_grace.as_secs()
                 );
@@ -1463,7 +1511,7 @@ impl Cluster {
         let Some(job) = self.jobs.get(id) else {
             return;
         };
-        let generation = job.status.generation;
+        let generation = job.generation();
         match kind {
             TimerKind::StopGrace if !job.status.state.is_final() => {
                 let reason = format!(
@@ -1482,7 +1530,7 @@ impl Cluster {
                             .as_ref()
                             .is_none_or(|w| !self.workers.contains_key(w))
                     })
-                    .map(|(rank, _)| job.member_label(rank as u32))
+                    .map(|(rank, _)| job.member_label(Rank(rank as u32)))
                     .collect();
                 let reason = format!(
                     "after a coordinator restart, {} did not rejoin within {} s",
@@ -1499,31 +1547,17 @@ impl Cluster {
         }
     }
 
-    fn worker_views(&self) -> Vec<pb::WorkerInfo> {
+    fn worker_views(&self) -> Vec<WorkerView> {
         self.workers
             .iter()
-            .map(|(id, w)| {
-                let (job_id, rank) = match &w.assignment {
-                    Some((j, _, r)) => (j.to_string(), *r),
-                    None => (String::new(), 0),
-                };
-                pb::WorkerInfo {
-                    worker_id: id.to_string(),
-                    name: w.info.name.clone(),
-                    host: w.info.host.clone(),
-                    device: w.info.device.clone(),
-                    state: if w.assignment.is_some() {
-                        "busy"
-                    } else {
-                        "idle"
-                    }
-                    .into(),
-                    job_id,
-                    rank,
-                    last_heartbeat_ms_ago: now_ms()
-                        .saturating_sub(w.last_seen.load(Ordering::Relaxed)),
-                    data_addr: w.info.data_addr.clone(),
-                }
+            .map(|(id, w)| WorkerView {
+                id: id.clone(),
+                name: w.info.name.clone(),
+                host: w.info.host.clone(),
+                device: w.info.device,
+                assignment: w.assignment.as_ref().map(|a| (a.run.job.clone(), a.rank)),
+                last_heartbeat_ms_ago: now_ms().saturating_sub(w.last_seen.load(Ordering::Relaxed)),
+                data_addr: w.info.data_addr.clone(),
             })
             .collect()
     }
@@ -1554,14 +1588,14 @@ impl Cluster {
             .filter(|(_, w)| w.assignment.is_none())
             .map(|(id, w)| FreeWorker {
                 id: id.clone(),
-                device: device_kind(&w.info),
+                device: w.info.device.kind(),
             })
             .collect();
         let placements = scheduler::place(&queue, &free);
         let registered = |kind: DeviceKind| {
             self.workers
                 .values()
-                .filter(|w| device_kind(&w.info) == kind)
+                .filter(|w| w.info.device.kind() == kind)
                 .count()
         };
         for (id, why) in scheduler::explain(&queue, &free, &registered, &placements) {
@@ -1585,10 +1619,10 @@ impl Cluster {
         let Some(job) = self.jobs.get_mut(id) else {
             return Ok(());
         };
-        let generation = job.status.generation + 1;
+        let generation = job.generation().next();
         let mut status = job.status.clone();
         status.state = JobState::Running;
-        status.generation = generation;
+        status.generation = generation.0;
         status.members = members
             .iter()
             .map(|w| {
@@ -1616,18 +1650,15 @@ impl Cluster {
         job.peer_reports.clear();
         job.waiting = None;
         job.publish();
-        let spec_json = ringmaster_proto::spec_to_json(&job.record.spec);
-        let resume_candidates: Vec<String> = if job.checkpoints.is_empty() {
-            job.record
-                .resume_from
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect()
+        let run = job.run();
+        let spec = job.record.spec.clone();
+        let resume_candidates: Vec<PathBuf> = if job.checkpoints.is_empty() {
+            job.record.resume_from.iter().cloned().collect()
         } else {
             job.checkpoints
                 .values()
                 .rev()
-                .map(|c| c.dir.display().to_string())
+                .map(|c| c.dir.clone())
                 .collect()
         };
         self.queue.retain(|q| q != id);
@@ -1640,24 +1671,25 @@ impl Cluster {
                     .unwrap_or_default()
             })
             .collect();
-        info!(job = %id, generation, world = members.len(), "starting");
+        info!(job = %id, generation = generation.0, world = members.len(), "starting");
         for (rank, w) in members.iter().enumerate() {
             let Some(worker) = self.workers.get_mut(w) else {
                 continue;
             };
-            worker.assignment = Some((id.clone(), generation, rank as u32));
-            let start = CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Start(pb::StartTraining {
-                    job_id: id.to_string(),
-                    generation,
-                    rank: rank as u32,
-                    peers: peers.clone(),
-                    spec_json: spec_json.clone(),
-                    progress_every_steps: self.cfg.progress_every_steps,
-                    resume_candidates: resume_candidates.clone(),
-                })),
-            };
-            if worker.tx.send(Ok(start)).await.is_err() {
+            let rank = Rank(rank as u32);
+            worker.assignment = Some(Assignment {
+                run: run.clone(),
+                rank,
+            });
+            let start = Command::Start(Box::new(StartTraining {
+                run: run.clone(),
+                rank,
+                peers: peers.clone(),
+                spec: spec.clone(),
+                progress_every_steps: self.cfg.progress_every_steps,
+                resume_candidates: resume_candidates.clone(),
+            }));
+            if worker.tx.send(start).await.is_err() {
                 warn!(worker = %w, "session closed before the start command");
             }
         }

@@ -93,10 +93,7 @@ pub fn explain(
         if placed.iter().any(|p| p.job == d.job) {
             continue;
         }
-        let kind = match d.device {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
-        };
+        let kind = d.device.as_str();
         let total = registered(d.device);
         let idle = free
             .iter()

@@ -1,6 +1,9 @@
 //! gRPC services: `Control` (CLI and admins) and `Agent` (worker sessions).
 //! Handlers translate requests into control-loop messages and back; they hold
-//! no state. Domain errors map to gRPC codes in [`to_status`] and nowhere else.
+//! no state. This is the wire boundary: inbound messages become domain types
+//! here (`TryFrom`, refusing what is malformed) and the control loop's views
+//! and commands become wire messages here (`From`). Domain errors map to gRPC
+//! codes in [`to_status`] and nowhere else.
 
 use crate::control::{self, ControlError, ControlHandle, Msg, Reply};
 use ringmaster_common::jobspec::JobSpec;
@@ -9,6 +12,7 @@ use ringmaster_proto::pb::{
     self, CoordinatorMessage, WorkerMessage, agent_server::Agent, control_server::Control,
     worker_message,
 };
+use ringmaster_proto::{HealthView, Registration, Role as HealthRole, WireError, WorkerReport};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::warn;
 
 /// The one place where domain errors become gRPC status codes.
 pub fn to_status(e: ControlError) -> Status {
@@ -26,6 +31,8 @@ pub fn to_status(e: ControlError) -> Status {
             Status::failed_precondition(msg)
         }
         ControlError::Invalid(_) | ControlError::Id(_) => Status::invalid_argument(msg),
+        ControlError::Wire(WireError::ProtocolVersion(_)) => Status::failed_precondition(msg),
+        ControlError::Wire(_) => Status::invalid_argument(msg),
         ControlError::Store(ref s) if s.retryable() => Status::unavailable(msg),
         ControlError::Store(_) => Status::internal(msg),
         ControlError::ShuttingDown => Status::unavailable(msg),
@@ -95,8 +102,7 @@ impl Control for Services {
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let spec = JobSpec::try_from(req.get_ref())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = JobSpec::try_from(req.get_ref()).map_err(|e| to_status(e.into()))?;
         let resume_from = match req.get_ref().resume_from.as_str() {
             "" => None,
             p if std::path::Path::new(p).is_absolute() => Some(std::path::PathBuf::from(p)),
@@ -118,7 +124,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
         let s = self.ask(|r| Msg::GetJob(id, r)).await?;
-        Ok(Response::new(s))
+        Ok(Response::new(s.into()))
     }
 
     async fn list_jobs(
@@ -126,7 +132,9 @@ impl Control for Services {
         _req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let jobs = self.ask(Msg::ListJobs).await?;
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(pb::JobStatus::from).collect(),
+        }))
     }
 
     async fn cancel_job(
@@ -135,7 +143,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let req = req.into_inner();
         let s = self.ask(|r| Msg::Cancel(req.job_id, req.now, r)).await?;
-        Ok(Response::new(s))
+        Ok(Response::new(s.into()))
     }
 
     async fn resume_job(
@@ -144,7 +152,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
         let s = self.ask(|r| Msg::Resume(id, r)).await?;
-        Ok(Response::new(s))
+        Ok(Response::new(s.into()))
     }
 
     async fn request_checkpoint(
@@ -153,7 +161,7 @@ impl Control for Services {
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
         let s = self.ask(|r| Msg::RequestCheckpoint(id, r)).await?;
-        Ok(Response::new(s))
+        Ok(Response::new(s.into()))
     }
 
     async fn health(
@@ -168,16 +176,17 @@ impl Control for Services {
             Role::Standby { leader, problem } => Some((leader.clone(), problem.clone())),
         };
         if let Some((leader, problem)) = standby {
-            return Ok(Response::new(pb::HealthResponse {
-                role: "standby".into(),
-                leader: leader.unwrap_or_default(),
-                degraded: problem.unwrap_or_default(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                ..Default::default()
-            }));
+            return Ok(Response::new(
+                HealthView {
+                    role: HealthRole::Standby { leader },
+                    degraded: problem,
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                }
+                .into(),
+            ));
         }
         let h = self.ask(Msg::Health).await?;
-        Ok(Response::new(h))
+        Ok(Response::new(h.into()))
     }
 
     async fn list_checkpoints(
@@ -190,7 +199,9 @@ impl Control for Services {
         let checkpoints = tokio::task::spawn_blocking(move || control::with_uncommitted(committed))
             .await
             .map_err(|e| Status::internal(format!("listing checkpoints: {e}")))?;
-        Ok(Response::new(pb::ListCheckpointsResponse { checkpoints }))
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: checkpoints.iter().map(pb::CheckpointInfo::from).collect(),
+        }))
     }
 
     async fn list_workers(
@@ -198,7 +209,9 @@ impl Control for Services {
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self.ask(Msg::ListWorkers).await?;
-        Ok(Response::new(pb::ListWorkersResponse { workers }))
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: workers.into_iter().map(pb::WorkerInfo::from).collect(),
+        }))
     }
 
     type WatchJobStream = StatusStream;
@@ -213,8 +226,8 @@ impl Control for Services {
         tokio::spawn(async move {
             loop {
                 let current = rx.borrow_and_update().clone();
-                let done = current.job_state().is_ok_and(|s| s.is_final());
-                if tx.send(Ok(current)).await.is_err() || done {
+                let done = current.status.state.is_final();
+                if tx.send(Ok(current.into())).await.is_err() || done {
                     break;
                 }
                 if rx.changed().await.is_err() {
@@ -226,9 +239,11 @@ impl Control for Services {
     }
 }
 
+type CommandStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Agent for Services {
-    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+    type SessionStream = CommandStream;
 
     async fn session(
         &self,
@@ -244,18 +259,15 @@ impl Agent for Services {
                 "the first session message must be a registration",
             ));
         };
-        if register.protocol_version != 1 {
-            return Err(Status::failed_precondition(format!(
-                "worker speaks protocol {}, this coordinator speaks 1",
-                register.protocol_version
-            )));
-        }
+        // A registration of another protocol version, or one out of
+        // bounds, is refused before the session exists.
+        let registration = Registration::try_from(register).map_err(|e| to_status(e.into()))?;
         let (tx, rx) = mpsc::channel(64);
         let last_seen = Arc::new(AtomicU64::new(now_ms()));
         // The control loop sends `Registered` first on this channel.
         let control = self.control()?;
         let worker = control
-            .call(|r| Msg::Register(register, tx, last_seen.clone(), r))
+            .call(|r| Msg::Register(registration, tx, last_seen.clone(), r))
             .await
             .map_err(to_status)?;
         tokio::spawn(async move {
@@ -265,20 +277,21 @@ impl Agent for Services {
                     last_seen.store(now_ms(), Ordering::Relaxed);
                 }
                 match next {
-                    // Liveness is all a heartbeat carries: it stops here.
-                    Some(Ok(WorkerMessage {
-                        kind: Some(worker_message::Kind::Heartbeat(_)),
-                    })) => {}
-                    Some(Ok(WorkerMessage { kind: Some(kind) })) => {
-                        control.from_session(Msg::FromWorker(worker.clone(), kind))
-                    }
-                    Some(Ok(WorkerMessage { kind: None })) => {}
+                    Some(Ok(message)) => match WorkerReport::try_from(message) {
+                        // Liveness is all a heartbeat carries: it stops here.
+                        Ok(WorkerReport::Heartbeat) => {}
+                        Ok(report) => control.from_session(Msg::FromWorker(worker.clone(), report)),
+                        // One bad report does not end a session that
+                        // otherwise works (and whose heartbeats count).
+                        Err(e) => warn!(worker = %worker, "refusing a report: {e}"),
+                    },
                     Some(Err(status)) => break format!("session broken: {}", status.message()),
                     None => break "session closed".to_string(),
                 }
             };
             control.from_session(Msg::Disconnected(worker, reason));
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let commands = ReceiverStream::new(rx).map(|c| Ok(CoordinatorMessage::from(c)));
+        Ok(Response::new(Box::pin(commands)))
     }
 }

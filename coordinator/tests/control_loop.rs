@@ -3,41 +3,43 @@
 //! workers that never report their end, duplicate names, and why a queued
 //! job waits. Each case is one a user hit with the real binaries.
 
-use ringmaster_common::ids::{JobId, WorkerId};
+use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::now_ms;
 use ringmaster_common::store::records::{
     self, CheckpointRecord, JobRecord, JobState, JobStatusRecord,
 };
 use ringmaster_common::store::{MemoryStore, StateStore, keys};
+use ringmaster_common::worker::{Device, WorkerState};
 use ringmaster_coordinator::control::{self, ControlConfig, ControlError, ControlHandle, Msg};
-use ringmaster_proto::pb::{self, CoordinatorMessage, coordinator_message, worker_message};
+use ringmaster_proto::{
+    Command, CurrentRun, FailureCause, JobView, Metrics, Registration, RunId, RunOutcome,
+    StartTraining, TrainingEnded, WorkerReport, WorkerView,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::Status;
 
 /// A worker as the control loop sees it: its id and its command stream.
 struct FakeWorker {
     id: WorkerId,
-    commands: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
+    commands: mpsc::Receiver<Command>,
     /// Kept so the session stays "alive" (its heartbeat clock).
     _last_seen: Arc<AtomicU64>,
 }
 
 impl FakeWorker {
     /// The next `StartTraining`, skipping anything else.
-    async fn start(&mut self) -> pb::StartTraining {
+    async fn start(&mut self) -> StartTraining {
         loop {
             let next = tokio::time::timeout(Duration::from_secs(5), self.commands.recv())
                 .await
                 .expect("no command within 5 s")
-                .expect("session closed")
-                .expect("error status");
-            if let Some(coordinator_message::Kind::Start(s)) = next.kind {
-                return s;
+                .expect("session closed");
+            if let Command::Start(s) = next {
+                return *s;
             }
         }
     }
@@ -66,7 +68,7 @@ async fn register(
     h: &ControlHandle,
     name: &str,
     instance: &str,
-    current: Option<pb::CurrentRun>,
+    current: Option<CurrentRun>,
 ) -> Result<FakeWorker, ControlError> {
     let (tx, mut rx) = mpsc::channel(64);
     let last_seen = Arc::new(AtomicU64::new(now_ms()));
@@ -80,25 +82,21 @@ async fn register(
             }
         });
     }
-    let info = pb::Register {
+    let info = Registration {
         name: name.into(),
         host: "test".into(),
-        device: "cpu".into(),
+        device: Device::Cpu,
         data_addr: format!("127.0.0.1:{}", 9000 + name.len()),
         threads: 1,
-        protocol_version: 1,
         current,
-        instance: instance.into(),
+        instance: Some(instance.into()),
     };
     let id = h
         .call(|r| Msg::Register(info, tx, last_seen.clone(), r))
         .await?;
     // `Registered` comes first.
-    let first = rx.recv().await.unwrap().unwrap();
-    assert!(matches!(
-        first.kind,
-        Some(coordinator_message::Kind::Registered(_))
-    ));
+    let first = rx.recv().await.unwrap();
+    assert!(matches!(first, Command::Registered(_)), "{first:?}");
     Ok(FakeWorker {
         id,
         commands: rx,
@@ -106,28 +104,48 @@ async fn register(
     })
 }
 
-fn ended(job: &str, generation: u64, success: bool) -> pb::TrainingEnded {
-    pb::TrainingEnded {
-        job_id: job.into(),
-        generation,
-        success,
-        ..Default::default()
+/// How generation 1 of `job` ended on one rank: failed with `reason`.
+fn failed(job: &JobId, reason: &str, cause: FailureCause) -> TrainingEnded {
+    TrainingEnded {
+        run: RunId {
+            job: job.clone(),
+            generation: Generation(1),
+        },
+        step: 0,
+        metrics: Metrics::new(),
+        outcome: RunOutcome::Failed {
+            reason: reason.into(),
+            cause,
+        },
     }
 }
 
-async fn report(h: &ControlHandle, w: &WorkerId, e: pb::TrainingEnded) {
-    h.from_session(Msg::FromWorker(w.clone(), worker_message::Kind::Ended(e)));
+/// A data-plane failure that names the lost peer.
+fn peer_lost(job: &JobId, lost: u32, reason: &str) -> TrainingEnded {
+    let cause = FailureCause::DataPlane {
+        lost_peer: Some(Rank(lost)),
+    };
+    failed(job, reason, cause)
 }
 
-async fn job(h: &ControlHandle, id: &JobId) -> pb::JobStatus {
+async fn report(h: &ControlHandle, w: &WorkerId, e: TrainingEnded) {
+    h.from_session(Msg::FromWorker(w.clone(), WorkerReport::Ended(e)));
+}
+
+async fn job(h: &ControlHandle, id: &JobId) -> JobView {
     let id = id.to_string();
     h.call(|r| Msg::GetJob(id, r)).await.unwrap()
 }
 
-async fn wait_state(h: &ControlHandle, id: &JobId, state: &str) -> pb::JobStatus {
+/// Why the job failed or was cancelled (empty while it has no reason).
+fn reason(s: &JobView) -> &str {
+    s.status.reason.as_deref().unwrap_or_default()
+}
+
+async fn wait_state(h: &ControlHandle, id: &JobId, state: JobState) -> JobView {
     for _ in 0..200 {
         let s = job(h, id).await;
-        if s.job_state().map(JobState::as_str) == Ok(state) {
+        if s.status.state == state {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -135,7 +153,7 @@ async fn wait_state(h: &ControlHandle, id: &JobId, state: &str) -> pb::JobStatus
     panic!("job {id} never became {state}: {:?}", job(h, id).await);
 }
 
-async fn workers(h: &ControlHandle) -> Vec<pb::WorkerInfo> {
+async fn workers(h: &ControlHandle) -> Vec<WorkerView> {
     h.call(Msg::ListWorkers).await.unwrap()
 }
 
@@ -168,14 +186,15 @@ fn a_dead_worker_is_blamed_even_when_a_neighbours_report_comes_first() {
         // n2 (rank 2) dies. Its ring neighbours' reports race its session
         // break, and name a live worker: rank 1 saw rank 0's connection close
         // as the ring came down.
-        let mut e = ended(id.as_str(), 1, false);
-        e.peer_fault = true;
-        e.lost_peer_rank = Some(0);
-        e.reason = "collective: peer rank 0 lost: ring connection closed".into();
+        let e = peer_lost(
+            &id,
+            0,
+            "collective: peer rank 0 lost: ring connection closed",
+        );
         report(&h, &ws[1].id, e).await;
         h.from_session(Msg::Disconnected(ws[2].id.clone(), "session closed".into()));
-        let s = wait_state(&h, &id, "failed").await;
-        assert_eq!(s.reason, "worker n2 (rank 2) lost: session closed");
+        let s = wait_state(&h, &id, JobState::Failed).await;
+        assert_eq!(reason(&s), "worker n2 (rank 2) lost: session closed");
     });
 }
 
@@ -186,21 +205,17 @@ fn without_a_session_break_the_reason_says_what_each_rank_reported() {
         c.heartbeat_timeout = Duration::from_millis(300);
         let (h, ws, id) = running_job(c, &["n0", "n1"]).await;
         for (rank, w) in ws.iter().enumerate() {
-            let mut e = ended(id.as_str(), 1, false);
-            e.peer_fault = true;
-            e.lost_peer_rank = Some(1 - rank as u32);
-            e.reason = format!("collective: peer rank {} lost", 1 - rank);
+            let other = 1 - rank as u32;
+            let e = peer_lost(&id, other, &format!("collective: peer rank {other} lost"));
             report(&h, &w.id, e).await;
         }
         // Both sessions stay open and keep beating: nobody is known dead.
-        let s = wait_state(&h, &id, "failed").await;
+        let s = wait_state(&h, &id, JobState::Failed).await;
         assert!(
-            s.reason
-                .contains("n0 (rank 0) reported: collective: peer rank 1 lost")
-                && s.reason
-                    .contains("n1 (rank 1) reported: collective: peer rank 0 lost"),
+            reason(&s).contains("n0 (rank 0) reported: collective: peer rank 1 lost")
+                && reason(&s).contains("n1 (rank 1) reported: collective: peer rank 0 lost"),
             "{}",
-            s.reason
+            reason(&s)
         );
     });
 }
@@ -211,17 +226,23 @@ fn a_worker_that_never_reports_its_end_is_freed() {
         let (h, ws, id) = running_job(cfg(), &["n0", "n1"]).await;
         // Rank 0 could not start; rank 1 (a worker that failed to start
         // too, say) never reports anything.
-        let mut e = ended(id.as_str(), 1, false);
-        e.reason = "could not start training: no thread".into();
+        let e = failed(
+            &id,
+            "could not start training: no thread",
+            FailureCause::OwnWork,
+        );
         report(&h, &ws[0].id, e).await;
-        let s = wait_state(&h, &id, "failed").await;
+        let s = wait_state(&h, &id, JobState::Failed).await;
         assert_eq!(
-            s.reason,
+            reason(&s),
             "rank 0 on worker n0 failed: could not start training: no thread"
         );
         let mut idle = false;
         for _ in 0..100 {
-            idle = workers(&h).await.iter().all(|w| w.state == "idle");
+            idle = workers(&h)
+                .await
+                .iter()
+                .all(|w| w.state() == WorkerState::Idle);
             if idle {
                 break;
             }
@@ -248,7 +269,7 @@ fn a_live_duplicate_name_is_refused_but_a_reconnect_of_the_same_process_is_not()
         let again = register(&h, "gpu0", "aaaa", None).await.unwrap();
         let list = workers(&h).await;
         assert_eq!(list.len(), 1, "{list:?}");
-        assert_eq!(list[0].worker_id, again.id.to_string());
+        assert_eq!(list[0].id, again.id);
     });
 }
 
@@ -260,18 +281,18 @@ fn a_queued_job_says_why_it_waits() {
             .unwrap();
         let id = h.call(|r| Msg::Submit(spec(2), None, r)).await.unwrap();
         assert_eq!(
-            job(&h, &id).await.waiting,
-            "waiting for workers: needs 2 cpu workers, 0 registered"
+            job(&h, &id).await.waiting.as_deref(),
+            Some("waiting for workers: needs 2 cpu workers, 0 registered")
         );
         let _w = register(&h, "n0", "n0", None).await.unwrap();
         assert_eq!(
-            job(&h, &id).await.waiting,
-            "waiting for workers: needs 2 cpu workers, 1 registered"
+            job(&h, &id).await.waiting.as_deref(),
+            Some("waiting for workers: needs 2 cpu workers, 1 registered")
         );
         let later = h.call(|r| Msg::Submit(spec(1), None, r)).await.unwrap();
         assert_eq!(
             job(&h, &later).await.waiting,
-            format!("behind job {id}, which is waiting for cpu workers")
+            Some(format!("behind job {id}, which is waiting for cpu workers"))
         );
     });
 }
@@ -336,23 +357,26 @@ fn after_a_restart_a_lost_rank_keeps_its_name_and_the_adoption_deadline_dies_wit
             .unwrap();
         // The restarted coordinator shows where the job was, not 0/0.
         let s = job(&h, &id).await;
-        assert_eq!((s.step, s.total_steps), (300, 1000));
+        assert_eq!((s.status.step, s.status.total_steps), (300, 1000));
         // Rank 0 rejoins; rank 1 was killed while no coordinator ran, and
         // rank 0's ring to it is closed.
-        let run = pb::CurrentRun {
-            job_id: id.to_string(),
-            generation: 1,
-            rank: 0,
+        let run = CurrentRun {
+            run: RunId {
+                job: id.clone(),
+                generation: Generation(1),
+            },
+            rank: Rank(0),
             step: 310,
         };
         let n0 = register(&h, "n0", "n0", Some(run)).await.unwrap();
-        let mut e = ended(id.as_str(), 1, false);
-        e.peer_fault = true;
-        e.lost_peer_rank = Some(1);
-        e.reason = "collective: peer rank 1 lost".into();
-        report(&h, &n0.id, e).await;
-        let s = wait_state(&h, &id, "failed").await;
-        assert!(s.reason.contains("n1 (rank 1)"), "{}", s.reason);
+        report(
+            &h,
+            &n0.id,
+            peer_lost(&id, 1, "collective: peer rank 1 lost"),
+        )
+        .await;
+        let s = wait_state(&h, &id, JobState::Failed).await;
+        assert!(reason(&s).contains("n1 (rank 1)"), "{}", reason(&s));
 
         // Resumed on two fresh workers, generation 2 outlives the old
         // adoption deadline (600 ms after the restart).
@@ -364,12 +388,12 @@ fn after_a_restart_a_lost_rank_keeps_its_name_and_the_adoption_deadline_dies_wit
         for w in [&mut n0, &mut n2] {
             starts.push(w.start().await);
         }
-        assert!(starts.iter().all(|s| s.generation == 2));
+        assert!(starts.iter().all(|s| s.run.generation == Generation(2)));
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let s = job(&h, &id).await;
         assert_eq!(
-            (s.job_state(), s.generation),
-            (Ok(JobState::Running), 2),
+            (s.status.state, s.status.generation),
+            (JobState::Running, 2),
             "{s:?}"
         );
     });

@@ -1,19 +1,71 @@
 //! Ringmaster's wire protocol: the tonic/prost code generated from
-//! `proto/ringmaster.proto` (module [`pb`]) and the conversions between wire
-//! and domain types: `From` outbound, `TryFrom` inbound, because inbound data
-//! can be malformed. Domain types live in `ringmaster-common`; nothing outside
-//! this crate builds wire messages field by field.
+//! `proto/ringmaster.proto` (module [`pb`]), the domain form of every message
+//! the services exchange, and the conversions between the two: `From`
+//! outbound, `TryFrom` inbound, because inbound data can be malformed. Every
+//! inbound conversion is bounded (string lengths, list and metric-map sizes:
+//! the `MAX_*` constants) and refuses what does not make a domain value with a
+//! [`WireError`]; nothing outside this crate builds or reads wire messages
+//! field by field.
+//!
+//! - [`session`]: the `Agent` service's worker session, [`WorkerReport`] up
+//!   and [`Command`] down.
+//! - [`control`]: the `Control` service's replies ([`JobView`],
+//!   [`WorkerView`], [`HealthView`]), job and worker states, checkpoints and
+//!   submissions.
+//!
+//! The building blocks (ids, `JobSpec`, `JobState`, `Device`, store records)
+//! live in `ringmaster-common`; this crate only adds what exists because two
+//! processes talk.
 
-use ringmaster_common::jobspec::JobSpec;
-use ringmaster_common::store::records::{CheckpointRecord, JobRecord, JobState, JobStatusRecord};
+use ringmaster_common::ids::IdError;
+use ringmaster_common::jobspec::{self, JobSpec};
+use ringmaster_common::worker::DeviceError;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 
 /// Generated protobuf and gRPC code (package `ringmaster.v1`).
 pub mod pb {
     tonic::include_proto!("ringmaster.v1");
 }
 
+pub mod control;
+pub mod session;
+#[cfg(test)]
+mod tests;
+
+pub use control::{HealthView, JobView, Role, WorkerView};
+pub use session::{
+    AbortTraining, CheckpointReport, CheckpointRequest, Command, CurrentRun, FailureCause, Metrics,
+    Note, Progress, Registered, Registration, RunId, RunOutcome, StartTraining, TrainingEnded,
+    WorkerReport, WrittenCheckpoint,
+};
+
+/// Version of the worker session protocol; a registration of another
+/// version is refused ([`WireError::ProtocolVersion`]).
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// Largest job spec accepted over the wire, in bytes of JSON.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
+/// Longest name, host name, device label, instance or network address
+/// (`host:port`) accepted, in bytes. Host names are at most 253.
+pub const MAX_LABEL_BYTES: usize = 256;
+/// Longest free text accepted (a failure reason, a note, a checkpoint
+/// error), in bytes: far above any message Ringmaster writes, far below what
+/// would hurt the coordinator, which keeps reasons in its store records.
+pub const MAX_TEXT_BYTES: usize = 64 << 10;
+/// Longest file path accepted, in bytes (Linux's `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Most metrics one report may carry (a trainer reports a handful).
+pub const MAX_METRICS: usize = 256;
+/// Longest metric name accepted, in bytes.
+pub const MAX_METRIC_NAME_BYTES: usize = 128;
+/// Most peers a start command may list: the largest world size a job can ask
+/// for.
+pub const MAX_PEERS: usize = jobspec::MAX_WORKERS as usize;
+/// Most checkpoint directories a start command may list to resume from. A
+/// job without retention keeps every checkpoint, so the bound is generous;
+/// gRPC's 4 MiB message limit is what binds first in practice.
+pub const MAX_RESUME_CANDIDATES: usize = 65_536;
 
 /// Inbound wire data that does not make a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -26,42 +78,39 @@ pub enum WireError {
     SpecInvalid(String),
     #[error("unknown job state {0} on the wire")]
     UnknownJobState(i32),
-}
-
-impl From<JobState> for pb::JobState {
-    fn from(s: JobState) -> Self {
-        match s {
-            JobState::Queued => pb::JobState::Queued,
-            JobState::Running => pb::JobState::Running,
-            JobState::Succeeded => pb::JobState::Succeeded,
-            JobState::Failed => pb::JobState::Failed,
-            JobState::Cancelled => pb::JobState::Cancelled,
-        }
-    }
-}
-
-impl TryFrom<pb::JobState> for JobState {
-    type Error = WireError;
-    fn try_from(s: pb::JobState) -> Result<Self, Self::Error> {
-        Ok(match s {
-            pb::JobState::Queued => JobState::Queued,
-            pb::JobState::Running => JobState::Running,
-            pb::JobState::Succeeded => JobState::Succeeded,
-            pb::JobState::Failed => JobState::Failed,
-            pb::JobState::Cancelled => JobState::Cancelled,
-            pb::JobState::Unspecified => return Err(WireError::UnknownJobState(s as i32)),
-        })
-    }
-}
-
-impl pb::JobStatus {
-    /// The job's state as the domain type; a value this version does not
-    /// know (or none) is an error, never a default.
-    pub fn job_state(&self) -> Result<JobState, WireError> {
-        let wire = pb::JobState::try_from(self.state)
-            .map_err(|_| WireError::UnknownJobState(self.state))?;
-        JobState::try_from(wire)
-    }
+    #[error("unknown worker state {0} on the wire")]
+    UnknownWorkerState(i32),
+    /// Checked before anything else in a registration, so a worker of
+    /// another version hears about the version, not about a field it fills
+    /// differently.
+    #[error("worker speaks protocol {0}, this coordinator speaks {PROTOCOL_VERSION}")]
+    ProtocolVersion(u32),
+    /// A message whose `oneof` is not set (or set to a kind this version
+    /// does not know).
+    #[error("{0} has no kind")]
+    NoKind(&'static str),
+    #[error("{field} is {len} bytes, more than the {max} allowed")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{field} has {count} entries, more than the {max} allowed")]
+    TooMany {
+        field: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error(
+        "a metric name in {field} is {len} bytes, more than the {MAX_METRIC_NAME_BYTES} allowed"
+    )]
+    MetricNameTooLong { field: &'static str, len: usize },
+    #[error("rank {rank} is outside a group of {world}")]
+    RankOutOfRange { rank: u32, world: usize },
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 /// Decodes and re-validates a job spec received as JSON.
@@ -82,79 +131,64 @@ pub fn spec_to_json(spec: &JobSpec) -> String {
     serde_json::to_string(spec).unwrap_or_default()
 }
 
-impl TryFrom<&pb::SubmitRequest> for JobSpec {
-    type Error = WireError;
-    fn try_from(req: &pb::SubmitRequest) -> Result<Self, Self::Error> {
-        spec_from_json(&req.spec_json)
+/// `s` if it is at most `max` bytes long.
+fn bounded(field: &'static str, s: String, max: usize) -> Result<String, WireError> {
+    if s.len() > max {
+        return Err(WireError::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
     }
+    Ok(s)
 }
 
-impl From<&JobSpec> for pb::SubmitRequest {
-    fn from(spec: &JobSpec) -> Self {
-        pb::SubmitRequest {
-            spec_json: spec_to_json(spec),
-            resume_from: String::new(),
-        }
-    }
+/// A name, host, address or other short label.
+fn label(field: &'static str, s: String) -> Result<String, WireError> {
+    bounded(field, s, MAX_LABEL_BYTES)
 }
 
-impl From<(&JobRecord, &JobStatusRecord)> for pb::JobStatus {
-    fn from((job, status): (&JobRecord, &JobStatusRecord)) -> Self {
-        pb::JobStatus {
-            job_id: job.id.to_string(),
-            name: job.spec.name.clone(),
-            state: pb::JobState::from(status.state) as i32,
-            generation: status.generation,
-            step: status.step,
-            total_steps: status.total_steps,
-            metrics: status
-                .metrics
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
-            output_dir: status.output_dir.clone(),
-            reason: status.reason.clone().unwrap_or_default(),
-            members: status.members.clone(),
-            submitted_at_ms: job.submitted_at_ms,
-            updated_at_ms: status.updated_at_ms,
-            events: status.events.clone(),
-            waiting: String::new(),
-        }
-    }
+/// Free text: a reason, a note.
+fn text(field: &'static str, s: String) -> Result<String, WireError> {
+    bounded(field, s, MAX_TEXT_BYTES)
 }
 
-impl From<&CheckpointRecord> for pb::CheckpointInfo {
-    fn from(c: &CheckpointRecord) -> Self {
-        pb::CheckpointInfo {
-            step: c.step,
-            dir: c.dir.display().to_string(),
-            bytes: c.bytes,
-            committed: c.committed,
-            metrics: c.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            created_at_ms: c.created_at_ms,
-        }
-    }
+/// A file path.
+fn path(field: &'static str, s: String) -> Result<PathBuf, WireError> {
+    bounded(field, s, MAX_PATH_BYTES).map(PathBuf::from)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_job_state_survives_the_wire_and_unknown_ones_are_refused() {
-        for state in JobState::ALL {
-            let status = pb::JobStatus {
-                state: pb::JobState::from(state) as i32,
-                ..Default::default()
-            };
-            assert_eq!(status.job_state(), Ok(state));
-        }
-        for bad in [0, 6, -1] {
-            let status = pb::JobStatus {
-                state: bad,
-                ..Default::default()
-            };
-            assert_eq!(status.job_state(), Err(WireError::UnknownJobState(bad)));
-        }
+/// `items`, if there are at most `max` of them.
+fn at_most<T>(field: &'static str, items: Vec<T>, max: usize) -> Result<Vec<T>, WireError> {
+    if items.len() > max {
+        return Err(WireError::TooMany {
+            field,
+            count: items.len(),
+            max,
+        });
     }
+    Ok(items)
+}
+
+/// A metric map, bounded in entries and name length. Values are taken as
+/// they are: a diverged loss is NaN or infinite and still worth showing.
+fn metrics(field: &'static str, m: HashMap<String, f64>) -> Result<Metrics, WireError> {
+    if m.len() > MAX_METRICS {
+        return Err(WireError::TooMany {
+            field,
+            count: m.len(),
+            max: MAX_METRICS,
+        });
+    }
+    m.into_iter()
+        .map(|(k, v)| match k.len() {
+            len if len > MAX_METRIC_NAME_BYTES => Err(WireError::MetricNameTooLong { field, len }),
+            _ => Ok((k, v)),
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()
+}
+
+/// The wire form of a metric map.
+fn metrics_out(m: Metrics) -> HashMap<String, f64> {
+    m.into_iter().collect()
 }

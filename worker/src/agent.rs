@@ -6,25 +6,31 @@
 //! the run it is part of so a restarted coordinator can adopt it.
 //!
 //! This is the only part of the worker that knows gRPC; the trainer only sees
-//! an [`Assignment`] and a progress callback.
+//! an [`Assignment`] and a progress callback. The session speaks the domain
+//! types of `ringmaster-proto` ([`WorkerReport`] up, [`Command`] down),
+//! converted at the stream's edges.
 
 use crate::collective::{Collective, CollectiveError, DataPlaneListener, RingBackend, RingConfig};
 use crate::trainer::{self, Assignment, TrainerControl, TrainerOptions};
 use anyhow::{Context, bail};
+use ringmaster_common::ids::{Generation, JobId, Rank};
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_proto::pb::{
-    self, CoordinatorMessage, WorkerMessage, agent_client::AgentClient, coordinator_message,
-    worker_message,
+use ringmaster_common::worker::Device;
+use ringmaster_proto::pb::{self, WorkerMessage, agent_client::AgentClient, worker_message};
+use ringmaster_proto::{
+    Command, CurrentRun, FailureCause, Metrics, Registration, RunId, RunOutcome, TrainingEnded,
+    WorkerReport,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{error, info, warn};
 
 /// Wire protocol version this worker speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = ringmaster_proto::PROTOCOL_VERSION;
 
 /// Everything the agent needs to join a cluster.
 #[derive(Clone, Debug)]
@@ -80,15 +86,23 @@ struct Running {
     step: u64,
     control: Arc<TrainerControl>,
     thread: Option<std::thread::JoinHandle<()>>,
-    ended: Option<WorkerMessage>,
+    ended: Option<TrainingEnded>,
 }
 
 impl Running {
-    fn as_current(&self) -> pb::CurrentRun {
-        pb::CurrentRun {
-            job_id: self.job_id.clone(),
-            generation: self.generation,
-            rank: self.rank,
+    /// The job generation this run belongs to.
+    fn run(&self) -> RunId {
+        RunId {
+            // The id came from a parsed command.
+            job: JobId(self.job_id.clone()),
+            generation: Generation(self.generation),
+        }
+    }
+
+    fn as_current(&self) -> CurrentRun {
+        CurrentRun {
+            run: self.run(),
+            rank: Rank(self.rank),
             step: self.step,
         }
     }
@@ -110,11 +124,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(a) => a.clone(),
         None => listener.local_addr().to_string(),
     };
-    // Trainer threads report here; the agent forwards to whichever session
-    // is up.
+    let device: Device = cfg.device_label.parse()?;
+    // Every session registers with this, plus the run the worker is part of.
+    let hello = Registration {
+        name: cfg.name.clone(),
+        host: hostname(),
+        device,
+        data_addr,
+        threads: cfg.threads as u32,
+        current: None,
+        instance: Some(instance_id()),
+    };
+    // Trainer threads report here (still in wire form: see `from_trainer`);
+    // the agent forwards to whichever session is up.
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WorkerMessage>();
     let mut current: Option<Running> = None;
-    let mut pending: std::collections::VecDeque<WorkerMessage> = Default::default();
+    let mut pending: std::collections::VecDeque<WorkerReport> = Default::default();
     // Several URLs: a leader and its standbys. A standby's refusal names the
     // leader, which is tried next.
     let mut urls: Vec<String> = cfg
@@ -128,7 +153,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut idx = 0;
     let started = std::time::Instant::now();
-    let instance = instance_id();
     let mut name_refused_since: Option<std::time::Instant> = None;
     let mut reached = false;
     let mut backoff = Duration::from_millis(100);
@@ -140,8 +164,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let result = session(
                     cfg_with(&cfg, &url),
                     client,
-                    &instance,
-                    &data_addr,
+                    &hello,
                     &listener,
                     &events_tx,
                     &mut events_rx,
@@ -182,7 +205,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = &mut deadline => break,
-                Some(m) = events_rx.recv() => buffer(&mut pending, &mut current, m),
+                Some(m) = events_rx.recv() => {
+                    if let Some(m) = from_trainer(m) {
+                        buffer(&mut pending, &mut current, m);
+                    }
+                }
             }
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -221,13 +248,13 @@ fn cfg_with(cfg: &AgentConfig, url: &str) -> AgentConfig {
 /// Keeps a message for the next session, updating what the agent knows of
 /// its run on the way.
 fn buffer(
-    pending: &mut std::collections::VecDeque<WorkerMessage>,
+    pending: &mut std::collections::VecDeque<WorkerReport>,
     current: &mut Option<Running>,
-    m: WorkerMessage,
+    m: WorkerReport,
 ) {
     observe(current, &m);
-    if matches!(m.kind, Some(worker_message::Kind::Progress(_))) {
-        pending.retain(|p| !matches!(p.kind, Some(worker_message::Kind::Progress(_))));
+    if matches!(m, WorkerReport::Progress(_)) {
+        pending.retain(|p| !matches!(p, WorkerReport::Progress(_)));
     }
     if pending.len() >= MAX_PENDING {
         pending.pop_front();
@@ -235,17 +262,31 @@ fn buffer(
     pending.push_back(m);
 }
 
-fn observe(current: &mut Option<Running>, m: &WorkerMessage) {
+fn observe(current: &mut Option<Running>, m: &WorkerReport) {
     let Some(r) = current.as_mut() else {
         return;
     };
-    match &m.kind {
-        Some(worker_message::Kind::Progress(p)) if p.job_id == r.job_id => r.step = p.step,
-        Some(worker_message::Kind::Ended(e)) if e.job_id == r.job_id => {
+    match m {
+        WorkerReport::Progress(p) if p.run.job.as_str() == r.job_id => r.step = p.step,
+        WorkerReport::Ended(e) if e.run.job.as_str() == r.job_id => {
             r.step = r.step.max(e.step);
-            r.ended = Some(m.clone());
+            r.ended = Some(e.clone());
         }
         _ => {}
+    }
+}
+
+/// A trainer report as a domain one. The trainer thread still builds wire
+/// messages (`start_trainer`); reading them back through the same bounded
+/// conversion the coordinator applies means the agent never sends a report
+/// the coordinator would refuse.
+fn from_trainer(m: WorkerMessage) -> Option<WorkerReport> {
+    match WorkerReport::try_from(m) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            error!("dropping a trainer report the coordinator would refuse: {e}");
+            None
+        }
     }
 }
 
@@ -254,27 +295,21 @@ fn observe(current: &mut Option<Running>, m: &WorkerMessage) {
 async fn session(
     cfg: AgentConfig,
     mut client: AgentClient<tonic::transport::Channel>,
-    instance: &str,
-    data_addr: &str,
+    hello: &Registration,
     listener: &Arc<DataPlaneListener>,
     events_tx: &mpsc::UnboundedSender<WorkerMessage>,
     events_rx: &mut mpsc::UnboundedReceiver<WorkerMessage>,
     current: &mut Option<Running>,
-    pending: &mut std::collections::VecDeque<WorkerMessage>,
+    pending: &mut std::collections::VecDeque<WorkerReport>,
 ) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
-    tx.send(msg(worker_message::Kind::Register(pb::Register {
-        name: cfg.name.clone(),
-        host: hostname(),
-        device: cfg.device_label.clone(),
-        data_addr: data_addr.to_string(),
-        threads: cfg.threads as u32,
-        protocol_version: PROTOCOL_VERSION,
+    let (tx, rx) = mpsc::channel::<WorkerReport>(256);
+    tx.send(WorkerReport::Register(Registration {
         current: current.as_ref().map(Running::as_current),
-        instance: instance.to_string(),
-    })))
+        ..hello.clone()
+    }))
     .await?;
-    let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+    let outbound = ReceiverStream::new(rx).map(WorkerMessage::from);
+    let mut inbound = match client.session(outbound).await {
         Ok(r) => r.into_inner(),
         Err(status) if status.code() == tonic::Code::AlreadyExists => {
             return Err(NameTaken(status.message().to_string()).into());
@@ -283,15 +318,13 @@ async fn session(
             return Err(anyhow::Error::new(status).context("coordinator refused the session"));
         }
     };
-    let registered = match inbound.message().await? {
-        Some(CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::Registered(r)),
-        }) => r,
+    let registered = match inbound.message().await?.map(Command::try_from) {
+        Some(Ok(Command::Registered(r))) => r,
         other => bail!("expected a registration reply, got {other:?}"),
     };
     info!(
-        worker = %registered.worker_id,
-        data_addr = %data_addr,
+        worker = %registered.worker,
+        data_addr = %hello.data_addr,
         "registered with {}",
         cfg.coordinator
     );
@@ -301,16 +334,21 @@ async fn session(
         tx.send(m).await?;
     }
     if let Some(ended) = current.as_ref().and_then(|r| r.ended.clone()) {
-        tx.send(ended).await?;
+        tx.send(WorkerReport::Ended(ended)).await?;
     }
-    let beat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(50, 60_000));
+    let beat = registered
+        .heartbeat_interval
+        .clamp(Duration::from_millis(50), Duration::from_secs(60));
     let mut tick = tokio::time::interval(beat);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                tx.send(msg(worker_message::Kind::Heartbeat(pb::Heartbeat {}))).await?;
+                tx.send(WorkerReport::Heartbeat).await?;
             }
             Some(m) = events_rx.recv() => {
+                let Some(m) = from_trainer(m) else {
+                    continue;
+                };
                 observe(current, &m);
                 if let Err(e) = tx.send(m).await {
                     buffer(pending, current, e.0);
@@ -331,69 +369,96 @@ async fn session(
 
 async fn handle_command(
     cfg: &AgentConfig,
-    next: CoordinatorMessage,
+    next: pb::CoordinatorMessage,
     listener: &Arc<DataPlaneListener>,
     events_tx: &mpsc::UnboundedSender<WorkerMessage>,
     current: &mut Option<Running>,
 ) {
-    match next.kind {
-        Some(coordinator_message::Kind::Start(start)) => {
-            if let Some(mut prev) = current.take() {
-                prev.control.abort("superseded by a new assignment");
-                if let Some(t) = prev.thread.take() {
-                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
-                }
-            }
-            let (job_id, generation, rank) = (start.job_id.clone(), start.generation, start.rank);
-            match start_trainer(cfg, start, listener, events_tx) {
+    let start_of = next.start_of();
+    match Command::try_from(next) {
+        Ok(Command::Start(start)) => {
+            supersede(current).await;
+            let (run, rank) = (start.run.clone(), start.rank);
+            // `start_trainer` still takes the wire form; it re-checks the
+            // spec, which this conversion already did.
+            match start_trainer(cfg, pb::StartTraining::from(*start), listener, events_tx) {
                 Ok(r) => *current = Some(r),
-                Err(e) => {
-                    // Said as a failed run, so the coordinator frees this
-                    // worker and fails the job naming the real cause rather
-                    // than waiting for the peers to time out.
-                    error!(job = %job_id, "could not start training: {e:#}");
-                    let ended = pb::TrainingEnded {
-                        job_id: job_id.clone(),
-                        generation,
-                        success: false,
-                        reason: format!("could not start training: {e:#}"),
-                        ..Default::default()
-                    };
-                    *current = Some(Running {
-                        job_id,
-                        generation,
-                        rank,
-                        step: 0,
-                        control: Arc::new(TrainerControl::default()),
-                        thread: None,
-                        ended: None,
-                    });
-                    let _ = events_tx.send(msg(worker_message::Kind::Ended(ended)));
-                }
+                Err(e) => could_not_start(run, rank, format!("{e:#}"), events_tx, current),
             }
         }
-        Some(coordinator_message::Kind::Abort(abort)) => {
+        // A start this worker cannot use (a spec it cannot read, say) is a
+        // failed run like any other.
+        Err(e) => match start_of {
+            Some((run, rank)) => {
+                supersede(current).await;
+                could_not_start(run, rank, e.to_string(), events_tx, current);
+            }
+            None => warn!("ignoring a malformed message from the coordinator: {e}"),
+        },
+        Ok(Command::Abort(abort)) => {
             if let Some(r) = current.as_ref()
-                && r.job_id == abort.job_id
-                && r.generation == abort.generation
+                && r.run() == abort.run
             {
-                info!(job = %abort.job_id, "aborting: {}", abort.reason);
+                info!(job = %abort.run.job, "aborting: {}", abort.reason);
                 r.control.abort(&abort.reason);
             }
         }
-        Some(coordinator_message::Kind::Checkpoint(req)) => {
+        Ok(Command::Checkpoint(req)) => {
             if let Some(r) = current.as_ref()
-                && r.job_id == req.job_id
-                && r.generation == req.generation
+                && r.run() == req.run
             {
-                info!(job = %req.job_id, stop = req.stop, "checkpoint requested");
+                info!(job = %req.run.job, stop = req.stop, "checkpoint requested");
                 r.control.request_checkpoint(req.stop);
             }
         }
-        Some(coordinator_message::Kind::Registered(_)) | None => {
+        Ok(Command::Registered(_)) => {
             warn!("ignoring an unexpected message from the coordinator")
         }
     }
+}
+
+/// Stops the run a new assignment replaces, waiting for its thread.
+async fn supersede(current: &mut Option<Running>) {
+    if let Some(mut prev) = current.take() {
+        prev.control.abort("superseded by a new assignment");
+        if let Some(t) = prev.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Says a start failed as a failed run, so the coordinator frees this
+/// worker and fails the job naming the real cause rather than waiting for
+/// the peers to time out.
+fn could_not_start(
+    run: RunId,
+    rank: Rank,
+    why: String,
+    events_tx: &mpsc::UnboundedSender<WorkerMessage>,
+    current: &mut Option<Running>,
+) {
+    error!(job = %run.job, "could not start training: {why}");
+    *current = Some(Running {
+        job_id: run.job.0.clone(),
+        generation: run.generation.0,
+        rank: rank.0,
+        step: 0,
+        control: Arc::new(TrainerControl::default()),
+        thread: None,
+        ended: None,
+    });
+    let ended = TrainingEnded {
+        run,
+        step: 0,
+        metrics: Metrics::new(),
+        outcome: RunOutcome::Failed {
+            reason: format!("could not start training: {why}"),
+            cause: FailureCause::OwnWork,
+        },
+    };
+    // Through the trainer's channel, so it queues behind nothing it should
+    // follow and is buffered while no session is up.
+    let _ = events_tx.send(WorkerReport::Ended(ended).into());
 }
 
 fn msg(kind: worker_message::Kind) -> WorkerMessage {
