@@ -47,6 +47,15 @@ pub trait Collective: Send {
     fn all_reduce_sum(&mut self, flat: &mut Tensor) -> Result<(), CollectiveError>;
     /// Copies `flat` of rank `root` into `flat` on every other rank.
     fn broadcast(&mut self, flat: &mut Tensor, root: u32) -> Result<(), CollectiveError>;
+    /// Replaces `bytes` on every rank with those of rank `root` (any length up to `max_len`; a
+    /// longer announcement is refused on every receiving rank). For small structured messages
+    /// such as the header of a state transfer, not for bulk data.
+    fn broadcast_bytes(
+        &mut self,
+        bytes: &mut Vec<u8>,
+        root: u32,
+        max_len: usize,
+    ) -> Result<(), CollectiveError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
     /// A handle another thread can use to abort operations in flight, now or later.

@@ -103,6 +103,41 @@ impl Collective for RingBackend {
         self.on_host(flat, is_root, |ring, buf| ring.broadcast(buf, root))
     }
 
+    fn broadcast_bytes(
+        &mut self,
+        bytes: &mut Vec<u8>,
+        root: u32,
+        max_len: usize,
+    ) -> Result<(), CollectiveError> {
+        // The ring moves fp32 words and a broadcast only copies them, so bytes travel bit-exact
+        // packed four to a word: first the length (as two 32-bit halves), then the words.
+        let is_root = root == self.ring.rank();
+        let len = bytes.len() as u64;
+        let mut header = [
+            f32::from_bits(len as u32),
+            f32::from_bits((len >> 32) as u32),
+        ];
+        self.ring.broadcast(&mut header, root)?;
+        let len = u64::from(header[0].to_bits()) | (u64::from(header[1].to_bits()) << 32);
+        if len > max_len as u64 {
+            return Err(CollectiveError::Protocol {
+                rank: root,
+                detail: format!("announced a {len}-byte message, more than the {max_len} allowed"),
+            });
+        }
+        let len = len as usize;
+        let mut words = vec![0f32; len.div_ceil(4)];
+        if is_root {
+            bytemuck::cast_slice_mut::<f32, u8>(&mut words)[..len].copy_from_slice(bytes);
+        }
+        self.ring.broadcast(&mut words, root)?;
+        if !is_root {
+            bytes.clear();
+            bytes.extend_from_slice(&bytemuck::cast_slice::<f32, u8>(&words)[..len]);
+        }
+        Ok(())
+    }
+
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.ring.barrier()
     }

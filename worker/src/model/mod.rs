@@ -38,6 +38,11 @@ pub fn initial(
     spec: &ModelSpec,
     device: tch::Device,
 ) -> Result<(nn::VarStore, Mlp), AllocError> {
+    // libtorch's generator is process-wide: two runs initialising at once
+    // (two jobs on one worker, tests in parallel threads) would interleave
+    // their draws and each get parameters no seed describes.
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
     let model = Mlp::new(&vs.root(), inputs, classes, spec)?;

@@ -19,9 +19,11 @@ mod grads;
 mod metrics;
 mod run;
 mod state;
+mod transfer;
 
 pub use grads::{BUCKET_BYTES, GradBuckets};
-pub use run::Run;
+pub use run::{Run, StateSource, StepReport};
+pub use transfer::{StateHeader, Transferred};
 
 use crate::collective::{AbortHandle, Collective, CollectiveError};
 use crate::model::{self, AllocError};
@@ -128,6 +130,9 @@ pub enum TrainError {
     Invalid(String),
     #[error("cannot resume: {0}")]
     Resume(String),
+    /// Another rank's training state could not be taken over.
+    #[error("state transfer: {0}")]
+    Transfer(String),
     #[error("aborted: {0}")]
     Aborted(String),
 }
@@ -215,6 +220,7 @@ pub fn train(
     let mut run = Run::start(a, opts, control, events)?;
     let collective = connect()?;
     control.install(collective.abort_handle())?;
-    run.rebind(collective)?;
+    let source = run.initial_source();
+    run.rebind(collective, source)?;
     run.run_to_end(control, events)
 }

@@ -11,7 +11,8 @@
 //! SGD step of one worker on the whole batch (up to float summation order).
 
 use super::data::TrainData;
-use super::grads::GradBuckets;
+use super::grads::{BUCKET_BYTES, GradBuckets};
+use super::transfer::{State, Transferred, transfer};
 use super::metrics::{MetricsLog, Window, link_latest};
 use super::{
     Assignment, CheckpointWritten, Event, Outcome, Progress, TrainError, TrainerControl,
@@ -60,9 +61,9 @@ pub struct Run {
     /// a position in that epoch's order.
     step: u64,
     total_steps: u64,
-    /// Whether every rank provably holds the same state (all loaded one
-    /// checkpoint, or rank 0's was broadcast).
-    in_sync: bool,
+    /// The run loaded a committed checkpoint at start (every rank of its
+    /// first group loads the same one, so no transfer is needed).
+    resumed: bool,
     /// The permutation of the epoch the cursor is in, computed once per epoch.
     order: Option<(u64, Vec<u64>)>,
     latest: BTreeMap<String, f64>,
@@ -75,6 +76,16 @@ pub struct Run {
     pending_blocked: BTreeMap<u64, f64>,
     last_checkpoint: Instant,
     group: Option<Box<dyn Collective>>,
+}
+
+/// Where a new group's training state comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateSource {
+    /// Every rank already holds the same state (all resumed from one
+    /// committed checkpoint): nothing moves.
+    Shared,
+    /// This rank's state is copied to every other rank.
+    Rank(u32),
 }
 
 /// What one step did, agreed by every rank.
@@ -165,7 +176,7 @@ impl Run {
             plan,
             step,
             total_steps,
-            in_sync: resumed.is_some(),
+            resumed: resumed.is_some(),
             order: None,
             latest,
             window: Window::default(),
@@ -193,14 +204,40 @@ impl Run {
         &self.named
     }
 
-    /// Hands the run the group of a new generation: rank 0 takes on the
-    /// metrics log and the checkpoint writer, and a group that does not yet
-    /// share one state is given rank 0's parameters.
-    pub fn rebind(&mut self, collective: Box<dyn Collective>) -> Result<(), TrainError> {
+    /// Where the first group's state comes from: the checkpoint every rank
+    /// loaded, or rank 0's freshly initialised parameters.
+    pub fn initial_source(&self) -> StateSource {
+        if self.resumed {
+            StateSource::Shared
+        } else {
+            StateSource::Rank(0)
+        }
+    }
+
+    /// Hands the run the group of a new generation and makes the group's
+    /// state one: with [`StateSource::Rank`], that rank's parameters,
+    /// optimizer state, cursor and metrics are copied to every other rank
+    /// (checksummed). Then rank 0 takes on the metrics log and the checkpoint
+    /// writer. Returns what the transfer moved, if there was one.
+    pub fn rebind(
+        &mut self,
+        collective: Box<dyn Collective>,
+        source: StateSource,
+    ) -> Result<Option<Transferred>, TrainError> {
         let rank = collective.rank();
-        tracing::debug!(job = %self.job_id, generation = collective.generation(), rank,
-            world = collective.world_size(), "run bound to a group");
+        let world = collective.world_size();
+        tracing::debug!(job = %self.job_id, generation = collective.generation(), rank, world,
+            ?source, "run bound to a group");
         self.group = Some(collective);
+        let moved = match source {
+            StateSource::Shared => None,
+            StateSource::Rank(src) if src >= world => {
+                return Err(TrainError::Invalid(format!(
+                    "state source rank {src} outside a world of {world}"
+                )));
+            }
+            StateSource::Rank(src) => Some(self.take_state_from(src)?),
+        };
         if rank == 0 {
             if self.log.is_none() {
                 self.log = Some(MetricsLog::open(&self.output_dir, self.step)?);
@@ -218,53 +255,45 @@ impl Run {
         } else {
             self.log = None;
         }
-        if !self.in_sync {
-            self.broadcast_parameters()?;
-            self.in_sync = true;
-        }
         self.started.get_or_insert_with(Instant::now);
-        Ok(())
+        Ok(moved)
     }
 
     fn group(&mut self) -> Result<&mut dyn Collective, TrainError> {
         match self.group.as_deref_mut() {
             Some(g) => Ok(g),
-            None => Err(TrainError::Invalid(
-                "the run has no group to train with".into(),
-            )),
+            None => Err(TrainError::Invalid("the run has no group to train with".into())),
         }
     }
 
-    /// Makes every rank's parameters rank 0's, a bucket at a time.
-    fn broadcast_parameters(&mut self) -> Result<(), TrainError> {
-        let ranges: Vec<_> = self.grads.ranges().collect();
-        let group = match self.group.as_deref_mut() {
-            Some(g) if g.world_size() > 1 => g,
-            _ => return Ok(()),
+    /// Makes every rank's state rank `src`'s (see [`transfer`]).
+    fn take_state_from(&mut self, src: u32) -> Result<Transferred, TrainError> {
+        let state = State {
+            job_id: &self.job_id,
+            step: self.step,
+            optimizer_steps: self.optimizer.steps(),
+            metrics: &self.latest,
+            params: &self.named,
+            optimizer: self.optimizer.state_tensors(&self.names),
         };
-        for range in ranges {
-            let ps = &self.params[range];
-            if ps.is_empty() {
-                continue;
-            }
-            let views = ps
-                .iter()
-                .map(|p| p.f_view([-1]))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut flat = tch::no_grad(|| Tensor::f_cat(&views, 0))?;
-            group.broadcast(&mut flat, 0)?;
-            tch::no_grad(|| -> Result<(), TrainError> {
-                let mut off = 0;
-                for p in ps {
-                    let k = p.numel() as i64;
-                    let part = flat.f_narrow(0, off, k)?.f_view(p.size().as_slice())?;
-                    p.shallow_clone().f_copy_(&part)?;
-                    off += k;
-                }
-                Ok(())
-            })?;
+        let group = self
+            .group
+            .as_deref_mut()
+            .ok_or_else(|| TrainError::Invalid("the run has no group".into()))?;
+        let (received, moved) = transfer(group, src, state, self.device, BUCKET_BYTES)?;
+        if let Some(r) = received {
+            self.optimizer
+                .load_state(
+                    &self.names,
+                    r.optimizer.into_iter().collect(),
+                    r.header.optimizer_steps,
+                    self.device,
+                )
+                .map_err(TrainError::Transfer)?;
+            self.step = r.header.step;
+            self.latest = r.header.metrics;
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// One optimizer step on the next global batch: forward and backward on
