@@ -8,16 +8,16 @@ use crate::server::{Role, STANDBY_PREFIX, Services};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use ringmaster_common::dataset::{self, DatasetManifest};
 use ringmaster_common::jobspec::{JobSpec, SpanField};
-use ringmaster_common::store::fenced::FencedStore;
-use ringmaster_common::store::keys;
-use ringmaster_common::store::records::JobState;
-use ringmaster_common::store::{
+use ringmaster_common::records::JobState;
+use ringmaster_common::worker::WorkerState;
+use ringmaster_dataset::{self as dataset, DatasetManifest};
+use ringmaster_proto::pb::{self, control_client::ControlClient};
+use ringmaster_store::fenced::FencedStore;
+use ringmaster_store::keys;
+use ringmaster_store::{
     EmbeddedStore, EtcdOptions, EtcdStore, StateStore, StoreUrl, parse_store_url,
 };
-use ringmaster_common::worker::WorkerState;
-use ringmaster_proto::pb::{self, control_client::ControlClient};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -772,7 +772,7 @@ async fn submit(
         Some(dir) => {
             let dir = std::path::absolute(dir)
                 .with_context(|| format!("failed to resolve {}", dir.display()))?;
-            ringmaster_common::checkpoint::verify_checkpoint(&dir).with_context(|| {
+            ringmaster_checkpoint::verify_checkpoint(&dir).with_context(|| {
                 format!("--resume-from {} is not a valid checkpoint", dir.display())
             })?;
             dir.display().to_string()

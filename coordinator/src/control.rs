@@ -11,22 +11,18 @@
 //! [`HealthView`]); `server.rs` converts them to and from the wire.
 
 use crate::scheduler::{self, Demand, FreeWorker};
-use ringmaster_common::checkpoint::{
-    self as ckpt, CheckpointInfo, KeepBest, Mode, RetentionPolicy,
-};
+use ringmaster_checkpoint::{self as ckpt, CheckpointInfo, KeepBest, Mode, RetentionPolicy};
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::MetricMode;
 use ringmaster_common::jobspec::{DeviceKind, JobSpec};
 use ringmaster_common::now_ms;
-use ringmaster_common::store::records::{
-    self, CheckpointRecord, JobRecord, JobState, JobStatusRecord,
-};
-use ringmaster_common::store::{LeaseId, StateStore, StoreError, keys};
+use ringmaster_common::records::{self, CheckpointRecord, JobRecord, JobState, JobStatusRecord};
 use ringmaster_proto::{
     AbortTraining, CheckpointReport, CheckpointRequest, Command, CurrentRun, FailureCause,
     HealthView, JobView, Metrics, Registered, Registration, Role, RunId, RunOutcome, StartTraining,
     WireError, WorkerReport, WorkerView, WrittenCheckpoint,
 };
+use ringmaster_store::{LeaseId, StateStore, StoreError, keys};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,6 +66,12 @@ pub enum ControlError {
         host: String,
         data_addr: String,
     },
+}
+
+impl From<ringmaster_common::records::RecordError> for ControlError {
+    fn from(e: ringmaster_common::records::RecordError) -> Self {
+        ControlError::Store(e.into())
+    }
 }
 
 impl ControlError {
@@ -1083,7 +1085,7 @@ impl Cluster {
         };
         let written = match records::encode(&key, &record) {
             Ok(bytes) => self.put_settled(&key, bytes).await,
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         if let Err(e) = written {
             warn!(job = %id, step, "could not commit the checkpoint: {e}");
@@ -1181,7 +1183,7 @@ impl Cluster {
                     .put_with_lease(&key, bytes, self.lease)
                     .await
                     .map(|_| ()),
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             },
             Err(e) => Err(e.into()),
         };

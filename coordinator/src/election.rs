@@ -10,10 +10,10 @@
 //! still reaches the store may have taken over. Keep-alive calls are timed
 //! out well below the TTL so a store that does not answer is noticed in time.
 //! Every write of a leader is also fenced on its leader key
-//! (`ringmaster_common::store::fenced`), so a deposed one cannot corrupt the
+//! (`ringmaster_store::fenced`), so a deposed one cannot corrupt the
 //! store in the moment before it notices.
 
-use ringmaster_common::store::{Compare, LeaseId, Op, StateStore, StoreError, Txn, keys};
+use ringmaster_store::{Compare, LeaseId, Op, StateStore, StoreError, Txn, keys};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;

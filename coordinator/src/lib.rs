@@ -2,6 +2,8 @@
 //! control loop (single owner of the cluster model) and the pure scheduler.
 //! The coordinator knows nothing of libtorch.
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod control;
 pub mod election;

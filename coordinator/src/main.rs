@@ -2,6 +2,8 @@
 //! for researchers and admins (`submit`, `status`, `list`, `cancel`,
 //! `workers`, `dataset`). Exit codes: 0 success, 1 failure, 2 bad usage.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use ringmaster_coordinator::cli::{self, Cli};
 

@@ -5,11 +5,11 @@
 use async_trait::async_trait;
 use ringmaster_common::ids::JobId;
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_common::store::records::{self, JobStatusRecord};
-use ringmaster_common::store::{
+use ringmaster_common::records::{self, JobStatusRecord};
+use ringmaster_coordinator::control::{self, ControlConfig, Msg};
+use ringmaster_store::{
     LeaseId, MemoryStore, StateStore, StoreError, Txn, TxnOutcome, Versioned, WatchStream, keys,
 };
-use ringmaster_coordinator::control::{self, ControlConfig, Msg};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

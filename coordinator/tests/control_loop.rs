@@ -6,16 +6,14 @@
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::now_ms;
-use ringmaster_common::store::records::{
-    self, CheckpointRecord, JobRecord, JobState, JobStatusRecord,
-};
-use ringmaster_common::store::{MemoryStore, StateStore, keys};
+use ringmaster_common::records::{self, CheckpointRecord, JobRecord, JobState, JobStatusRecord};
 use ringmaster_common::worker::{Device, WorkerState};
 use ringmaster_coordinator::control::{self, ControlConfig, ControlError, ControlHandle, Msg};
 use ringmaster_proto::{
     Command, CurrentRun, FailureCause, JobView, Metrics, Registration, RunId, RunOutcome,
     StartTraining, TrainingEnded, WorkerReport, WorkerView,
 };
+use ringmaster_store::{MemoryStore, StateStore, keys};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;

@@ -1,77 +1,74 @@
-//! Architecture invariant: the coordinator never links libtorch. Walks the
-//! resolved dependency graph (`cargo metadata`) from `ringmaster-coordinator`
-//! along normal (non-dev, non-build) edges and fails if `tch` or `torch-sys`
-//! is reachable, so a stray dependency is caught when it is added rather
-//! than when a coordinator host without libtorch fails to start.
+//! Architecture invariants on dependency lines: the coordinator never links
+//! libtorch, and the worker never links the store backends (etcd, redb) or
+//! the dataset packers (CSV, NPY, progress bars). Walks the resolved
+//! dependency graph (`cargo tree`) from each binary's package along normal
+//! (non-dev, non-build) edges, on this host's platform only, so a stray dependency is caught when it
+//! is added rather than when a coordinator host without libtorch fails to
+//! start or a worker grows an etcd client it never uses.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::process::Command;
 
-#[test]
-fn the_coordinator_does_not_depend_on_libtorch() {
-    // Only this host's platform: other platforms' crates need not be
-    // downloaded, and the binary built here is what must not link libtorch.
-    let rustc = Command::new("rustc")
-        .arg("-vV")
-        .output()
-        .expect("rustc runs");
-    let host = String::from_utf8_lossy(&rustc.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
-        .expect("rustc -vV names the host");
+/// Names of every package `package` reaches along normal dependency edges
+/// when built on its own (`cargo tree` resolves the features that package
+/// asks for; a workspace-wide build unifies features across packages, which
+/// is why `scripts/package` builds each binary by itself).
+fn reachable(package: &str) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
-        .args(["--filter-platform", &host])
+        .args([
+            "tree",
+            "--offline",
+            "--locked",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .args(["-p", package])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .expect("cargo metadata runs");
+        .expect("cargo tree runs");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: HashMap<&str, &str> = meta["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
-        .collect();
-    let nodes: HashMap<&str, &serde_json::Value> = meta["resolve"]["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| (n["id"].as_str().unwrap(), n))
-        .collect();
-    let root = names
-        .iter()
-        .find(|(_, name)| **name == "ringmaster-coordinator")
-        .map(|(id, _)| *id)
-        .expect("the coordinator package");
-    let mut seen = BTreeSet::new();
-    let mut stack = vec![root];
-    while let Some(id) = stack.pop() {
-        if !seen.insert(id) {
-            continue;
-        }
-        for dep in nodes[id]["deps"].as_array().unwrap() {
-            let normal = dep["dep_kinds"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|k| k["kind"].is_null());
-            if normal {
-                stack.push(dep["pkg"].as_str().unwrap());
-            }
-        }
-    }
-    let reached: BTreeSet<&str> = seen.iter().map(|id| names[id]).collect();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_coordinator_does_not_depend_on_libtorch() {
+    let reached = reachable("ringmaster-coordinator");
     assert!(reached.contains("tonic"), "the walk found the real graph");
     for banned in ["tch", "torch-sys"] {
         assert!(
             !reached.contains(banned),
             "ringmaster-coordinator depends on {banned}"
+        );
+    }
+}
+
+#[test]
+fn the_worker_does_not_depend_on_the_store_backends_or_the_packers() {
+    let reached = reachable("ringmaster-worker");
+    assert!(reached.contains("tch"), "the walk found the real graph");
+    assert!(reached.contains("ringmaster-dataset"));
+    for banned in [
+        "ringmaster-store",
+        "etcd-client",
+        "redb",
+        "csv",
+        "npyz",
+        "indicatif",
+    ] {
+        assert!(
+            !reached.contains(banned),
+            "ringmaster-worker depends on {banned}"
         );
     }
 }

@@ -11,7 +11,7 @@
 use crate::{WireError, pb, spec_from_json, spec_to_json};
 use ringmaster_common::ids::{JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_common::store::records::{CheckpointRecord, JobRecord, JobState, JobStatusRecord};
+use ringmaster_common::records::{CheckpointRecord, JobRecord, JobState, JobStatusRecord};
 use ringmaster_common::worker::{Device, WorkerState};
 
 impl From<JobState> for pb::JobState {

@@ -17,6 +17,8 @@
 //! live in `ringmaster-common`; this crate only adds what exists because two
 //! processes talk.
 
+#![forbid(unsafe_code)]
+
 use ringmaster_common::ids::IdError;
 use ringmaster_common::jobspec::{self, JobSpec};
 use ringmaster_common::worker::DeviceError;

@@ -3,7 +3,7 @@
 
 use crate::*;
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
-use ringmaster_common::store::records::{JobState, JobStatusRecord};
+use ringmaster_common::records::{JobState, JobStatusRecord};
 use ringmaster_common::worker::{Device, WorkerState};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -563,7 +563,7 @@ fn worker_views_carry_their_state_and_unknown_states_are_refused() {
 
 #[test]
 fn a_job_view_shows_why_it_waits_only_while_queued() {
-    let record = ringmaster_common::store::records::JobRecord {
+    let record = ringmaster_common::records::JobRecord {
         id: JobId("digits-mlp-1".into()),
         spec: spec(),
         submitted_at_ms: 11,

@@ -7,9 +7,7 @@
 //! [--iters N] [--warmup N] [--chunk-kib K]`. Lines starting with `RESULT` are for scripts:
 //! `RESULT <impl> <bytes> <iters> <seconds per op> <algbw GB/s> <busbw GB/s>`.
 
-use ringmaster_worker::collective::{
-    DataPlaneListener, RingCollective, RingConfig, ring,
-};
+use ringmaster_worker::collective::{DataPlaneListener, RingCollective, RingConfig, ring};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};

@@ -631,7 +631,7 @@ fn join_group(
 /// spec the worker cannot use or a thread it cannot spawn would (tests; only
 /// in builds with fail points, see `FAILPOINTS_BUILT_IN`).
 fn start_failpoint() -> bool {
-    use ringmaster_common::checkpoint::{FAILPOINT_ENV, FAILPOINTS_BUILT_IN};
+    use ringmaster_checkpoint::{FAILPOINT_ENV, FAILPOINTS_BUILT_IN};
     FAILPOINTS_BUILT_IN
         && std::env::var(FAILPOINT_ENV)
             .is_ok_and(|v| v.split(',').any(|e| e.trim() == "agent-start=error"))

@@ -1,13 +1,13 @@
 //! Checkpoints as the trainer sees them: a snapshot of model and optimizer
 //! state copied to host memory at a step boundary, serialized to safetensors
 //! and written on a background thread while training continues (the atomic
-//! write itself is `ringmaster_common::checkpoint::write_checkpoint`), and the
+//! write itself is `ringmaster_checkpoint::write_checkpoint`), and the
 //! restore path that verifies a checkpoint before loading it.
 //!
 //! Nothing here talks to the coordinator: results come back as values the
 //! trainer turns into events.
 
-use ringmaster_common::checkpoint::{self as ckpt, CheckpointError};
+use ringmaster_checkpoint::{self as ckpt, CheckpointError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -2,6 +2,8 @@
 //! the coordinator goes away. Exit codes: 0 after a clean shutdown, 1 on
 //! failure, 2 on bad usage.
 
+#![forbid(unsafe_code)]
+
 use anyhow::Context;
 use clap::Parser;
 use ringmaster_worker::agent::{self, AgentConfig};

@@ -3,8 +3,8 @@
 //! cursor, metrics) from it over the data plane, and the pair goes on to
 //! compute the same run as an undisturbed one.
 
-use ringmaster_common::dataset::{SynthOptions, synthesize};
 use ringmaster_common::jobspec::JobSpec;
+use ringmaster_dataset::{SynthOptions, synthesize};
 use ringmaster_worker::collective::{Collective, DataPlaneListener, RingBackend, RingConfig};
 use ringmaster_worker::trainer::{
     Assignment, Run, StateSource, TrainError, TrainerControl, TrainerOptions,
@@ -158,7 +158,10 @@ fn a_newcomer_takes_over_a_survivors_state_and_the_run_matches_an_undisturbed_on
     let newcomer = start(&spec, 1, 2);
     assert_eq!(newcomer.step_count(), 0);
     let moved = rel_l2(&params(&newcomer), &params(&survivor));
-    assert!(moved > 1e-3, "the survivor's parameters have moved ({moved})");
+    assert!(
+        moved > 1e-3,
+        "the survivor's parameters have moved ({moved})"
+    );
 
     let pair = regroup(vec![newcomer, survivor], 2, StateSource::Rank(1), 7);
     let pair: Vec<Run> = pair.into_iter().map(Result::unwrap).collect();

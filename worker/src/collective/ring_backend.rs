@@ -160,6 +160,7 @@ fn check_flat(t: &Tensor) -> Result<(), CollectiveError> {
 }
 
 /// The memory of a contiguous fp32 CPU tensor as a slice.
+#[allow(unsafe_code)]
 fn host_slice(t: &mut Tensor, len: usize) -> Result<&mut [f32], CollectiveError> {
     check_flat(t)?;
     if t.device() != Device::Cpu || t.numel() < len {

@@ -6,8 +6,8 @@
 
 use super::TrainError;
 use crate::model;
-use ringmaster_common::dataset::Dataset;
 use ringmaster_common::jobspec::JobSpec;
+use ringmaster_dataset::Dataset;
 use std::ops::Range;
 use tch::{Device, Tensor};
 

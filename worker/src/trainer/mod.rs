@@ -27,8 +27,8 @@ pub use transfer::{StateHeader, Transferred};
 
 use crate::collective::{AbortHandle, Collective, CollectiveError};
 use crate::model::{self, AllocError};
-use ringmaster_common::dataset::DatasetError;
 use ringmaster_common::jobspec::JobSpec;
+use ringmaster_dataset::DatasetError;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;

@@ -12,8 +12,8 @@
 
 use super::data::TrainData;
 use super::grads::{BUCKET_BYTES, GradBuckets};
-use super::transfer::{State, Transferred, transfer};
 use super::metrics::{MetricsLog, Window, link_latest};
+use super::transfer::{State, Transferred, transfer};
 use super::{
     Assignment, CheckpointWritten, Event, Outcome, Progress, TrainError, TrainerControl,
     TrainerOptions, state,
@@ -23,8 +23,8 @@ use crate::collective::Collective;
 use crate::model::{self, Mlp};
 use crate::optim::Optimizer;
 use crate::sample_rng::SampleNoise;
-use ringmaster_common::dataset::{ShardPlan, rank_range};
 use ringmaster_common::jobspec::JobSpec;
+use ringmaster_dataset::{ShardPlan, rank_range};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -262,7 +262,9 @@ impl Run {
     fn group(&mut self) -> Result<&mut dyn Collective, TrainError> {
         match self.group.as_deref_mut() {
             Some(g) => Ok(g),
-            None => Err(TrainError::Invalid("the run has no group to train with".into())),
+            None => Err(TrainError::Invalid(
+                "the run has no group to train with".into(),
+            )),
         }
     }
 

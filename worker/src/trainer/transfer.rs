@@ -106,7 +106,11 @@ pub fn transfer(
 
     // The receiver's tensors in transfer order: its own parameters (written
     // in place) and fresh optimizer state shaped as announced.
-    let mut targets: Vec<Tensor> = state.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let mut targets: Vec<Tensor> = state
+        .params
+        .iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
     let mut optimizer = Vec::new();
     if is_source {
         targets.extend(state.optimizer.iter().map(|(_, t)| t.shallow_clone()));
@@ -295,8 +299,14 @@ mod tests {
     fn params(seed: i64) -> Vec<(String, Tensor)> {
         tch::manual_seed(seed);
         vec![
-            ("a.weight".into(), Tensor::randn([3, 2], (Kind::Float, Device::Cpu))),
-            ("a.bias".into(), Tensor::randn([3], (Kind::Float, Device::Cpu))),
+            (
+                "a.weight".into(),
+                Tensor::randn([3, 2], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "a.bias".into(),
+                Tensor::randn([3], (Kind::Float, Device::Cpu)),
+            ),
         ]
     }
 
@@ -314,7 +324,10 @@ mod tests {
             optimizer_steps: 7,
             metrics,
             params: ps,
-            optimizer: vec![("a.bias.exp_avg".into(), Tensor::ones([3], (Kind::Float, Device::Cpu)))],
+            optimizer: vec![(
+                "a.bias.exp_avg".into(),
+                Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            )],
         };
         // Small chunks, so the data goes in several broadcasts.
         let (got, moved) = transfer(&mut tape, 0, state, Device::Cpu, 8).unwrap();
@@ -357,7 +370,11 @@ mod tests {
         }
         assert_eq!(got.optimizer.len(), 1);
         assert_eq!(got.optimizer[0].0, "a.bias.exp_avg");
-        assert!(got.optimizer[0].1.equal(&Tensor::ones([3], (Kind::Float, Device::Cpu))));
+        assert!(
+            got.optimizer[0]
+                .1
+                .equal(&Tensor::ones([3], (Kind::Float, Device::Cpu)))
+        );
     }
 
     #[test]

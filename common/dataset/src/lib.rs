@@ -48,9 +48,14 @@
 //! is always a complete dataset. Readers verify every shard's sha256 before
 //! trusting its contents.
 
+#![forbid(unsafe_code)]
+
 mod manifest;
+#[cfg(feature = "pack")]
 mod pack;
+#[cfg(feature = "pack")]
 mod read_csv;
+#[cfg(feature = "pack")]
 mod read_npy;
 mod shard_plan;
 mod shards;
@@ -62,6 +67,7 @@ pub use manifest::{
     DatasetManifest, ElementType, FORMAT_VERSION, MANIFEST_FILE, MAX_CLASSES, MAX_FEATURES,
     MAX_SAMPLES, MAX_SHARDS, Schema, ShardEntry, Standardization, TensorSpec,
 };
+#[cfg(feature = "pack")]
 pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, pack};
 pub use shard_plan::{ShardPlan, ShardPlanError, rank_range};
 pub use shards::{Dataset, WriteOptions, shard_file_name, write_dataset};

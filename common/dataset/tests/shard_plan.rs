@@ -4,7 +4,7 @@
 //! change of order is caught.
 
 use proptest::prelude::*;
-use ringmaster_common::dataset::{ShardPlan, ShardPlanError, rank_range};
+use ringmaster_dataset::{ShardPlan, ShardPlanError, rank_range};
 
 fn plan(n: u64, b: u64, seed: u64) -> ShardPlan {
     ShardPlan::new(n, b, seed).expect("valid plan")

@@ -11,7 +11,7 @@
 //! /ringmaster/v1/meta/job_seq                    job id counter (decimal u64)
 //! ```
 //!
-//! - `<job>` and `<worker>` are ids following [`crate::ids::validate_id`]
+//! - `<job>` and `<worker>` are ids following [`ringmaster_common::ids::validate_id`]
 //!   (`[a-z0-9-]`, 1 to 80 bytes), so an id is always exactly one segment:
 //!   builders refuse anything else, which keeps `job_prefix(a)` from ever
 //!   matching keys of a job `a/x`.
@@ -21,9 +21,9 @@
 //! - A change of layout bumps `v1`; a coordinator reads only its own version.
 //!
 //! What is stored under each key (the JSON records) lives in
-//! [`super::records`], not here.
+//! [`ringmaster_common::records`], not here.
 
-use crate::ids::{IdError, JobId, WorkerId, validate_id};
+use ringmaster_common::ids::{IdError, JobId, WorkerId, validate_id};
 
 /// The root of every key this version of the layout writes.
 pub const ROOT: &str = "/ringmaster/v1/";

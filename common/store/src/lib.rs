@@ -7,12 +7,16 @@
 //! Watches are in [`watch`], leases in [`lease`]; the machinery the two
 //! in-process backends share (transaction evaluation, watch history, lease
 //! expiry) is in the private `local` module. [`url`] parses the
-//! coordinator's `--store` flag. The key layout is in [`keys`], the JSON
-//! records stored under those keys in [`records`], and the behaviour every
-//! backend must show in [`conformance`]. What the coordinator does with the
+//! coordinator's `--store` flag. The key layout is in [`keys`] (the JSON
+//! records stored under those keys are `ringmaster_common::records`), and the
+//! behaviour every backend must show in `conformance`, built with the
+//! `testing` feature only. What the coordinator does with the
 //! store (persist before acting, reload after an ambiguous write) lives in
 //! the coordinator, not here.
 
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "testing")]
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
@@ -21,7 +25,6 @@ pub mod keys;
 pub mod lease;
 mod local;
 pub mod memory;
-pub mod records;
 pub mod url;
 pub mod watch;
 
@@ -233,6 +236,19 @@ pub enum StoreError {
     PermissionDenied(String),
 }
 
+impl From<ringmaster_common::records::RecordError> for StoreError {
+    fn from(err: ringmaster_common::records::RecordError) -> Self {
+        use ringmaster_common::records::RecordError;
+        match err {
+            RecordError::TooLarge { key, len, max } => StoreError::ValueTooLarge { key, len, max },
+            RecordError::Corrupt { .. } => StoreError::Corrupt(err.to_string()),
+            RecordError::Encode { .. } | RecordError::UnknownJobState(_) => {
+                StoreError::Internal(err.to_string())
+            }
+        }
+    }
+}
+
 impl StoreError {
     /// Whether the same request may succeed if simply sent again. `Ambiguous`
     /// is not: the caller must reload first. Neither is `Compacted` (reload
@@ -255,8 +271,8 @@ impl StoreError {
     }
 }
 
-impl From<crate::ids::IdError> for StoreError {
-    fn from(err: crate::ids::IdError) -> Self {
+impl From<ringmaster_common::ids::IdError> for StoreError {
+    fn from(err: ringmaster_common::ids::IdError) -> Self {
         StoreError::InvalidRequest(err.to_string())
     }
 }

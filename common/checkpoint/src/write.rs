@@ -125,7 +125,7 @@ pub fn write_checkpoint_with(
         format_version: FORMAT_VERSION,
         job_id: job_id.to_string(),
         step,
-        created_at_ms: crate::now_ms(),
+        created_at_ms: ringmaster_common::now_ms(),
         files: entries,
     };
     let tmp = job_dir.join(unique_sibling_name(TMP_PREFIX, step));

@@ -119,7 +119,7 @@ impl CheckpointManifest {
         }
         let manifest: CheckpointManifest =
             serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-        crate::ids::validate_id("job", &manifest.job_id)
+        ringmaster_common::ids::validate_id("job", &manifest.job_id)
             .map_err(|e| invalid(format!("job_id: {e}")))?;
         check_file_names(manifest.files.iter().map(|f| f.name.as_str())).map_err(|e| {
             invalid(match e {

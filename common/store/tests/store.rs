@@ -6,12 +6,12 @@
 //! the records' encoding.
 
 use ringmaster_common::ids::{IdError, JobId, WorkerId};
-use ringmaster_common::store::conformance::{DEADLINE, run_conformance};
-use ringmaster_common::store::keys::{self, JobKeyKind};
-use ringmaster_common::store::records::{
+use ringmaster_common::records::{
     self, JobState, JobStatusRecord, MAX_RECORD_BYTES, RecordError, WorkerRecord,
 };
-use ringmaster_common::store::{
+use ringmaster_store::conformance::{DEADLINE, run_conformance};
+use ringmaster_store::keys::{self, JobKeyKind};
+use ringmaster_store::{
     EmbeddedStore, EtcdOptions, EtcdStore, HistoryLimits, LeaseId, MemoryStore, StateStore,
     StoreError, StoreUrl, Txn, Versioned, WatchEvent, WatchStream, parse_store_url,
 };
@@ -949,7 +949,7 @@ fn status_record_round_trips_including_non_finite_metrics() {
 fn job_record_round_trips_with_the_example_spec() {
     let path = std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../examples/digits-mlp.toml"
+        "/../../examples/digits-mlp.toml"
     ));
     let source = std::fs::read_to_string(path).unwrap();
     let spec = ringmaster_common::jobspec::JobSpec::from_toml(&source, path).unwrap();
@@ -985,18 +985,22 @@ fn worker_record_round_trips() {
 #[test]
 fn decode_names_the_key_of_a_bad_record() {
     let key = "/ringmaster/v1/jobs/a-1/status";
-    let err = records::decode::<JobStatusRecord>(key, b"{\"state\":\"exploded\"}").unwrap_err();
+    let err: StoreError = records::decode::<JobStatusRecord>(key, b"{\"state\":\"exploded\"}")
+        .unwrap_err()
+        .into();
     assert!(
         matches!(&err, StoreError::Corrupt(msg) if msg.contains(key)),
         "{err:?}"
     );
-    let err = records::decode::<JobStatusRecord>(key, b"\xff\x00").unwrap_err();
+    let err: StoreError = records::decode::<JobStatusRecord>(key, b"\xff\x00")
+        .unwrap_err()
+        .into();
     assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
-    let err = records::decode::<JobStatusRecord>(
+    let err: StoreError = records::decode::<JobStatusRecord>(
         key,
         br#"{"state":"running","generation":1,"step":1,"total_steps":2,"metrics":{"loss":"lots"},"members":[],"reason":null,"output_dir":"o","updated_at_ms":1}"#,
     )
-    .unwrap_err();
+    .unwrap_err().into();
     assert!(
         matches!(&err, StoreError::Corrupt(msg) if msg.contains("lots")),
         "{err:?}"
@@ -1006,7 +1010,9 @@ fn decode_names_the_key_of_a_bad_record() {
 #[test]
 fn decode_refuses_oversized_values_before_parsing() {
     let huge = vec![b' '; MAX_RECORD_BYTES + 1];
-    let err = records::decode::<WorkerRecord>("/k", &huge).unwrap_err();
+    let err: StoreError = records::decode::<WorkerRecord>("/k", &huge)
+        .unwrap_err()
+        .into();
     assert_eq!(
         err,
         StoreError::ValueTooLarge {
@@ -1025,7 +1031,7 @@ fn decode_refuses_oversized_values_before_parsing() {
     };
     big.name = "n".repeat(MAX_RECORD_BYTES);
     assert!(matches!(
-        records::encode("/k", &big),
+        records::encode("/k", &big).map_err(StoreError::from),
         Err(StoreError::ValueTooLarge { .. })
     ));
 }
@@ -1034,8 +1040,8 @@ fn decode_refuses_oversized_values_before_parsing() {
 /// once the leader key is someone else's, while the new leader's works.
 #[tokio::test]
 async fn a_deposed_leaders_writes_are_fenced() {
-    use ringmaster_common::store::fenced::FencedStore;
-    use ringmaster_common::store::{MemoryStore, StateStore, StoreError, keys};
+    use ringmaster_store::fenced::FencedStore;
+    use ringmaster_store::{MemoryStore, StateStore, StoreError, keys};
     use std::sync::Arc;
     let inner: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
     let old_version = inner

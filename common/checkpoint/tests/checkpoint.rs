@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ringmaster_common::checkpoint::{
+use ringmaster_checkpoint::{
     CheckpointEntry, CheckpointError, CheckpointManifest, FAILPOINT_ENV, FAILPOINT_EXIT_CODE,
     FileEntry, GcReport, WritePhase, gc, latest_valid, list_checkpoints, parse_step_dir_name,
     step_dir, verify_checkpoint, write_checkpoint, write_checkpoint_with,

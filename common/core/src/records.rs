@@ -6,7 +6,6 @@
 //! Records accept unknown fields on decode, so that a coordinator can read
 //! records written by a newer one of the same layout version.
 
-use super::StoreError;
 use crate::ids::{JobId, WorkerId};
 use crate::jobspec::JobSpec;
 use serde::de::DeserializeOwned;
@@ -19,12 +18,19 @@ use std::str::FromStr;
 /// an untrusted or damaged store can make the coordinator allocate.
 pub const MAX_RECORD_BYTES: usize = 16 << 20;
 
-/// Errors of this module's own parsing (not of decoding stored bytes, which
-/// is a [`StoreError`]).
+/// A record that could not be parsed, encoded or decoded. The store crate
+/// turns the codec errors into the matching `StoreError` (same text), so
+/// code that talks to a store sees one error type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
     #[error("unknown job state {0:?}; expected queued, running, succeeded, failed or cancelled")]
     UnknownJobState(String),
+    #[error("encoding record for {key:?}: {detail}")]
+    Encode { key: String, detail: String },
+    #[error("value for {key:?} is {len} bytes, more than the {max} allowed")]
+    TooLarge { key: String, len: usize, max: usize },
+    #[error("record at {key:?}: {detail}")]
+    Corrupt { key: String, detail: String },
 }
 
 /// `/ringmaster/v1/jobs/<job>/spec`: written once at submission, never
@@ -185,11 +191,13 @@ pub struct WorkerRecord {
 }
 
 /// Serializes a record for `key`, refusing what [`decode`] would refuse.
-pub fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, StoreError> {
-    let bytes = serde_json::to_vec(record)
-        .map_err(|err| StoreError::Internal(format!("encoding record for {key:?}: {err}")))?;
+pub fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, RecordError> {
+    let bytes = serde_json::to_vec(record).map_err(|err| RecordError::Encode {
+        key: key.to_owned(),
+        detail: err.to_string(),
+    })?;
     if bytes.len() > MAX_RECORD_BYTES {
-        return Err(StoreError::ValueTooLarge {
+        return Err(RecordError::TooLarge {
             key: key.to_owned(),
             len: bytes.len(),
             max: MAX_RECORD_BYTES,
@@ -201,16 +209,18 @@ pub fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, StoreError
 /// Decodes the record stored at `key`; values over [`MAX_RECORD_BYTES`] are
 /// refused before parsing, and bytes that are not the expected record are
 /// [`StoreError::Corrupt`] naming the key.
-pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RecordError> {
     if bytes.len() > MAX_RECORD_BYTES {
-        return Err(StoreError::ValueTooLarge {
+        return Err(RecordError::TooLarge {
             key: key.to_owned(),
             len: bytes.len(),
             max: MAX_RECORD_BYTES,
         });
     }
-    serde_json::from_slice(bytes)
-        .map_err(|err| StoreError::Corrupt(format!("record at {key:?}: {err}")))
+    serde_json::from_slice(bytes).map_err(|err| RecordError::Corrupt {
+        key: key.to_owned(),
+        detail: err.to_string(),
+    })
 }
 
 /// JSON for metric maps that keeps NaN and infinities, which `serde_json`

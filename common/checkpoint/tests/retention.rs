@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use ringmaster_common::checkpoint::{
+use ringmaster_checkpoint::{
     CheckpointInfo, KeepBest, Mode, RetentionPlan, RetentionPolicy, plan_retention,
 };
 

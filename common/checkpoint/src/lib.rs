@@ -55,6 +55,8 @@
 //! [`write_checkpoint`] for the syntax. Tests in-process use
 //! [`write_checkpoint_with`] and its [`WritePhase`] hook instead.
 
+#![forbid(unsafe_code)]
+
 mod gc;
 mod list;
 mod manifest;
@@ -79,7 +81,7 @@ pub use write::{
     write_checkpoint_with,
 };
 
-use crate::ids::IdError;
+use ringmaster_common::ids::IdError;
 
 /// Name prefix of a checkpoint being written.
 const TMP_PREFIX: &str = ".tmp-step-";
@@ -195,7 +197,7 @@ pub fn parse_step_dir_name(name: &str) -> Option<u64> {
 
 /// `<root>/<job_id>`, after checking that the id is safe as one path segment.
 fn job_dir(root: &Path, job_id: &str) -> Result<PathBuf, CheckpointError> {
-    crate::ids::validate_id("job", job_id)?;
+    ringmaster_common::ids::validate_id("job", job_id)?;
     Ok(root.join(job_id))
 }
 

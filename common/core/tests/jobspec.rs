@@ -777,7 +777,7 @@ fn step_counts() {
 }
 
 fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
 
 #[track_caller]
@@ -793,7 +793,10 @@ fn example(name: &str) -> JobSpec {
 #[test]
 fn examples_parse() {
     // The repository root: examples/ resolves `../run/...` to `<root>/run/...`.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap();
 
     let digits = example("digits-mlp.toml");
     assert_eq!(digits.check(), Ok(()));

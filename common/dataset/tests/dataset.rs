@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ringmaster_common::dataset::{
+use ringmaster_dataset::{
     Dataset, DatasetError, DatasetManifest, LabelColumn, PackInput, PackOptions, SynthOptions,
     WriteOptions, pack, synthesize, write_dataset,
 };
