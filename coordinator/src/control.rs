@@ -949,8 +949,14 @@ impl Cluster {
     }
 
     async fn fail(&mut self, id: &JobId, generation: Generation, reason: String) {
-        let current = self.jobs.get(id).map(Job::generation);
-        if current == Some(generation) {
+        // Only a running generation can fail: after a resume the job is
+        // queued at its old generation number until it launches again, and a
+        // late report from that old generation must not fail it twice.
+        let live = self
+            .jobs
+            .get(id)
+            .is_some_and(|j| j.generation() == generation && j.status.state == JobState::Running);
+        if live {
             self.finish(id, JobState::Failed, Some(reason)).await;
         }
     }
