@@ -156,6 +156,11 @@ bench_build_baseline() {
     ) || status=$?
     git -C "$root" worktree remove --force "$wt" >/dev/null 2>&1 || rm -rf "$wt"
     git -C "$root" worktree prune
+    # Cargo hashes a workspace crate by its path relative to the workspace, so the worktree's
+    # crates shared this checkout's artifacts, build-script outputs included (generated protobuf
+    # code), and a fingerprint can look fresh over them. Forget them all: this checkout's next
+    # build recompiles its own crates (not the registry dependencies).
+    rm -rf "$target"/release/build/ringmaster-* "$target"/release/.fingerprint/ringmaster-*
     [ "$status" -eq 0 ] || bench_die "baseline: building $rev failed"
   else
     echo "== baseline: $rev (${bench_base_sha:0:12}), cached in run/bench-base/$bench_base_sha/bin =="
