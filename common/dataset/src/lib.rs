@@ -196,6 +196,7 @@ pub enum DatasetError {
         value: String,
         limit: u32,
     },
+    #[cfg(feature = "pack")]
     #[error("{path}: {source}")]
     CsvSyntax { path: PathBuf, source: csv::Error },
     #[error("{path}: {detail}")]
