@@ -943,6 +943,7 @@ impl Cluster {
                 let _ = worker.tx.try_send(Command::Abort(AbortTraining {
                     run: run.clone(),
                     reason: reason.clone(),
+                    keep_state: false,
                 }));
             }
         }
@@ -1231,6 +1232,7 @@ impl Cluster {
                 let _ = w.tx.try_send(Command::Abort(AbortTraining {
                     run,
                     reason: "the run is not current on this coordinator".into(),
+                    keep_state: false,
                 }));
             }
             return;
@@ -1285,6 +1287,22 @@ impl Cluster {
         let assignment = worker.assignment.clone();
         match report {
             WorkerReport::Heartbeat | WorkerReport::Register(_) => {}
+            // Recovery is not built yet: a parked rank is a lost group, as a
+            // data-plane failure was before.
+            WorkerReport::Parked(p) => {
+                let ended = ringmaster_proto::TrainingEnded {
+                    run: p.run,
+                    step: p.step,
+                    metrics: Metrics::new(),
+                    outcome: RunOutcome::Failed {
+                        reason: p.reason,
+                        cause: FailureCause::DataPlane {
+                            lost_peer: p.lost_peer,
+                        },
+                    },
+                };
+                Box::pin(self.on_worker_report(id, WorkerReport::Ended(ended))).await;
+            }
             WorkerReport::Progress(p) => {
                 let Some(Assignment { run, rank }) = assignment else {
                     return;
@@ -1696,6 +1714,7 @@ impl Cluster {
                 spec: spec.clone(),
                 progress_every_steps: self.cfg.progress_every_steps,
                 resume_candidates: resume_candidates.clone(),
+                state_source: None,
             }));
             if worker.tx.send(start).await.is_err() {
                 warn!(worker = %w, "session closed before the start command");

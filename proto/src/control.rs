@@ -18,6 +18,7 @@ impl From<JobState> for pb::JobState {
     fn from(s: JobState) -> Self {
         match s {
             JobState::Queued => pb::JobState::Queued,
+            JobState::Recovering => pb::JobState::Recovering,
             JobState::Running => pb::JobState::Running,
             JobState::Succeeded => pb::JobState::Succeeded,
             JobState::Failed => pb::JobState::Failed,
@@ -31,6 +32,7 @@ impl TryFrom<pb::JobState> for JobState {
     fn try_from(s: pb::JobState) -> Result<Self, Self::Error> {
         Ok(match s {
             pb::JobState::Queued => JobState::Queued,
+            pb::JobState::Recovering => JobState::Recovering,
             pb::JobState::Running => JobState::Running,
             pb::JobState::Succeeded => JobState::Succeeded,
             pb::JobState::Failed => JobState::Failed,

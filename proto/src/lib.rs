@@ -38,8 +38,8 @@ mod tests;
 pub use control::{HealthView, JobView, Role, WorkerView};
 pub use session::{
     AbortTraining, CheckpointReport, CheckpointRequest, Command, CurrentRun, FailureCause, Metrics,
-    Note, Progress, Registered, Registration, RunId, RunOutcome, StartTraining, TrainingEnded,
-    WorkerReport, WrittenCheckpoint,
+    Note, Parked, Progress, Registered, Registration, RunId, RunOutcome, StartTraining,
+    TrainingEnded, WorkerReport, WrittenCheckpoint,
 };
 
 /// Version of the worker session protocol; a registration of another

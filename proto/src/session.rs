@@ -48,6 +48,8 @@ pub enum WorkerReport {
     Note(Note),
     /// How this rank's run ended.
     Ended(TrainingEnded),
+    /// This rank's group broke and it keeps its state for the next one.
+    Parked(Parked),
 }
 
 /// A worker joining (or rejoining) the cluster.
@@ -111,6 +113,18 @@ pub struct WrittenCheckpoint {
 pub struct Note {
     pub run: RunId,
     pub text: String,
+}
+
+/// A rank that left its broken group but holds its training state in
+/// memory, ready to rebind to the job's next generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parked {
+    pub run: RunId,
+    /// Optimizer steps this rank has completed: the state it holds.
+    pub step: u64,
+    /// The peer whose ring connection broke, when the data plane knows.
+    pub lost_peer: Option<Rank>,
+    pub reason: String,
 }
 
 /// How one rank's run ended.
@@ -183,6 +197,11 @@ pub struct StartTraining {
     /// Checkpoint directories to resume from, newest first; empty: a fresh
     /// start.
     pub resume_candidates: Vec<PathBuf>,
+    /// When the group re-forms around live state: the rank whose training
+    /// state every other rank takes over (a rank holding the job's parked
+    /// state rebinds it). `None`: the state comes from `resume_candidates`
+    /// or a fresh start.
+    pub state_source: Option<Rank>,
 }
 
 /// A checkpoint at the next step boundary, for rank 0 (the ranks agree on
@@ -198,6 +217,9 @@ pub struct CheckpointRequest {
 pub struct AbortTraining {
     pub run: RunId,
     pub reason: String,
+    /// Leave the ring but keep the training state and report [`Parked`]:
+    /// the job is re-forming. Otherwise the rank drops its state.
+    pub keep_state: bool,
 }
 
 // ---- inbound: worker -> coordinator ----------------------------------------
@@ -243,6 +265,12 @@ impl TryFrom<pb::WorkerMessage> for WorkerReport {
                 text: text("note.text", n.text)?,
             }),
             Kind::Ended(e) => WorkerReport::Ended(e.try_into()?),
+            Kind::Parked(p) => WorkerReport::Parked(Parked {
+                run: run_id(p.job_id, p.generation)?,
+                step: p.step,
+                lost_peer: p.lost_peer_rank.map(Rank),
+                reason: text("parked.reason", p.reason)?,
+            }),
         })
     }
 }
@@ -360,6 +388,13 @@ impl From<WorkerReport> for pb::WorkerMessage {
                 text: n.text,
             }),
             WorkerReport::Ended(e) => Kind::Ended(e.into()),
+            WorkerReport::Parked(p) => Kind::Parked(pb::Parked {
+                job_id: p.run.job.0,
+                generation: p.run.generation.0,
+                step: p.step,
+                lost_peer_rank: p.lost_peer.map(|r| r.0),
+                reason: p.reason,
+            }),
         };
         pb::WorkerMessage { kind: Some(kind) }
     }
@@ -411,6 +446,7 @@ impl TryFrom<pb::CoordinatorMessage> for Command {
                 Kind::Abort(a) => Command::Abort(AbortTraining {
                     run: run_id(a.job_id, a.generation)?,
                     reason: text("abort.reason", a.reason)?,
+                    keep_state: a.keep_state,
                 }),
             },
         )
@@ -439,6 +475,14 @@ impl TryFrom<pb::StartTraining> for StartTraining {
         .into_iter()
         .map(|p| path("start.resume_candidates", p))
         .collect::<Result<Vec<_>, _>>()?;
+        if let Some(src) = s.state_source_rank
+            && src as usize >= peers.len()
+        {
+            return Err(WireError::RankOutOfRange {
+                rank: src,
+                world: peers.len(),
+            });
+        }
         Ok(StartTraining {
             run,
             rank: Rank(s.rank),
@@ -447,6 +491,7 @@ impl TryFrom<pb::StartTraining> for StartTraining {
             spec: spec_from_json(&s.spec_json)?,
             progress_every_steps: s.progress_every_steps,
             resume_candidates,
+            state_source: s.state_source_rank.map(Rank),
         })
     }
 }
@@ -487,6 +532,7 @@ impl From<Command> for pb::CoordinatorMessage {
                 job_id: a.run.job.0,
                 generation: a.run.generation.0,
                 reason: a.reason,
+                keep_state: a.keep_state,
             }),
         };
         pb::CoordinatorMessage { kind: Some(kind) }
@@ -507,6 +553,7 @@ impl From<StartTraining> for pb::StartTraining {
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect(),
+            state_source_rank: s.state_source.map(|r| r.0),
         }
     }
 }

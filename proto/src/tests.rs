@@ -48,6 +48,7 @@ fn start() -> StartTraining {
         spec: spec(),
         progress_every_steps: 10,
         resume_candidates: vec![PathBuf::from("/ckpt/step-300"), "/ckpt/step-200".into()],
+        state_source: None,
     }
 }
 
@@ -97,6 +98,18 @@ fn reports() -> Vec<WorkerReport> {
             run: run(),
             text: "checkpoint step-200 is corrupt; resuming from step-100".into(),
         }),
+        WorkerReport::Parked(Parked {
+            run: run(),
+            step: 417,
+            lost_peer: Some(Rank(2)),
+            reason: "collective: lost peer rank 2".into(),
+        }),
+        WorkerReport::Parked(Parked {
+            run: run(),
+            step: 0,
+            lost_peer: None,
+            reason: String::new(),
+        }),
         ended(RunOutcome::Succeeded { stopped: false }),
         ended(RunOutcome::Succeeded { stopped: true }),
         ended(RunOutcome::Failed {
@@ -129,6 +142,11 @@ fn commands() -> Vec<Command> {
             resume_candidates: Vec::new(),
             ..start()
         })),
+        Command::Start(Box::new(StartTraining {
+            resume_candidates: Vec::new(),
+            state_source: Some(Rank(0)),
+            ..start()
+        })),
         Command::Checkpoint(CheckpointRequest {
             run: run(),
             stop: true,
@@ -136,6 +154,12 @@ fn commands() -> Vec<Command> {
         Command::Abort(AbortTraining {
             run: run(),
             reason: "worker n2 (rank 2) lost: session closed".into(),
+            keep_state: false,
+        }),
+        Command::Abort(AbortTraining {
+            run: run(),
+            reason: "rank 2 lost; re-forming".into(),
+            keep_state: true,
         }),
     ]
 }
@@ -420,6 +444,13 @@ fn commands_out_of_bounds_are_refused() {
     );
     refused_command(
         Kind::Start(pb::StartTraining {
+            state_source_rank: Some(3),
+            ..wire_start()
+        }),
+        "rank 3 is outside a group of 2",
+    );
+    refused_command(
+        Kind::Start(pb::StartTraining {
             resume_candidates: vec![String::new(); MAX_RESUME_CANDIDATES + 1],
             ..wire_start()
         }),
@@ -460,6 +491,7 @@ fn commands_out_of_bounds_are_refused() {
             job_id: "digits-mlp-3".into(),
             generation: 7,
             reason: "x".repeat(MAX_TEXT_BYTES + 1),
+            keep_state: false,
         }),
         "abort.reason is 65537 bytes, more than the 65536 allowed",
     );
@@ -498,6 +530,7 @@ fn a_start_that_cannot_be_used_still_names_its_run() {
     let abort = pb::CoordinatorMessage::from(Command::Abort(AbortTraining {
         run: run(),
         reason: String::new(),
+        keep_state: false,
     }));
     assert_eq!(abort.start_of(), None);
 }
@@ -511,7 +544,7 @@ fn every_job_state_survives_the_wire_and_unknown_ones_are_refused() {
         };
         assert_eq!(status.job_state(), Ok(state));
     }
-    for bad in [0, 6, -1] {
+    for bad in [0, 7, -1] {
         let status = pb::JobStatus {
             state: bad,
             ..Default::default()

@@ -1,6 +1,8 @@
 //! The agent: the worker's one session with the coordinator. It registers,
 //! heartbeats, turns `StartTraining` commands into a trainer on a dedicated
-//! OS thread, relays the trainer's progress, and aborts it on command. The
+//! OS thread ([`host`](crate::host)), relays the trainer's progress, and
+//! aborts it on command. A trainer whose group broke holds its state
+//! (parked): the next start of the same job goes to it. The
 //! coordinator is off the step path: when the session breaks, training goes
 //! on, reports are buffered, and the agent reconnects and re-registers with
 //! the run it is part of so a restarted coordinator can adopt it.
@@ -10,18 +12,17 @@
 //! types of `ringmaster-proto` ([`WorkerReport`] up, [`Command`] down),
 //! converted at the stream's edges.
 
-use crate::collective::{Collective, CollectiveError, DataPlaneListener, RingBackend, RingConfig};
-use crate::trainer::{self, Assignment, TrainerControl, TrainerOptions};
+use crate::collective::DataPlaneListener;
+use crate::host::{self, Host, Next};
+use crate::trainer::{Assignment, TrainerControl, TrainerOptions};
 use anyhow::{Context, bail};
 use ringmaster_common::ids::{Generation, JobId, Rank};
-use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::worker::Device;
-use ringmaster_proto::pb::{self, WorkerMessage, agent_client::AgentClient, worker_message};
+use ringmaster_proto::pb::{self, WorkerMessage, agent_client::AgentClient};
 use ringmaster_proto::{
-    Command, CurrentRun, FailureCause, Metrics, Registration, RunId, RunOutcome, TrainingEnded,
-    WorkerReport,
+    Command, CurrentRun, FailureCause, Metrics, Registration, RunId, RunOutcome, StartTraining,
+    TrainingEnded, WorkerReport,
 };
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -85,7 +86,10 @@ struct Running {
     rank: u32,
     step: u64,
     control: Arc<TrainerControl>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The trainer thread; `None` when it never started.
+    host: Option<Host>,
+    /// The trainer holds the job's state and waits for its next generation.
+    parked: bool,
     ended: Option<TrainingEnded>,
 }
 
@@ -135,9 +139,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         current: None,
         instance: Some(instance_id()),
     };
-    // Trainer threads report here (still in wire form: see `from_trainer`);
-    // the agent forwards to whichever session is up.
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WorkerMessage>();
+    // Trainer threads report here; the agent forwards to whichever session
+    // is up.
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WorkerReport>();
     let mut current: Option<Running> = None;
     let mut pending: std::collections::VecDeque<WorkerReport> = Default::default();
     // Several URLs: a leader and its standbys. A standby's refusal names the
@@ -271,17 +275,21 @@ fn observe(current: &mut Option<Running>, m: &WorkerReport) {
         WorkerReport::Ended(e) if e.run.job.as_str() == r.job_id => {
             r.step = r.step.max(e.step);
             r.ended = Some(e.clone());
+            r.parked = false;
+        }
+        WorkerReport::Parked(p) if p.run.job.as_str() == r.job_id => {
+            r.step = p.step;
+            r.parked = true;
         }
         _ => {}
     }
 }
 
-/// A trainer report as a domain one. The trainer thread still builds wire
-/// messages (`start_trainer`); reading them back through the same bounded
-/// conversion the coordinator applies means the agent never sends a report
-/// the coordinator would refuse.
-fn from_trainer(m: WorkerMessage) -> Option<WorkerReport> {
-    match WorkerReport::try_from(m) {
+/// A trainer report, checked through the same bounded conversion the
+/// coordinator applies, so the agent never sends a report the coordinator
+/// would refuse (a note longer than the wire allows, say).
+fn from_trainer(m: WorkerReport) -> Option<WorkerReport> {
+    match WorkerReport::try_from(WorkerMessage::from(m)) {
         Ok(r) => Some(r),
         Err(e) => {
             error!("dropping a trainer report the coordinator would refuse: {e}");
@@ -297,8 +305,8 @@ async fn session(
     mut client: AgentClient<tonic::transport::Channel>,
     hello: &Registration,
     listener: &Arc<DataPlaneListener>,
-    events_tx: &mpsc::UnboundedSender<WorkerMessage>,
-    events_rx: &mut mpsc::UnboundedReceiver<WorkerMessage>,
+    events_tx: &mpsc::UnboundedSender<WorkerReport>,
+    events_rx: &mut mpsc::UnboundedReceiver<WorkerReport>,
     current: &mut Option<Running>,
     pending: &mut std::collections::VecDeque<WorkerReport>,
 ) -> anyhow::Result<()> {
@@ -371,17 +379,19 @@ async fn handle_command(
     cfg: &AgentConfig,
     next: pb::CoordinatorMessage,
     listener: &Arc<DataPlaneListener>,
-    events_tx: &mpsc::UnboundedSender<WorkerMessage>,
+    events_tx: &mpsc::UnboundedSender<WorkerReport>,
     current: &mut Option<Running>,
 ) {
     let start_of = next.start_of();
     match Command::try_from(next) {
         Ok(Command::Start(start)) => {
-            supersede(current).await;
             let (run, rank) = (start.run.clone(), start.rank);
-            // `start_trainer` still takes the wire form; it re-checks the
-            // spec, which this conversion already did.
-            match start_trainer(cfg, pb::StartTraining::from(*start), listener, events_tx) {
+            let assignment = match resume_parked(Box::new(assignment_of(*start)), current) {
+                Ok(()) => return,
+                Err(a) => *a,
+            };
+            supersede(current).await;
+            match start_trainer(cfg, assignment, listener, events_tx) {
                 Ok(r) => *current = Some(r),
                 Err(e) => could_not_start(run, rank, format!("{e:#}"), events_tx, current),
             }
@@ -399,8 +409,18 @@ async fn handle_command(
             if let Some(r) = current.as_ref()
                 && r.run() == abort.run
             {
-                info!(job = %abort.run.job, "aborting: {}", abort.reason);
-                r.control.abort(&abort.reason);
+                if abort.keep_state {
+                    info!(job = %abort.run.job, "leaving the group, keeping the state: {}", abort.reason);
+                    r.control.park(&abort.reason);
+                } else {
+                    info!(job = %abort.run.job, "aborting: {}", abort.reason);
+                    r.control.abort(&abort.reason);
+                    if r.parked
+                        && let Some(h) = &r.host
+                    {
+                        let _ = h.next.send(Next::Drop(abort.reason.clone()));
+                    }
+                }
             }
         }
         Ok(Command::Checkpoint(req)) => {
@@ -417,12 +437,46 @@ async fn handle_command(
     }
 }
 
+/// Hands a start of the job whose state this worker holds (parked) to that
+/// trainer, which rebinds the run to the new generation. Gives the start
+/// back when there is no such trainer.
+fn resume_parked(a: Box<Assignment>, current: &mut Option<Running>) -> Result<(), Box<Assignment>> {
+    let Some(r) = current.as_mut() else {
+        return Err(a);
+    };
+    if !r.parked || r.job_id != a.job_id || a.generation <= r.generation {
+        return Err(a);
+    }
+    let Some(h) = &r.host else {
+        return Err(a);
+    };
+    let control = Arc::new(TrainerControl::default());
+    let (generation, rank) = (a.generation, a.rank);
+    if let Err(back) = h.next.send(Next::Start(a, control.clone())) {
+        // The thread gave up waiting a moment ago: start afresh.
+        return match back.0 {
+            Next::Start(a, _) => Err(a),
+            Next::Drop(_) => unreachable!("sent a start"),
+        };
+    }
+    info!(job = %r.job_id, generation, rank, "rejoining with the held state");
+    r.generation = generation;
+    r.rank = rank;
+    r.control = control;
+    r.parked = false;
+    r.ended = None;
+    Ok(())
+}
+
 /// Stops the run a new assignment replaces, waiting for its thread.
 async fn supersede(current: &mut Option<Running>) {
     if let Some(mut prev) = current.take() {
         prev.control.abort("superseded by a new assignment");
-        if let Some(t) = prev.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        if let Some(h) = prev.host.take() {
+            let _ = h
+                .next
+                .send(Next::Drop("superseded by a new assignment".into()));
+            let _ = tokio::task::spawn_blocking(move || h.thread.join()).await;
         }
     }
 }
@@ -434,7 +488,7 @@ fn could_not_start(
     run: RunId,
     rank: Rank,
     why: String,
-    events_tx: &mpsc::UnboundedSender<WorkerMessage>,
+    events_tx: &mpsc::UnboundedSender<WorkerReport>,
     current: &mut Option<Running>,
 ) {
     error!(job = %run.job, "could not start training: {why}");
@@ -444,7 +498,8 @@ fn could_not_start(
         rank: rank.0,
         step: 0,
         control: Arc::new(TrainerControl::default()),
-        thread: None,
+        host: None,
+        parked: false,
         ended: None,
     });
     let ended = TrainingEnded {
@@ -458,173 +513,70 @@ fn could_not_start(
     };
     // Through the trainer's channel, so it queues behind nothing it should
     // follow and is buffered while no session is up.
-    let _ = events_tx.send(WorkerReport::Ended(ended).into());
+    let _ = events_tx.send(WorkerReport::Ended(ended));
 }
 
-fn msg(kind: worker_message::Kind) -> WorkerMessage {
-    WorkerMessage { kind: Some(kind) }
+/// What the trainer needs of a start command.
+fn assignment_of(start: StartTraining) -> Assignment {
+    let output_dir = start.spec.output.job_dir(start.run.job.as_str());
+    Assignment {
+        job_id: start.run.job.0,
+        generation: start.run.generation.0,
+        rank: start.rank.0,
+        peers: start.peers,
+        spec: start.spec,
+        progress_every: start.progress_every_steps.max(1),
+        resume_candidates: start.resume_candidates,
+        output_dir,
+        state_source: start.state_source.map(|r| r.0),
+    }
 }
+
+/// How long a trainer holds a broken group's state for the job's next
+/// generation before it drops it: the coordinator decides much sooner (it
+/// re-forms the job or tells the rank to drop it), so this only frees the
+/// memory of a worker the coordinator forgot (it lost its store, say).
+const PARK_PATIENCE: Duration = Duration::from_secs(3600);
 
 fn start_trainer(
     cfg: &AgentConfig,
-    start: pb::StartTraining,
+    assignment: Assignment,
     listener: &Arc<DataPlaneListener>,
-    tx: &mpsc::UnboundedSender<WorkerMessage>,
+    tx: &mpsc::UnboundedSender<WorkerReport>,
 ) -> anyhow::Result<Running> {
     if start_failpoint() {
         bail!("fail point agent-start=error");
     }
-    // Bounded and re-checked: inbound data can be malformed.
-    let spec: JobSpec = ringmaster_proto::spec_from_json(&start.spec_json)?;
-    let output_dir = spec.output.job_dir(&start.job_id);
-    let assignment = Assignment {
-        job_id: start.job_id.clone(),
-        generation: start.generation,
-        rank: start.rank,
-        peers: start.peers.clone(),
-        spec,
-        progress_every: start.progress_every_steps.max(1),
-        resume_candidates: start.resume_candidates.iter().map(PathBuf::from).collect(),
-        output_dir,
-    };
     let opts = TrainerOptions {
         device: cfg.device,
         threads: cfg.threads,
         connect_timeout: Duration::from_secs(30),
     };
     let control = Arc::new(TrainerControl::default());
-    let (job_id, generation) = (start.job_id.clone(), start.generation);
-    info!(job = %job_id, generation, rank = start.rank, world = start.peers.len(), "training");
-    let thread = {
-        let control = control.clone();
-        let listener = listener.clone();
-        let tx = tx.clone();
-        std::thread::Builder::new()
-            .name(format!("trainer-{job_id}"))
-            .spawn(move || {
-                let (job_id, generation) = (assignment.job_id.clone(), assignment.generation);
-                // The session may be gone; the trainer keeps going and the
-                // final report says how it ended.
-                let mut report = |event: trainer::Event| {
-                    let kind = match event {
-                        trainer::Event::Progress(p) => {
-                            worker_message::Kind::Progress(pb::Progress {
-                                job_id: job_id.clone(),
-                                generation,
-                                step: p.step,
-                                total_steps: p.total_steps,
-                                epoch: p.epoch,
-                                metrics: p.metrics.into_iter().collect(),
-                            })
-                        }
-                        trainer::Event::Checkpoint {
-                            step,
-                            outcome,
-                            metrics,
-                        } => {
-                            let mut r = pb::CheckpointReport {
-                                job_id: job_id.clone(),
-                                generation,
-                                step,
-                                metrics: metrics.into_iter().collect(),
-                                ..Default::default()
-                            };
-                            match outcome {
-                                Ok(w) => {
-                                    r.ok = true;
-                                    r.dir = w.dir.display().to_string();
-                                    r.bytes = w.bytes;
-                                    r.write_seconds = w.write_seconds;
-                                    r.blocked_seconds = w.blocked_seconds;
-                                }
-                                Err(e) => r.error = e,
-                            }
-                            worker_message::Kind::Checkpoint(r)
-                        }
-                        trainer::Event::Note(text) => worker_message::Kind::Note(pb::Note {
-                            job_id: job_id.clone(),
-                            generation,
-                            text,
-                        }),
-                    };
-                    let _ = tx.send(msg(kind));
-                };
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let connect = || join_group(&listener, &assignment, &opts);
-                    trainer::train(&assignment, &opts, connect, &control, &mut report)
-                }));
-                let ended = match result {
-                    Ok(Ok(outcome)) => pb::TrainingEnded {
-                        job_id: assignment.job_id.clone(),
-                        generation: assignment.generation,
-                        success: true,
-                        reason: String::new(),
-                        step: outcome.step,
-                        metrics: outcome.metrics.into_iter().collect(),
-                        lost_peer_rank: None,
-                        stopped: outcome.stopped,
-                        peer_fault: false,
-                    },
-                    Ok(Err(e)) => {
-                        warn!(job = %assignment.job_id, "training failed: {e}");
-                        pb::TrainingEnded {
-                            job_id: assignment.job_id.clone(),
-                            generation: assignment.generation,
-                            success: false,
-                            reason: e.to_string(),
-                            step: 0,
-                            metrics: Default::default(),
-                            lost_peer_rank: e.lost_peer(),
-                            peer_fault: matches!(e, trainer::TrainError::Collective(_)),
-                            stopped: false,
-                        }
-                    }
-                    Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
-                        error!(job = %assignment.job_id, "trainer panicked: {what}");
-                        pb::TrainingEnded {
-                            job_id: assignment.job_id.clone(),
-                            generation: assignment.generation,
-                            success: false,
-                            reason: format!("trainer panicked: {what}"),
-                            step: 0,
-                            metrics: Default::default(),
-                            lost_peer_rank: None,
-                            stopped: false,
-                            peer_fault: false,
-                        }
-                    }
-                };
-                let _ = tx.send(msg(worker_message::Kind::Ended(ended)));
-            })
-            .context("failed to spawn the trainer thread")?
-    };
+    let (job_id, generation, rank) = (
+        assignment.job_id.clone(),
+        assignment.generation,
+        assignment.rank,
+    );
+    let host = host::spawn(
+        assignment,
+        control.clone(),
+        opts,
+        listener.clone(),
+        tx.clone(),
+        PARK_PATIENCE,
+    )
+    .context("failed to spawn the trainer thread")?;
     Ok(Running {
         job_id,
         generation,
-        rank: start.rank,
+        rank,
         step: 0,
         control,
-        thread: Some(thread),
+        host: Some(host),
+        parked: false,
         ended: None,
     })
-}
-
-/// Joins the data plane of the assignment's generation with the collective
-/// backend this worker uses: the ring, which reduces CPU tensors in place and
-/// stages device tensors through pinned host memory.
-fn join_group(
-    listener: &DataPlaneListener,
-    a: &Assignment,
-    opts: &TrainerOptions,
-) -> Result<Box<dyn Collective>, CollectiveError> {
-    let mut cfg = RingConfig::new(a.job_id.clone(), a.generation, a.rank, a.peers.clone());
-    cfg.connect_timeout = opts.connect_timeout;
-    Ok(Box::new(RingBackend::connect(listener, cfg)?))
 }
 
 /// `RINGMASTER_FAILPOINT=agent-start=error` makes every start fail, as a

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod collective;
+pub mod host;
 pub mod model;
 pub mod optim;
 pub mod sample_rng;

@@ -63,6 +63,7 @@ fn assignment(spec: &JobSpec, generation: u64, rank: u32, world: usize) -> Assig
         progress_every: 1,
         resume_candidates: Vec::new(),
         output_dir: spec.output.job_dir("rebind-1"),
+        state_source: None,
     }
 }
 

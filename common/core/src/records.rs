@@ -23,7 +23,9 @@ pub const MAX_RECORD_BYTES: usize = 16 << 20;
 /// code that talks to a store sees one error type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    #[error("unknown job state {0:?}; expected queued, running, succeeded, failed or cancelled")]
+    #[error(
+        "unknown job state {0:?}; expected queued, running, recovering, succeeded, failed or cancelled"
+    )]
     UnknownJobState(String),
     #[error("encoding record for {key:?}: {detail}")]
     Encode { key: String, detail: String },
@@ -52,6 +54,9 @@ pub struct JobRecord {
 pub enum JobState {
     Queued,
     Running,
+    /// A member was lost: the survivors hold their state in memory while the
+    /// coordinator forms the next generation.
+    Recovering,
     Succeeded,
     Failed,
     Cancelled,
@@ -59,9 +64,10 @@ pub enum JobState {
 
 impl JobState {
     /// Every state, in lifecycle order.
-    pub const ALL: [JobState; 5] = [
+    pub const ALL: [JobState; 6] = [
         JobState::Queued,
         JobState::Running,
+        JobState::Recovering,
         JobState::Succeeded,
         JobState::Failed,
         JobState::Cancelled,
@@ -70,7 +76,7 @@ impl JobState {
     /// Whether the job is over: no state follows a final one.
     pub fn is_final(self) -> bool {
         match self {
-            JobState::Queued | JobState::Running => false,
+            JobState::Queued | JobState::Running | JobState::Recovering => false,
             JobState::Succeeded | JobState::Failed | JobState::Cancelled => true,
         }
     }
@@ -80,6 +86,7 @@ impl JobState {
         match self {
             JobState::Queued => "queued",
             JobState::Running => "running",
+            JobState::Recovering => "recovering",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",

@@ -2,7 +2,7 @@
 //! gives it a dedicated one). A [`Run`] owns everything that outlives a
 //! generation (model, optimizer, data cursor, metrics, checkpoint writer); a
 //! generation lends it a [`Collective`], chosen by the agent, through
-//! [`Run::rebind`]. [`train`] is the whole life of one assignment.
+//! [`Run::rebind`]; the worker's `host` module drives a run across them.
 //!
 //! It knows nothing of gRPC or the store: progress goes out through a callback,
 //! and the agent stops it through [`TrainerControl`].
@@ -25,7 +25,7 @@ pub use grads::{BUCKET_BYTES, GradBuckets};
 pub use run::{Run, StateSource, StepReport};
 pub use transfer::{StateHeader, Transferred};
 
-use crate::collective::{AbortHandle, Collective, CollectiveError};
+use crate::collective::{AbortHandle, CollectiveError};
 use crate::model::{self, AllocError};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_dataset::DatasetError;
@@ -52,6 +52,10 @@ pub struct Assignment {
     pub resume_candidates: Vec<PathBuf>,
     /// This job's own output folder, `<output.dir>/<job-id>/`.
     pub output_dir: PathBuf,
+    /// When the group re-forms around live state: the rank whose state every
+    /// other rank takes over. `None`: the run's own start (a checkpoint
+    /// every rank loads, or rank 0's fresh parameters).
+    pub state_source: Option<u32>,
 }
 
 /// How this worker runs libtorch.
@@ -154,6 +158,8 @@ impl TrainError {
 #[derive(Default)]
 pub struct TrainerControl {
     aborted: AtomicBool,
+    /// The abort asks the rank to keep its state for the next generation.
+    keep_state: AtomicBool,
     checkpoint: AtomicBool,
     stop: AtomicBool,
     reason: Mutex<Option<String>>,
@@ -173,6 +179,18 @@ impl TrainerControl {
         {
             h.abort();
         }
+    }
+
+    /// Stops the trainer like [`abort`](Self::abort), asking it to keep its
+    /// training state for the job's next generation.
+    pub fn park(&self, reason: &str) {
+        self.keep_state.store(true, Ordering::SeqCst);
+        self.abort(reason);
+    }
+
+    /// Whether [`park`](Self::park) was called.
+    pub fn keeps_state(&self) -> bool {
+        self.keep_state.load(Ordering::SeqCst)
     }
 
     /// Asks for a checkpoint at the next step boundary; with `stop`, training
@@ -196,7 +214,9 @@ impl TrainerControl {
         Ok(())
     }
 
-    fn install(&self, handle: AbortHandle) -> Result<(), TrainError> {
+    /// Lets [`abort`](Self::abort) unblock the collective of the group the
+    /// run is joining.
+    pub fn install(&self, handle: AbortHandle) -> Result<(), TrainError> {
         *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.clone());
         // An abort that raced with the installation must still take effect.
         if self.aborted.load(Ordering::SeqCst) {
@@ -204,23 +224,4 @@ impl TrainerControl {
         }
         self.check()
     }
-}
-
-/// Runs one assignment to its end: builds the [`Run`] (data, model, any
-/// checkpoint to resume from), then joins the generation through `connect`
-/// (the agent's choice of collective backend) and trains. Loading comes
-/// first so a slow loader does not eat its peers' connect timeout.
-pub fn train(
-    a: &Assignment,
-    opts: &TrainerOptions,
-    connect: impl FnOnce() -> Result<Box<dyn Collective>, CollectiveError>,
-    control: &TrainerControl,
-    events: &mut dyn FnMut(Event),
-) -> Result<Outcome, TrainError> {
-    let mut run = Run::start(a, opts, control, events)?;
-    let collective = connect()?;
-    control.install(collective.abort_handle())?;
-    let source = run.initial_source();
-    run.rebind(collective, source)?;
-    run.run_to_end(control, events)
 }

@@ -64,6 +64,9 @@ pub struct Run {
     /// The run loaded a committed checkpoint at start (every rank of its
     /// first group loads the same one, so no transfer is needed).
     resumed: bool,
+    /// False while (and after) a transfer into this rank failed half way:
+    /// its tensors are a mix of two states and must not be kept.
+    intact: bool,
     /// The permutation of the epoch the cursor is in, computed once per epoch.
     order: Option<(u64, Vec<u64>)>,
     latest: BTreeMap<String, f64>,
@@ -177,6 +180,7 @@ impl Run {
             step,
             total_steps,
             resumed: resumed.is_some(),
+            intact: true,
             order: None,
             latest,
             window: Window::default(),
@@ -197,6 +201,12 @@ impl Run {
     /// Steps the job runs in all.
     pub fn total_steps(&self) -> u64 {
         self.total_steps
+    }
+
+    /// Whether the state is one consistent state (not a transfer that broke
+    /// half way), so it may be held for a later generation.
+    pub fn state_intact(&self) -> bool {
+        self.intact
     }
 
     /// The parameters by name, in name order.
@@ -282,6 +292,10 @@ impl Run {
             .group
             .as_deref_mut()
             .ok_or_else(|| TrainError::Invalid("the run has no group".into()))?;
+        let receiving = group.rank() != src;
+        if receiving {
+            self.intact = false;
+        }
         let (received, moved) = transfer(group, src, state, self.device, BUCKET_BYTES)?;
         if let Some(r) = received {
             self.optimizer
@@ -295,6 +309,7 @@ impl Run {
             self.step = r.header.step;
             self.latest = r.header.metrics;
         }
+        self.intact = true;
         Ok(moved)
     }
 
