@@ -988,6 +988,7 @@ pub fn job_json(s: &pb::JobStatus) -> serde_json::Value {
         "submitted_at_ms": s.submitted_at_ms,
         "updated_at_ms": s.updated_at_ms,
         "events": s.events,
+        "restarts": s.restarts,
     })
 }
 

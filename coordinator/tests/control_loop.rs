@@ -316,6 +316,7 @@ async fn running_job_in_store(store: &MemoryStore) -> JobId {
         output_dir: "/tmp/out".into(),
         updated_at_ms: now_ms(),
         events: Vec::new(),
+        restarts: 0,
     };
     let ckpt = CheckpointRecord {
         step: 300,

@@ -125,6 +125,7 @@ impl From<JobView> for pb::JobStatus {
             submitted_at_ms: v.submitted_at_ms,
             updated_at_ms: s.updated_at_ms,
             events: s.events,
+            restarts: s.restarts,
             waiting: v.waiting.unwrap_or_default(),
         }
     }

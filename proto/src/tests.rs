@@ -613,6 +613,7 @@ fn a_job_view_shows_why_it_waits_only_while_queued() {
         output_dir: "/out/digits-mlp-1".into(),
         updated_at_ms: 12,
         events: vec!["queued".into()],
+        restarts: 2,
     };
     let waiting = Some("waiting for workers".to_string());
     let wire = pb::JobStatus::from(JobView::new(&record, &status, waiting.clone()));

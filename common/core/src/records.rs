@@ -135,6 +135,9 @@ pub struct JobStatusRecord {
     /// Notable events, oldest first, bounded (see [`JobStatusRecord::note`]).
     #[serde(default)]
     pub events: Vec<String>,
+    /// In-place recoveries so far; `[fault] max_restarts` bounds them.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// How many events a status record keeps.
@@ -163,6 +166,7 @@ impl JobStatusRecord {
             output_dir,
             updated_at_ms: now_ms,
             events: Vec::new(),
+            restarts: 0,
         }
     }
 }

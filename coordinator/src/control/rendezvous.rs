@@ -1,0 +1,153 @@
+//! Rendezvous, run by the control loop whenever jobs or workers change:
+//! placing queued jobs on free workers (the pure decision is in
+//! `scheduler.rs`) and forming a generation, persisted as running before each
+//! member receives its rank, the peers' addresses and the spec.
+
+use super::jobs::Member;
+use super::membership::Assignment;
+use super::{Cluster, ControlError};
+use crate::scheduler::{self, Demand, FreeWorker};
+use ringmaster_common::ids::{JobId, Rank, WorkerId};
+use ringmaster_common::jobspec::DeviceKind;
+use ringmaster_common::now_ms;
+use ringmaster_common::records::JobState;
+use ringmaster_proto::{Command, StartTraining};
+use std::path::PathBuf;
+use tracing::{info, warn};
+
+impl Cluster {
+    /// Starts every queued job that the free workers allow.
+    pub(super) async fn schedule(&mut self) {
+        // Registrations and departures call this; with nothing queued it
+        // must not cost O(workers) each (measured: half the coordinator's
+        // CPU while 10k workers registered).
+        if self.queue.is_empty() {
+            return;
+        }
+        let queue: Vec<Demand> = self
+            .queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(|j| Demand {
+                job: j.record.id.clone(),
+                min: j.record.spec.workers.min,
+                max: j.record.spec.workers.max,
+                device: j.record.spec.workers.device,
+                global_batch: j.record.spec.train.global_batch,
+            })
+            .collect();
+        let free: Vec<FreeWorker> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.assignment.is_none())
+            .map(|(id, w)| FreeWorker {
+                id: id.clone(),
+                device: w.info.device.kind(),
+            })
+            .collect();
+        let placements = scheduler::place(&queue, &free);
+        let registered = |kind: DeviceKind| {
+            self.workers
+                .values()
+                .filter(|w| w.info.device.kind() == kind)
+                .count()
+        };
+        for (id, why) in scheduler::explain(&queue, &free, &registered, &placements) {
+            if let Some(job) = self.jobs.get_mut(&id)
+                && job.waiting.as_deref() != Some(why.as_str())
+            {
+                job.waiting = Some(why);
+                job.publish();
+            }
+        }
+        for placement in placements {
+            if let Err(e) = self.launch(&placement.job, placement.workers).await {
+                warn!(job = %placement.job, "could not start: {e}");
+            }
+        }
+    }
+
+    /// Forms a new generation of the job's group: persisted as running first,
+    /// then each member receives its rank and the peers' addresses.
+    async fn launch(&mut self, id: &JobId, members: Vec<WorkerId>) -> Result<(), ControlError> {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return Ok(());
+        };
+        let generation = job.generation().next();
+        let mut status = job.status.clone();
+        status.state = JobState::Running;
+        status.generation = generation.0;
+        status.members = members
+            .iter()
+            .map(|w| {
+                self.workers
+                    .get(w)
+                    .map(|x| x.info.name.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        status.updated_at_ms = now_ms();
+        self.persist_status(id, &status).await?;
+        let job = self.jobs.get_mut(id).ok_or(ControlError::ShuttingDown)?;
+        job.members = members
+            .iter()
+            .zip(&status.members)
+            .map(|(w, name)| Member {
+                name: name.clone(),
+                worker: Some(w.clone()),
+            })
+            .collect();
+        job.status = status;
+        job.finished.clear();
+        // Deadlines and reports of the previous generation die with it.
+        job.timers.clear();
+        job.peer_reports.clear();
+        job.waiting = None;
+        job.publish();
+        let run = job.run();
+        let spec = job.record.spec.clone();
+        let resume_candidates: Vec<PathBuf> = if job.checkpoints.is_empty() {
+            job.record.resume_from.iter().cloned().collect()
+        } else {
+            job.checkpoints
+                .values()
+                .rev()
+                .map(|c| c.dir.clone())
+                .collect()
+        };
+        self.queue.retain(|q| q != id);
+        let peers: Vec<String> = members
+            .iter()
+            .map(|w| {
+                self.workers
+                    .get(w)
+                    .map(|x| x.info.data_addr.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        info!(job = %id, generation = generation.0, world = members.len(), "starting");
+        for (rank, w) in members.iter().enumerate() {
+            let Some(worker) = self.workers.get_mut(w) else {
+                continue;
+            };
+            let rank = Rank(rank as u32);
+            worker.assignment = Some(Assignment {
+                run: run.clone(),
+                rank,
+            });
+            let start = Command::Start(Box::new(StartTraining {
+                run: run.clone(),
+                rank,
+                peers: peers.clone(),
+                spec: spec.clone(),
+                progress_every_steps: self.cfg.progress_every_steps,
+                resume_candidates: resume_candidates.clone(),
+                state_source: None,
+            }));
+            if worker.tx.send(start).await.is_err() {
+                warn!(worker = %w, "session closed before the start command");
+            }
+        }
+        Ok(())
+    }
+}
