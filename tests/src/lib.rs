@@ -382,6 +382,7 @@ pub struct JobBuilder {
     max: Option<u32>,
     output: String,
     checkpoint: Vec<String>,
+    fault: Vec<String>,
 }
 
 impl JobBuilder {
@@ -400,6 +401,7 @@ impl JobBuilder {
             max: None,
             output: format!("out-{name}"),
             checkpoint: Vec::new(),
+            fault: Vec::new(),
         }
     }
 
@@ -462,6 +464,18 @@ impl JobBuilder {
         self
     }
 
+    /// `[fault]` lines, e.g. `max_restarts = 0`.
+    pub fn fault(mut self, lines: &str) -> Self {
+        self.fault.push(lines.to_string());
+        self
+    }
+
+    /// `workers.max`, after [`workers`](Self::workers) set the minimum.
+    pub fn max(mut self, max: u32) -> Self {
+        self.max = Some(max);
+        self
+    }
+
     /// The file's text.
     pub fn toml(&self) -> String {
         let hidden: Vec<String> = self.hidden.iter().map(u32::to_string).collect();
@@ -496,6 +510,12 @@ impl JobBuilder {
         if !self.checkpoint.is_empty() {
             t.push_str("\n[checkpoint]\n");
             for l in &self.checkpoint {
+                t.push_str(&format!("{l}\n"));
+            }
+        }
+        if !self.fault.is_empty() {
+            t.push_str("\n[fault]\n");
+            for l in &self.fault {
                 t.push_str(&format!("{l}\n"));
             }
         }

@@ -258,13 +258,16 @@ fn one_two_and_four_workers_with_dropout_end_with_the_same_parameters() {
 fn sigkill_of_a_worker_fails_the_job_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
-    let job = write_job(
-        tmp.path(),
-        &data,
-        "doomed",
-        2,
-        "epochs = 100000\noptimizer = \"sgd\"\nlearning_rate = 0.01",
-    );
+    // No restarts allowed: the loss of a member fails the job, and the
+    // reason must name it.
+    let job = JobBuilder::new("doomed", &data)
+        .seed(3)
+        .hidden(&[64])
+        .validation()
+        .train("epochs = 100000\noptimizer = \"sgd\"\nlearning_rate = 0.01")
+        .exactly(2)
+        .fault("max_restarts = 0")
+        .write(tmp.path());
     let mut cluster = LocalCluster::start(2).unwrap();
     let out = cluster.cli(&["submit", job.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(out.code, 0, "{}", out.stderr);

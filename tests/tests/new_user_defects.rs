@@ -214,8 +214,10 @@ fn a_job_resumed_after_a_coordinator_restart_is_not_killed_by_the_old_adoption_d
     let data = pack_digits(&tmp.path().join("digits"));
     let serve = ["--adopt-grace-secs".to_string(), "3".to_string()];
     let mut cluster = LocalCluster::start_with_serve_args(2, &serve).unwrap();
+    // No restarts: the lost rank fails the job, naming it.
     let job = job("long", &data, 2, "steps = 30000")
         .checkpoint("every_steps = 200")
+        .fault("max_restarts = 0")
         .write(tmp.path());
     let out = cluster.cli(&["submit", job.to_str().unwrap()], T);
     assert_eq!(out.code, 0, "{}", out.stderr);

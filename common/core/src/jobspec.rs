@@ -47,6 +47,30 @@ pub struct JobSpec {
     pub output: OutputSpec,
     /// Always present: the defaults when the file has no `[checkpoint]` table.
     pub checkpoint: CheckpointSpec,
+    /// The defaults when the file (or a spec stored before the table
+    /// existed) has no `[fault]` table.
+    #[serde(default)]
+    pub fault: FaultSpec,
+}
+
+/// How a job rides out lost workers (`[fault]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultSpec {
+    /// In-place recoveries allowed before a lost member fails the job.
+    pub max_restarts: u32,
+    /// How long a job whose group fell below `workers.min` waits for
+    /// workers before it goes back to the queue (resuming later from its
+    /// newest committed checkpoint).
+    pub rejoin_timeout_secs: u64,
+}
+
+impl Default for FaultSpec {
+    fn default() -> Self {
+        FaultSpec {
+            max_restarts: 10,
+            rejoin_timeout_secs: 300,
+        }
+    }
 }
 
 /// The built-in models.
@@ -392,6 +416,8 @@ impl JobSpec {
             rules::keep_best_needs_validation(&best.metric, self.data.validation.is_some())?;
             rules::keep_best_count(i64::from(best.count))?;
         }
+        rules::max_restarts(i64::from(self.fault.max_restarts))?;
+        rules::rejoin_timeout_secs(saturate(self.fault.rejoin_timeout_secs))?;
         Ok(())
     }
 

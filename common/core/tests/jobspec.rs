@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use ringmaster_common::jobspec::{
-    Activation, CheckpointSpec, DataSpec, DeviceKind, Duration, JobSpec, KeepBestSpec, MetricMode,
-    ModelSpec, Optimizer, SpanField, SpecError,
+    Activation, CheckpointSpec, DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec,
+    MetricMode, ModelSpec, Optimizer, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -82,7 +82,7 @@ fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("seed = 1", "seed = 1\nepoch = 3")]),
         "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `model`, `data`, \
-         `train`, `workers`, `output`, `checkpoint`",
+         `train`, `workers`, `output`, `checkpoint`, `fault`",
     );
     check_err(
         &edit(&[("steps = 10", "steps = 10\nlr = 0.1")]),
@@ -97,7 +97,7 @@ fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
         "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `model`, \
-         `data`, `train`, `workers`, `output`, `checkpoint`",
+         `data`, `train`, `workers`, `output`, `checkpoint`, `fault`",
     );
 }
 
@@ -995,5 +995,54 @@ fn check_refuses_what_the_parser_refuses() {
             s.checkpoint.keep_best = best("val_loss", 1);
         }),
         "checkpoint.keep_best.metric \"val_loss\" needs data.validation"
+    );
+}
+
+/// `BASE` with a `[fault]` table holding `body` appended: the table is line
+/// 19, `body` starts on line 20.
+fn with_fault(body: &str) -> String {
+    edit(&[(
+        "dir = \"out\"\n",
+        &format!("dir = \"out\"\n[fault]\n{body}\n"),
+    )])
+}
+
+#[test]
+fn fault_table_defaults_values_and_errors() {
+    let base = parse(&edit(&[]));
+    assert_eq!(
+        base.fault,
+        FaultSpec {
+            max_restarts: 10,
+            rejoin_timeout_secs: 300
+        }
+    );
+    let set = parse(&with_fault("max_restarts = 0\nrejoin_timeout_secs = 30"));
+    assert_eq!(set.fault.max_restarts, 0);
+    assert_eq!(set.fault.rejoin_timeout_secs, 30);
+    assert_eq!(set.check(), Ok(()));
+    check_err(
+        &with_fault("max_restarts = -1"),
+        "job.toml:20:16: fault.max_restarts must be between 0 and 10000, got -1",
+    );
+    check_err(
+        &with_fault("rejoin_timeout_secs = 0"),
+        "job.toml:20:23: fault.rejoin_timeout_secs must be between 1 and 604800, got 0",
+    );
+    check_err(
+        &with_fault("restarts = 3"),
+        "job.toml:20:1: unknown field `restarts`, expected `max_restarts` or \
+         `rejoin_timeout_secs`",
+    );
+    // A spec stored before the table existed reads with the defaults.
+    let mut json: serde_json::Value = serde_json::to_value(&base).unwrap();
+    json.as_object_mut().unwrap().remove("fault");
+    let old: JobSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(old.fault, FaultSpec::default());
+    let mut wire = base.clone();
+    wire.fault.rejoin_timeout_secs = 0;
+    assert_eq!(
+        wire.check(),
+        Err("fault.rejoin_timeout_secs must be between 1 and 604800, got 0".into())
     );
 }

@@ -34,6 +34,7 @@ pub(super) struct RawJob {
     pub workers: RawWorkers,
     pub output: RawOutput,
     pub checkpoint: Option<RawCheckpoint>,
+    pub fault: Option<RawFault>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +144,14 @@ pub(super) struct RawCheckpoint {
     pub keep_best: Option<RawKeepBest>,
     #[serde(rename = "async")]
     pub asynchronous: Option<bool>,
+}
+
+/// The optional `[fault]` table: how the job rides out lost workers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [fault] table")]
+pub(super) struct RawFault {
+    pub max_restarts: Option<Spanned<Integer>>,
+    pub rejoin_timeout_secs: Option<Spanned<Integer>>,
 }
 
 /// `checkpoint.keep_best`, usually an inline table.

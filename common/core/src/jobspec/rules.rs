@@ -193,6 +193,14 @@ pub(super) fn checkpoint_every_seconds(every: impl Into<i128>) -> Rule {
     at_least_one("checkpoint.every_seconds", every)
 }
 
+pub(super) fn max_restarts(n: impl Into<i128>) -> Rule {
+    in_range("fault.max_restarts", n, 0, 10_000)
+}
+
+pub(super) fn rejoin_timeout_secs(secs: impl Into<i128>) -> Rule {
+    in_range("fault.rejoin_timeout_secs", secs, 1, 7 * 24 * 3600)
+}
+
 pub(super) fn keep_last(keep: impl Into<i128>) -> Rule {
     count("checkpoint.keep_last", keep)
 }

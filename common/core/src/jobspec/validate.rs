@@ -13,13 +13,13 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::raw::{
-    Integer, RawCheckpoint, RawData, RawJob, RawModel, RawModelKind, RawOptimizer, RawTrain,
-    RawWorkers,
+    Integer, RawCheckpoint, RawData, RawFault, RawJob, RawModel, RawModelKind, RawOptimizer,
+    RawTrain, RawWorkers,
 };
 use super::rules::{self, Rule};
 use super::{
-    CheckpointSpec, DEFAULT_LOG_EVERY_STEPS, DataSpec, Duration, JobSpec, KeepBestSpec, Location,
-    MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError, SpecSpans, TrainSpec,
+    CheckpointSpec, DEFAULT_LOG_EVERY_STEPS, DataSpec, Duration, FaultSpec, JobSpec, KeepBestSpec,
+    Location, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError, SpecSpans, TrainSpec,
     WorkersSpec,
 };
 
@@ -140,6 +140,7 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         dir: resolve(at, &raw.output.dir, "output.dir")?,
     };
     let checkpoint = build_checkpoint(raw.checkpoint, &output, data.validation.is_some(), at)?;
+    let fault = build_fault(raw.fault, at)?;
     let spec = JobSpec {
         name: raw.name.into_inner(),
         seed,
@@ -149,6 +150,7 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         workers,
         output,
         checkpoint,
+        fault,
     };
     let spans = SpecSpans {
         data_table,
@@ -384,6 +386,23 @@ fn build_workers(
         max: u32::try_from(max).unwrap_or(u32::MAX),
         device: raw.device,
     })
+}
+
+/// The `[fault]` table, or its defaults when the file has none.
+fn build_fault(raw: Option<RawFault>, at: &Locator<'_>) -> Result<FaultSpec, SpecError> {
+    let mut fault = FaultSpec::default();
+    let Some(raw) = raw else {
+        return Ok(fault);
+    };
+    if let Some(n) = &raw.max_restarts {
+        at.check(n, rules::max_restarts(n.get_ref().0))?;
+        fault.max_restarts = narrow(n, at)?;
+    }
+    if let Some(secs) = &raw.rejoin_timeout_secs {
+        at.check(secs, rules::rejoin_timeout_secs(secs.get_ref().0))?;
+        fault.rejoin_timeout_secs = non_negative(secs.get_ref().0);
+    }
+    Ok(fault)
 }
 
 /// The `[checkpoint]` table, or its defaults when the file has none.
