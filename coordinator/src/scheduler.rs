@@ -7,6 +7,10 @@
 //! allow and that divides its global batch (every rank takes an equal share).
 //! A job that cannot start yet blocks later jobs of the same device kind, so a
 //! large job is never starved by a stream of small ones.
+//!
+//! A job re-forming after a lost member ([`regroup`]) keeps the survivors
+//! that hold its state and fills up from free workers first: it goes before
+//! the queue, since its survivors are held busy while it waits.
 
 use ringmaster_common::ids::{JobId, WorkerId};
 use ringmaster_common::jobspec::DeviceKind;
@@ -126,6 +130,57 @@ pub fn explain(
     out
 }
 
+/// A survivor of a broken generation: the worker and the step whose state
+/// it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Survivor {
+    pub id: WorkerId,
+    pub step: u64,
+}
+
+/// The next generation of a job that lost members: `workers[r]` becomes rank
+/// `r`; `source` is the rank whose state every other rank takes over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Regroup {
+    pub workers: Vec<WorkerId>,
+    pub source: u32,
+}
+
+/// Forms the next generation from `survivors` (in their old rank order) and
+/// `free` workers of the job's device kind: the largest world size in
+/// `[min, max]` that divides the batch, survivors first, the survivor with
+/// the newest state always kept (it is the source; ties go to the lower old
+/// rank). `None` when no survivor holds state or too few workers are there.
+pub fn regroup(d: &Demand, survivors: &[Survivor], free: &[FreeWorker]) -> Option<Regroup> {
+    let best = survivors
+        .iter()
+        .enumerate()
+        .max_by(|(i, a), (j, b)| a.step.cmp(&b.step).then(j.cmp(i)))
+        .map(|(i, _)| i)?;
+    let newcomers: Vec<&WorkerId> = free
+        .iter()
+        .filter(|w| w.device == d.device && survivors.iter().all(|s| s.id != w.id))
+        .map(|w| &w.id)
+        .collect();
+    let cap = d.max.min((survivors.len() + newcomers.len()) as u32);
+    let world = (d.min.max(1)..=cap)
+        .rev()
+        .find(|w| d.global_batch.is_multiple_of(*w))? as usize;
+    // The source first among the survivors kept, then the others in their
+    // old order, then newcomers.
+    let mut workers: Vec<WorkerId> = vec![survivors[best].id.clone()];
+    workers.extend(
+        survivors
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != best)
+            .map(|(_, s)| s.id.clone()),
+    );
+    workers.extend(newcomers.into_iter().cloned());
+    workers.truncate(world);
+    Some(Regroup { workers, source: 0 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +261,48 @@ mod tests {
             &free(&["w1", "w2", "w3"]),
             &[("a", &["w1", "w2"]), ("b", &["w3"])],
         );
+    }
+
+    fn survivors(list: &[(&str, u64)]) -> Vec<Survivor> {
+        list.iter()
+            .map(|(id, step)| Survivor {
+                id: WorkerId(id.to_string()),
+                step: *step,
+            })
+            .collect()
+    }
+
+    fn ids(r: &Regroup) -> Vec<&str> {
+        r.workers.iter().map(|w| w.0.as_str()).collect()
+    }
+
+    #[test]
+    fn a_regroup_keeps_the_newest_state_first_and_fills_from_free_workers() {
+        let d = demand("a", 2, 3, 96);
+        let r = regroup(&d, &survivors(&[("w1", 40), ("w2", 41)]), &free(&["w9"])).unwrap();
+        assert_eq!(ids(&r), ["w2", "w1", "w9"]);
+        assert_eq!(r.source, 0);
+        // Equal steps: the lower old rank is the source.
+        let r = regroup(&d, &survivors(&[("w1", 40), ("w2", 40)]), &free(&[])).unwrap();
+        assert_eq!(ids(&r), ["w1", "w2"]);
+        // A free worker that is also a survivor is not counted twice.
+        let r = regroup(&d, &survivors(&[("w1", 7)]), &free(&["w1", "w3"])).unwrap();
+        assert_eq!(ids(&r), ["w1", "w3"]);
+    }
+
+    #[test]
+    fn a_regroup_waits_for_min_and_respects_the_batch() {
+        let d = demand("a", 2, 2, 64);
+        assert_eq!(regroup(&d, &survivors(&[("w1", 3)]), &free(&[])), None);
+        assert_eq!(regroup(&d, &[], &free(&["w1", "w2"])), None);
+        // 3 would not divide 64: two survivors and one newcomer make 2.
+        let d = demand("a", 1, 3, 64);
+        let r = regroup(&d, &survivors(&[("w1", 3), ("w2", 5)]), &free(&["w3"])).unwrap();
+        assert_eq!(ids(&r), ["w2", "w1"]);
+        // Another device kind is no newcomer.
+        let mut gpu = free(&["g1"]);
+        gpu[0].device = DeviceKind::Cuda;
+        let d = demand("a", 2, 2, 64);
+        assert_eq!(regroup(&d, &survivors(&[("w1", 3)]), &gpu), None);
     }
 }

@@ -1,7 +1,8 @@
 //! The control loop driven in process, with fake worker sessions: who is
 //! blamed when a worker dies, deadlines that die with their generation,
-//! workers that never report their end, duplicate names, and why a queued
-//! job waits. Each case is one a user hit with the real binaries.
+//! workers that never report their end, duplicate names, why a queued job
+//! waits, and how a job re-forms in place after a lost member. Each case is
+//! one a user hit with the real binaries.
 
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
@@ -29,6 +30,14 @@ struct FakeWorker {
 }
 
 impl FakeWorker {
+    /// The next command.
+    async fn next(&mut self) -> Command {
+        tokio::time::timeout(Duration::from_secs(5), self.commands.recv())
+            .await
+            .expect("no command within 5 s")
+            .expect("session closed")
+    }
+
     /// The next `StartTraining`, skipping anything else.
     async fn start(&mut self) -> StartTraining {
         loop {
@@ -59,6 +68,9 @@ fn spec(min: u32) -> JobSpec {
     spec.workers.min = min;
     spec.workers.max = min;
     spec.train.global_batch = 96;
+    // Most cases here are about failing (and blaming); recovery cases ask
+    // for restarts themselves.
+    spec.fault.max_restarts = 0;
     spec
 }
 
@@ -395,5 +407,219 @@ fn after_a_restart_a_lost_rank_keeps_its_name_and_the_adoption_deadline_dies_wit
             (JobState::Running, 2),
             "{s:?}"
         );
+    });
+}
+
+/// A job of `min` ranks that may restart, running on fresh fake workers.
+async fn recoverable_job(
+    names: &[&str],
+    spares: &[&str],
+    min: u32,
+) -> (ControlHandle, Vec<FakeWorker>, Vec<FakeWorker>, JobId) {
+    let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+        .await
+        .unwrap();
+    let mut ws = Vec::new();
+    for name in names {
+        ws.push(register(&h, name, name, None).await.unwrap());
+    }
+    let mut spec = spec(min);
+    spec.fault.max_restarts = 3;
+    let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
+    for w in &mut ws {
+        w.start().await;
+    }
+    let mut extra = Vec::new();
+    for name in spares {
+        extra.push(register(&h, name, name, None).await.unwrap());
+    }
+    (h, ws, extra, id)
+}
+
+fn parked(job: &JobId, generation: u64, step: u64, lost: Option<u32>) -> WorkerReport {
+    WorkerReport::Parked(ringmaster_proto::Parked {
+        run: RunId {
+            job: job.clone(),
+            generation: Generation(generation),
+        },
+        step,
+        lost_peer: lost.map(Rank),
+        reason: "collective: lost peer".into(),
+    })
+}
+
+#[test]
+fn a_lost_member_is_replaced_by_a_spare_around_the_newest_survivor_state() {
+    rt().block_on(async {
+        let (h, mut ws, mut spares, id) = recoverable_job(&["n0", "n1", "n2"], &["s0"], 3).await;
+        // n2 dies; its neighbours' rings break.
+        h.from_session(Msg::Disconnected(ws[2].id.clone(), "session closed".into()));
+        let s = wait_state(&h, &id, JobState::Recovering).await;
+        assert_eq!(s.status.restarts, 1);
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e.contains("n2 (rank 2) lost")),
+            "{:?}",
+            s.status.events
+        );
+        // The survivors are told to leave their ring keeping their state.
+        for w in &mut ws[..2] {
+            match w.next().await {
+                Command::Abort(a) => {
+                    assert!(a.keep_state, "{a:?}");
+                    assert_eq!(a.run.generation, Generation(1));
+                }
+                other => panic!("expected an abort keeping the state, got {other:?}"),
+            }
+        }
+        // n1 completed one more step than n0 before the ring broke.
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            parked(&id, 1, 41, Some(2)),
+        ));
+        h.from_session(Msg::FromWorker(ws[1].id.clone(), parked(&id, 1, 42, None)));
+        // Generation 2: n1 (the newest state) is rank 0 and the source, then
+        // n0, then the spare.
+        let starts = [
+            ws[1].start().await,
+            ws[0].start().await,
+            spares[0].start().await,
+        ];
+        for (rank, st) in starts.iter().enumerate() {
+            assert_eq!(st.run.generation, Generation(2));
+            assert_eq!(st.rank, Rank(rank as u32));
+            assert_eq!(st.state_source, Some(Rank(0)));
+            assert!(st.resume_candidates.is_empty(), "no checkpoint is read");
+        }
+        let s = wait_state(&h, &id, JobState::Running).await;
+        assert_eq!(s.status.generation, 2);
+        assert_eq!(s.status.members, ["n1", "n0", "s0"]);
+        assert_eq!(s.status.step, 42);
+        // The status was persisted before the starts went out (invariants.rs
+        // checks the order for every launch); here: it is in the store.
+    });
+}
+
+#[test]
+fn a_parked_report_starts_recovery_and_a_silent_member_is_lost_after_the_window() {
+    rt().block_on(async {
+        let c = ControlConfig {
+            heartbeat_timeout: Duration::from_millis(300),
+            ..cfg()
+        };
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), c)
+            .await
+            .unwrap();
+        let mut ws = Vec::new();
+        for name in ["n0", "n1"] {
+            ws.push(register(&h, name, name, None).await.unwrap());
+        }
+        let mut spec = spec(1);
+        spec.workers.max = 2;
+        spec.fault.max_restarts = 1;
+        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
+        for w in &mut ws {
+            w.start().await;
+        }
+        // n0's ring broke; n1 stays connected but never parks (hung).
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            parked(&id, 1, 7, Some(1)),
+        ));
+        wait_state(&h, &id, JobState::Recovering).await;
+        // After the regroup window, n0 alone re-forms the job (min 1).
+        let st = ws[0].start().await;
+        assert_eq!(st.run.generation, Generation(2));
+        assert_eq!(st.peers.len(), 1);
+        let s = wait_state(&h, &id, JobState::Running).await;
+        assert_eq!(s.status.members, ["n0"]);
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e.contains("state of step 7 from n0")),
+            "{:?}",
+            s.status.events
+        );
+    });
+}
+
+#[test]
+fn without_survivors_or_past_the_budget_the_job_does_not_re_form() {
+    rt().block_on(async {
+        let (h, mut ws, _, id) = recoverable_job(&["n0", "n1"], &[], 2).await;
+        // Both members go: nobody holds the state, so the job is queued
+        // again (to resume from a checkpoint; here from the start).
+        h.from_session(Msg::Disconnected(ws[0].id.clone(), "session closed".into()));
+        h.from_session(Msg::Disconnected(ws[1].id.clone(), "session closed".into()));
+        let s = wait_state(&h, &id, JobState::Queued).await;
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e.contains("no survivor holds the training state")),
+            "{:?}",
+            s.status.events
+        );
+        drop(ws.drain(..));
+        // Stale reports of generation 1 change nothing now.
+        let a = register(&h, "a", "a", None).await.unwrap();
+        h.from_session(Msg::FromWorker(a.id.clone(), parked(&id, 1, 5, None)));
+        let s2 = job(&h, &id).await;
+        assert_eq!(s2.status.state, JobState::Queued);
+        assert_eq!(s2.status.restarts, 1);
+    });
+}
+
+#[test]
+fn with_too_few_workers_a_recovering_job_waits_and_then_goes_back_to_the_queue() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut ws = Vec::new();
+        for name in ["n0", "n1"] {
+            ws.push(register(&h, name, name, None).await.unwrap());
+        }
+        let mut spec = spec(2);
+        spec.fault.max_restarts = 2;
+        spec.fault.rejoin_timeout_secs = 1;
+        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
+        for w in &mut ws {
+            w.start().await;
+        }
+        h.from_session(Msg::Disconnected(ws[1].id.clone(), "session closed".into()));
+        wait_state(&h, &id, JobState::Recovering).await;
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            parked(&id, 1, 9, Some(1)),
+        ));
+        // One survivor, min 2, nobody free: it waits, saying why.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = job(&h, &id).await;
+        assert_eq!(s.status.state, JobState::Recovering);
+        assert_eq!(
+            s.waiting.as_deref(),
+            Some("re-forming: needs 2 workers, 1 survivor and 0 free")
+        );
+        // Past rejoin_timeout_secs: queued again, and the survivor drops the
+        // state it held.
+        let s = wait_state(&h, &id, JobState::Queued).await;
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e.contains("too few workers to re-form within 1 s")),
+            "{:?}",
+            s.status.events
+        );
+        loop {
+            match ws[0].next().await {
+                Command::Abort(a) if !a.keep_state => break,
+                _ => continue,
+            }
+        }
     });
 }

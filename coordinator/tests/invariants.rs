@@ -539,6 +539,9 @@ fn spec(world: u32, checkpoints: &Path) -> JobSpec {
     spec.checkpoint.dir = checkpoints.to_path_buf();
     // Retention acts on every commit after the first.
     spec.checkpoint.keep_last = Some(1);
+    // A lost worker fails the job (and a user resumes it) unless a case
+    // asks for in-place recovery.
+    spec.fault.max_restarts = 0;
     spec
 }
 
@@ -599,6 +602,11 @@ struct Harness {
 /// A loop on a recording store, and a job of `world` ranks running in
 /// generation 1 on fake workers `n0`, `n1`, ...
 async fn running_job(world: usize) -> Harness {
+    running_job_with(world, 0).await
+}
+
+/// [`running_job`] for a job that may re-form in place `max_restarts` times.
+async fn running_job_with(world: usize, max_restarts: u32) -> Harness {
     let rec = Arc::new(Recorder::default());
     let store = Arc::new(Recording {
         inner: MemoryStore::new(),
@@ -613,7 +621,8 @@ async fn running_job(world: usize) -> Harness {
         ids.insert(name.clone(), register(&h, &rec, &name, None).await);
     }
     let checkpoints = tempfile::tempdir().unwrap();
-    let spec = spec(world as u32, checkpoints.path());
+    let mut spec = spec(world as u32, checkpoints.path());
+    spec.fault.max_restarts = max_restarts;
     let job = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
     let ranks = rec
         .starts(1, world)
@@ -1079,5 +1088,68 @@ fn the_last_generation_ending_late_does_not_fail_the_resumed_job() {
             (s.status.state, s.status.generation),
             (JobState::Running, 2)
         );
+    });
+}
+
+/// In-place recovery persists before acting too: `recovering` is in the
+/// store before any member is told to leave its ring, and the re-formed
+/// generation before any of its members starts.
+#[test]
+fn a_re_forming_job_is_in_the_store_before_its_members_are_told_anything() {
+    rt().block_on(async {
+        let mut t = running_job_with(2, 1).await;
+        let spare = register(&t.h, &t.rec, "n9", None).await;
+        t.ids.insert("n9".into(), spare);
+        let (r0, r1) = (t.ranks[0].clone(), t.ranks[1].clone());
+        t.h.from_session(Msg::Disconnected(
+            t.id(&r1).clone(),
+            "session closed".into(),
+        ));
+        let recovering = |e: &Event| {
+            e.status()
+                .is_some_and(|s| s.state == JobState::Recovering && s.generation == 1)
+        };
+        t.rec.wait(0, "the status `recovering`", recovering).await;
+        let parked = WorkerReport::Parked(ringmaster_proto::Parked {
+            run: run(&t.job, 1),
+            step: 12,
+            lost_peer: Some(Rank(1)),
+            reason: "collective: lost peer rank 1".into(),
+        });
+        send(&t.h, t.id(&r0), parked);
+        let starts = t.rec.starts(2, 2).await;
+        assert_eq!(
+            starts.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            [r0.as_str(), "n9"]
+        );
+        assert!(
+            starts.iter().all(|s| s.1.is_empty()),
+            "no checkpoint is read"
+        );
+        let log = t.rec.events();
+        assert_before(
+            &log,
+            ("the status `recovering`", &recovering),
+            ("the abort of generation 1 to the survivor", &|e| {
+                e.abort().is_some_and(|(to, g)| to == r0 && g == 1)
+            }),
+        );
+        assert_before(
+            &log,
+            ("the status `running`, generation 2", &|e| {
+                e.status()
+                    .is_some_and(|s| s.state == JobState::Running && s.generation == 2)
+            }),
+            ("the first StartTraining of generation 2", &|e| {
+                e.start().is_some_and(|s| s.1 == 2)
+            }),
+        );
+        let s = t
+            .rec
+            .events()
+            .iter()
+            .rev()
+            .find_map(|e| e.status().cloned());
+        assert_eq!(s.map(|s| (s.restarts, s.step)), Some((1, 12)));
     });
 }

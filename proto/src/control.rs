@@ -96,14 +96,16 @@ pub struct JobView {
 }
 
 impl JobView {
-    /// The view of a stored job; `waiting` is kept only while it is queued.
+    /// The view of a stored job; `waiting` is kept only while it is queued
+    /// or re-forming.
     pub fn new(job: &JobRecord, status: &JobStatusRecord, waiting: Option<String>) -> JobView {
         JobView {
             id: job.id.clone(),
             name: job.spec.name.clone(),
             submitted_at_ms: job.submitted_at_ms,
             status: status.clone(),
-            waiting: waiting.filter(|_| status.state == JobState::Queued),
+            waiting: waiting
+                .filter(|_| matches!(status.state, JobState::Queued | JobState::Recovering)),
         }
     }
 }

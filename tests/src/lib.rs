@@ -578,6 +578,18 @@ pub fn pack_digits(dir: &Path) -> PathBuf {
 }
 
 /// Reads every tensor of a safetensors file as f32 values, by name.
+/// `|a - b| / |a|` over two flattened parameter vectors of one length.
+pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "parameter vectors of different lengths");
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
+    let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
 pub fn read_params(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");

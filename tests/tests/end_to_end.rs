@@ -3,7 +3,9 @@
 //! user cares about: accuracy, the parameters written, exit codes and the
 //! failure reason when a worker dies.
 
-use ringmaster_tests::{JobBuilder, LocalCluster, pack_digits, read_params, wait_until};
+use ringmaster_tests::{
+    JobBuilder, LocalCluster, pack_digits, read_params, relative_l2, wait_until,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,16 +22,6 @@ fn write_job(dir: &Path, data: &Path, name: &str, workers: u32, train: &str) -> 
         .train("eval_every_steps = 20")
         .exactly(workers)
         .write(dir)
-}
-
-fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
-    let diff: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum();
-    let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
 }
 
 #[test]

@@ -406,7 +406,7 @@ async fn handle_command(
             None => warn!("ignoring a malformed message from the coordinator: {e}"),
         },
         Ok(Command::Abort(abort)) => {
-            if let Some(r) = current.as_ref()
+            if let Some(r) = current.as_mut()
                 && r.run() == abort.run
             {
                 if abort.keep_state {
@@ -415,11 +415,13 @@ async fn handle_command(
                 } else {
                     info!(job = %abort.run.job, "aborting: {}", abort.reason);
                     r.control.abort(&abort.reason);
-                    if r.parked
-                        && let Some(h) = &r.host
-                    {
+                    // Also for a trainer not (yet) seen parked: it may be
+                    // about to park, and then takes this at once.
+                    if let Some(h) = &r.host {
                         let _ = h.next.send(Next::Drop(abort.reason.clone()));
                     }
+                    // Whatever it held is gone: no later start goes to it.
+                    r.parked = false;
                 }
             }
         }

@@ -113,7 +113,11 @@ fn host(
                 return;
             }
         };
-        let keep = run.as_ref().is_some_and(Run::state_intact) && parks(&e, &control);
+        // An abort that ends the run (not one that parks it) may race the
+        // failure it caused: it wins.
+        let ended_by_abort = control.is_aborted() && !control.keeps_state();
+        let keep =
+            !ended_by_abort && run.as_ref().is_some_and(Run::state_intact) && parks(&e, &control);
         if !keep {
             warn!("training failed: {e}");
             let _ = tx.send(ended(&id, Err(e)));
@@ -142,6 +146,8 @@ fn host(
             }
             Ok(Next::Drop(why)) => {
                 info!("dropping the held state: {why}");
+                // Says so, so the coordinator frees this worker at once.
+                let _ = tx.send(failed(&id, format!("aborted: {why}"), None));
                 return;
             }
             Err(RecvTimeoutError::Timeout) => {

@@ -4,6 +4,7 @@
 //! launch are in `rendezvous.rs`, deadlines in `timers.rs`.
 
 use super::membership::Release;
+use super::recovery::Recovery;
 use super::reports::PeerReport;
 use super::timers::{Timer, TimerKind};
 use super::{Cluster, ControlError};
@@ -50,6 +51,8 @@ pub(super) struct Job {
     /// The job ended while its final state could not be written: its
     /// members are told to stop once it is (persist before acting).
     pub(super) aborts_unsent: bool,
+    /// While `recovering`: what is known of the broken generation.
+    pub(super) recovery: Option<Recovery>,
 }
 
 impl Job {
@@ -66,6 +69,7 @@ impl Job {
             peer_reports: Vec::new(),
             waiting: None,
             aborts_unsent: false,
+            recovery: None,
         }
     }
 
@@ -166,6 +170,7 @@ impl Cluster {
         job.status.updated_at_ms = now_ms();
         job.peer_reports.clear();
         job.timers.clear();
+        job.recovery = None;
         // Members that never report how their run ended are freed anyway.
         let at = Instant::now() + self.cfg.release_grace;
         let run = job.run();

@@ -154,7 +154,8 @@ impl Cluster {
     }
 
     /// A worker's session closed or went silent: its registration is removed
-    /// and the job it held fails, naming it.
+    /// and the job it held re-forms without it (or fails, naming it, when it
+    /// may not restart).
     pub(super) async fn disconnected(&mut self, id: WorkerId, reason: String) {
         if let Some(w) = self.workers.remove(&id) {
             info!(worker = %id, name = %w.info.name, "worker left: {reason}");
@@ -165,8 +166,8 @@ impl Cluster {
                 warn!(worker = %id, "could not remove the registration: {e}");
             }
             if let Some(Assignment { run, rank }) = w.assignment {
-                let why = format!("worker {} (rank {rank}) lost: {reason}", w.info.name);
-                self.fail(&run.job, run.generation, why).await;
+                self.member_lost(&run.job, run.generation, rank, reason)
+                    .await;
             }
             self.schedule().await;
         }

@@ -24,6 +24,7 @@ mod adoption;
 mod checkpoints;
 mod jobs;
 mod membership;
+mod recovery;
 mod rendezvous;
 mod reports;
 mod store_io;
@@ -350,6 +351,15 @@ impl Cluster {
                     self.cfg.adopt_grace.as_secs(),
                     status.members.len()
                 ));
+            }
+            if status.state == JobState::Recovering {
+                // The survivors' state lived in the old coordinator's plan
+                // only as far as it got; resume from the store's checkpoint.
+                status.state = JobState::Queued;
+                status.note(
+                    "coordinator restarted while the job re-formed: queued again, to resume \
+                     from its newest committed checkpoint",
+                );
             }
             if status.state == JobState::Queued {
                 queued.push((record.submitted_at_ms, id.clone()));

@@ -18,6 +18,10 @@ use tracing::{info, warn};
 impl Cluster {
     /// Starts every queued job that the free workers allow.
     pub(super) async fn schedule(&mut self) {
+        // Jobs re-forming after a loss go first: their survivors are held.
+        if self.jobs.values().any(|j| j.recovery.is_some()) {
+            Box::pin(self.regroup_waiting()).await;
+        }
         // Registrations and departures call this; with nothing queued it
         // must not cost O(workers) each (measured: half the coordinator's
         // CPU while 10k workers registered).
@@ -36,15 +40,7 @@ impl Cluster {
                 global_batch: j.record.spec.train.global_batch,
             })
             .collect();
-        let free: Vec<FreeWorker> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.assignment.is_none())
-            .map(|(id, w)| FreeWorker {
-                id: id.clone(),
-                device: w.info.device.kind(),
-            })
-            .collect();
+        let free = self.free_workers();
         let placements = scheduler::place(&queue, &free);
         let registered = |kind: DeviceKind| {
             self.workers
@@ -61,15 +57,35 @@ impl Cluster {
             }
         }
         for placement in placements {
-            if let Err(e) = self.launch(&placement.job, placement.workers).await {
+            if let Err(e) = self.launch(&placement.job, placement.workers, None).await {
                 warn!(job = %placement.job, "could not start: {e}");
             }
         }
     }
 
+    /// Workers with nothing to do, in registration order.
+    pub(super) fn free_workers(&self) -> Vec<FreeWorker> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.assignment.is_none())
+            .map(|(id, w)| FreeWorker {
+                id: id.clone(),
+                device: w.info.device.kind(),
+            })
+            .collect()
+    }
+
     /// Forms a new generation of the job's group: persisted as running first,
-    /// then each member receives its rank and the peers' addresses.
-    async fn launch(&mut self, id: &JobId, members: Vec<WorkerId>) -> Result<(), ControlError> {
+    /// then each member receives its rank and the peers' addresses. With
+    /// `state_source`, the group re-forms around live state: that rank's is
+    /// copied to the others (no checkpoint is read); otherwise every rank
+    /// starts from the newest committed checkpoint, or afresh.
+    pub(super) async fn launch(
+        &mut self,
+        id: &JobId,
+        members: Vec<WorkerId>,
+        state_source: Option<Rank>,
+    ) -> Result<(), ControlError> {
         let Some(job) = self.jobs.get_mut(id) else {
             return Ok(());
         };
@@ -102,11 +118,14 @@ impl Cluster {
         // Deadlines and reports of the previous generation die with it.
         job.timers.clear();
         job.peer_reports.clear();
+        job.recovery = None;
         job.waiting = None;
         job.publish();
         let run = job.run();
         let spec = job.record.spec.clone();
-        let resume_candidates: Vec<PathBuf> = if job.checkpoints.is_empty() {
+        let resume_candidates: Vec<PathBuf> = if state_source.is_some() {
+            Vec::new()
+        } else if job.checkpoints.is_empty() {
             job.record.resume_from.iter().cloned().collect()
         } else {
             job.checkpoints
@@ -142,7 +161,7 @@ impl Cluster {
                 spec: spec.clone(),
                 progress_every_steps: self.cfg.progress_every_steps,
                 resume_candidates: resume_candidates.clone(),
-                state_source: None,
+                state_source,
             }));
             if worker.tx.send(start).await.is_err() {
                 warn!(worker = %w, "session closed before the start command");

@@ -34,18 +34,13 @@ impl Cluster {
             // Recovery is not built yet: a parked rank is a lost group, as a
             // data-plane failure was before.
             WorkerReport::Parked(p) => {
-                let ended = ringmaster_proto::TrainingEnded {
-                    run: p.run,
-                    step: p.step,
-                    metrics: Metrics::new(),
-                    outcome: RunOutcome::Failed {
-                        reason: p.reason,
-                        cause: FailureCause::DataPlane {
-                            lost_peer: p.lost_peer,
-                        },
-                    },
+                let Some(Assignment { run, rank }) = assignment else {
+                    return;
                 };
-                Box::pin(self.on_worker_report(id, WorkerReport::Ended(ended))).await;
+                if p.run != run {
+                    return; // fenced
+                }
+                self.member_parked(&id, rank, p).await;
             }
             WorkerReport::Progress(p) => {
                 let Some(Assignment { run, rank }) = assignment else {
@@ -113,6 +108,20 @@ impl Cluster {
                 }
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.assignment = None;
+                }
+                // A member of a re-forming job that ends instead of parking
+                // holds no state to bring (a transfer into it broke, say).
+                if self
+                    .jobs
+                    .get(&run.job)
+                    .is_some_and(|j| j.status.state == JobState::Recovering)
+                {
+                    let why = match e.outcome {
+                        RunOutcome::Failed { reason, .. } => reason,
+                        RunOutcome::Succeeded { .. } => "ended instead of holding its state".into(),
+                    };
+                    self.member_lost(&run.job, run.generation, rank, why).await;
+                    return;
                 }
                 match e.outcome {
                     RunOutcome::Succeeded { stopped } => {

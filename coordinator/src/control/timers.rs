@@ -23,6 +23,11 @@ pub(super) enum TimerKind {
     /// A peer reported a closed connection: fail the job with what the
     /// reports say unless a member's session broke first.
     Blame,
+    /// A re-forming job: members that have not left their ring by now are
+    /// taken as lost.
+    Regroup,
+    /// A re-forming job still short of workers goes back to the queue.
+    Rejoin,
 }
 
 /// A deadline of one generation of a job. A timer of an older generation
@@ -125,7 +130,7 @@ impl Cluster {
                 self.finish(id, JobState::Cancelled, Some(reason)).await;
             }
             TimerKind::Adopt if job.status.state == JobState::Running => {
-                let missing: Vec<String> = job
+                let missing: Vec<Rank> = job
                     .members
                     .iter()
                     .enumerate()
@@ -134,20 +139,43 @@ impl Cluster {
                             .as_ref()
                             .is_none_or(|w| !self.workers.contains_key(w))
                     })
-                    .map(|(rank, _)| job.member_label(Rank(rank as u32)))
+                    .map(|(rank, _)| Rank(rank as u32))
                     .collect();
-                let reason = format!(
-                    "after a coordinator restart, {} did not rejoin within {} s",
-                    missing.join(", "),
-                    self.cfg.adopt_grace.as_secs()
+                let grace = self.cfg.adopt_grace.as_secs();
+                if job.record.spec.fault.max_restarts == 0 {
+                    let names: Vec<String> = missing.iter().map(|r| job.member_label(*r)).collect();
+                    let reason = format!(
+                        "after a coordinator restart, {} did not rejoin within {grace} s",
+                        names.join(", "),
+                    );
+                    self.fail(id, generation, reason).await;
+                } else {
+                    for rank in missing {
+                        let why =
+                            format!("did not rejoin within {grace} s of a coordinator restart");
+                        self.member_lost(id, generation, rank, why).await;
+                    }
+                }
+            }
+            TimerKind::Regroup if job.status.state == JobState::Recovering => {
+                self.regroup_window_closed(id).await;
+            }
+            TimerKind::Rejoin if job.status.state == JobState::Recovering => {
+                let why = format!(
+                    "too few workers to re-form within {} s",
+                    job.record.spec.fault.rejoin_timeout_secs
                 );
-                self.fail(id, generation, reason).await;
+                self.requeue(id, &why).await;
             }
             TimerKind::Blame if job.status.state == JobState::Running => {
                 let reason = self.blame_from_reports(job);
                 self.fail(id, generation, reason).await;
             }
-            TimerKind::StopGrace | TimerKind::Adopt | TimerKind::Blame => {}
+            TimerKind::StopGrace
+            | TimerKind::Adopt
+            | TimerKind::Blame
+            | TimerKind::Regroup
+            | TimerKind::Rejoin => {}
         }
     }
 }

@@ -135,8 +135,9 @@ impl GradBuckets {
     }
 }
 
-/// Groups consecutive parameters into runs of about `bytes` each (a parameter is never split).
-fn bucket_ranges(params: &[Tensor], bytes: usize) -> Vec<Range<usize>> {
+/// Groups consecutive tensors into runs of about `bytes` each (a tensor is
+/// never split): gradient buckets here, state-transfer chunks elsewhere.
+pub(super) fn bucket_ranges(params: &[Tensor], bytes: usize) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut filled = 0;

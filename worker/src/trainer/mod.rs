@@ -188,6 +188,11 @@ impl TrainerControl {
         self.abort(reason);
     }
 
+    /// Whether [`abort`](Self::abort) (or [`park`](Self::park)) was called.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
     /// Whether [`park`](Self::park) was called.
     pub fn keeps_state(&self) -> bool {
         self.keep_state.load(Ordering::SeqCst)

@@ -10,6 +10,7 @@
 //! did not arrive intact.
 
 use super::TrainError;
+use super::grads::bucket_ranges;
 use crate::collective::Collective;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -124,7 +125,7 @@ pub fn transfer(
 
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
-    for range in chunks(&targets, chunk_bytes) {
+    for range in bucket_ranges(&targets, chunk_bytes) {
         let part = &targets[range];
         let views = part
             .iter()
@@ -197,35 +198,11 @@ fn check_header(h: &StateHeader, mine: &State<'_>) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Consecutive runs of tensors of about `bytes` each (a tensor is never split).
-fn chunks(tensors: &[Tensor], bytes: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut filled) = (0, 0);
-    for (i, t) in tensors.iter().enumerate() {
-        filled += t.numel() * 4;
-        if filled >= bytes {
-            out.push(start..i + 1);
-            start = i + 1;
-            filled = 0;
-        }
-    }
-    if start < tensors.len() {
-        out.push(start..tensors.len());
-    }
-    out
-}
-
 /// Feeds a tensor's fp32 values (from any device) to `hasher`.
 fn hash_tensor(hasher: &mut Sha256, t: &Tensor) -> Result<(), TrainError> {
-    let host = t
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(Kind::Float)?
-        .f_contiguous()?;
-    let n = host.numel();
-    let mut data = vec![0f32; n];
-    host.f_copy_data(&mut data, n)?;
+    let host = crate::checkpoint::HostTensor::copy_of("", t)?;
     // Native byte order: every platform libtorch supports is little-endian.
-    hasher.update(bytemuck::cast_slice::<f32, u8>(&data));
+    hasher.update(bytemuck::cast_slice::<f32, u8>(&host.data));
     Ok(())
 }
 

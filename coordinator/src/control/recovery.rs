@@ -1,0 +1,389 @@
+//! In-place recovery: when a member of a running generation is lost, the job
+//! goes `recovering` (persisted first, one restart spent), the other members
+//! are told to leave their ring but keep their state (they report `Parked`
+//! with the step they hold), and once every member is accounted for (parked,
+//! or lost, or silent past the regroup window) the next generation forms from
+//! the survivors plus free workers, the survivor with the newest state as the
+//! source every other rank copies. Nothing is reloaded from disk unless no
+//! survivor holds state; too few workers keep the job waiting for
+//! `[fault] rejoin_timeout_secs`, after which it goes back to the queue and
+//! resumes from its newest committed checkpoint.
+
+use super::Cluster;
+use super::timers::TimerKind;
+use crate::scheduler::{self, Demand, Survivor};
+use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
+use ringmaster_common::now_ms;
+use ringmaster_common::records::JobState;
+use ringmaster_proto::{AbortTraining, Command, Parked};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// What the coordinator knows while a job re-forms.
+#[derive(Debug)]
+pub(super) struct Recovery {
+    /// When the loss was detected, for the timeline.
+    pub(super) since: Instant,
+    /// Members of the broken generation known gone, by rank, with why.
+    pub(super) lost: BTreeMap<Rank, String>,
+    /// Members that left the ring holding their state: rank -> step held.
+    pub(super) parked: BTreeMap<Rank, u64>,
+    /// The regroup window passed: members that have not parked are lost.
+    pub(super) window_closed: bool,
+}
+
+impl Cluster {
+    /// Member `rank` of generation `generation` is gone (its session closed,
+    /// it went silent, it did not rejoin after a coordinator restart).
+    pub(super) async fn member_lost(
+        &mut self,
+        id: &JobId,
+        generation: Generation,
+        rank: Rank,
+        why: String,
+    ) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        if job.generation() != generation {
+            return;
+        }
+        let incident = format!("worker {} lost: {why}", job.member_label(rank));
+        match job.status.state {
+            JobState::Running => {
+                if !self.begin_recovery(id, incident).await {
+                    return;
+                }
+            }
+            JobState::Recovering => {}
+            _ => return,
+        }
+        if let Some(rec) = self.jobs.get_mut(id).and_then(|j| j.recovery.as_mut()) {
+            rec.parked.remove(&rank);
+            rec.lost.insert(rank, why);
+        }
+        self.try_regroup(id).await;
+    }
+
+    /// Member `rank` of worker `worker` left its ring holding the state of
+    /// `p.step` (the caller checked `p.run` against its assignment).
+    pub(super) async fn member_parked(&mut self, worker: &WorkerId, rank: Rank, p: Parked) {
+        let Parked {
+            run,
+            step,
+            lost_peer,
+            reason,
+        } = p;
+        let (id, generation) = (&run.job, run.generation);
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        if job.generation() != generation {
+            return;
+        }
+        match job.status.state {
+            JobState::Running => {
+                let incident = match lost_peer {
+                    Some(peer) => format!(
+                        "worker {} lost: ring connection closed (reported by rank {rank})",
+                        job.member_label(peer)
+                    ),
+                    None => format!("{} left its group: {reason}", job.member_label(rank)),
+                };
+                if !self.begin_recovery(id, incident).await {
+                    return;
+                }
+            }
+            JobState::Recovering => {}
+            // The job is over or queued again: the state is not needed.
+            _ => {
+                self.drop_state(worker, id, generation, "the job is not re-forming");
+                return;
+            }
+        }
+        if let Some(rec) = self.jobs.get_mut(id).and_then(|j| j.recovery.as_mut()) {
+            rec.lost.remove(&rank);
+            rec.parked.insert(rank, step);
+        }
+        self.try_regroup(id).await;
+    }
+
+    /// Puts a running job into recovery: persisted first, one restart spent,
+    /// then every member is told to leave its ring keeping its state. Fails
+    /// the job instead when its restart budget is spent; returns whether the
+    /// job is recovering.
+    async fn begin_recovery(&mut self, id: &JobId, incident: String) -> bool {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return false;
+        };
+        let budget = job.record.spec.fault.max_restarts;
+        if job.status.restarts >= budget {
+            let reason = if budget == 0 {
+                incident
+            } else {
+                let earlier: Vec<&str> = job
+                    .status
+                    .events
+                    .iter()
+                    .filter(|e| e.contains("; recovering"))
+                    .map(String::as_str)
+                    .collect();
+                format!(
+                    "{incident}; the restart budget of {budget} is spent (earlier incidents: {})",
+                    earlier.join(" | ")
+                )
+            };
+            let generation = job.generation();
+            self.fail(id, generation, reason).await;
+            return false;
+        }
+        job.status.state = JobState::Recovering;
+        job.status.restarts += 1;
+        job.status.reason = None;
+        job.status.updated_at_ms = now_ms();
+        job.status.note(format!(
+            "{incident}; recovering (restart {} of {budget})",
+            job.status.restarts
+        ));
+        job.recovery = Some(Recovery {
+            since: Instant::now(),
+            lost: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            window_closed: false,
+        });
+        job.peer_reports.clear();
+        let window = self.cfg.blame_window();
+        job.set_timer(TimerKind::Regroup, window);
+        job.publish();
+        let status = job.status.clone();
+        info!(job = %id, restarts = status.restarts, "recovering: {incident}");
+        // Persist before acting; if the store does not answer, the members
+        // are told anyway: leaving a ring with the state kept loses nothing,
+        // and the status is written once the store is back.
+        if let Err(e) = self.persist_status(id, &status).await {
+            warn!(job = %id, "could not persist the recovery: {e}");
+        }
+        let Some(job) = self.jobs.get(id) else {
+            return false;
+        };
+        let run = job.run();
+        for m in &job.members {
+            if let Some(w) = m.worker.as_ref().and_then(|w| self.workers.get(w)) {
+                let _ = w.tx.try_send(Command::Abort(AbortTraining {
+                    run: run.clone(),
+                    reason: incident.clone(),
+                    keep_state: true,
+                }));
+            }
+        }
+        true
+    }
+
+    /// The regroup window passed: members that neither parked nor were seen
+    /// to go are taken as lost (a hung or partitioned worker).
+    pub(super) async fn regroup_window_closed(&mut self, id: &JobId) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let ranks = job.members.len();
+        let Some(rec) = job.recovery.as_mut() else {
+            return;
+        };
+        rec.window_closed = true;
+        let secs = self.cfg.blame_window().as_secs_f64();
+        for rank in (0..ranks).map(|r| Rank(r as u32)) {
+            if !rec.parked.contains_key(&rank) && !rec.lost.contains_key(&rank) {
+                rec.lost
+                    .insert(rank, format!("did not leave its ring within {secs:.1} s"));
+            }
+        }
+        self.try_regroup(id).await;
+    }
+
+    /// Forms the next generation once every member of the broken one is
+    /// accounted for and enough workers are there; otherwise waits (at most
+    /// `rejoin_timeout_secs`).
+    pub(super) async fn try_regroup(&mut self, id: &JobId) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        let Some(rec) = &job.recovery else {
+            return;
+        };
+        let accounted = (0..job.members.len())
+            .map(|r| Rank(r as u32))
+            .all(|r| rec.parked.contains_key(&r) || rec.lost.contains_key(&r));
+        if !accounted && !rec.window_closed {
+            return;
+        }
+        let run = job.run();
+        let survivors: Vec<Survivor> = rec
+            .parked
+            .iter()
+            .filter_map(|(rank, step)| {
+                let w = job.members.get(rank.0 as usize)?.worker.clone()?;
+                let live = self
+                    .workers
+                    .get(&w)
+                    .is_some_and(|x| x.assignment.as_ref().is_some_and(|a| a.run == run));
+                live.then_some(Survivor { id: w, step: *step })
+            })
+            .collect();
+        if survivors.is_empty() {
+            let why = "no survivor holds the training state";
+            self.requeue(id, why).await;
+            return;
+        }
+        let spec = &job.record.spec;
+        let demand = Demand {
+            job: id.clone(),
+            min: spec.workers.min,
+            max: spec.workers.max,
+            device: spec.workers.device,
+            global_batch: spec.train.global_batch,
+        };
+        let free = self.free_workers();
+        let Some(group) = scheduler::regroup(&demand, &survivors, &free) else {
+            let rejoin = Duration::from_secs(spec.fault.rejoin_timeout_secs);
+            let waiting = format!(
+                "re-forming: needs {} worker{}, {} survivor{} and {} free",
+                demand.min,
+                if demand.min == 1 { "" } else { "s" },
+                survivors.len(),
+                if survivors.len() == 1 { "" } else { "s" },
+                free.iter().filter(|w| w.device == demand.device).count()
+            );
+            if let Some(job) = self.jobs.get_mut(id) {
+                if !job.has_timer(TimerKind::Rejoin) {
+                    job.set_timer(TimerKind::Rejoin, rejoin);
+                }
+                if job.waiting.as_deref() != Some(waiting.as_str()) {
+                    job.waiting = Some(waiting);
+                    job.publish();
+                }
+            }
+            return;
+        };
+        let source = &group.workers[group.source as usize];
+        let step = survivors
+            .iter()
+            .find(|s| &s.id == source)
+            .map_or(0, |s| s.step);
+        // Survivors left out (the new size did not need them) drop their state.
+        for s in &survivors {
+            if !group.workers.contains(&s.id) {
+                self.drop_state(
+                    &s.id,
+                    id,
+                    run.generation,
+                    "not needed by the re-formed group",
+                );
+                if let Some(w) = self.workers.get_mut(&s.id) {
+                    w.assignment = None;
+                }
+            }
+        }
+        let took = self
+            .jobs
+            .get(id)
+            .and_then(|j| j.recovery.as_ref())
+            .map_or(0.0, |r| r.since.elapsed().as_secs_f64());
+        let source_name = self
+            .workers
+            .get(source)
+            .map(|w| w.info.name.clone())
+            .unwrap_or_default();
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.status.step = step;
+            job.status.note(format!(
+                "re-forming with {} workers {:.2} s after the loss; state of step {step} from {source_name}",
+                group.workers.len(),
+                took
+            ));
+        }
+        if let Err(e) = self
+            .launch(id, group.workers, Some(Rank(group.source)))
+            .await
+        {
+            warn!(job = %id, "could not re-form: {e}");
+        }
+    }
+
+    /// Gives up re-forming in place: the survivors drop their state and the
+    /// job goes back to the queue, to start again from its newest committed
+    /// checkpoint (or from the beginning) when workers allow.
+    pub(super) async fn requeue(&mut self, id: &JobId, why: &str) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let run = job.run();
+        let from = match job.checkpoints.keys().next_back() {
+            Some(step) => format!("its checkpoint at step {step}"),
+            None if job.record.resume_from.is_some() => "its fork point".to_string(),
+            None => "the beginning".to_string(),
+        };
+        job.recovery = None;
+        job.timers.clear();
+        job.status.state = JobState::Queued;
+        job.status.updated_at_ms = now_ms();
+        job.status
+            .note(format!("{why}: queued again, to resume from {from}"));
+        job.waiting = None;
+        job.publish();
+        let status = job.status.clone();
+        let holders: Vec<WorkerId> = job
+            .members
+            .iter()
+            .filter_map(|m| m.worker.clone())
+            .collect();
+        info!(job = %id, "{why}; queued again");
+        if let Err(e) = self.persist_status(id, &status).await {
+            warn!(job = %id, "could not persist the requeue: {e}");
+        }
+        for w in holders {
+            if self
+                .workers
+                .get(&w)
+                .is_some_and(|x| x.assignment.as_ref().is_some_and(|a| a.run == run))
+            {
+                self.drop_state(&w, id, run.generation, why);
+                if let Some(x) = self.workers.get_mut(&w) {
+                    x.assignment = None;
+                }
+            }
+        }
+        if !self.queue.contains(id) {
+            self.queue.push(id.clone());
+        }
+        Box::pin(self.schedule()).await;
+    }
+
+    /// Tells a worker holding a job's parked state to drop it.
+    fn drop_state(&self, worker: &WorkerId, id: &JobId, generation: Generation, why: &str) {
+        if let Some(w) = self.workers.get(worker) {
+            let _ = w.tx.try_send(Command::Abort(AbortTraining {
+                run: ringmaster_proto::RunId {
+                    job: id.clone(),
+                    generation,
+                },
+                reason: why.to_string(),
+                keep_state: false,
+            }));
+        }
+    }
+
+    /// Re-forms every recovering job the workers now allow (called before
+    /// the queue is placed: survivors are held busy while their job waits).
+    pub(super) async fn regroup_waiting(&mut self) {
+        let waiting: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.recovery.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in waiting {
+            self.try_regroup(&id).await;
+        }
+    }
+}
