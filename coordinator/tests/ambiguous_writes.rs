@@ -2,17 +2,13 @@
 //! happened) is settled by reading the key back: the coordinator neither
 //! loses the write nor fails the request.
 
-use async_trait::async_trait;
 use ringmaster_common::ids::JobId;
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::records::{self, JobStatusRecord};
 use ringmaster_coordinator::control::{self, ControlConfig, Msg};
-use ringmaster_store::{
-    LeaseId, MemoryStore, StateStore, StoreError, Txn, TxnOutcome, Versioned, WatchStream, keys,
-};
+use ringmaster_store::{StateStore, StoreError, keys};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 /// Whether the ambiguous write actually landed.
 #[derive(Clone, Copy)]
@@ -21,55 +17,28 @@ enum Fate {
     Lost,
 }
 
-/// A memory store whose first write to a job status key gets no answer.
+mod hooked_store;
+
+use hooked_store::{Hook, Hooked};
+
+/// The first write to a job status key gets no answer.
 struct Flaky {
-    inner: MemoryStore,
     fate: Fate,
     tripped: AtomicUsize,
     log: Mutex<Vec<String>>,
 }
 
-#[async_trait]
-impl StateStore for Flaky {
-    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
+impl Hook for Flaky {
+    fn intercept_put(&self, key: &str) -> Option<(bool, StoreError)> {
         self.log.lock().unwrap().push(format!("put {key}"));
         if key.ends_with("/status") && self.tripped.fetch_add(1, Ordering::SeqCst) == 0 {
-            if let Fate::Applied = self.fate {
-                self.inner.put(key, value).await?;
-            }
-            return Err(StoreError::Ambiguous("timed out after sending".into()));
+            let applied = matches!(self.fate, Fate::Applied);
+            return Some((
+                applied,
+                StoreError::Ambiguous("timed out after sending".into()),
+            ));
         }
-        self.inner.put(key, value).await
-    }
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn range_with_revision(
-        &self,
-        prefix: &str,
-    ) -> Result<(Vec<(String, Versioned)>, u64), StoreError> {
-        self.inner.range_with_revision(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        self.inner.txn(txn).await
-    }
-    async fn watch(&self, prefix: &str, start: Option<u64>) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, start).await
-    }
-    async fn compact(&self, revision: u64) -> Result<(), StoreError> {
-        self.inner.compact(revision).await
-    }
-    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
+        None
     }
 }
 
@@ -77,12 +46,11 @@ impl StateStore for Flaky {
 fn check(fate: Fate, expected_status_puts: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = std::sync::Arc::new(Flaky {
-            inner: MemoryStore::new(),
+        let store = std::sync::Arc::new(Hooked::new(Flaky {
             fate,
             tripped: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
-        });
+        }));
         let handle = control::start(store.clone(), "flaky".into(), ControlConfig::default())
             .await
             .unwrap();
@@ -101,6 +69,7 @@ fn check(fate: Fate, expected_status_puts: usize) {
         let status: JobStatusRecord = records::decode(&key, &stored.value).unwrap();
         assert_eq!(status.state.as_str(), "queued");
         let puts = store
+            .hook
             .log
             .lock()
             .unwrap()

@@ -18,7 +18,9 @@
 //! helpers at the top, so a change of the control loop's message types
 //! touches them alone.
 
-use async_trait::async_trait;
+mod hooked_store;
+
+use hooked_store::{Hook, Hooked};
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::now_ms;
@@ -31,9 +33,7 @@ use ringmaster_proto::{
     CheckpointReport, Command, CurrentRun, FailureCause, JobView, Note, Progress, Registration,
     RunId, RunOutcome, TrainingEnded, WorkerReport, WrittenCheckpoint,
 };
-use ringmaster_store::{
-    LeaseId, MemoryStore, Op, StateStore, StoreError, Txn, TxnOutcome, Versioned, WatchStream, keys,
-};
+use ringmaster_store::{Op, StateStore, keys};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -450,73 +450,44 @@ fn assert_before(
     );
 }
 
-/// A `MemoryStore` whose successful writes go into the log.
-struct Recording {
-    inner: MemoryStore,
-    rec: Arc<Recorder>,
+/// Asserts that `generation` was written as running before any of its
+/// members was told to start.
+#[track_caller]
+fn assert_running_before_started(log: &[Event], generation: u64) {
+    let running = format!("the status `running`, generation {generation}");
+    let start = format!("the first StartTraining of generation {generation}");
+    assert_before(
+        log,
+        (&running, &|e: &Event| {
+            e.status()
+                .is_some_and(|s| s.state == JobState::Running && s.generation == generation)
+        }),
+        (&start, &|e: &Event| {
+            e.start().is_some_and(|s| s.1 == generation)
+        }),
+    );
 }
 
-#[async_trait]
-impl StateStore for Recording {
-    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
-        let version = self.inner.put(key, value.clone()).await?;
-        self.rec.write(Event::put(key, &value));
-        Ok(version)
-    }
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let existed = self.inner.delete(key).await?;
-        self.rec.write(Event::Delete { key: key.into() });
-        Ok(existed)
-    }
-    async fn range_with_revision(
-        &self,
-        prefix: &str,
-    ) -> Result<(Vec<(String, Versioned)>, u64), StoreError> {
-        self.inner.range_with_revision(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let outcome = self.inner.txn(txn.clone()).await?;
-        let ran = if outcome.succeeded {
-            txn.success
-        } else {
-            txn.failure
-        };
-        for op in ran {
+/// A `MemoryStore` whose successful writes go into the log.
+type Recording = Hooked<Arc<Recorder>>;
+
+impl Hook for Arc<Recorder> {
+    fn wrote(&self, ops: &[Op]) {
+        for op in ops {
             match op {
                 Op::Put { key, value } | Op::PutWithLease { key, value, .. } => {
-                    self.rec.write(Event::put(&key, &value))
+                    self.write(Event::put(key, value))
                 }
-                Op::Delete { key } => self.rec.write(Event::Delete { key }),
+                Op::Delete { key } => self.write(Event::Delete { key: key.clone() }),
             }
         }
-        Ok(outcome)
-    }
-    async fn watch(&self, prefix: &str, start: Option<u64>) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, start).await
-    }
-    async fn compact(&self, revision: u64) -> Result<(), StoreError> {
-        self.inner.compact(revision).await
-    }
-    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
     }
 }
 
-impl Recording {
-    /// Every job key and its value, as the store holds them now.
-    async fn jobs(&self) -> BTreeMap<String, Vec<u8>> {
-        let range = self.inner.range(&keys::jobs_prefix()).await.unwrap();
-        range.into_iter().map(|(k, v)| (k, v.value)).collect()
-    }
+/// Every job key and its value, as the store holds them now.
+async fn stored_jobs(store: &Recording) -> BTreeMap<String, Vec<u8>> {
+    let range = store.inner.range(&keys::jobs_prefix()).await.unwrap();
+    range.into_iter().map(|(k, v)| (k, v.value)).collect()
 }
 
 // ---- The harness: a loop, its store and a job running on fake workers.
@@ -608,10 +579,7 @@ async fn running_job(world: usize) -> Harness {
 /// [`running_job`] for a job that may re-form in place `max_restarts` times.
 async fn running_job_with(world: usize, max_restarts: u32) -> Harness {
     let rec = Arc::new(Recorder::default());
-    let store = Arc::new(Recording {
-        inner: MemoryStore::new(),
-        rec: rec.clone(),
-    });
+    let store = Arc::new(Hooked::new(rec.clone()));
     let h = control::start(store.clone(), "recording".into(), cfg())
         .await
         .unwrap();
@@ -831,16 +799,7 @@ fn a_checkpoint_is_committed_in_the_store_before_anything_acts_on_it() {
             show(&log)
         );
         // The new generation is written before its members hear of it ...
-        assert_before(
-            &log,
-            ("the status `running`, generation 2", &|e| {
-                e.status()
-                    .is_some_and(|s| s.state == JobState::Running && s.generation == 2)
-            }),
-            ("the first StartTraining of generation 2", &|e| {
-                e.start().is_some_and(|s| s.1 == 2)
-            }),
-        );
+        assert_running_before_started(&log, 2);
         // ... and resumes from the newest committed checkpoint alone.
         for (name, resume) in &gen2 {
             assert_eq!(resume, &vec![t.dir(20)], "{name}");
@@ -893,7 +852,7 @@ fn reports_of_an_older_generation_change_nothing() {
             })
             .await;
 
-        let before_store = t.store.jobs().await;
+        let before_store = stored_jobs(&t.store).await;
         let before_view = job_view(&t.h, &t.job).await;
         assert_eq!(
             (before_view.status.state, before_view.status.generation),
@@ -937,7 +896,7 @@ fn reports_of_an_older_generation_change_nothing() {
             "writes after the stale reports:\n{}",
             show(&log[mark..])
         );
-        let mut after_store = t.store.jobs().await;
+        let mut after_store = stored_jobs(&t.store).await;
         after_store.insert(status_key.clone(), before_store[&status_key].clone());
         assert_eq!(after_store, before_store, "job keys changed");
 
@@ -985,10 +944,7 @@ async fn serve(h: ControlHandle) -> std::net::SocketAddr {
 fn heartbeats_never_write_to_the_store() {
     rt().block_on(async {
         let rec = Arc::new(Recorder::default());
-        let store = Arc::new(Recording {
-            inner: MemoryStore::new(),
-            rec: rec.clone(),
-        });
+        let store = Arc::new(Hooked::new(rec.clone()));
         // The loop checks liveness every 5 ms; a worker whose beats went
         // unseen for 1 s would be declared lost (a write, and a failed job).
         let c = ControlConfig {
@@ -1134,16 +1090,7 @@ fn a_re_forming_job_is_in_the_store_before_its_members_are_told_anything() {
                 e.abort().is_some_and(|(to, g)| to == r0 && g == 1)
             }),
         );
-        assert_before(
-            &log,
-            ("the status `running`, generation 2", &|e| {
-                e.status()
-                    .is_some_and(|s| s.state == JobState::Running && s.generation == 2)
-            }),
-            ("the first StartTraining of generation 2", &|e| {
-                e.start().is_some_and(|s| s.1 == 2)
-            }),
-        );
+        assert_running_before_started(&log, 2);
         let s = t
             .rec
             .events()
