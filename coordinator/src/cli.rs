@@ -788,10 +788,7 @@ async fn submit(
     }
     let mut client = client(c).await?;
     let id = client
-        .submit(pb::SubmitRequest {
-            resume_from,
-            ..pb::SubmitRequest::from(&spec)
-        })
+        .submit(pb::SubmitRequest::new(&spec, resume_from))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))
         .context("the coordinator refused the job")?
@@ -858,7 +855,7 @@ async fn follow_job(
     mut interrupt: tokio::signal::unix::Signal,
 ) -> anyhow::Result<Option<pb::JobStatus>> {
     let mut stream = client
-        .watch_job(pb::GetJobRequest { job_id: id.into() })
+        .watch_job(pb::GetJobRequest::job(id))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -999,7 +996,7 @@ async fn status(c: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<i32> {
         return follow_to_end(&mut client, id, output, interrupt_listener()?).await;
     }
     let s = client
-        .get_job(pb::GetJobRequest { job_id: id.into() })
+        .get_job(pb::GetJobRequest::job(id))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -1152,10 +1149,7 @@ async fn cancel(c: &ClientOpts, id: &str, now: bool) -> anyhow::Result<()> {
     let output = c.output();
     let s = client(c)
         .await?
-        .cancel_job(pb::CancelJobRequest {
-            job_id: id.into(),
-            now,
-        })
+        .cancel_job(pb::CancelJobRequest::new(id, now))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -1175,7 +1169,7 @@ async fn resume(c: &ClientOpts, id: &str, follow: bool) -> anyhow::Result<i32> {
     let output = c.output();
     let mut client = client(c).await?;
     let s = client
-        .resume_job(pb::GetJobRequest { job_id: id.into() })
+        .resume_job(pb::GetJobRequest::job(id))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -1193,7 +1187,7 @@ async fn checkpoint_now(c: &ClientOpts, id: &str) -> anyhow::Result<()> {
     let output = c.output();
     let s = client(c)
         .await?
-        .request_checkpoint(pb::GetJobRequest { job_id: id.into() })
+        .request_checkpoint(pb::GetJobRequest::job(id))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -1208,7 +1202,7 @@ async fn checkpoints(c: &ClientOpts, id: &str) -> anyhow::Result<()> {
     let output = c.output();
     let list = client(c)
         .await?
-        .list_checkpoints(pb::GetJobRequest { job_id: id.into() })
+        .list_checkpoints(pb::GetJobRequest::job(id))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner()

@@ -113,9 +113,7 @@ impl Control for Services {
             }
         };
         let id = self.ask(|r| Msg::Submit(spec, resume_from, r)).await?;
-        Ok(Response::new(pb::SubmitResponse {
-            job_id: id.to_string(),
-        }))
+        Ok(Response::new(pb::SubmitResponse::from(&id)))
     }
 
     async fn get_job(
@@ -132,9 +130,7 @@ impl Control for Services {
         _req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let jobs = self.ask(Msg::ListJobs).await?;
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.into_iter().map(pb::JobStatus::from).collect(),
-        }))
+        Ok(Response::new(pb::ListJobsResponse::from(jobs)))
     }
 
     async fn cancel_job(
@@ -199,9 +195,9 @@ impl Control for Services {
         let checkpoints = tokio::task::spawn_blocking(move || control::with_uncommitted(committed))
             .await
             .map_err(|e| Status::internal(format!("listing checkpoints: {e}")))?;
-        Ok(Response::new(pb::ListCheckpointsResponse {
-            checkpoints: checkpoints.iter().map(pb::CheckpointInfo::from).collect(),
-        }))
+        Ok(Response::new(pb::ListCheckpointsResponse::from(
+            checkpoints.as_slice(),
+        )))
     }
 
     async fn list_workers(
@@ -209,9 +205,7 @@ impl Control for Services {
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self.ask(Msg::ListWorkers).await?;
-        Ok(Response::new(pb::ListWorkersResponse {
-            workers: workers.into_iter().map(pb::WorkerInfo::from).collect(),
-        }))
+        Ok(Response::new(pb::ListWorkersResponse::from(workers)))
     }
 
     type WatchJobStream = StatusStream;

@@ -274,3 +274,67 @@ impl From<&JobSpec> for pb::SubmitRequest {
         }
     }
 }
+
+// ---- The Control service's requests and replies, so that clients and the
+// server never build them field by field.
+
+impl pb::GetJobRequest {
+    /// A request about job `id` (get, watch, resume, checkpoint, list its
+    /// checkpoints).
+    pub fn job(id: &str) -> Self {
+        pb::GetJobRequest { job_id: id.into() }
+    }
+}
+
+impl pb::CancelJobRequest {
+    /// Cancels job `id`: after a final checkpoint, or at once with `now`.
+    pub fn new(id: &str, now: bool) -> Self {
+        pb::CancelJobRequest {
+            job_id: id.into(),
+            now,
+        }
+    }
+}
+
+impl pb::SubmitRequest {
+    /// Submits `spec`, forked from the checkpoint directory `resume_from`
+    /// when given (empty: none).
+    pub fn new(spec: &JobSpec, resume_from: String) -> Self {
+        pb::SubmitRequest {
+            resume_from,
+            ..pb::SubmitRequest::from(spec)
+        }
+    }
+}
+
+impl From<&JobId> for pb::SubmitResponse {
+    fn from(id: &JobId) -> Self {
+        pb::SubmitResponse {
+            job_id: id.to_string(),
+        }
+    }
+}
+
+impl From<Vec<JobView>> for pb::ListJobsResponse {
+    fn from(jobs: Vec<JobView>) -> Self {
+        pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(pb::JobStatus::from).collect(),
+        }
+    }
+}
+
+impl From<Vec<WorkerView>> for pb::ListWorkersResponse {
+    fn from(workers: Vec<WorkerView>) -> Self {
+        pb::ListWorkersResponse {
+            workers: workers.into_iter().map(pb::WorkerInfo::from).collect(),
+        }
+    }
+}
+
+impl From<&[CheckpointRecord]> for pb::ListCheckpointsResponse {
+    fn from(checkpoints: &[CheckpointRecord]) -> Self {
+        pb::ListCheckpointsResponse {
+            checkpoints: checkpoints.iter().map(pb::CheckpointInfo::from).collect(),
+        }
+    }
+}
