@@ -16,6 +16,10 @@ const T: Duration = Duration::from_secs(120);
 /// cores), with dropout on so the newcomer's part of each batch must get the
 /// same masks the lost rank would have drawn.
 fn job(name: &str, data: &Path, dir: &Path, min: u32, max: u32) -> std::path::PathBuf {
+    builder(name, data, min, max).write(dir)
+}
+
+fn builder(name: &str, data: &Path, min: u32, max: u32) -> JobBuilder {
     JobBuilder::new(name, data)
         .seed(11)
         .hidden(&[128, 128])
@@ -25,7 +29,6 @@ fn job(name: &str, data: &Path, dir: &Path, min: u32, max: u32) -> std::path::Pa
         .train("log_every_steps = 10")
         .workers(min)
         .max(max)
-        .write(dir)
 }
 
 fn params_of(cluster: &LocalCluster, id: &str) -> Vec<f32> {
@@ -189,4 +192,80 @@ fn a_job_out_of_restarts_fails_listing_its_incidents() {
         reason.contains("restart budget") && reason.contains(&members[0]),
         "{reason}"
     );
+}
+
+#[test]
+fn a_stopped_member_is_taken_as_lost_when_its_heartbeats_stop_and_the_job_re_forms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(3).unwrap();
+    let reference = job("reference", &data, tmp.path(), 2, 2);
+    let done = cluster.follow(&reference, &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+
+    let id = submit(&cluster, &job("stopped", &data, tmp.path(), 2, 2));
+    wait_for_step(&cluster, &id, 300);
+    let members: Vec<String> =
+        serde_json::from_value(cluster.status(&id)["members"].clone()).unwrap();
+    let index: usize = members[1].trim_start_matches('w').parse().unwrap();
+    // Alive but frozen: its sockets stay open, only its silence tells.
+    let pid = cluster.workers[index].pid() as i32;
+    // SAFETY: signalling a child process this test spawned and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    let mut s = serde_json::Value::Null;
+    wait_until(T, || {
+        s = cluster.status(&id);
+        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
+    })
+    .unwrap_or_else(|_| panic!("the job did not re-form: {s}"));
+    eprintln!("re-formed {:?} after the SIGSTOP", stopped.elapsed());
+    let members_now: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
+    assert!(!members_now.contains(&members[1]), "{members_now:?}");
+    let end = wait_for_end(&cluster, &id);
+    // SAFETY: as above; the guard then kills and reaps it.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(end["state"], "succeeded", "{end}");
+    let rel = relative_l2(&expected, &params_of(&cluster, &id));
+    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
+}
+
+#[test]
+fn a_member_that_stops_stepping_is_left_behind_by_the_hang_watchdog() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut cluster = LocalCluster::start(2).unwrap();
+    let reference = job("reference", &data, tmp.path(), 2, 2);
+    let done = cluster.follow(&reference, &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+
+    // w1 leaves; w2 stops making progress at step 200 while its process and
+    // heartbeats live on (a stuck data loader); w3 is the spare.
+    kill_worker(&mut cluster, "w1");
+    cluster
+        .add_worker_with_env(
+            "w2",
+            &[("RINGMASTER_FAILPOINT", "trainer-hang-at-step=200")],
+        )
+        .unwrap();
+    cluster.add_worker("w3").unwrap();
+    let spec = builder("hangs", &data, 2, 2)
+        .fault("hang_timeout_secs = 2")
+        .write(tmp.path());
+    let id = submit(&cluster, &spec);
+    let mut s = serde_json::Value::Null;
+    wait_until(T, || {
+        s = cluster.status(&id);
+        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
+    })
+    .unwrap_or_else(|_| panic!("the job did not re-form: {s}"));
+    let members: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
+    assert!(!members.contains(&"w2".to_string()), "{members:?}");
+    assert!(s["events"].to_string().contains("w2"), "{s}");
+    let end = wait_for_end(&cluster, &id);
+    assert_eq!(end["state"], "succeeded", "{end}");
+    let rel = relative_l2(&expected, &params_of(&cluster, &id));
+    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }

@@ -171,7 +171,7 @@ fn one_generation(
     a: &Assignment,
     opts: &TrainerOptions,
     listener: &DataPlaneListener,
-    control: &TrainerControl,
+    control: &Arc<TrainerControl>,
     report: &mut dyn FnMut(trainer::Event),
 ) -> Result<Outcome, TrainError> {
     if run.is_none() {
@@ -185,7 +185,63 @@ fn one_generation(
         None => r.initial_source(),
     };
     r.rebind(group, source)?;
+    let hang = Duration::from_secs(r.spec().fault.hang_timeout_secs);
+    let _watchdog = Watchdog::start(control.clone(), hang);
     r.run_to_end(control, report)
+}
+
+/// Leaves the group when the run completes no step (nor evaluation, nor
+/// checkpoint) for `timeout`: a hung collective, or a peer that stopped
+/// stepping while its process and heartbeats live on. The rank parks with
+/// its state; a rank stuck outside the collective cannot answer, and the
+/// coordinator takes it as lost when the others have parked.
+struct Watchdog {
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(control: Arc<TrainerControl>, timeout: Duration) -> Watchdog {
+        control.beat();
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("hang-watchdog".into())
+            .spawn(move || {
+                let (lock, cv) = &*flag;
+                let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let idle = control.since_progress();
+                    if idle >= timeout {
+                        let why = format!("no step completed in {} s", idle.as_secs());
+                        warn!("{why}: leaving the group");
+                        control.park(&why);
+                        return;
+                    }
+                    let wait = (timeout - idle).min(Duration::from_secs(1));
+                    let (guard, _) = cv
+                        .wait_timeout(stopped, wait)
+                        .unwrap_or_else(|e| e.into_inner());
+                    stopped = guard;
+                    if *stopped {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        Watchdog { stop, thread }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Whether a failure leaves this rank's state worth holding for the next

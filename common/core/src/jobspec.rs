@@ -62,6 +62,14 @@ pub struct FaultSpec {
     /// workers before it goes back to the queue (resuming later from its
     /// newest committed checkpoint).
     pub rejoin_timeout_secs: u64,
+    /// A rank that completes no step for this long (a hung collective, a
+    /// stalled data loader) leaves its group, and the group re-forms.
+    #[serde(default = "default_hang_timeout_secs")]
+    pub hang_timeout_secs: u64,
+}
+
+fn default_hang_timeout_secs() -> u64 {
+    60
 }
 
 impl Default for FaultSpec {
@@ -69,6 +77,7 @@ impl Default for FaultSpec {
         FaultSpec {
             max_restarts: 10,
             rejoin_timeout_secs: 300,
+            hang_timeout_secs: default_hang_timeout_secs(),
         }
     }
 }
@@ -418,6 +427,7 @@ impl JobSpec {
         }
         rules::max_restarts(i64::from(self.fault.max_restarts))?;
         rules::rejoin_timeout_secs(saturate(self.fault.rejoin_timeout_secs))?;
+        rules::hang_timeout_secs(saturate(self.fault.hang_timeout_secs))?;
         Ok(())
     }
 

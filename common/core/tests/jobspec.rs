@@ -1014,16 +1014,24 @@ fn fault_table_defaults_values_and_errors() {
         base.fault,
         FaultSpec {
             max_restarts: 10,
-            rejoin_timeout_secs: 300
+            rejoin_timeout_secs: 300,
+            hang_timeout_secs: 60,
         }
     );
-    let set = parse(&with_fault("max_restarts = 0\nrejoin_timeout_secs = 30"));
+    let set = parse(&with_fault(
+        "max_restarts = 0\nrejoin_timeout_secs = 30\nhang_timeout_secs = 5",
+    ));
     assert_eq!(set.fault.max_restarts, 0);
     assert_eq!(set.fault.rejoin_timeout_secs, 30);
+    assert_eq!(set.fault.hang_timeout_secs, 5);
     assert_eq!(set.check(), Ok(()));
     check_err(
         &with_fault("max_restarts = -1"),
         "job.toml:20:16: fault.max_restarts must be between 0 and 10000, got -1",
+    );
+    check_err(
+        &with_fault("hang_timeout_secs = 0"),
+        "job.toml:20:21: fault.hang_timeout_secs must be between 1 and 86400, got 0",
     );
     check_err(
         &with_fault("rejoin_timeout_secs = 0"),
@@ -1031,8 +1039,8 @@ fn fault_table_defaults_values_and_errors() {
     );
     check_err(
         &with_fault("restarts = 3"),
-        "job.toml:20:1: unknown field `restarts`, expected `max_restarts` or \
-         `rejoin_timeout_secs`",
+        "job.toml:20:1: unknown field `restarts`, expected one of `max_restarts`, \
+         `rejoin_timeout_secs`, `hang_timeout_secs`",
     );
     // A spec stored before the table existed reads with the defaults.
     let mut json: serde_json::Value = serde_json::to_value(&base).unwrap();

@@ -192,12 +192,21 @@ impl Cluster {
         };
         rec.window_closed = true;
         let secs = self.cfg.blame_window().as_secs_f64();
+        let mut silent = Vec::new();
         for rank in (0..ranks).map(|r| Rank(r as u32)) {
             if !rec.parked.contains_key(&rank) && !rec.lost.contains_key(&rank) {
                 rec.lost
                     .insert(rank, format!("did not leave its ring within {secs:.1} s"));
+                silent.push(rank);
             }
         }
+        for rank in silent {
+            let label = job.member_label(rank);
+            job.status.note(format!(
+                "worker {label} did not leave its ring within {secs:.1} s (hung?): taken as lost"
+            ));
+        }
+        job.publish();
         self.try_regroup(id).await;
     }
 

@@ -32,7 +32,7 @@ use ringmaster_dataset::DatasetError;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tch::Device;
 
@@ -160,6 +160,9 @@ pub struct TrainerControl {
     aborted: AtomicBool,
     /// The abort asks the rank to keep its state for the next generation.
     keep_state: AtomicBool,
+    /// When the run last made progress (a step, an evaluation, a
+    /// checkpoint), in ms since the Unix epoch; the hang watchdog reads it.
+    progress_at_ms: AtomicU64,
     checkpoint: AtomicBool,
     stop: AtomicBool,
     reason: Mutex<Option<String>>,
@@ -191,6 +194,18 @@ impl TrainerControl {
     /// Whether [`abort`](Self::abort) (or [`park`](Self::park)) was called.
     pub fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Records that the run made progress now.
+    pub fn beat(&self) {
+        self.progress_at_ms
+            .store(ringmaster_common::now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long since the last [`beat`](Self::beat).
+    pub fn since_progress(&self) -> Duration {
+        let last = self.progress_at_ms.load(Ordering::Relaxed);
+        Duration::from_millis(ringmaster_common::now_ms().saturating_sub(last))
     }
 
     /// Whether [`park`](Self::park) was called.

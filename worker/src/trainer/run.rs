@@ -269,6 +269,11 @@ impl Run {
         Ok(moved)
     }
 
+    /// The job this run trains.
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
     fn group(&mut self) -> Result<&mut dyn Collective, TrainError> {
         match self.group.as_deref_mut() {
             Some(g) => Ok(g),
@@ -333,6 +338,7 @@ impl Run {
         let order = &self.order.as_ref().expect("computed above").1;
         let ids = &order[mine.start as usize..mine.end as usize];
 
+        hang_failpoint(self.step);
         // A rank with no samples still joins the all-reduce with zeros.
         self.grads.zero()?;
         let loss_sum = if ids.is_empty() {
@@ -371,6 +377,7 @@ impl Run {
         self.grads.all_reduce(group, &mut extras, scale)?;
         self.optimizer.step(&self.params)?;
         self.step += 1;
+        control.beat();
         Ok(StepReport {
             step: self.step,
             epoch,
@@ -522,6 +529,7 @@ impl Run {
             if eval_due && let Some((val_loss, val_acc)) = self.evaluate()? {
                 record.insert("val_loss".to_string(), val_loss);
                 record.insert("val_accuracy".to_string(), val_acc);
+                control.beat();
             }
             let log_due = done % log_every == 0 || done == total || r.stop || !record.is_empty();
             if log_due {
@@ -548,6 +556,7 @@ impl Run {
                     .is_some_and(|e| done % e == 0);
             if checkpoint_due && rank == 0 {
                 self.checkpoint(events)?;
+                control.beat();
             }
             self.collect_written(events);
 
@@ -575,6 +584,8 @@ impl Run {
         if rank == 0 && !stopped {
             state::save_model(&self.output_dir, &self.named)?;
         }
+        // Writing the last checkpoint and the model is progress too.
+        control.beat();
         // Nobody leaves before rank 0 has written the model (or its final
         // checkpoint), so "succeeded" always means the output exists.
         self.group()?.barrier()?;
@@ -615,4 +626,30 @@ fn report_checkpoint(
         }),
         metrics: metrics.clone(),
     });
+}
+
+/// `RINGMASTER_FAILPOINT=trainer-hang-at-step=N`: the first time this
+/// process reaches step `N` it stops making progress for good, ignoring
+/// aborts, as a data loader stuck on a dead file system would (tests of the
+/// hang watchdog; only in builds with fail points).
+fn hang_failpoint(step: u64) {
+    use ringmaster_checkpoint::{FAILPOINT_ENV, FAILPOINTS_BUILT_IN};
+    use std::sync::atomic::AtomicBool;
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    if !FAILPOINTS_BUILT_IN {
+        return;
+    }
+    let Ok(spec) = std::env::var(FAILPOINT_ENV) else {
+        return;
+    };
+    let at = spec
+        .split(',')
+        .filter_map(|e| e.trim().strip_prefix("trainer-hang-at-step="))
+        .find_map(|n| n.parse::<u64>().ok());
+    if at == Some(step) && !FIRED.swap(true, Ordering::SeqCst) {
+        tracing::warn!(step, "fail point: hanging for good");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
 }

@@ -152,6 +152,7 @@ pub(super) struct RawCheckpoint {
 pub(super) struct RawFault {
     pub max_restarts: Option<Spanned<Integer>>,
     pub rejoin_timeout_secs: Option<Spanned<Integer>>,
+    pub hang_timeout_secs: Option<Spanned<Integer>>,
 }
 
 /// `checkpoint.keep_best`, usually an inline table.

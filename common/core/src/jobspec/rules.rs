@@ -201,6 +201,10 @@ pub(super) fn rejoin_timeout_secs(secs: impl Into<i128>) -> Rule {
     in_range("fault.rejoin_timeout_secs", secs, 1, 7 * 24 * 3600)
 }
 
+pub(super) fn hang_timeout_secs(secs: impl Into<i128>) -> Rule {
+    in_range("fault.hang_timeout_secs", secs, 1, 24 * 3600)
+}
+
 pub(super) fn keep_last(keep: impl Into<i128>) -> Rule {
     count("checkpoint.keep_last", keep)
 }

@@ -402,6 +402,10 @@ fn build_fault(raw: Option<RawFault>, at: &Locator<'_>) -> Result<FaultSpec, Spe
         at.check(secs, rules::rejoin_timeout_secs(secs.get_ref().0))?;
         fault.rejoin_timeout_secs = non_negative(secs.get_ref().0);
     }
+    if let Some(secs) = &raw.hang_timeout_secs {
+        at.check(secs, rules::hang_timeout_secs(secs.get_ref().0))?;
+        fault.hang_timeout_secs = non_negative(secs.get_ref().0);
+    }
     Ok(fault)
 }
 
