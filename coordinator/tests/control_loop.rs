@@ -623,3 +623,43 @@ fn with_too_few_workers_a_recovering_job_waits_and_then_goes_back_to_the_queue()
         }
     });
 }
+
+#[test]
+fn a_running_job_below_its_max_grows_when_a_worker_joins_without_spending_a_restart() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut n0 = register(&h, "n0", "n0", None).await.unwrap();
+        let mut spec = spec(1);
+        spec.workers.max = 2;
+        spec.fault.max_restarts = 1;
+        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
+        assert_eq!(n0.start().await.peers.len(), 1);
+        // A second worker appears: the job leaves its ring to grow.
+        let mut n1 = register(&h, "n1", "n1", None).await.unwrap();
+        match n0.next().await {
+            Command::Abort(a) => assert!(a.keep_state, "{a:?}"),
+            other => panic!("expected an abort keeping the state, got {other:?}"),
+        }
+        h.from_session(Msg::FromWorker(n0.id.clone(), parked(&id, 1, 30, None)));
+        let (a, b) = (n0.start().await, n1.start().await);
+        assert_eq!((a.rank, b.rank), (Rank(0), Rank(1)));
+        assert_eq!(a.state_source, Some(Rank(0)));
+        let s = wait_state(&h, &id, JobState::Running).await;
+        assert_eq!(s.status.members, ["n0", "n1"]);
+        assert_eq!(s.status.restarts, 0, "growing spends no restart");
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e.contains("growing from 1 to 2 workers")),
+            "{:?}",
+            s.status.events
+        );
+        // At its max it does not grow again.
+        let _n2 = register(&h, "n2", "n2", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(job(&h, &id).await.status.generation, 2);
+    });
+}

@@ -269,3 +269,47 @@ fn a_member_that_stops_stepping_is_left_behind_by_the_hang_watchdog() {
     let rel = relative_l2(&expected, &params_of(&cluster, &id));
     assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }
+
+#[test]
+fn a_job_below_its_max_grows_when_a_worker_joins_and_still_computes_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    // Fewer steps and a smaller model than the other cases: the run changes
+    // world size mid-way, so it is compared with one worker's run, which it
+    // matches up to float summation order.
+    let grows = |name: &str| {
+        JobBuilder::new(name, &data)
+            .seed(11)
+            .hidden(&[64])
+            .model("dropout = 0.2")
+            .batch(96)
+            .train("steps = 2000\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.02")
+            .train("log_every_steps = 10")
+            .workers(1)
+            .max(2)
+            .write(tmp.path())
+    };
+    let mut cluster = LocalCluster::start(1).unwrap();
+    let done = cluster.follow(&grows("alone"), &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["generation"], 1, "{done}");
+    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+
+    let id = submit(&cluster, &grows("grows"));
+    wait_for_step(&cluster, &id, 200);
+    cluster.add_worker("w1").unwrap();
+    let mut s = serde_json::Value::Null;
+    wait_until(T, || {
+        s = cluster.status(&id);
+        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
+    })
+    .unwrap_or_else(|_| panic!("the job did not grow: {s}"));
+    let members: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
+    assert_eq!(members, ["w0", "w1"], "{s}");
+    let end = wait_for_end(&cluster, &id);
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(end["restarts"], 0, "{end}");
+    let rel = relative_l2(&expected, &params_of(&cluster, &id));
+    eprintln!("relative L2 to the undisturbed one-worker run: {rel:e}");
+    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
+}

@@ -147,6 +147,15 @@ pub struct WorkersSpec {
     pub min: u32,
     pub max: u32,
     pub device: DeviceKind,
+    /// A running job with fewer than `max` workers takes free ones as they
+    /// appear (re-forming in place). Specs stored before the key existed
+    /// read as `true`.
+    #[serde(default = "default_grow")]
+    pub grow: bool,
+}
+
+fn default_grow() -> bool {
+    true
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,7 +92,7 @@ fn unknown_keys_list_the_expected_ones() {
     );
     check_err(
         &edit(&[("max = 4", "max = 4\ngpus = 2")]),
-        "job.toml:17:1: unknown field `gpus`, expected one of `min`, `max`, `device`",
+        "job.toml:17:1: unknown field `gpus`, expected one of `min`, `max`, `device`, `grow`",
     );
     check_err(
         &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
@@ -1052,5 +1052,16 @@ fn fault_table_defaults_values_and_errors() {
     assert_eq!(
         wire.check(),
         Err("fault.rejoin_timeout_secs must be between 1 and 604800, got 0".into())
+    );
+}
+
+#[test]
+fn workers_grow_by_default_and_can_be_held_at_their_start_size() {
+    assert!(parse(&edit(&[])).workers.grow);
+    let held = parse(&edit(&[("max = 4", "max = 4\ngrow = false")]));
+    assert!(!held.workers.grow);
+    check_err(
+        &edit(&[("max = 4", "max = 4\ngrow = 1")]),
+        "job.toml:17:8: invalid type: integer `1`, expected a boolean",
     );
 }

@@ -31,6 +31,8 @@ pub(super) struct Recovery {
     pub(super) parked: BTreeMap<Rank, u64>,
     /// The regroup window passed: members that have not parked are lost.
     pub(super) window_closed: bool,
+    /// The job re-forms to grow, not after a loss (no restart is spent).
+    pub(super) growing: bool,
 }
 
 impl Cluster {
@@ -146,18 +148,29 @@ impl Cluster {
             "{incident}; recovering (restart {} of {budget})",
             job.status.restarts
         ));
+        self.leave_rings(id, incident, false).await
+    }
+
+    /// Starts re-forming: every member is told to leave its ring keeping its
+    /// state (persisted first), then `try_regroup` forms the next
+    /// generation once they have.
+    async fn leave_rings(&mut self, id: &JobId, incident: String, growing: bool) -> bool {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return false;
+        };
         job.recovery = Some(Recovery {
             since: Instant::now(),
             lost: BTreeMap::new(),
             parked: BTreeMap::new(),
             window_closed: false,
+            growing,
         });
         job.peer_reports.clear();
         let window = self.cfg.blame_window();
         job.set_timer(TimerKind::Regroup, window);
         job.publish();
         let status = job.status.clone();
-        info!(job = %id, restarts = status.restarts, "recovering: {incident}");
+        info!(job = %id, restarts = status.restarts, "re-forming: {incident}");
         // Persist before acting; if the store does not answer, the members
         // are told anyway: leaving a ring with the state kept loses nothing,
         // and the status is written once the store is back.
@@ -293,11 +306,13 @@ impl Cluster {
                 }
             }
         }
-        let took = self
+        let (took, growing) = self
             .jobs
             .get(id)
             .and_then(|j| j.recovery.as_ref())
-            .map_or(0.0, |r| r.since.elapsed().as_secs_f64());
+            .map_or((0.0, false), |r| {
+                (r.since.elapsed().as_secs_f64(), r.growing)
+            });
         let source_name = self
             .workers
             .get(source)
@@ -305,10 +320,11 @@ impl Cluster {
             .unwrap_or_default();
         if let Some(job) = self.jobs.get_mut(id) {
             job.status.step = step;
+            let after = if growing { "the request" } else { "the loss" };
             job.status.note(format!(
-                "re-forming with {} workers {:.2} s after the loss; state of step {step} from {source_name}",
+                "re-forming with {} workers {took:.2} s after {after}; state of step {step} from \
+                 {source_name}",
                 group.workers.len(),
-                took
             ));
         }
         if let Err(e) = self
@@ -379,6 +395,55 @@ impl Cluster {
                 reason: why.to_string(),
                 keep_state: false,
             }));
+        }
+    }
+
+    /// Grows one running job that has fewer than `workers.max` members when
+    /// free workers allow a larger size that divides its batch (called after
+    /// the queue is placed: waiting jobs come first). The job re-forms in
+    /// place through the recovery path, spending no restart.
+    pub(super) async fn grow_running(&mut self) {
+        let growable: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.status.state == JobState::Running
+                    && j.recovery.is_none()
+                    && j.record.spec.workers.grow
+                    && (j.members.len() as u32) < j.record.spec.workers.max
+                    && j.members.iter().all(|m| m.worker.is_some())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if growable.is_empty() {
+            return;
+        }
+        let free = self.free_workers();
+        for id in growable {
+            let Some(job) = self.jobs.get(&id) else {
+                continue;
+            };
+            let spec = &job.record.spec.workers;
+            let batch = job.record.spec.train.global_batch;
+            let now = job.members.len() as u32;
+            let idle = free.iter().filter(|w| w.device == spec.device).count() as u32;
+            let target = ((now + 1)..=spec.max.min(now + idle))
+                .rev()
+                .find(|w| batch.is_multiple_of(*w));
+            let Some(target) = target else {
+                continue;
+            };
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            let incident = format!("growing from {now} to {target} workers");
+            job.status.state = JobState::Recovering;
+            job.status.updated_at_ms = now_ms();
+            job.status.note(incident.clone());
+            self.leave_rings(&id, incident, true).await;
+            // One job at a time: the free workers it re-forms with are not
+            // taken until its members have left their rings.
+            return;
         }
     }
 

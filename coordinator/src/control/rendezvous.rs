@@ -26,6 +26,7 @@ impl Cluster {
         // must not cost O(workers) each (measured: half the coordinator's
         // CPU while 10k workers registered).
         if self.queue.is_empty() {
+            Box::pin(self.grow_running()).await;
             return;
         }
         let queue: Vec<Demand> = self
@@ -61,6 +62,7 @@ impl Cluster {
                 warn!(job = %placement.job, "could not start: {e}");
             }
         }
+        Box::pin(self.grow_running()).await;
     }
 
     /// Workers with nothing to do, in registration order.

@@ -110,6 +110,7 @@ pub(super) struct RawWorkers {
     pub max: Option<Spanned<Integer>>,
     #[serde(default = "default_device")]
     pub device: DeviceKind,
+    pub grow: Option<bool>,
 }
 
 fn default_device() -> DeviceKind {
@@ -123,6 +124,7 @@ impl Default for RawWorkers {
             min: None,
             max: None,
             device: default_device(),
+            grow: None,
         }
     }
 }

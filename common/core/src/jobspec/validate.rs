@@ -385,6 +385,7 @@ fn build_workers(
         min: u32::try_from(min).unwrap_or(u32::MAX),
         max: u32::try_from(max).unwrap_or(u32::MAX),
         device: raw.device,
+        grow: raw.grow.unwrap_or(true),
     })
 }
 
