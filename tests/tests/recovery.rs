@@ -313,3 +313,78 @@ fn a_job_below_its_max_grows_when_a_worker_joins_and_still_computes_the_same_run
     eprintln!("relative L2 to the undisturbed one-worker run: {rel:e}");
     assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }
+
+/// Chaos: a job on 3 workers with 2 spares loses a random member at a
+/// random step, again and again (`RINGMASTER_CHAOS_KILLS`, default 5); each
+/// killed worker comes back as a fresh process. The job ends where an
+/// undisturbed run ends. The order of kills is drawn from a fixed seed
+/// (`RINGMASTER_CHAOS_SEED`) so a failure can be replayed.
+#[test]
+fn chaos_repeated_sigkills_of_random_members_leave_the_result_unchanged() {
+    let kills: u64 = std::env::var("RINGMASTER_CHAOS_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut seed: u64 = std::env::var("RINGMASTER_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed);
+    let mut draw = |n: u64| {
+        // xorshift64*: enough to spread kills, and reproducible.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let steps = 400 + 300 * kills;
+    let chaos = |name: &str| {
+        JobBuilder::new(name, &data)
+            .seed(11)
+            .hidden(&[64])
+            .model("dropout = 0.2")
+            .batch(96)
+            .train(&format!(
+                "steps = {steps}\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.02"
+            ))
+            .train("log_every_steps = 10")
+            .workers(3)
+            .max(3)
+            .fault(&format!("max_restarts = {kills}"))
+            .write(tmp.path())
+    };
+    let mut cluster = LocalCluster::start(5).unwrap();
+    let done = cluster.follow(&chaos("calm"), &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+
+    let id = submit(&cluster, &chaos("chaos"));
+    let mut next_name = 5;
+    let mut at = 0;
+    for k in 0..kills {
+        at += 100 + draw(200);
+        wait_for_step(&cluster, &id, at);
+        let members: Vec<String> =
+            serde_json::from_value(cluster.status(&id)["members"].clone()).unwrap();
+        let victim = members[draw(members.len() as u64) as usize].clone();
+        let generation = cluster.status(&id)["generation"].as_u64().unwrap();
+        eprintln!("kill {}: {victim} at step >= {at}", k + 1);
+        kill_worker(&mut cluster, &victim);
+        let name = format!("w{next_name}");
+        next_name += 1;
+        cluster.add_worker(&name).unwrap();
+        wait_until(T, || {
+            let s = cluster.status(&id);
+            s["generation"].as_u64().unwrap_or(0) > generation && s["state"] == "running"
+                || s["state"] == "succeeded"
+        })
+        .unwrap_or_else(|_| panic!("no re-form after kill {}: {}", k + 1, cluster.status(&id)));
+    }
+    let end = wait_for_end(&cluster, &id);
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(end["restarts"], kills, "{end}");
+    let rel = relative_l2(&expected, &params_of(&cluster, &id));
+    eprintln!("after {kills} kills: relative L2 to the undisturbed run: {rel:e}");
+    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
+}
