@@ -360,7 +360,6 @@ fn chaos_repeated_sigkills_of_random_members_leave_the_result_unchanged() {
     let expected = params_of(&cluster, done["id"].as_str().unwrap());
 
     let id = submit(&cluster, &chaos("chaos"));
-    let mut next_name = 5;
     let mut at = 0;
     for k in 0..kills {
         at += 100 + draw(200);
@@ -371,9 +370,8 @@ fn chaos_repeated_sigkills_of_random_members_leave_the_result_unchanged() {
         let generation = cluster.status(&id)["generation"].as_u64().unwrap();
         eprintln!("kill {}: {victim} at step >= {at}", k + 1);
         kill_worker(&mut cluster, &victim);
-        let name = format!("w{next_name}");
-        next_name += 1;
-        cluster.add_worker(&name).unwrap();
+        // A fresh process under a new name comes back as a spare.
+        cluster.add_worker(&format!("w{}", 5 + k)).unwrap();
         wait_until(T, || {
             let s = cluster.status(&id);
             s["generation"].as_u64().unwrap_or(0) > generation && s["state"] == "running"
