@@ -71,6 +71,47 @@ fn wait_for_end(cluster: &LocalCluster, id: &str) -> serde_json::Value {
     s
 }
 
+/// Runs `job` undisturbed to success; its final parameters.
+fn undisturbed(cluster: &LocalCluster, job: &Path) -> Vec<f32> {
+    let done = cluster.follow(job, &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    params_of(cluster, done["id"].as_str().unwrap())
+}
+
+/// The current members' names.
+fn members(cluster: &LocalCluster, id: &str) -> Vec<String> {
+    serde_json::from_value(cluster.status(id)["members"].clone()).expect("members are names")
+}
+
+/// Waits until the job runs again in a generation after `generation` (or
+/// has succeeded, when `or_done`); its status.
+fn wait_reformed(
+    cluster: &LocalCluster,
+    id: &str,
+    generation: u64,
+    or_done: bool,
+) -> serde_json::Value {
+    let mut s = serde_json::Value::Null;
+    wait_until(T, || {
+        s = cluster.status(id);
+        (s["generation"].as_u64().unwrap_or(0) > generation && s["state"] == "running")
+            || (or_done && s["state"] == "succeeded")
+    })
+    .unwrap_or_else(|_| panic!("the job did not re-form after generation {generation}: {s}"));
+    s
+}
+
+/// Waits for the job to succeed and checks it computed the run `expected`
+/// came from; its final status.
+fn assert_ends_as(cluster: &LocalCluster, id: &str, expected: &[f32]) -> serde_json::Value {
+    let end = wait_for_end(cluster, id);
+    assert_eq!(end["state"], "succeeded", "{end}");
+    let rel = relative_l2(expected, &params_of(cluster, id));
+    eprintln!("relative L2 to the undisturbed run: {rel:e}");
+    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
+    end
+}
+
 #[test]
 fn a_killed_member_is_replaced_by_a_spare_and_the_run_matches_an_undisturbed_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -80,46 +121,32 @@ fn a_killed_member_is_replaced_by_a_spare_and_the_run_matches_an_undisturbed_one
     // Undisturbed reference with the same world size: the disturbed run
     // must not differ from it beyond float summation order (with two ranks
     // there is none: a + b is b + a).
-    let reference = job("reference", &data, tmp.path(), 2, 2);
-    let done = cluster.follow(&reference, &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
 
     // Two members and a spare; one member dies mid-run.
     let disturbed = job("disturbed", &data, tmp.path(), 2, 2);
     let id = submit(&cluster, &disturbed);
     wait_for_step(&cluster, &id, 300);
-    let members: Vec<String> =
-        serde_json::from_value(cluster.status(&id)["members"].clone()).expect("members are names");
+    let members = members(&cluster, &id);
     assert_eq!(members.len(), 2, "{members:?}");
     let victim = members[1].clone();
     let killed = Instant::now();
     kill_worker(&mut cluster, &victim);
 
     // The job re-forms around the survivor and the spare.
-    let mut s = serde_json::Value::Null;
-    wait_until(T, || {
-        s = cluster.status(&id);
-        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
-    })
-    .unwrap_or_else(|_| panic!("the job did not re-form: {s}"));
+    let s = wait_reformed(&cluster, &id, 1, false);
     eprintln!("re-formed {:?} after the SIGKILL: {s}", killed.elapsed());
     let members: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
     assert!(!members.contains(&victim), "{members:?}");
     assert_eq!(members.len(), 2, "{members:?}");
 
-    let end = wait_for_end(&cluster, &id);
-    assert_eq!(end["state"], "succeeded", "{end}");
+    let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], 1, "{end}");
     let events = end["events"].to_string();
     assert!(
         events.contains(&victim),
         "the incident names the lost worker: {events}"
     );
-    let got = params_of(&cluster, &id);
-    let rel = relative_l2(&expected, &got);
-    eprintln!("relative L2 to the undisturbed run: {rel:e}");
-    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }
 
 #[test]
@@ -127,10 +154,7 @@ fn below_the_minimum_the_job_waits_recovering_and_goes_on_when_a_worker_joins() 
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let mut cluster = LocalCluster::start(2).unwrap();
-    let reference = job("reference", &data, tmp.path(), 2, 2);
-    let done = cluster.follow(&reference, &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
 
     let disturbed = job("waits", &data, tmp.path(), 2, 2);
     let id = submit(&cluster, &disturbed);
@@ -148,12 +172,8 @@ fn below_the_minimum_the_job_waits_recovering_and_goes_on_when_a_worker_joins() 
     assert_eq!(cluster.status(&id)["state"], "recovering");
 
     cluster.add_worker("w2").unwrap();
-    let end = wait_for_end(&cluster, &id);
-    assert_eq!(end["state"], "succeeded", "{end}");
+    let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], 1, "{end}");
-    let rel = relative_l2(&expected, &params_of(&cluster, &id));
-    eprintln!("relative L2 to the undisturbed run: {rel:e}");
-    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }
 
 #[test]
@@ -172,18 +192,12 @@ fn a_job_out_of_restarts_fails_listing_its_incidents() {
         .write(tmp.path());
     let id = submit(&cluster, &spec);
     wait_for_step(&cluster, &id, 100);
-    let members: Vec<String> =
-        serde_json::from_value(cluster.status(&id)["members"].clone()).unwrap();
-    kill_worker(&mut cluster, &members[1]);
-    wait_until(T, || {
-        let s = cluster.status(&id);
-        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
-    })
-    .unwrap();
+    let first = members(&cluster, &id);
+    kill_worker(&mut cluster, &first[1]);
+    wait_reformed(&cluster, &id, 1, false);
     let step = cluster.status(&id)["step"].as_u64().unwrap_or(0);
     wait_for_step(&cluster, &id, step + 50);
-    let members: Vec<String> =
-        serde_json::from_value(cluster.status(&id)["members"].clone()).unwrap();
+    let members = members(&cluster, &id);
     kill_worker(&mut cluster, &members[0]);
     let end = wait_for_end(&cluster, &id);
     assert_eq!(end["state"], "failed", "{end}");
@@ -199,36 +213,24 @@ fn a_stopped_member_is_taken_as_lost_when_its_heartbeats_stop_and_the_job_re_for
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(3).unwrap();
-    let reference = job("reference", &data, tmp.path(), 2, 2);
-    let done = cluster.follow(&reference, &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
 
     let id = submit(&cluster, &job("stopped", &data, tmp.path(), 2, 2));
     wait_for_step(&cluster, &id, 300);
-    let members: Vec<String> =
-        serde_json::from_value(cluster.status(&id)["members"].clone()).unwrap();
+    let members = members(&cluster, &id);
     let index: usize = members[1].trim_start_matches('w').parse().unwrap();
     // Alive but frozen: its sockets stay open, only its silence tells.
     let pid = cluster.workers[index].pid() as i32;
     // SAFETY: signalling a child process this test spawned and still owns.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let stopped = Instant::now();
-    let mut s = serde_json::Value::Null;
-    wait_until(T, || {
-        s = cluster.status(&id);
-        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
-    })
-    .unwrap_or_else(|_| panic!("the job did not re-form: {s}"));
+    let s = wait_reformed(&cluster, &id, 1, false);
     eprintln!("re-formed {:?} after the SIGSTOP", stopped.elapsed());
     let members_now: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
     assert!(!members_now.contains(&members[1]), "{members_now:?}");
-    let end = wait_for_end(&cluster, &id);
+    assert_ends_as(&cluster, &id, &expected);
     // SAFETY: as above; the guard then kills and reaps it.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    assert_eq!(end["state"], "succeeded", "{end}");
-    let rel = relative_l2(&expected, &params_of(&cluster, &id));
-    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }
 
 #[test]
@@ -236,38 +238,27 @@ fn a_member_that_stops_stepping_is_left_behind_by_the_hang_watchdog() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let mut cluster = LocalCluster::start(2).unwrap();
-    let reference = job("reference", &data, tmp.path(), 2, 2);
-    let done = cluster.follow(&reference, &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
 
     // w1 leaves; w2 stops making progress at step 200 while its process and
     // heartbeats live on (a stuck data loader); w3 is the spare.
+    // Registration order is rank order: wait for each worker in turn.
     kill_worker(&mut cluster, "w1");
-    cluster
-        .add_worker_with_env(
-            "w2",
-            &[("RINGMASTER_FAILPOINT", "trainer-hang-at-step=200")],
-        )
-        .unwrap();
+    cluster.wait_for_workers(1, T).unwrap();
+    let hangs = [("RINGMASTER_FAILPOINT", "trainer-hang-at-step=200")];
+    cluster.add_worker_with_env("w2", &hangs).unwrap();
+    cluster.wait_for_workers(2, T).unwrap();
     cluster.add_worker("w3").unwrap();
+    cluster.wait_for_workers(3, T).unwrap();
     let spec = builder("hangs", &data, 2, 2)
         .fault("hang_timeout_secs = 2")
         .write(tmp.path());
     let id = submit(&cluster, &spec);
-    let mut s = serde_json::Value::Null;
-    wait_until(T, || {
-        s = cluster.status(&id);
-        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
-    })
-    .unwrap_or_else(|_| panic!("the job did not re-form: {s}"));
+    let s = wait_reformed(&cluster, &id, 1, false);
     let members: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
     assert!(!members.contains(&"w2".to_string()), "{members:?}");
     assert!(s["events"].to_string().contains("w2"), "{s}");
-    let end = wait_for_end(&cluster, &id);
-    assert_eq!(end["state"], "succeeded", "{end}");
-    let rel = relative_l2(&expected, &params_of(&cluster, &id));
-    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
+    assert_ends_as(&cluster, &id, &expected);
 }
 
 #[test]
@@ -290,28 +281,16 @@ fn a_job_below_its_max_grows_when_a_worker_joins_and_still_computes_the_same_run
             .write(tmp.path())
     };
     let mut cluster = LocalCluster::start(1).unwrap();
-    let done = cluster.follow(&grows("alone"), &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!(done["generation"], 1, "{done}");
-    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+    let expected = undisturbed(&cluster, &grows("alone"));
 
     let id = submit(&cluster, &grows("grows"));
     wait_for_step(&cluster, &id, 200);
     cluster.add_worker("w1").unwrap();
-    let mut s = serde_json::Value::Null;
-    wait_until(T, || {
-        s = cluster.status(&id);
-        s["generation"].as_u64().unwrap_or(0) >= 2 && s["state"] == "running"
-    })
-    .unwrap_or_else(|_| panic!("the job did not grow: {s}"));
+    let s = wait_reformed(&cluster, &id, 1, false);
     let members: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
     assert_eq!(members, ["w0", "w1"], "{s}");
-    let end = wait_for_end(&cluster, &id);
-    assert_eq!(end["state"], "succeeded", "{end}");
+    let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], 0, "{end}");
-    let rel = relative_l2(&expected, &params_of(&cluster, &id));
-    eprintln!("relative L2 to the undisturbed one-worker run: {rel:e}");
-    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }
 
 /// Chaos: a job on 3 workers with 2 spares loses a random member at a
@@ -355,34 +334,22 @@ fn chaos_repeated_sigkills_of_random_members_leave_the_result_unchanged() {
             .write(tmp.path())
     };
     let mut cluster = LocalCluster::start(5).unwrap();
-    let done = cluster.follow(&chaos("calm"), &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let expected = params_of(&cluster, done["id"].as_str().unwrap());
+    let expected = undisturbed(&cluster, &chaos("calm"));
 
     let id = submit(&cluster, &chaos("chaos"));
     let mut at = 0;
     for k in 0..kills {
         at += 100 + draw(200);
         wait_for_step(&cluster, &id, at);
-        let members: Vec<String> =
-            serde_json::from_value(cluster.status(&id)["members"].clone()).unwrap();
+        let members = members(&cluster, &id);
         let victim = members[draw(members.len() as u64) as usize].clone();
         let generation = cluster.status(&id)["generation"].as_u64().unwrap();
         eprintln!("kill {}: {victim} at step >= {at}", k + 1);
         kill_worker(&mut cluster, &victim);
         // A fresh process under a new name comes back as a spare.
         cluster.add_worker(&format!("w{}", 5 + k)).unwrap();
-        wait_until(T, || {
-            let s = cluster.status(&id);
-            s["generation"].as_u64().unwrap_or(0) > generation && s["state"] == "running"
-                || s["state"] == "succeeded"
-        })
-        .unwrap_or_else(|_| panic!("no re-form after kill {}: {}", k + 1, cluster.status(&id)));
+        wait_reformed(&cluster, &id, generation, true);
     }
-    let end = wait_for_end(&cluster, &id);
-    assert_eq!(end["state"], "succeeded", "{end}");
+    let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], kills, "{end}");
-    let rel = relative_l2(&expected, &params_of(&cluster, &id));
-    eprintln!("after {kills} kills: relative L2 to the undisturbed run: {rel:e}");
-    assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
 }
