@@ -543,6 +543,18 @@ fn a_parked_report_starts_recovery_and_a_silent_member_is_lost_after_the_window(
             "{:?}",
             s.status.events
         );
+        // n1 parks after all: too late for generation 2, it is told to drop
+        // its state and is free again.
+        h.from_session(Msg::FromWorker(ws[1].id.clone(), parked(&id, 1, 7, None)));
+        loop {
+            match ws[1].next().await {
+                Command::Abort(a) if !a.keep_state => break,
+                _ => continue,
+            }
+        }
+        let all = workers(&h).await;
+        let n1 = all.iter().find(|w| w.name == "n1").unwrap();
+        assert_eq!(n1.state(), WorkerState::Idle);
     });
 }
 

@@ -82,6 +82,13 @@ impl Cluster {
             return;
         };
         if job.generation() != generation {
+            // Parked too late: the job re-formed without it (taken as lost).
+            // Its report proves its trainer answers, so it may drop the
+            // state and be free again.
+            self.drop_state(worker, id, generation, "the job re-formed without it");
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.assignment = None;
+            }
             return;
         }
         match job.status.state {
