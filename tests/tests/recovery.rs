@@ -353,3 +353,32 @@ fn chaos_repeated_sigkills_of_random_members_leave_the_result_unchanged() {
     let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], kills, "{end}");
 }
+
+#[test]
+fn a_diverged_loss_fails_the_job_at_once_and_spends_no_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(2).unwrap();
+    // A learning rate no model survives: the loss becomes infinite or NaN
+    // within a few steps.
+    let spec = JobBuilder::new("diverges", &data)
+        .seed(11)
+        .hidden(&[64])
+        .batch(96)
+        .train("steps = 1000\noptimizer = \"sgd\"\nlearning_rate = 1e30")
+        .workers(2)
+        .max(2)
+        .write(tmp.path());
+    let id = submit(&cluster, &spec);
+    let end = wait_for_end(&cluster, &id);
+    assert_eq!(end["state"], "failed", "{end}");
+    assert_eq!(end["restarts"], 0, "{end}");
+    assert_eq!(end["generation"], 1, "{end}");
+    let reason = end["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("training diverged") && reason.contains("at step"),
+        "{reason}"
+    );
+    assert!(end["step"].as_u64().unwrap() < 1000, "{end}");
+    eprintln!("{reason}");
+}

@@ -137,6 +137,13 @@ pub enum TrainError {
     /// Another rank's training state could not be taken over.
     #[error("state transfer: {0}")]
     Transfer(String),
+    /// The loss over the global batch is NaN or infinite: the run has
+    /// diverged, and re-forming or resuming would diverge again.
+    #[error(
+        "the loss is {loss} at step {step}: training diverged (lower train.learning_rate, or \
+         check the data for extreme values)"
+    )]
+    Diverged { step: u64, loss: f64 },
     #[error("aborted: {0}")]
     Aborted(String),
 }

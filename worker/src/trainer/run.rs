@@ -375,13 +375,22 @@ impl Run {
             .ok_or_else(|| TrainError::Invalid("the run has no group".into()))?;
         let scale = 1.0 / batch_len.max(1) as f64;
         self.grads.all_reduce(group, &mut extras, scale)?;
+        // Every rank sees the same summed loss, so all stop here together,
+        // before a non-finite gradient reaches the parameters.
+        let loss = f64::from(extras[EXTRA_LOSS]) / batch_len.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: self.step + 1,
+                loss,
+            });
+        }
         self.optimizer.step(&self.params)?;
         self.step += 1;
         control.beat();
         Ok(StepReport {
             step: self.step,
             epoch,
-            loss: f64::from(extras[EXTRA_LOSS]) / batch_len.max(1) as f64,
+            loss,
             samples: batch_len,
             checkpoint: extras[EXTRA_CHECKPOINT] > 0.0,
             stop: extras[EXTRA_STOP] > 0.0,
