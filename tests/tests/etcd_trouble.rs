@@ -74,7 +74,9 @@ fn losing_etcd_quorum_degrades_the_coordinator_until_it_returns() {
         LocalCluster::start_with_serve_args(2, &etcd_store_args(&etcd.endpoints())).unwrap();
     let (code, h) = health(&cluster);
     assert_eq!((code, h["state"].as_str()), (0, Some("healthy")), "{h}");
-    let job = write_job(tmp.path(), &data, 20000);
+    // Long enough to outlast the outage on any machine (the test cancels it):
+    // 20000 steps once ended while etcd was still coming back.
+    let job = write_job(tmp.path(), &data, 10_000_000);
     let out = cluster.cli(&["submit", job.to_str().unwrap()], T);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let id = out.stdout.trim().to_string();
