@@ -139,18 +139,17 @@ pub struct Survivor {
 }
 
 /// The next generation of a job that lost members: `workers[r]` becomes rank
-/// `r`; `source` is the rank whose state every other rank takes over.
+/// `r`, and rank 0 is the survivor whose state every other rank takes over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Regroup {
     pub workers: Vec<WorkerId>,
-    pub source: u32,
 }
 
 /// Forms the next generation from `survivors` (in their old rank order) and
 /// `free` workers of the job's device kind: the largest world size in
 /// `[min, max]` that divides the batch, survivors first, the survivor with
-/// the newest state always kept (it is the source; ties go to the lower old
-/// rank). `None` when no survivor holds state or too few workers are there.
+/// the newest state always kept as rank 0, the source (ties go to the lower
+/// old rank). `None` when no survivor holds state or too few workers are there.
 pub fn regroup(d: &Demand, survivors: &[Survivor], free: &[FreeWorker]) -> Option<Regroup> {
     let best = survivors
         .iter()
@@ -178,7 +177,7 @@ pub fn regroup(d: &Demand, survivors: &[Survivor], free: &[FreeWorker]) -> Optio
     );
     workers.extend(newcomers.into_iter().cloned());
     workers.truncate(world);
-    Some(Regroup { workers, source: 0 })
+    Some(Regroup { workers })
 }
 
 #[cfg(test)]
@@ -281,7 +280,6 @@ mod tests {
         let d = demand("a", 2, 3, 96);
         let r = regroup(&d, &survivors(&[("w1", 40), ("w2", 41)]), &free(&["w9"])).unwrap();
         assert_eq!(ids(&r), ["w2", "w1", "w9"]);
-        assert_eq!(r.source, 0);
         // Equal steps: the lower old rank is the source.
         let r = regroup(&d, &survivors(&[("w1", 40), ("w2", 40)]), &free(&[])).unwrap();
         assert_eq!(ids(&r), ["w1", "w2"]);

@@ -317,7 +317,7 @@ fn ended(id: &RunId, result: Result<Outcome, TrainError>) -> WorkerReport {
                 TrainError::Collective(_) => FailureCause::DataPlane { lost_peer: lost },
                 _ => FailureCause::OwnWork,
             };
-            failed(&RunId { ..id.clone() }, e.to_string(), Some(cause))
+            failed(id, e.to_string(), Some(cause))
         }
     }
 }

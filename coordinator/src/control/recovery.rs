@@ -294,7 +294,7 @@ impl Cluster {
             }
             return;
         };
-        let source = &group.workers[group.source as usize];
+        let source = &group.workers[0];
         let step = survivors
             .iter()
             .find(|s| &s.id == source)
@@ -334,10 +334,7 @@ impl Cluster {
                 group.workers.len(),
             ));
         }
-        if let Err(e) = self
-            .launch(id, group.workers, Some(Rank(group.source)))
-            .await
-        {
+        if let Err(e) = self.launch(id, group.workers, Some(Rank(0))).await {
             warn!(job = %id, "could not re-form: {e}");
         }
     }

@@ -18,8 +18,6 @@ pub const BUCKET_BYTES: usize = 25 << 20;
 
 /// One flat tensor holding the gradients of consecutive parameters.
 struct Bucket {
-    /// Which parameters (indices into the parameter list) it holds.
-    params: Range<usize>,
     /// Gradient elements (the extras, on the last bucket, come after them).
     len: usize,
     flat: Tensor,
@@ -63,16 +61,11 @@ impl GradBuckets {
                 p.f_grad()?.f_set_data(&view)?;
                 off += k;
             }
-            buckets.push(Bucket {
-                params: range.clone(),
-                len,
-                flat,
-            });
+            buckets.push(Bucket { len, flat });
         }
         if buckets.is_empty() {
             // A model without parameters still needs somewhere to carry the extras.
             buckets.push(Bucket {
-                params: 0..0,
                 len: 0,
                 flat: model::zeros("gradient bucket", &[extras as i64], Kind::Float, device)?,
             });
@@ -86,16 +79,6 @@ impl GradBuckets {
             let _ = b.flat.f_zero_()?;
         }
         Ok(())
-    }
-
-    /// Number of buckets.
-    pub fn bucket_count(&self) -> usize {
-        self.buckets.len()
-    }
-
-    /// The parameter indices of each bucket, in order.
-    pub fn ranges(&self) -> impl Iterator<Item = Range<usize>> + '_ {
-        self.buckets.iter().map(|b| b.params.clone())
     }
 
     /// Sums every bucket over the group and scales the gradients by `scale`; `extras` ride with
@@ -183,7 +166,7 @@ mod tests {
         let b = param(&[3], 2);
         let params = [w.shallow_clone(), b.shallow_clone()];
         let mut g = GradBuckets::bind(&params, 2, Device::Cpu).unwrap();
-        assert_eq!(g.bucket_count(), 1);
+        assert_eq!(g.buckets.len(), 1);
         let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
         let loss = || x.linear(&w, Some(&b)).pow_tensor_scalar(2).sum(Kind::Float);
         g.zero().unwrap();

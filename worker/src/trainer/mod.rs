@@ -21,7 +21,6 @@ mod run;
 mod state;
 mod transfer;
 
-pub use grads::{BUCKET_BYTES, GradBuckets};
 pub use run::{Run, StateSource, StepReport};
 pub use transfer::{StateHeader, Transferred};
 

@@ -198,11 +198,6 @@ impl Run {
         self.step
     }
 
-    /// Steps the job runs in all.
-    pub fn total_steps(&self) -> u64 {
-        self.total_steps
-    }
-
     /// Whether the state is one consistent state (not a transfer that broke
     /// half way), so it may be held for a later generation.
     pub fn state_intact(&self) -> bool {
@@ -645,16 +640,16 @@ fn hang_failpoint(step: u64) {
     use ringmaster_checkpoint::{FAILPOINT_ENV, FAILPOINTS_BUILT_IN};
     use std::sync::atomic::AtomicBool;
     static FIRED: AtomicBool = AtomicBool::new(false);
-    if !FAILPOINTS_BUILT_IN {
-        return;
-    }
-    let Ok(spec) = std::env::var(FAILPOINT_ENV) else {
-        return;
-    };
-    let at = spec
-        .split(',')
-        .filter_map(|e| e.trim().strip_prefix("trainer-hang-at-step="))
-        .find_map(|n| n.parse::<u64>().ok());
+    // Read once: this runs on every step.
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let at = *AT.get_or_init(|| {
+        let spec = std::env::var(FAILPOINT_ENV)
+            .ok()
+            .filter(|_| FAILPOINTS_BUILT_IN)?;
+        spec.split(',')
+            .filter_map(|e| e.trim().strip_prefix("trainer-hang-at-step="))
+            .find_map(|n| n.parse::<u64>().ok())
+    });
     if at == Some(step) && !FIRED.swap(true, Ordering::SeqCst) {
         tracing::warn!(step, "fail point: hanging for good");
         loop {
