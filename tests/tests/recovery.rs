@@ -265,16 +265,18 @@ fn a_member_that_stops_stepping_is_left_behind_by_the_hang_watchdog() {
 fn a_job_below_its_max_grows_when_a_worker_joins_and_still_computes_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
-    // Fewer steps and a smaller model than the other cases: the run changes
-    // world size mid-way, so it is compared with one worker's run, which it
-    // matches up to float summation order.
+    // A smaller model than the other cases: the run changes world size
+    // mid-way, so it is compared with one worker's run, which it matches up
+    // to float summation order. Long enough (8000 steps) that the new
+    // worker's process registers before the job ends, even on a loaded
+    // machine (2000 once ended first while other tests ran beside it).
     let grows = |name: &str| {
         JobBuilder::new(name, &data)
             .seed(11)
             .hidden(&[64])
             .model("dropout = 0.2")
             .batch(96)
-            .train("steps = 2000\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.02")
+            .train("steps = 8000\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.02")
             .train("log_every_steps = 10")
             .workers(1)
             .max(2)
