@@ -2,7 +2,7 @@
 //! the help) and what each command does. Client commands talk to a running
 //! coordinator over the `Control` service; `serve` runs one.
 
-use crate::control::{self, ControlConfig};
+use crate::control::{self, ControlConfig, CordonAction};
 use crate::election;
 use crate::server::{Role, STANDBY_PREFIX, Services};
 use anyhow::{Context, bail};
@@ -229,6 +229,27 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Take a worker out of service: it leaves its job at a step boundary
+    /// once the job can re-form without it (or, failing that, move through
+    /// a checkpoint to other free workers), then takes no new work. No
+    /// trained step is lost. `uncordon` brings it back.
+    ///
+    /// Example:
+    ///   coordinator drain gpu-node-3 --reason "disk replacement"
+    #[command(verbatim_doc_comment)]
+    Drain(CordonArgs),
+    /// Stop placing new work on a worker; the work it holds continues.
+    ///
+    /// Example:
+    ///   coordinator cordon w4
+    #[command(verbatim_doc_comment)]
+    Cordon(CordonArgs),
+    /// Let a cordoned, drained or quarantined worker take work again.
+    ///
+    /// Example:
+    ///   coordinator uncordon gpu-node-3
+    #[command(verbatim_doc_comment)]
+    Uncordon(CordonArgs),
     /// Prepare datasets in Ringmaster's shard format.
     Dataset {
         #[command(flatten)]
@@ -243,6 +264,18 @@ impl Command {
     pub fn is_serve(&self) -> bool {
         matches!(self, Command::Serve(_))
     }
+}
+
+/// The worker a cordon command acts on.
+#[derive(Args, Debug)]
+pub struct CordonArgs {
+    /// The worker's id (w3) or name, as `coordinator workers` lists it.
+    pub worker: String,
+    /// Why, as `coordinator workers` shows it.
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub client: ClientOpts,
 }
 
 #[derive(Args, Debug)]
@@ -411,6 +444,9 @@ pub async fn run(cli: Cli) -> i32 {
             checkpoints(&client.or(&top), &job).await.map(|()| 0)
         }
         Command::Workers { client } => workers(&client.or(&top)).await.map(|()| 0),
+        Command::Drain(a) => cordon(&top, a, CordonAction::Drain).await.map(|()| 0),
+        Command::Cordon(a) => cordon(&top, a, CordonAction::Cordon).await.map(|()| 0),
+        Command::Uncordon(a) => cordon(&top, a, CordonAction::Uncordon).await.map(|()| 0),
         Command::Dataset { output, command } => {
             let output = output.output.or(top.output).unwrap_or(Output::Text);
             dataset_cmd(command, output).map(|()| 0)
@@ -1249,6 +1285,63 @@ async fn checkpoints(c: &ClientOpts, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn cordon(top: &ClientOpts, a: CordonArgs, what: CordonAction) -> anyhow::Result<()> {
+    let c = a.client.or(top);
+    let req = pb::WorkerRequest {
+        worker: a.worker,
+        reason: a.reason.unwrap_or_default(),
+    };
+    let mut client = client(&c).await?;
+    let w = match what {
+        CordonAction::Drain => client.drain_worker(req).await,
+        CordonAction::Cordon => client.cordon_worker(req).await,
+        CordonAction::Uncordon => client.uncordon_worker(req).await,
+    }
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    .into_inner();
+    match c.output() {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&worker_json(&w))?),
+        Output::Text => {
+            let name = format!("{} ({})", w.name, w.worker_id);
+            match cordon_of(&w) {
+                None => println!("{name} takes work again"),
+                Some(("draining", reason, _)) => println!(
+                    "{name} is draining ({reason}): it leaves {} at the next step boundary the \
+                     job can re-form without it, then takes no work",
+                    w.job_id
+                ),
+                Some((kind, reason, _)) => println!("{name} is {kind}: {reason}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A worker's cordon as the CLI shows it: kind, reason and the seconds until
+/// it lifts by itself.
+fn cordon_of(w: &pb::WorkerInfo) -> Option<(&'static str, String, Option<u64>)> {
+    match w.cordon_view() {
+        Ok(None) => None,
+        Ok(Some(c)) => Some((c.kind.as_str(), c.reason, c.remaining_secs)),
+        Err(_) => Some(("unknown", w.cordon_reason.clone(), None)),
+    }
+}
+
+fn worker_json(w: &pb::WorkerInfo) -> serde_json::Value {
+    let cordon = cordon_of(w).map(|(kind, reason, remaining)| {
+        serde_json::json!({ "kind": kind, "reason": reason, "remaining_secs": remaining })
+    });
+    serde_json::json!({
+        "id": w.worker_id, "name": w.name, "host": w.host, "device": w.device,
+        "state": worker_state_name(w),
+        "job": if w.job_id.is_empty() { None } else { Some(&w.job_id) },
+        "rank": if w.job_id.is_empty() { None } else { Some(w.rank) },
+        "last_heartbeat_ms_ago": w.last_heartbeat_ms_ago,
+        "data_addr": w.data_addr,
+        "cordon": cordon,
+    })
+}
+
 async fn workers(c: &ClientOpts) -> anyhow::Result<()> {
     let output = c.output();
     let workers = client(c)
@@ -1260,24 +1353,12 @@ async fn workers(c: &ClientOpts) -> anyhow::Result<()> {
         .workers;
     match output {
         Output::Json => {
-            let all: Vec<_> = workers
-                .iter()
-                .map(|w| {
-                    serde_json::json!({
-                        "id": w.worker_id, "name": w.name, "host": w.host, "device": w.device,
-                        "state": worker_state_name(w),
-                        "job": if w.job_id.is_empty() { None } else { Some(&w.job_id) },
-                        "rank": if w.job_id.is_empty() { None } else { Some(w.rank) },
-                        "last_heartbeat_ms_ago": w.last_heartbeat_ms_ago,
-                        "data_addr": w.data_addr,
-                    })
-                })
-                .collect();
+            let all: Vec<_> = workers.iter().map(worker_json).collect();
             println!("{}", serde_json::to_string_pretty(&all)?);
         }
         Output::Text => {
             println!(
-                "{:<6} {:<16} {:<8} {:<6} {:<20} {:>6}",
+                "{:<6} {:<16} {:<8} {:<6} {:<20} {:>6}  SCHEDULING",
                 "ID", "NAME", "DEVICE", "STATE", "JOB/RANK", "BEAT"
             );
             for w in workers {
@@ -1286,14 +1367,22 @@ async fn workers(c: &ClientOpts) -> anyhow::Result<()> {
                 } else {
                     format!("{}/{}", w.job_id, w.rank)
                 };
+                let scheduling = match cordon_of(&w) {
+                    None => "ok".to_string(),
+                    Some((kind, reason, None)) => format!("{kind}: {reason}"),
+                    Some((kind, reason, Some(secs))) => {
+                        format!("{kind} for {secs} s more: {reason}")
+                    }
+                };
                 println!(
-                    "{:<6} {:<16} {:<8} {:<6} {:<20} {:>5}s",
+                    "{:<6} {:<16} {:<8} {:<6} {:<20} {:>5}s  {}",
                     w.worker_id,
                     w.name,
                     w.device,
                     worker_state_name(&w),
                     job,
-                    w.last_heartbeat_ms_ago / 1000
+                    w.last_heartbeat_ms_ago / 1000,
+                    scheduling
                 );
             }
         }

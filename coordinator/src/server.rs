@@ -5,7 +5,7 @@
 //! and commands become wire messages here (`From`). Domain errors map to gRPC
 //! codes in [`to_status`] and nowhere else.
 
-use crate::control::{self, ControlError, ControlHandle, Msg, Reply};
+use crate::control::{self, ControlError, ControlHandle, CordonAction, Msg, Reply};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::now_ms;
 use ringmaster_proto::pb::{
@@ -26,7 +26,7 @@ use tracing::warn;
 pub fn to_status(e: ControlError) -> Status {
     let msg = e.to_string();
     match e {
-        ControlError::JobNotFound(_) => Status::not_found(msg),
+        ControlError::JobNotFound(_) | ControlError::WorkerNotFound(_) => Status::not_found(msg),
         ControlError::JobFinished { .. } | ControlError::WrongState { .. } => {
             Status::failed_precondition(msg)
         }
@@ -91,6 +91,19 @@ impl Services {
     /// Sends one request to the control loop; errors become statuses.
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, Status> {
         self.control()?.call(make).await.map_err(to_status)
+    }
+
+    async fn cordon(
+        &self,
+        req: Request<pb::WorkerRequest>,
+        action: CordonAction,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        let pb::WorkerRequest { worker, reason } = req.into_inner();
+        if worker.trim().is_empty() {
+            return Err(Status::invalid_argument("no worker given"));
+        }
+        let view = self.ask(|r| Msg::Cordon(worker, action, reason, r)).await?;
+        Ok(Response::new(view.into()))
     }
 }
 
@@ -206,6 +219,27 @@ impl Control for Services {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self.ask(Msg::ListWorkers).await?;
         Ok(Response::new(pb::ListWorkersResponse::from(workers)))
+    }
+
+    async fn drain_worker(
+        &self,
+        req: Request<pb::WorkerRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        self.cordon(req, CordonAction::Drain).await
+    }
+
+    async fn cordon_worker(
+        &self,
+        req: Request<pb::WorkerRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        self.cordon(req, CordonAction::Cordon).await
+    }
+
+    async fn uncordon_worker(
+        &self,
+        req: Request<pb::WorkerRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        self.cordon(req, CordonAction::Uncordon).await
     }
 
     type WatchJobStream = StatusStream;

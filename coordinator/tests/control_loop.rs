@@ -7,9 +7,13 @@
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::now_ms;
-use ringmaster_common::records::{self, CheckpointRecord, JobRecord, JobState, JobStatusRecord};
+use ringmaster_common::records::{
+    self, CheckpointRecord, CordonKind, JobRecord, JobState, JobStatusRecord,
+};
 use ringmaster_common::worker::{Device, WorkerState};
-use ringmaster_coordinator::control::{self, ControlConfig, ControlError, ControlHandle, Msg};
+use ringmaster_coordinator::control::{
+    self, ControlConfig, ControlError, ControlHandle, CordonAction, Msg,
+};
 use ringmaster_proto::{
     Command, CurrentRun, FailureCause, JobView, Metrics, Registration, RunId, RunOutcome,
     StartTraining, TrainingEnded, WorkerReport, WorkerView,
@@ -673,5 +677,294 @@ fn a_running_job_below_its_max_grows_when_a_worker_joins_without_spending_a_rest
         let _n2 = register(&h, "n2", "n2", None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(job(&h, &id).await.status.generation, 2);
+    });
+}
+
+async fn cordon(h: &ControlHandle, who: &str, action: CordonAction) -> WorkerView {
+    let who = who.to_string();
+    h.call(|r| Msg::Cordon(who, action, String::new(), r))
+        .await
+        .unwrap()
+}
+
+/// The worker named `name` as `coordinator workers` shows it.
+async fn worker_named(h: &ControlHandle, name: &str) -> WorkerView {
+    workers(h)
+        .await
+        .into_iter()
+        .find(|w| w.name == name)
+        .unwrap_or_else(|| panic!("no worker {name}"))
+}
+
+fn progress(job: &JobId, generation: u64, step: u64) -> WorkerReport {
+    WorkerReport::Progress(ringmaster_proto::Progress {
+        run: RunId {
+            job: job.clone(),
+            generation: Generation(generation),
+        },
+        step,
+        epoch: 0,
+        total_steps: 1000,
+        metrics: Metrics::new(),
+    })
+}
+
+#[test]
+fn a_cordoned_worker_takes_no_new_job_until_uncordoned() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut w = register(&h, "n0", "n0", None).await.unwrap();
+        let view = cordon(&h, "n0", CordonAction::Cordon).await;
+        let c = view.cordon.expect("cordoned");
+        assert_eq!(
+            (c.kind, c.reason.as_str()),
+            (CordonKind::Cordoned, "cordoned by admin")
+        );
+        let id = h.call(|r| Msg::Submit(spec(1), None, r)).await.unwrap();
+        let s = job(&h, &id).await;
+        assert_eq!(s.status.state, JobState::Queued);
+        assert!(w.commands.try_recv().is_err(), "a cordoned worker got work");
+        // By id as well as by name.
+        let view = cordon(&h, w.id.as_str(), CordonAction::Uncordon).await;
+        assert_eq!(view.cordon, None);
+        let start = w.start().await;
+        assert_eq!(start.run.job, id);
+        // Cordoning a busy worker leaves its work running.
+        let view = cordon(&h, "n0", CordonAction::Cordon).await;
+        assert_eq!(view.state(), WorkerState::Busy);
+        assert_eq!(job(&h, &id).await.status.state, JobState::Running);
+        let missing = h
+            .call(|r| Msg::Cordon("nope".into(), CordonAction::Drain, String::new(), r))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "no worker `nope` is registered (give its id, as `coordinator workers` lists it, or \
+             its name)"
+        );
+    });
+}
+
+#[test]
+fn a_cordon_outlives_a_coordinator_restart() {
+    rt().block_on(async {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+        let h = control::start(store.clone(), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let _w = register(&h, "n0", "n0", None).await.unwrap();
+        cordon(&h, "n0", CordonAction::Cordon).await;
+        h.shutdown().await;
+        let h = control::start(store, "mem".into(), cfg()).await.unwrap();
+        let _w = register(&h, "n0", "n0-again", None).await.unwrap();
+        let c = worker_named(&h, "n0").await.cordon.expect("still cordoned");
+        assert_eq!(c.kind, CordonKind::Cordoned);
+    });
+}
+
+#[test]
+fn draining_a_member_re_forms_its_job_without_it_and_spends_no_restart() {
+    rt().block_on(async {
+        let (h, mut ws, mut spares, id) = recoverable_job(&["n0", "n1"], &["s0"], 2).await;
+        // The spare is free but the job is full: draining n1 re-forms the
+        // job with n0 and s0.
+        let view = cordon(&h, "n1", CordonAction::Drain).await;
+        let c = view.cordon.expect("draining");
+        assert_eq!(c.kind, CordonKind::Draining);
+        let s = wait_state(&h, &id, JobState::Recovering).await;
+        assert_eq!(s.status.restarts, 0, "a drain is no failure");
+        for w in &mut ws {
+            match w.next().await {
+                Command::Abort(a) => assert!(a.keep_state, "{a:?}"),
+                other => panic!("expected an abort keeping the state, got {other:?}"),
+            }
+        }
+        // n1 completed one more step than n0: still left out, n0's state
+        // is the source (the step in flight is redone).
+        h.from_session(Msg::FromWorker(ws[0].id.clone(), parked(&id, 1, 30, None)));
+        h.from_session(Msg::FromWorker(ws[1].id.clone(), parked(&id, 1, 31, None)));
+        let starts = [ws[0].start().await, spares[0].start().await];
+        for (rank, st) in starts.iter().enumerate() {
+            assert_eq!(st.run.generation, Generation(2));
+            assert_eq!(st.rank, Rank(rank as u32));
+            assert_eq!(st.state_source, Some(Rank(0)));
+        }
+        // n1 drops its state and is free, cordoned.
+        match ws[1].next().await {
+            Command::Abort(a) => assert!(!a.keep_state, "{a:?}"),
+            other => panic!("expected the drained worker to drop its state, got {other:?}"),
+        }
+        let s = wait_state(&h, &id, JobState::Running).await;
+        assert_eq!(s.status.members, ["n0", "s0"]);
+        assert_eq!((s.status.restarts, s.status.step), (0, 30));
+        let n1 = worker_named(&h, "n1").await;
+        assert_eq!(n1.state(), WorkerState::Idle);
+        let c = n1.cordon.expect("cordoned after the drain");
+        assert_eq!(
+            (c.kind, c.reason.as_str()),
+            (CordonKind::Cordoned, "drained: drained by admin")
+        );
+    });
+}
+
+#[test]
+fn a_drain_with_no_replacement_waits_then_moves_the_job_through_a_checkpoint() {
+    rt().block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let (h, mut ws, _, id) = recoverable_job(&["n0"], &[], 1).await;
+        cordon(&h, "n0", CordonAction::Drain).await;
+        // Nowhere to go: n0 keeps training, draining.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(job(&h, &id).await.status.state, JobState::Running);
+        assert!(ws[0].commands.try_recv().is_err());
+        assert_eq!(
+            worker_named(&h, "n0").await.cordon.map(|c| c.kind),
+            Some(CordonKind::Draining)
+        );
+        // A worker arrives, but the job's max is 1: no group of n0 and s0
+        // can form, so the job moves through a checkpoint.
+        let mut s0 = register(&h, "s0", "s0", None).await.unwrap();
+        match ws[0].next().await {
+            Command::Checkpoint(c) => assert!(c.stop, "{c:?}"),
+            other => panic!("expected a stopping checkpoint request, got {other:?}"),
+        }
+        let dir = tmp.path().join("step-57");
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            WorkerReport::Checkpoint(ringmaster_proto::CheckpointReport {
+                run: RunId {
+                    job: id.clone(),
+                    generation: Generation(1),
+                },
+                step: 57,
+                metrics: Metrics::new(),
+                outcome: Ok(ringmaster_proto::WrittenCheckpoint {
+                    dir: dir.clone(),
+                    bytes: 1,
+                    write_seconds: 0.0,
+                    blocked_seconds: 0.0,
+                }),
+            }),
+        ));
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            WorkerReport::Ended(TrainingEnded {
+                run: RunId {
+                    job: id.clone(),
+                    generation: Generation(1),
+                },
+                step: 57,
+                metrics: Metrics::new(),
+                outcome: RunOutcome::Succeeded { stopped: true },
+            }),
+        ));
+        let start = s0.start().await;
+        assert_eq!(start.run.generation, Generation(2));
+        assert_eq!(start.resume_candidates, [dir]);
+        let s = wait_state(&h, &id, JobState::Running).await;
+        assert_eq!(s.status.members, ["s0"]);
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e.contains("moved off its draining workers")),
+            "{:?}",
+            s.status.events
+        );
+        let c = worker_named(&h, "n0").await.cordon.expect("drained");
+        assert_eq!(c.kind, CordonKind::Cordoned);
+    });
+}
+
+#[test]
+fn a_worker_blamed_twice_in_ten_minutes_is_quarantined_for_the_cooldown() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut n0 = register(&h, "n0", "n0", None).await.unwrap();
+        let mut n1 = register(&h, "n1", "n1", None).await.unwrap();
+        let mut spec = spec(2);
+        spec.fault.max_restarts = 5;
+        spec.fault.quarantine_after = 2;
+        spec.fault.quarantine_cooldown_secs = 1;
+        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
+        n0.start().await;
+        n1.start().await;
+        for generation in 1..=2u64 {
+            // n1 dies; n0 parks; n1 comes back as a fresh process.
+            h.from_session(Msg::Disconnected(n1.id.clone(), "session closed".into()));
+            wait_state(&h, &id, JobState::Recovering).await;
+            assert!(matches!(n0.next().await, Command::Abort(a) if a.keep_state));
+            h.from_session(Msg::FromWorker(
+                n0.id.clone(),
+                parked(&id, generation, 10 * generation, None),
+            ));
+            n1 = register(&h, "n1", &format!("n1-{generation}"), None)
+                .await
+                .unwrap();
+            if generation == 1 {
+                // One incident: no quarantine; the job re-forms with it.
+                assert_eq!(worker_named(&h, "n1").await.cordon, None);
+                assert_eq!(n0.start().await.run.generation, Generation(2));
+                n1.start().await;
+                wait_state(&h, &id, JobState::Running).await;
+            }
+        }
+        // The second incident quarantined n1: the job waits for a worker.
+        let c = worker_named(&h, "n1").await.cordon.expect("quarantined");
+        assert_eq!(c.kind, CordonKind::Quarantined);
+        assert_eq!(c.reason, "2 incidents in 10 min");
+        assert_eq!(c.remaining_secs, Some(1));
+        let s = job(&h, &id).await;
+        assert_eq!(s.status.state, JobState::Recovering);
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e == "worker n1 quarantined for 1 s: 2 incidents in 10 min"),
+            "{:?}",
+            s.status.events
+        );
+        // After the cooldown it takes work again: generation 3 forms.
+        let st = n1.start().await;
+        assert_eq!(st.run.generation, Generation(3));
+        assert_eq!(worker_named(&h, "n1").await.cordon, None);
+    });
+}
+
+#[test]
+fn a_draining_sole_state_holder_hands_its_state_on_before_it_leaves() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut n0 = register(&h, "n0", "n0", None).await.unwrap();
+        let mut spec = spec(1);
+        spec.workers.max = 2;
+        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
+        n0.start().await;
+        cordon(&h, "n0", CordonAction::Drain).await;
+        let mut s0 = register(&h, "s0", "s0", None).await.unwrap();
+        // Generation 2: n0 sources its state to s0 ...
+        assert!(matches!(n0.next().await, Command::Abort(a) if a.keep_state));
+        h.from_session(Msg::FromWorker(n0.id.clone(), parked(&id, 1, 20, None)));
+        let (a, b) = (n0.start().await, s0.start().await);
+        assert_eq!((a.rank, b.rank), (Rank(0), Rank(1)));
+        assert_eq!(b.state_source, Some(Rank(0)));
+        // ... and once a step of it is done, the job re-forms without n0.
+        h.from_session(Msg::FromWorker(n0.id.clone(), progress(&id, 2, 30)));
+        assert!(matches!(n0.next().await, Command::Abort(a) if a.keep_state));
+        assert!(matches!(s0.next().await, Command::Abort(a) if a.keep_state));
+        h.from_session(Msg::FromWorker(n0.id.clone(), parked(&id, 2, 31, None)));
+        h.from_session(Msg::FromWorker(s0.id.clone(), parked(&id, 2, 31, None)));
+        let st = s0.start().await;
+        assert_eq!((st.run.generation, st.rank), (Generation(3), Rank(0)));
+        let s = wait_state(&h, &id, JobState::Running).await;
+        assert_eq!(s.status.members, ["s0"]);
+        assert_eq!(s.status.restarts, 0);
+        assert!(matches!(n0.next().await, Command::Abort(a) if !a.keep_state));
     });
 }

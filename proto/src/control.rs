@@ -11,7 +11,9 @@
 use crate::{WireError, pb, spec_from_json, spec_to_json};
 use ringmaster_common::ids::{JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_common::records::{CheckpointRecord, JobRecord, JobState, JobStatusRecord};
+use ringmaster_common::records::{
+    CheckpointRecord, CordonKind, JobRecord, JobState, JobStatusRecord,
+};
 use ringmaster_common::worker::{Device, WorkerState};
 
 impl From<JobState> for pb::JobState {
@@ -80,6 +82,42 @@ impl pb::WorkerInfo {
             .map_err(|_| WireError::UnknownWorkerState(self.state))?;
         WorkerState::try_from(wire)
     }
+
+    /// Why the worker takes no new work; `None` when it does. A kind this
+    /// version does not know is an error.
+    pub fn cordon_view(&self) -> Result<Option<CordonView>, WireError> {
+        let kind = match pb::CordonKind::try_from(self.cordon) {
+            Ok(pb::CordonKind::None) => return Ok(None),
+            Ok(pb::CordonKind::Cordoned) => CordonKind::Cordoned,
+            Ok(pb::CordonKind::Draining) => CordonKind::Draining,
+            Ok(pb::CordonKind::Quarantined) => CordonKind::Quarantined,
+            Err(_) => return Err(WireError::UnknownCordon(self.cordon)),
+        };
+        Ok(Some(CordonView {
+            kind,
+            reason: self.cordon_reason.clone(),
+            remaining_secs: (self.cordon_remaining_secs > 0).then_some(self.cordon_remaining_secs),
+        }))
+    }
+}
+
+/// Why a worker takes no new work, as `coordinator workers` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CordonView {
+    pub kind: CordonKind,
+    pub reason: String,
+    /// Until a quarantine lifts by itself; `None` lasts until `uncordon`.
+    pub remaining_secs: Option<u64>,
+}
+
+impl From<CordonKind> for pb::CordonKind {
+    fn from(k: CordonKind) -> Self {
+        match k {
+            CordonKind::Cordoned => pb::CordonKind::Cordoned,
+            CordonKind::Draining => pb::CordonKind::Draining,
+            CordonKind::Quarantined => pb::CordonKind::Quarantined,
+        }
+    }
 }
 
 /// A job as clients see it: its stored status plus what only the live
@@ -144,6 +182,8 @@ pub struct WorkerView {
     pub assignment: Option<(JobId, Rank)>,
     pub last_heartbeat_ms_ago: u64,
     pub data_addr: String,
+    /// Why it takes no new work, if it does not.
+    pub cordon: Option<CordonView>,
 }
 
 impl WorkerView {
@@ -173,6 +213,16 @@ impl From<WorkerView> for pb::WorkerInfo {
             rank,
             last_heartbeat_ms_ago: w.last_heartbeat_ms_ago,
             data_addr: w.data_addr,
+            cordon: w
+                .cordon
+                .as_ref()
+                .map_or(pb::CordonKind::None, |c| c.kind.into()) as i32,
+            cordon_reason: w
+                .cordon
+                .as_ref()
+                .map(|c| c.reason.clone())
+                .unwrap_or_default(),
+            cordon_remaining_secs: w.cordon.and_then(|c| c.remaining_secs).unwrap_or(0),
         }
     }
 }

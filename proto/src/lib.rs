@@ -35,7 +35,7 @@ pub mod session;
 #[cfg(test)]
 mod tests;
 
-pub use control::{HealthView, JobView, Role, WorkerView};
+pub use control::{CordonView, HealthView, JobView, Role, WorkerView};
 pub use session::{
     AbortTraining, CheckpointReport, CheckpointRequest, Command, CurrentRun, FailureCause, Metrics,
     Note, Parked, Progress, Registered, Registration, RunId, RunOutcome, StartTraining,
@@ -82,6 +82,8 @@ pub enum WireError {
     UnknownJobState(i32),
     #[error("unknown worker state {0} on the wire")]
     UnknownWorkerState(i32),
+    #[error("unknown cordon kind {0} on the wire")]
+    UnknownCordon(i32),
     /// Checked before anything else in a registration, so a worker of
     /// another version hears about the version, not about a field it fills
     /// differently.

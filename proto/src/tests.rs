@@ -563,6 +563,7 @@ fn worker_views_carry_their_state_and_unknown_states_are_refused() {
         assignment: None,
         last_heartbeat_ms_ago: 5,
         data_addr: "127.0.0.1:9".into(),
+        cordon: None,
     };
     let busy = WorkerView {
         assignment: Some((JobId("j-1".into()), Rank(3))),
@@ -592,6 +593,40 @@ fn worker_views_carry_their_state_and_unknown_states_are_refused() {
             Err(format!("unknown worker state {bad} on the wire"))
         );
     }
+}
+
+#[test]
+fn a_cordon_travels_with_its_reason_and_remaining_time() {
+    use ringmaster_common::records::CordonKind;
+    let view = WorkerView {
+        id: WorkerId("w1".into()),
+        name: "n0".into(),
+        host: "h".into(),
+        device: Device::Cpu,
+        assignment: None,
+        last_heartbeat_ms_ago: 5,
+        data_addr: "127.0.0.1:9".into(),
+        cordon: Some(crate::CordonView {
+            kind: CordonKind::Quarantined,
+            reason: "3 incidents in 10 min".into(),
+            remaining_secs: Some(42),
+        }),
+    };
+    let wire = pb::WorkerInfo::from(view.clone());
+    assert_eq!(wire.cordon_view(), Ok(view.cordon.clone()));
+    let open = pb::WorkerInfo::from(WorkerView {
+        cordon: None,
+        ..view
+    });
+    assert_eq!(open.cordon_view(), Ok(None));
+    let bad = pb::WorkerInfo {
+        cordon: 9,
+        ..Default::default()
+    };
+    assert_eq!(
+        bad.cordon_view().map_err(|e| e.to_string()),
+        Err("unknown cordon kind 9 on the wire".to_string())
+    );
 }
 
 #[test]

@@ -51,6 +51,19 @@ pub struct JobSpec {
     /// existed) has no `[fault]` table.
     #[serde(default)]
     pub fault: FaultSpec,
+    /// Test aids (`[debug]`); off unless the file turns them on.
+    #[serde(default)]
+    pub debug: DebugSpec,
+}
+
+/// Test aids (`[debug]`), documented as such: they cost disk and time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DebugSpec {
+    /// Every rank appends the ids of the samples of each step it applies to
+    /// `<output.dir>/<job-id>/audit/`, so a test can prove each sample was
+    /// applied exactly once per epoch across recoveries and resizes.
+    #[serde(default)]
+    pub audit_samples: bool,
 }
 
 /// How a job rides out lost workers (`[fault]`).
@@ -66,10 +79,30 @@ pub struct FaultSpec {
     /// stalled data loader) leaves its group, and the group re-forms.
     #[serde(default = "default_hang_timeout_secs")]
     pub hang_timeout_secs: u64,
+    /// A worker blamed for this many incidents within
+    /// [`QUARANTINE_WINDOW`] is cordoned for `quarantine_cooldown_secs`; 0
+    /// never quarantines.
+    #[serde(default = "default_quarantine_after")]
+    pub quarantine_after: u32,
+    /// How long a quarantined worker takes no new work.
+    #[serde(default = "default_quarantine_cooldown_secs")]
+    pub quarantine_cooldown_secs: u64,
 }
+
+/// The window in which `[fault] quarantine_after` incidents quarantine a
+/// worker.
+pub const QUARANTINE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn default_hang_timeout_secs() -> u64 {
     60
+}
+
+fn default_quarantine_after() -> u32 {
+    3
+}
+
+fn default_quarantine_cooldown_secs() -> u64 {
+    600
 }
 
 impl Default for FaultSpec {
@@ -78,6 +111,8 @@ impl Default for FaultSpec {
             max_restarts: 10,
             rejoin_timeout_secs: 300,
             hang_timeout_secs: default_hang_timeout_secs(),
+            quarantine_after: default_quarantine_after(),
+            quarantine_cooldown_secs: default_quarantine_cooldown_secs(),
         }
     }
 }
@@ -437,6 +472,8 @@ impl JobSpec {
         rules::max_restarts(i64::from(self.fault.max_restarts))?;
         rules::rejoin_timeout_secs(saturate(self.fault.rejoin_timeout_secs))?;
         rules::hang_timeout_secs(saturate(self.fault.hang_timeout_secs))?;
+        rules::quarantine_after(i64::from(self.fault.quarantine_after))?;
+        rules::quarantine_cooldown_secs(saturate(self.fault.quarantine_cooldown_secs))?;
         Ok(())
     }
 

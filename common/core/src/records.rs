@@ -201,6 +201,50 @@ pub struct WorkerRecord {
     pub registered_at_ms: u64,
 }
 
+/// Why a worker takes no new work: an admin's `cordon` or `drain`, or an
+/// automatic quarantine after repeated incidents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CordonKind {
+    /// No new placements; work it already holds continues.
+    Cordoned,
+    /// Leaves its job at a step boundary once the job can re-form without
+    /// it, then takes no work (shown as cordoned once it is free).
+    Draining,
+    /// Cordoned automatically until `until_ms`.
+    Quarantined,
+}
+
+impl CordonKind {
+    /// The lowercase name the CLI shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CordonKind::Cordoned => "cordoned",
+            CordonKind::Draining => "draining",
+            CordonKind::Quarantined => "quarantined",
+        }
+    }
+}
+
+/// One worker's cordon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CordonRecord {
+    pub kind: CordonKind,
+    pub reason: String,
+    pub since_ms: u64,
+    /// When it lifts by itself (a quarantine); `None` lasts until `uncordon`.
+    #[serde(default)]
+    pub until_ms: Option<u64>,
+}
+
+/// `/ringmaster/v1/meta/cordons`: every cordon, by worker *name* (a worker
+/// gets a new id each time it registers; its name is what an admin means).
+/// One key, since cordons change rarely and are read once at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CordonsRecord {
+    pub workers: BTreeMap<String, CordonRecord>,
+}
+
 /// Serializes a record for `key`, refusing what [`decode`] would refuse.
 pub fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, RecordError> {
     let bytes = serde_json::to_vec(record).map_err(|err| RecordError::Encode {

@@ -82,7 +82,7 @@ fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("seed = 1", "seed = 1\nepoch = 3")]),
         "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `model`, `data`, \
-         `train`, `workers`, `output`, `checkpoint`, `fault`",
+         `train`, `workers`, `output`, `checkpoint`, `fault`, `debug`",
     );
     check_err(
         &edit(&[("steps = 10", "steps = 10\nlr = 0.1")]),
@@ -97,7 +97,7 @@ fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
         "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `model`, \
-         `data`, `train`, `workers`, `output`, `checkpoint`, `fault`",
+         `data`, `train`, `workers`, `output`, `checkpoint`, `fault`, `debug`",
     );
 }
 
@@ -1016,11 +1016,17 @@ fn fault_table_defaults_values_and_errors() {
             max_restarts: 10,
             rejoin_timeout_secs: 300,
             hang_timeout_secs: 60,
+            quarantine_after: 3,
+            quarantine_cooldown_secs: 600,
         }
     );
+    assert!(!base.debug.audit_samples);
     let set = parse(&with_fault(
-        "max_restarts = 0\nrejoin_timeout_secs = 30\nhang_timeout_secs = 5",
+        "max_restarts = 0\nrejoin_timeout_secs = 30\nhang_timeout_secs = 5\n\
+         quarantine_after = 0\nquarantine_cooldown_secs = 90",
     ));
+    assert_eq!(set.fault.quarantine_after, 0);
+    assert_eq!(set.fault.quarantine_cooldown_secs, 90);
     assert_eq!(set.fault.max_restarts, 0);
     assert_eq!(set.fault.rejoin_timeout_secs, 30);
     assert_eq!(set.fault.hang_timeout_secs, 5);
@@ -1040,7 +1046,16 @@ fn fault_table_defaults_values_and_errors() {
     check_err(
         &with_fault("restarts = 3"),
         "job.toml:20:1: unknown field `restarts`, expected one of `max_restarts`, \
-         `rejoin_timeout_secs`, `hang_timeout_secs`",
+         `rejoin_timeout_secs`, `hang_timeout_secs`, `quarantine_after`, \
+         `quarantine_cooldown_secs`",
+    );
+    check_err(
+        &with_fault("quarantine_cooldown_secs = 0"),
+        "job.toml:20:28: fault.quarantine_cooldown_secs must be between 1 and 604800, got 0",
+    );
+    check_err(
+        &with_fault("quarantine_after = 1001"),
+        "job.toml:20:20: fault.quarantine_after must be between 0 and 1000, got 1001",
     );
     // A spec stored before the table existed reads with the defaults.
     let mut json: serde_json::Value = serde_json::to_value(&base).unwrap();
@@ -1063,5 +1078,18 @@ fn workers_grow_by_default_and_can_be_held_at_their_start_size() {
     check_err(
         &edit(&[("max = 4", "max = 4\ngrow = 1")]),
         "job.toml:17:8: invalid type: integer `1`, expected a boolean",
+    );
+}
+
+#[test]
+fn debug_table_turns_on_the_sample_audit_and_rejects_unknown_keys() {
+    let on = parse(&edit(&[(
+        "dir = \"out\"\n",
+        "dir = \"out\"\n[debug]\naudit_samples = true\n",
+    )]));
+    assert!(on.debug.audit_samples);
+    check_err(
+        &edit(&[("dir = \"out\"\n", "dir = \"out\"\n[debug]\naudit = true\n")]),
+        "job.toml:20:1: unknown field `audit`, expected `audit_samples`",
     );
 }

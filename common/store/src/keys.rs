@@ -92,6 +92,11 @@ pub fn leader() -> String {
     format!("{ROOT}leader")
 }
 
+/// `/ringmaster/v1/meta/cordons`: the cordoned workers, by name.
+pub fn cordons() -> String {
+    format!("{ROOT}meta/cordons")
+}
+
 /// `/ringmaster/v1/meta/job_seq`
 pub fn job_seq() -> String {
     format!("{ROOT}meta/job_seq")

@@ -53,6 +53,10 @@ pub(super) struct Job {
     pub(super) aborts_unsent: bool,
     /// While `recovering`: what is known of the broken generation.
     pub(super) recovery: Option<Recovery>,
+    /// The members are stopping after a checkpoint so that the job moves
+    /// off a draining worker: it is queued again, not cancelled, once they
+    /// have.
+    pub(super) handover: bool,
 }
 
 impl Job {
@@ -70,6 +74,7 @@ impl Job {
             waiting: None,
             aborts_unsent: false,
             recovery: None,
+            handover: false,
         }
     }
 
@@ -253,7 +258,12 @@ impl Cluster {
             });
         }
         let id = job.record.id.clone();
-        if job.status.state == JobState::Running && !now {
+        let job_running = job.status.state == JobState::Running;
+        if let Some(job) = self.jobs.get_mut(&id) {
+            // The user's cancel wins over a drain's move.
+            job.handover = false;
+        }
+        if job_running && !now {
             // Stop at the next step boundary after a final checkpoint; the
             // job becomes `cancelled` when every rank has stopped.
             self.request_checkpoint(id.as_str(), true)?;

@@ -223,6 +223,7 @@ impl Cluster {
                 assignment: w.assignment.as_ref().map(|a| (a.run.job.clone(), a.rank)),
                 last_heartbeat_ms_ago: now_ms().saturating_sub(w.last_seen.load(Ordering::Relaxed)),
                 data_addr: w.info.data_addr.clone(),
+                cordon: self.cordon_view(&w.info.name, w.assignment.is_some()),
             })
             .collect()
     }

@@ -22,6 +22,7 @@
 
 mod adoption;
 mod checkpoints;
+mod cordons;
 mod jobs;
 mod membership;
 mod recovery;
@@ -31,6 +32,7 @@ mod store_io;
 mod timers;
 
 pub use checkpoints::{CommittedCheckpoints, with_uncommitted};
+pub use cordons::CordonAction;
 
 use jobs::{Job, Member};
 use membership::{LEASE_TTL, Release, Worker, keep_lease};
@@ -55,6 +57,10 @@ use tracing::{info, warn};
 pub enum ControlError {
     #[error("job `{0}` not found")]
     JobNotFound(String),
+    #[error(
+        "no worker `{0}` is registered (give its id, as `coordinator workers` lists it, or its name)"
+    )]
+    WorkerNotFound(String),
     #[error("job `{id}` is already {state}")]
     JobFinished { id: String, state: &'static str },
     #[error("invalid request: {0}")]
@@ -101,6 +107,7 @@ impl ControlError {
             ControlError::Store(e) => e.retryable() || matches!(e, StoreError::Ambiguous(_)),
             ControlError::ShuttingDown => true,
             ControlError::JobNotFound(_)
+            | ControlError::WorkerNotFound(_)
             | ControlError::JobFinished { .. }
             | ControlError::Invalid(_)
             | ControlError::WrongState { .. }
@@ -177,6 +184,9 @@ pub enum Msg {
     /// ([`with_uncommitted`]) off the loop.
     ListCheckpoints(String, Reply<CommittedCheckpoints>),
     ListWorkers(Reply<Vec<WorkerView>>),
+    /// An admin's drain, cordon or uncordon of a worker (id or name), with
+    /// an optional reason.
+    Cordon(String, CordonAction, String, Reply<WorkerView>),
     Watch(String, Reply<watch::Receiver<JobView>>),
     /// A worker's first message; the loop sends `Registered` on the session
     /// before any other command.
@@ -249,6 +259,10 @@ struct Cluster {
     /// Queued jobs in submission order.
     queue: Vec<JobId>,
     workers: BTreeMap<WorkerId, Worker>,
+    /// Workers that take no new work, by name (see `cordons.rs`).
+    cordons: BTreeMap<String, records::CordonRecord>,
+    /// Recent incidents each worker was blamed for, by name (quarantine).
+    incidents: BTreeMap<String, Vec<std::time::Instant>>,
     next_worker: u64,
     /// Worker registrations in the store are bound to this lease, which a
     /// background task keeps alive: if this coordinator dies, they expire.
@@ -295,6 +309,8 @@ pub async fn start(
         releases: Vec::new(),
         queue: Vec::new(),
         workers: BTreeMap::new(),
+        cordons: BTreeMap::new(),
+        incidents: BTreeMap::new(),
         next_worker: 1,
         lease,
         health: health.clone(),
@@ -302,6 +318,7 @@ pub async fn start(
         deposed: Arc::new(tokio::sync::Notify::new()),
     };
     cluster.load().await?;
+    cluster.load_cordons().await?;
     let (tx, rx) = mpsc::channel(1024);
     let (sessions, session_rx) = mpsc::unbounded_channel();
     let handle = ControlHandle {
@@ -448,6 +465,10 @@ impl Cluster {
             }
             Msg::ListWorkers(reply) => {
                 let _ = reply.send(Ok(self.worker_views()));
+            }
+            Msg::Cordon(target, action, reason, reply) => {
+                let r = self.set_cordon(&target, action, reason).await;
+                let _ = reply.send(r);
             }
             Msg::Watch(id, reply) => {
                 let _ = reply.send(self.job(&id).map(|j| j.watch.subscribe()));

@@ -31,7 +31,8 @@ pub(super) struct Recovery {
     pub(super) parked: BTreeMap<Rank, u64>,
     /// The regroup window passed: members that have not parked are lost.
     pub(super) window_closed: bool,
-    /// The job re-forms to grow, not after a loss (no restart is spent).
+    /// The job re-forms by plan (to grow, or to leave a draining worker
+    /// out), not after a loss: no restart is spent.
     pub(super) growing: bool,
 }
 
@@ -52,6 +53,17 @@ impl Cluster {
             return;
         }
         let incident = format!("worker {} lost: {why}", job.member_label(rank));
+        let newly = match (&job.status.state, &job.recovery) {
+            (JobState::Running, _) => true,
+            (JobState::Recovering, Some(r)) => !r.lost.contains_key(&rank),
+            _ => false,
+        };
+        if newly {
+            self.blame(id, rank).await;
+        }
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
         match job.status.state {
             JobState::Running => {
                 if !self.begin_recovery(id, incident).await {
@@ -66,6 +78,24 @@ impl Cluster {
             rec.lost.insert(rank, why);
         }
         self.try_regroup(id).await;
+    }
+
+    /// Counts an incident against the worker that held `rank`, which may
+    /// quarantine it (noted in the job's events).
+    async fn blame(&mut self, id: &JobId, rank: Rank) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        let Some(name) = job.members.get(rank.index()).map(|m| m.name.clone()) else {
+            return;
+        };
+        let fault = job.record.spec.fault.clone();
+        if let Some(note) = self.note_incident(&name, &fault).await
+            && let Some(job) = self.jobs.get_mut(id)
+        {
+            job.status.note(note);
+            job.publish();
+        }
     }
 
     /// Member `rank` of worker `worker` left its ring holding the state of
@@ -161,7 +191,12 @@ impl Cluster {
     /// Starts re-forming: every member is told to leave its ring keeping its
     /// state (persisted first), then `try_regroup` forms the next
     /// generation once they have.
-    async fn leave_rings(&mut self, id: &JobId, incident: String, growing: bool) -> bool {
+    pub(super) async fn leave_rings(
+        &mut self,
+        id: &JobId,
+        incident: String,
+        growing: bool,
+    ) -> bool {
         let Some(job) = self.jobs.get_mut(id) else {
             return false;
         };
@@ -220,13 +255,16 @@ impl Cluster {
                 silent.push(rank);
             }
         }
-        for rank in silent {
-            let label = job.member_label(rank);
+        for rank in &silent {
+            let label = job.member_label(*rank);
             job.status.note(format!(
                 "worker {label} did not leave its ring within {secs:.1} s (hung?): taken as lost"
             ));
         }
         job.publish();
+        for rank in silent {
+            self.blame(id, rank).await;
+        }
         self.try_regroup(id).await;
     }
 
@@ -273,7 +311,19 @@ impl Cluster {
             global_batch: spec.train.global_batch,
         };
         let free = self.free_workers();
-        let Some(group) = scheduler::regroup(&demand, &survivors, &free) else {
+        // Draining workers are left out where others hold the state; where
+        // they alone do, they source this group and leave it at the next.
+        let staying: Vec<Survivor> = survivors
+            .iter()
+            .filter(|s| !self.draining(&s.id))
+            .cloned()
+            .collect();
+        let candidates = if staying.is_empty() {
+            &survivors
+        } else {
+            &staying
+        };
+        let Some(group) = scheduler::regroup(&demand, candidates, &free) else {
             let rejoin = Duration::from_secs(spec.fault.rejoin_timeout_secs);
             let waiting = format!(
                 "re-forming: needs {} worker{}, {} survivor{} and {} free",

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 impl Cluster {
     /// Starts every queued job that the free workers allow.
     pub(super) async fn schedule(&mut self) {
+        Box::pin(self.settle_drains()).await;
         // Jobs re-forming after a loss go first: their survivors are held.
         if self.jobs.values().any(|j| j.recovery.is_some()) {
             Box::pin(self.regroup_waiting()).await;
@@ -69,7 +70,7 @@ impl Cluster {
     pub(super) fn free_workers(&self) -> Vec<FreeWorker> {
         self.workers
             .iter()
-            .filter(|(_, w)| w.assignment.is_none())
+            .filter(|(_, w)| w.assignment.is_none() && self.schedulable(&w.info.name))
             .map(|(id, w)| FreeWorker {
                 id: id.clone(),
                 device: w.info.device.kind(),
@@ -121,6 +122,7 @@ impl Cluster {
         job.timers.clear();
         job.peer_reports.clear();
         job.recovery = None;
+        job.handover = false;
         job.waiting = None;
         job.publish();
         let run = job.run();

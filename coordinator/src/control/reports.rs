@@ -49,6 +49,10 @@ impl Cluster {
                 if p.run != run || rank != Rank(0) {
                     return; // fenced: stale generation, or not the reporting rank
                 }
+                if self.draining_any() {
+                    // A drain waiting for the state to be handed on.
+                    Box::pin(self.settle_drains()).await;
+                }
                 if let Some(job) = self.jobs.get_mut(&run.job)
                     && job.status.state == JobState::Running
                 {
@@ -218,7 +222,10 @@ impl Cluster {
             job.status.metrics.extend(metrics);
         }
         if job.finished.len() == job.members.len() {
-            if stopped {
+            if stopped && job.handover {
+                job.handover = false;
+                self.requeue(id, "moved off its draining workers").await;
+            } else if stopped {
                 let reason = format!("cancelled by user at step {step}");
                 self.finish(id, JobState::Cancelled, Some(reason)).await;
             } else {

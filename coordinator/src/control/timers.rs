@@ -100,6 +100,9 @@ impl Cluster {
         if freed {
             self.schedule().await;
         }
+        if self.cordons.values().any(|c| c.until_ms.is_some()) {
+            self.expire_quarantines().await;
+        }
         let timeout = self.cfg.heartbeat_timeout;
         let silent: Vec<WorkerId> = self
             .workers

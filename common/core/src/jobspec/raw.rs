@@ -35,6 +35,7 @@ pub(super) struct RawJob {
     pub output: RawOutput,
     pub checkpoint: Option<RawCheckpoint>,
     pub fault: Option<RawFault>,
+    pub debug: Option<RawDebug>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +156,15 @@ pub(super) struct RawFault {
     pub max_restarts: Option<Spanned<Integer>>,
     pub rejoin_timeout_secs: Option<Spanned<Integer>>,
     pub hang_timeout_secs: Option<Spanned<Integer>>,
+    pub quarantine_after: Option<Spanned<Integer>>,
+    pub quarantine_cooldown_secs: Option<Spanned<Integer>>,
+}
+
+/// The optional `[debug]` table: test aids.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [debug] table")]
+pub(super) struct RawDebug {
+    pub audit_samples: Option<bool>,
 }
 
 /// `checkpoint.keep_best`, usually an inline table.

@@ -205,6 +205,14 @@ pub(super) fn hang_timeout_secs(secs: impl Into<i128>) -> Rule {
     in_range("fault.hang_timeout_secs", secs, 1, 24 * 3600)
 }
 
+pub(super) fn quarantine_after(n: impl Into<i128>) -> Rule {
+    in_range("fault.quarantine_after", n, 0, 1000)
+}
+
+pub(super) fn quarantine_cooldown_secs(secs: impl Into<i128>) -> Rule {
+    in_range("fault.quarantine_cooldown_secs", secs, 1, 7 * 24 * 3600)
+}
+
 pub(super) fn keep_last(keep: impl Into<i128>) -> Rule {
     count("checkpoint.keep_last", keep)
 }

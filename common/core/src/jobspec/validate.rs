@@ -18,9 +18,9 @@ use super::raw::{
 };
 use super::rules::{self, Rule};
 use super::{
-    CheckpointSpec, DEFAULT_LOG_EVERY_STEPS, DataSpec, Duration, FaultSpec, JobSpec, KeepBestSpec,
-    Location, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError, SpecSpans, TrainSpec,
-    WorkersSpec,
+    CheckpointSpec, DEFAULT_LOG_EVERY_STEPS, DataSpec, DebugSpec, Duration, FaultSpec, JobSpec,
+    KeepBestSpec, Location, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError,
+    SpecSpans, TrainSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -151,6 +151,9 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         output,
         checkpoint,
         fault,
+        debug: DebugSpec {
+            audit_samples: raw.debug.and_then(|d| d.audit_samples).unwrap_or(false),
+        },
     };
     let spans = SpecSpans {
         data_table,
@@ -406,6 +409,14 @@ fn build_fault(raw: Option<RawFault>, at: &Locator<'_>) -> Result<FaultSpec, Spe
     if let Some(secs) = &raw.hang_timeout_secs {
         at.check(secs, rules::hang_timeout_secs(secs.get_ref().0))?;
         fault.hang_timeout_secs = non_negative(secs.get_ref().0);
+    }
+    if let Some(n) = &raw.quarantine_after {
+        at.check(n, rules::quarantine_after(n.get_ref().0))?;
+        fault.quarantine_after = narrow(n, at)?;
+    }
+    if let Some(secs) = &raw.quarantine_cooldown_secs {
+        at.check(secs, rules::quarantine_cooldown_secs(secs.get_ref().0))?;
+        fault.quarantine_cooldown_secs = non_negative(secs.get_ref().0);
     }
     Ok(fault)
 }
