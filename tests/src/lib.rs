@@ -5,6 +5,7 @@
 //! The binaries must be built first (`scripts/test` does `cargo build
 //! --workspace --bins`); set `RINGMASTER_BIN_DIR` to use others.
 
+pub mod audit;
 pub mod etcd;
 pub mod proxy;
 
@@ -366,8 +367,9 @@ pub fn last_logged_step(metrics: &Path) -> u64 {
 /// (or any `<data>/train`, `<data>/val`), with every table a test may need
 /// to change. Defaults: seed 0, hidden `[32]`, batch 64, one worker at
 /// least, no validation set, output `out-<name>` next to the file. Lines
-/// given to [`JobBuilder::model`], [`JobBuilder::train`] and
-/// [`JobBuilder::checkpoint`] are TOML written into that table as they are.
+/// given to [`JobBuilder::model`], [`JobBuilder::train`],
+/// [`JobBuilder::checkpoint`], [`JobBuilder::fault`] and [`JobBuilder::debug`]
+/// are TOML written into that table as they are.
 #[derive(Clone, Debug)]
 pub struct JobBuilder {
     name: String,
@@ -383,6 +385,7 @@ pub struct JobBuilder {
     output: String,
     checkpoint: Vec<String>,
     fault: Vec<String>,
+    debug: Vec<String>,
 }
 
 impl JobBuilder {
@@ -402,6 +405,7 @@ impl JobBuilder {
             output: format!("out-{name}"),
             checkpoint: Vec::new(),
             fault: Vec::new(),
+            debug: Vec::new(),
         }
     }
 
@@ -470,6 +474,12 @@ impl JobBuilder {
         self
     }
 
+    /// `[debug]` lines, e.g. `audit_samples = true` (see [`audit`]).
+    pub fn debug(mut self, lines: &str) -> Self {
+        self.debug.push(lines.to_string());
+        self
+    }
+
     /// `workers.max`, after [`workers`](Self::workers) set the minimum.
     pub fn max(mut self, max: u32) -> Self {
         self.max = Some(max);
@@ -516,6 +526,12 @@ impl JobBuilder {
         if !self.fault.is_empty() {
             t.push_str("\n[fault]\n");
             for l in &self.fault {
+                t.push_str(&format!("{l}\n"));
+            }
+        }
+        if !self.debug.is_empty() {
+            t.push_str("\n[debug]\n");
+            for l in &self.debug {
                 t.push_str(&format!("{l}\n"));
             }
         }

@@ -2,8 +2,10 @@
 //! member out of its running job at a step boundary (the job re-forms with
 //! a spare, spending no restart, and ends where an undisturbed run ends),
 //! `cordon` keeps new work off a worker, `uncordon` brings it back, and
-//! `coordinator workers` says which is which and why.
+//! `coordinator workers` says which is which and why. The drained run's
+//! sample audit shows every sample applied exactly once per epoch.
 
+use ringmaster_tests::audit::{Expect, assert_exactly_once, train_samples};
 use ringmaster_tests::{
     JobBuilder, LocalCluster, pack_digits, read_params, relative_l2, wait_until,
 };
@@ -20,6 +22,7 @@ fn job(name: &str, data: &Path, dir: &Path) -> std::path::PathBuf {
         .batch(96)
         .train("steps = 1500\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.02")
         .exactly(2)
+        .debug("audit_samples = true")
         .write(dir)
 }
 
@@ -99,6 +102,13 @@ fn a_drained_member_leaves_its_job_which_ends_as_an_undisturbed_run() {
     let rel = relative_l2(&params(&reference), &params(&s));
     eprintln!("relative L2 to the undisturbed run: {rel:e}");
     assert!(rel < 1e-5, "relative L2 to the undisturbed run: {rel}");
+    let expect = Expect {
+        train_samples: train_samples(&data),
+        global_batch: 96,
+        steps: 1500,
+    };
+    let dir = s["output_dir"].as_str().expect("an output folder");
+    assert!(assert_exactly_once(Path::new(dir), &expect).generations >= 2);
 
     // Drained: free, and takes no work until uncordoned.
     let w = worker(&cluster, &leaving);

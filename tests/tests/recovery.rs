@@ -2,8 +2,12 @@
 //! SIGKILLed; the survivors keep their state, the coordinator forms the next
 //! generation (from a spare, or from a worker that joins later), a survivor
 //! hands its state to the newcomer over the data plane, and the job ends
-//! where an undisturbed run ends.
+//! where an undisturbed run ends. The chaos and growth cases also keep the
+//! sample audit (`[debug] audit_samples`) and prove from it that every step
+//! applied once and every sample once per epoch, which matching parameters
+//! alone cannot show.
 
+use ringmaster_tests::audit::{Expect, assert_exactly_once, train_samples};
 use ringmaster_tests::{
     JobBuilder, LocalCluster, pack_digits, read_params, relative_l2, wait_until,
 };
@@ -76,6 +80,18 @@ fn undisturbed(cluster: &LocalCluster, job: &Path) -> Vec<f32> {
     let done = cluster.follow(job, &[]);
     assert_eq!(done["state"], "succeeded", "{done}");
     params_of(cluster, done["id"].as_str().unwrap())
+}
+
+/// Checks the finished job's sample audit against `steps` steps of batches
+/// of 96 over `data`'s training set; how many generations wrote to it.
+fn assert_audited(end: &serde_json::Value, data: &Path, steps: u64) -> usize {
+    let dir = end["output_dir"].as_str().expect("an output folder");
+    let expect = Expect {
+        train_samples: train_samples(data),
+        global_batch: 96,
+        steps,
+    };
+    assert_exactly_once(Path::new(dir), &expect).generations
 }
 
 /// The current members' names.
@@ -280,6 +296,7 @@ fn a_job_below_its_max_grows_when_a_worker_joins_and_still_computes_the_same_run
             .train("log_every_steps = 10")
             .workers(1)
             .max(2)
+            .debug("audit_samples = true")
             .write(tmp.path())
     };
     let mut cluster = LocalCluster::start(1).unwrap();
@@ -293,6 +310,11 @@ fn a_job_below_its_max_grows_when_a_worker_joins_and_still_computes_the_same_run
     assert_eq!(members, ["w0", "w1"], "{s}");
     let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], 0, "{end}");
+    let generations = assert_audited(&end, &data, 8000);
+    assert!(
+        generations >= 2,
+        "the audit spans the growth: {generations}"
+    );
 }
 
 /// Chaos: a job on 3 workers with 2 spares loses a random member at a
@@ -333,6 +355,7 @@ fn chaos_repeated_sigkills_of_random_members_leave_the_result_unchanged() {
             .workers(3)
             .max(3)
             .fault(&format!("max_restarts = {kills}"))
+            .debug("audit_samples = true")
             .write(tmp.path())
     };
     let mut cluster = LocalCluster::start(5).unwrap();
@@ -354,6 +377,11 @@ fn chaos_repeated_sigkills_of_random_members_leave_the_result_unchanged() {
     }
     let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], kills, "{end}");
+    let generations = assert_audited(&end, &data, steps);
+    assert!(
+        generations as u64 > kills,
+        "the audit spans every generation: {generations}"
+    );
 }
 
 #[test]

@@ -14,6 +14,7 @@
 //! number of samples in the global batch, so W workers compute exactly the
 //! SGD step of one worker on the whole batch (up to float summation order).
 
+mod audit;
 mod data;
 mod grads;
 mod metrics;
@@ -21,6 +22,7 @@ mod run;
 mod state;
 mod transfer;
 
+pub use audit::{AUDIT_DIR, file_name as audit_file_name};
 pub use run::{Run, StateSource, StepReport};
 pub use transfer::{StateHeader, Transferred};
 

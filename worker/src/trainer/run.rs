@@ -10,6 +10,7 @@
 //! number of samples in the global batch, so W workers compute exactly the
 //! SGD step of one worker on the whole batch (up to float summation order).
 
+use super::audit::AuditLog;
 use super::data::TrainData;
 use super::grads::{BUCKET_BYTES, GradBuckets};
 use super::metrics::{MetricsLog, Window, link_latest};
@@ -79,6 +80,8 @@ pub struct Run {
     pending_blocked: BTreeMap<u64, f64>,
     last_checkpoint: Instant,
     group: Option<Box<dyn Collective>>,
+    /// The current generation's sample audit (`[debug] audit_samples`).
+    audit: Option<AuditLog>,
 }
 
 /// Where a new group's training state comes from.
@@ -190,6 +193,7 @@ impl Run {
             pending_blocked: BTreeMap::new(),
             last_checkpoint: Instant::now(),
             group: None,
+            audit: None,
         })
     }
 
@@ -231,7 +235,11 @@ impl Run {
     ) -> Result<Option<Transferred>, TrainError> {
         let rank = collective.rank();
         let world = collective.world_size();
-        tracing::debug!(job = %self.job_id, generation = collective.generation(), rank, world,
+        let generation = collective.generation();
+        // A failed rebind must not leave the previous generation's file in
+        // place for steps of this one.
+        self.audit = None;
+        tracing::debug!(job = %self.job_id, generation, rank, world,
             ?source, "run bound to a group");
         self.group = Some(collective);
         let moved = match source {
@@ -243,6 +251,9 @@ impl Run {
             }
             StateSource::Rank(src) => Some(self.take_state_from(src)?),
         };
+        if self.spec.debug.audit_samples {
+            self.audit = Some(AuditLog::create(&self.output_dir, generation, rank, world)?);
+        }
         if rank == 0 {
             if self.log.is_none() {
                 self.log = Some(MetricsLog::open(&self.output_dir, self.step)?);
@@ -364,6 +375,11 @@ impl Run {
         if control.stop.swap(false, Ordering::SeqCst) {
             extras[EXTRA_STOP] = 1.0;
         }
+        // Written before the all-reduce: once any rank completes it, these
+        // samples are applied even if this rank dies before it can say so.
+        if let Some(audit) = self.audit.as_mut() {
+            audit.contributes(epoch, self.step, ids)?;
+        }
         let group = self
             .group
             .as_deref_mut()
@@ -380,7 +396,13 @@ impl Run {
             });
         }
         self.optimizer.step(&self.params)?;
+        let applied = self.step;
         self.step += 1;
+        // After the cursor moved: a failed audit write must not leave the
+        // parameters one step ahead of the cursor.
+        if let Some(audit) = self.audit.as_mut() {
+            audit.applied(epoch, applied)?;
+        }
         control.beat();
         Ok(StepReport {
             step: self.step,
