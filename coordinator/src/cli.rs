@@ -220,6 +220,20 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// A job's incident timeline: each time its group broke or re-formed,
+    /// how it was detected, who was evicted, the generation formed, the
+    /// state transferred (bytes, seconds), the first step after it, and the
+    /// time from the incident to that step.
+    ///
+    /// Example:
+    ///   coordinator events digits-mlp-1 --output json
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// The job's id, as `submit` printed it (e.g. digits-mlp-1).
+        job: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// List connected workers.
     ///
     /// Example:
@@ -444,6 +458,7 @@ pub async fn run(cli: Cli) -> i32 {
             checkpoints(&client.or(&top), &job).await.map(|()| 0)
         }
         Command::Workers { client } => workers(&client.or(&top)).await.map(|()| 0),
+        Command::Events { job, client } => events(&client.or(&top), &job).await.map(|()| 0),
         Command::Drain(a) => cordon(&top, a, CordonAction::Drain).await.map(|()| 0),
         Command::Cordon(a) => cordon(&top, a, CordonAction::Cordon).await.map(|()| 0),
         Command::Uncordon(a) => cordon(&top, a, CordonAction::Uncordon).await.map(|()| 0),
@@ -1315,6 +1330,105 @@ async fn cordon(top: &ClientOpts, a: CordonArgs, what: CordonAction) -> anyhow::
         }
     }
     Ok(())
+}
+
+async fn events(c: &ClientOpts, id: &str) -> anyhow::Result<()> {
+    let status = client(c)
+        .await?
+        .get_job(pb::GetJobRequest::job(id))
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    match c.output() {
+        Output::Json => {
+            let all: Vec<_> = status.incidents.iter().map(incident_json).collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        Output::Text if status.incidents.is_empty() => {
+            println!(
+                "{}: no incidents (generation {})",
+                status.job_id, status.generation
+            );
+        }
+        Output::Text => {
+            for (n, i) in status.incidents.iter().enumerate() {
+                print!("{}", incident_text(n + 1, i));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An epoch-milliseconds time as RFC 3339 UTC with milliseconds.
+fn utc(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// One incident as a block of timeline lines, each with its offset from
+/// the detection.
+fn incident_text(n: usize, i: &pb::Incident) -> String {
+    let at = |ms: u64| {
+        format!(
+            "+{:>7.3} s",
+            ms.saturating_sub(i.detected_at_ms) as f64 / 1e3
+        )
+    };
+    let mut out = format!(
+        "incident {n} ({}) at {}, generation {}\n",
+        i.kind_name(),
+        utc(i.detected_at_ms),
+        i.from_generation
+    );
+    out += &format!("  {}  detected: {}\n", at(i.detected_at_ms), i.detected);
+    for e in &i.evicted {
+        out += &format!("             evicted: {e}\n");
+    }
+    if let (Some(g), Some(t)) = (i.generation, i.formed_at_ms) {
+        let from = match (&i.state_source, i.state_step) {
+            (Some(src), Some(step)) => format!(" (state of step {step} from {src})"),
+            _ => String::new(),
+        };
+        out += &format!(
+            "  {}  generation {g} formed: {}{from}\n",
+            at(t),
+            i.members.join(", ")
+        );
+    }
+    if let (Some(b), Some(s)) = (i.transfer_bytes, i.transfer_seconds) {
+        out += &format!("             state transferred: {} bytes in {s:.3} s\n", b);
+    }
+    if let Some(t) = i.first_step_at_ms {
+        out += &format!("  {}  first step completed\n", at(t));
+    }
+    if let Some(o) = &i.outcome {
+        out += &format!("             {o}\n");
+    }
+    if let Some(ms) = i.recovery_ms() {
+        out += &format!("  incident to first step: {:.3} s\n", ms as f64 / 1e3);
+    }
+    out
+}
+
+fn incident_json(i: &pb::Incident) -> serde_json::Value {
+    serde_json::json!({
+        "kind": i.kind_name(),
+        "detected": i.detected,
+        "detected_at": utc(i.detected_at_ms),
+        "detected_at_ms": i.detected_at_ms,
+        "from_generation": i.from_generation,
+        "evicted": i.evicted,
+        "generation": i.generation,
+        "formed_at_ms": i.formed_at_ms,
+        "members": i.members,
+        "state_source": i.state_source,
+        "state_step": i.state_step,
+        "transfer_bytes": i.transfer_bytes,
+        "transfer_seconds": i.transfer_seconds,
+        "first_step_at_ms": i.first_step_at_ms,
+        "recovery_ms": i.recovery_ms(),
+        "outcome": i.outcome,
+    })
 }
 
 /// A worker's cordon as the CLI shows it: kind, reason and the seconds until

@@ -333,6 +333,7 @@ async fn running_job_in_store(store: &MemoryStore) -> JobId {
         updated_at_ms: now_ms(),
         events: Vec::new(),
         restarts: 0,
+        incidents: Vec::new(),
     };
     let ckpt = CheckpointRecord {
         step: 300,
@@ -966,5 +967,82 @@ fn a_draining_sole_state_holder_hands_its_state_on_before_it_leaves() {
         assert_eq!(s.status.members, ["s0"]);
         assert_eq!(s.status.restarts, 0);
         assert!(matches!(n0.next().await, Command::Abort(a) if !a.keep_state));
+    });
+}
+
+#[test]
+fn an_incident_records_detection_eviction_the_new_generation_its_transfer_and_first_step() {
+    rt().block_on(async {
+        let store = Arc::new(MemoryStore::new());
+        let h = control::start(store.clone(), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut ws = Vec::new();
+        for name in ["n0", "n1"] {
+            ws.push(register(&h, name, name, None).await.unwrap());
+        }
+        let mut spec = spec(2);
+        spec.fault.max_restarts = 1;
+        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
+        for w in &mut ws {
+            w.start().await;
+        }
+        let mut s0 = register(&h, "s0", "s0", None).await.unwrap();
+        h.from_session(Msg::Disconnected(ws[1].id.clone(), "session closed".into()));
+        assert!(matches!(ws[0].next().await, Command::Abort(a) if a.keep_state));
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            parked(&id, 1, 17, Some(1)),
+        ));
+        ws[0].start().await;
+        s0.start().await;
+        let s = wait_state(&h, &id, JobState::Running).await;
+        let i = s.status.incidents.last().expect("an incident").clone();
+        assert_eq!(i.kind, Some(records::IncidentKind::Loss));
+        assert_eq!(i.detected, "worker n1 (rank 1) lost: session closed");
+        assert_eq!(i.evicted, ["n1 (rank 1): session closed"]);
+        assert_eq!(
+            (i.from_generation, i.generation, i.state_step),
+            (1, Some(2), Some(17))
+        );
+        assert_eq!(i.members, ["n0", "s0"]);
+        assert_eq!(i.state_source.as_deref(), Some("n0"));
+        assert!(i.formed_at_ms.unwrap() >= i.detected_at_ms);
+        assert_eq!((i.transfer_bytes, i.first_step_at_ms), (None, None));
+        // Rank 0 reports what the state copy moved, then its first step.
+        let run = RunId {
+            job: id.clone(),
+            generation: Generation(2),
+        };
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            WorkerReport::Rebound(ringmaster_proto::Rebound {
+                run,
+                step: 17,
+                transfer: Some((4096, 0.25)),
+            }),
+        ));
+        // A stale generation's progress does not close it.
+        h.from_session(Msg::FromWorker(ws[0].id.clone(), progress(&id, 1, 18)));
+        h.from_session(Msg::FromWorker(ws[0].id.clone(), progress(&id, 2, 18)));
+        let mut i = records::IncidentRecord::default();
+        for _ in 0..100 {
+            i = job(&h, &id).await.status.incidents.last().unwrap().clone();
+            if i.first_step_at_ms.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            (i.transfer_bytes, i.transfer_seconds),
+            (Some(4096), Some(0.25))
+        );
+        let ms = i.recovery_ms().expect("closed by the first step");
+        assert!(ms < 5_000, "{ms}");
+        // Written to the store: the timeline outlives a restart.
+        let key = keys::job_status(&id).unwrap();
+        let stored: JobStatusRecord =
+            records::decode(&key, &store.get(&key).await.unwrap().unwrap().value).unwrap();
+        assert_eq!(stored.incidents.last(), Some(&i));
     });
 }

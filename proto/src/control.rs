@@ -12,7 +12,8 @@ use crate::{WireError, pb, spec_from_json, spec_to_json};
 use ringmaster_common::ids::{JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::JobSpec;
 use ringmaster_common::records::{
-    CheckpointRecord, CordonKind, JobRecord, JobState, JobStatusRecord,
+    CheckpointRecord, CordonKind, IncidentKind, IncidentRecord, JobRecord, JobState,
+    JobStatusRecord,
 };
 use ringmaster_common::worker::{Device, WorkerState};
 
@@ -167,7 +168,54 @@ impl From<JobView> for pb::JobStatus {
             events: s.events,
             restarts: s.restarts,
             waiting: v.waiting.unwrap_or_default(),
+            incidents: s.incidents.into_iter().map(pb::Incident::from).collect(),
         }
+    }
+}
+
+impl From<IncidentRecord> for pb::Incident {
+    fn from(i: IncidentRecord) -> Self {
+        let kind = match i.kind {
+            Some(IncidentKind::Loss) => pb::IncidentKind::Loss,
+            Some(IncidentKind::Growth) => pb::IncidentKind::Growth,
+            Some(IncidentKind::Drain) => pb::IncidentKind::Drain,
+            None => pb::IncidentKind::Unspecified,
+        };
+        pb::Incident {
+            kind: kind as i32,
+            detected: i.detected,
+            detected_at_ms: i.detected_at_ms,
+            from_generation: i.from_generation,
+            evicted: i.evicted,
+            generation: i.generation,
+            formed_at_ms: i.formed_at_ms,
+            members: i.members,
+            state_source: i.state_source,
+            state_step: i.state_step,
+            transfer_bytes: i.transfer_bytes,
+            transfer_seconds: i.transfer_seconds,
+            first_step_at_ms: i.first_step_at_ms,
+            outcome: i.outcome,
+        }
+    }
+}
+
+impl pb::Incident {
+    /// The incident's kind as users read it (`loss`, `growth`, `drain`); a
+    /// kind this client does not know shows as `unknown`.
+    pub fn kind_name(&self) -> &'static str {
+        match pb::IncidentKind::try_from(self.kind) {
+            Ok(pb::IncidentKind::Loss) => IncidentKind::Loss.as_str(),
+            Ok(pb::IncidentKind::Growth) => IncidentKind::Growth.as_str(),
+            Ok(pb::IncidentKind::Drain) => IncidentKind::Drain.as_str(),
+            _ => "unknown",
+        }
+    }
+
+    /// From detection to the first step of the re-formed group.
+    pub fn recovery_ms(&self) -> Option<u64> {
+        self.first_step_at_ms
+            .map(|t| t.saturating_sub(self.detected_at_ms))
     }
 }
 

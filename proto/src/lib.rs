@@ -38,7 +38,7 @@ mod tests;
 pub use control::{CordonView, HealthView, JobView, Role, WorkerView};
 pub use session::{
     AbortTraining, CheckpointReport, CheckpointRequest, Command, CurrentRun, FailureCause, Metrics,
-    Note, Parked, Progress, Registered, Registration, RunId, RunOutcome, StartTraining,
+    Note, Parked, Progress, Rebound, Registered, Registration, RunId, RunOutcome, StartTraining,
     TrainingEnded, WorkerReport, WrittenCheckpoint,
 };
 
@@ -111,6 +111,9 @@ pub enum WireError {
     MetricNameTooLong { field: &'static str, len: usize },
     #[error("rank {rank} is outside a group of {world}")]
     RankOutOfRange { rank: u32, world: usize },
+    /// A report whose fields contradict each other or are out of range.
+    #[error("{0} is malformed")]
+    Malformed(&'static str),
     #[error(transparent)]
     Id(#[from] IdError),
     #[error(transparent)]

@@ -50,6 +50,7 @@ pub enum WorkerReport {
     Ended(TrainingEnded),
     /// This rank's group broke and it keeps its state for the next one.
     Parked(Parked),
+    Rebound(Rebound),
 }
 
 /// A worker joining (or rejoining) the cluster.
@@ -125,6 +126,16 @@ pub struct Parked {
     /// The peer whose ring connection broke, when the data plane knows.
     pub lost_peer: Option<Rank>,
     pub reason: String,
+}
+
+/// Rank 0 of a new generation made the group's state one: the step it
+/// holds and, when its state was copied to the others, what moved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rebound {
+    pub run: RunId,
+    pub step: u64,
+    /// Bytes and seconds of the state transfer, when there was one.
+    pub transfer: Option<(u64, f64)>,
 }
 
 /// How one rank's run ended.
@@ -271,6 +282,15 @@ impl TryFrom<pb::WorkerMessage> for WorkerReport {
                 lost_peer: p.lost_peer_rank.map(Rank),
                 reason: text("parked.reason", p.reason)?,
             }),
+            Kind::Rebound(r) => WorkerReport::Rebound(Rebound {
+                run: run_id(r.job_id, r.generation)?,
+                step: r.step,
+                transfer: match (r.transfer_bytes, r.transfer_seconds) {
+                    (Some(b), Some(s)) if s.is_finite() && s >= 0.0 => Some((b, s)),
+                    (None, None) => None,
+                    _ => return Err(WireError::Malformed("rebound.transfer")),
+                },
+            }),
         })
     }
 }
@@ -394,6 +414,13 @@ impl From<WorkerReport> for pb::WorkerMessage {
                 step: p.step,
                 lost_peer_rank: p.lost_peer.map(|r| r.0),
                 reason: p.reason,
+            }),
+            WorkerReport::Rebound(r) => Kind::Rebound(pb::Rebound {
+                job_id: r.run.job.0,
+                generation: r.run.generation.0,
+                step: r.step,
+                transfer_bytes: r.transfer.map(|t| t.0),
+                transfer_seconds: r.transfer.map(|t| t.1),
             }),
         };
         pb::WorkerMessage { kind: Some(kind) }

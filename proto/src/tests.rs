@@ -110,6 +110,16 @@ fn reports() -> Vec<WorkerReport> {
             lost_peer: None,
             reason: String::new(),
         }),
+        WorkerReport::Rebound(Rebound {
+            run: run(),
+            step: 417,
+            transfer: Some((1 << 20, 0.031)),
+        }),
+        WorkerReport::Rebound(Rebound {
+            run: run(),
+            step: 0,
+            transfer: None,
+        }),
         ended(RunOutcome::Succeeded { stopped: false }),
         ended(RunOutcome::Succeeded { stopped: true }),
         ended(RunOutcome::Failed {
@@ -649,6 +659,7 @@ fn a_job_view_shows_why_it_waits_only_while_queued() {
         updated_at_ms: 12,
         events: vec!["queued".into()],
         restarts: 2,
+        incidents: Vec::new(),
     };
     let waiting = Some("waiting for workers".to_string());
     let wire = pb::JobStatus::from(JobView::new(&record, &status, waiting.clone()));
@@ -709,4 +720,23 @@ fn health_views_say_who_leads() {
         ("standby", "http://10.0.0.1:50051", "store unreachable", 0)
     );
     assert!(standby.is_standby() && !leader.is_standby());
+}
+
+#[test]
+fn a_rebound_with_half_a_transfer_or_a_negative_time_is_refused() {
+    for (bytes, seconds) in [(Some(1), None), (None, Some(0.5)), (Some(1), Some(-1.0))] {
+        let wire = pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Rebound(pb::Rebound {
+                job_id: "digits-mlp-3".into(),
+                generation: 2,
+                step: 5,
+                transfer_bytes: bytes,
+                transfer_seconds: seconds,
+            })),
+        };
+        assert_eq!(
+            WorkerReport::try_from(wire).map_err(|e| e.to_string()),
+            Err("rebound.transfer is malformed".to_string())
+        );
+    }
 }

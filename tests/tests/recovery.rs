@@ -163,6 +163,33 @@ fn a_killed_member_is_replaced_by_a_spare_and_the_run_matches_an_undisturbed_one
         events.contains(&victim),
         "the incident names the lost worker: {events}"
     );
+
+    // The timeline: detected, evicted, formed, state moved, first step.
+    let out = cluster.cli(&["events", &id, "--output", "json"], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let incidents = out.json();
+    let all = incidents.as_array().expect("a list of incidents");
+    assert_eq!(all.len(), 1, "{incidents}");
+    let i = &all[0];
+    assert_eq!(i["kind"], "loss", "{i}");
+    assert!(i["detected"].as_str().unwrap().contains(&victim), "{i}");
+    assert!(i["evicted"].to_string().contains(&victim), "{i}");
+    assert_eq!(i["generation"], 2, "{i}");
+    assert!(i["transfer_bytes"].as_u64().unwrap() > 100_000, "{i}");
+    let ms = i["recovery_ms"]
+        .as_u64()
+        .expect("a first step after the incident");
+    eprintln!("from detection to the first step of the new generation: {ms} ms");
+    let text = cluster.cli(&["events", &id], T);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    for line in [
+        "detected: worker",
+        "generation 2 formed",
+        "state transferred",
+        "first step",
+    ] {
+        assert!(text.stdout.contains(line), "{line}: {}", text.stdout);
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@ use crate::trainer::{
 };
 use ringmaster_common::ids::{Generation, JobId, Rank};
 use ringmaster_proto::{
-    CheckpointReport, FailureCause, Metrics, Note, Parked, Progress, RunId, RunOutcome,
+    CheckpointReport, FailureCause, Metrics, Note, Parked, Progress, Rebound, RunId, RunOutcome,
     TrainingEnded, WorkerReport, WrittenCheckpoint,
 };
 use std::sync::Arc;
@@ -184,7 +184,14 @@ fn one_generation(
         Some(rank) => StateSource::Rank(rank),
         None => r.initial_source(),
     };
-    r.rebind(group, source)?;
+    let rank = group.rank();
+    let moved = r.rebind(group, source)?;
+    if rank == 0 {
+        report(trainer::Event::Rebound {
+            step: r.step_count(),
+            transfer: moved.map(|t| (t.bytes, t.seconds)),
+        });
+    }
     let hang = Duration::from_secs(r.spec().fault.hang_timeout_secs);
     let _watchdog = Watchdog::start(control.clone(), hang);
     r.run_to_end(control, report)
@@ -295,6 +302,11 @@ fn report_of(id: &RunId, event: trainer::Event) -> WorkerReport {
                 write_seconds: w.write_seconds,
                 blocked_seconds: w.blocked_seconds,
             }),
+        }),
+        trainer::Event::Rebound { step, transfer } => WorkerReport::Rebound(Rebound {
+            run: id.clone(),
+            step,
+            transfer,
         }),
         trainer::Event::Note(text) => WorkerReport::Note(Note {
             run: id.clone(),

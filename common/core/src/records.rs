@@ -138,10 +138,77 @@ pub struct JobStatusRecord {
     /// In-place recoveries so far; `[fault] max_restarts` bounds them.
     #[serde(default)]
     pub restarts: u32,
+    /// Each time the job's group broke or was re-formed, oldest first,
+    /// bounded (see [`JobStatusRecord::incident`]): `coordinator events`.
+    #[serde(default)]
+    pub incidents: Vec<IncidentRecord>,
 }
 
 /// How many events a status record keeps.
 pub const MAX_EVENTS: usize = 32;
+/// How many incidents a status record keeps.
+pub const MAX_INCIDENTS: usize = 64;
+
+/// Why a job's group was re-formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncidentKind {
+    /// A member was lost (died, went silent, hung): one restart spent.
+    Loss,
+    /// Free workers let the job grow.
+    Growth,
+    /// An admin drained a member.
+    Drain,
+}
+
+impl IncidentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IncidentKind::Loss => "loss",
+            IncidentKind::Growth => "growth",
+            IncidentKind::Drain => "drain",
+        }
+    }
+}
+
+/// One re-forming of a job's group, as its timeline shows it. Times are
+/// milliseconds since the epoch; what has not happened (yet) is `None`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IncidentRecord {
+    pub kind: Option<IncidentKind>,
+    /// How it was detected, e.g. `worker n2 (rank 2) lost: session closed`.
+    pub detected: String,
+    pub detected_at_ms: u64,
+    /// The generation that broke.
+    pub from_generation: u64,
+    /// Members that did not come along, each with why (`n2 (rank 2): ...`).
+    #[serde(default)]
+    pub evicted: Vec<String>,
+    /// The generation formed, with its members by rank.
+    pub generation: Option<u64>,
+    pub formed_at_ms: Option<u64>,
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// The member whose state every other rank received, and its step.
+    pub state_source: Option<String>,
+    pub state_step: Option<u64>,
+    /// What the state transfer moved, as the source reported it.
+    pub transfer_bytes: Option<u64>,
+    pub transfer_seconds: Option<f64>,
+    /// When the new generation completed its first step.
+    pub first_step_at_ms: Option<u64>,
+    /// How it ended when no generation formed (`requeued: ...`, `failed`).
+    pub outcome: Option<String>,
+}
+
+impl IncidentRecord {
+    /// From detection to the first step of the re-formed group, when both
+    /// are known.
+    pub fn recovery_ms(&self) -> Option<u64> {
+        self.first_step_at_ms
+            .map(|t| t.saturating_sub(self.detected_at_ms))
+    }
+}
 
 impl JobStatusRecord {
     /// Appends an event, dropping the oldest beyond [`MAX_EVENTS`].
@@ -167,7 +234,24 @@ impl JobStatusRecord {
             updated_at_ms: now_ms,
             events: Vec::new(),
             restarts: 0,
+            incidents: Vec::new(),
         }
+    }
+
+    /// Opens an incident, dropping the oldest beyond [`MAX_INCIDENTS`].
+    pub fn incident(&mut self, incident: IncidentRecord) {
+        self.incidents.push(incident);
+        if self.incidents.len() > MAX_INCIDENTS {
+            let extra = self.incidents.len() - MAX_INCIDENTS;
+            self.incidents.drain(..extra);
+        }
+    }
+
+    /// The newest incident, while its group has not completed a step.
+    pub fn open_incident(&mut self) -> Option<&mut IncidentRecord> {
+        self.incidents
+            .last_mut()
+            .filter(|i| i.first_step_at_ms.is_none() && i.outcome.is_none())
     }
 }
 

@@ -21,7 +21,9 @@ use crate::scheduler::{self, Demand, Survivor};
 use ringmaster_common::ids::{JobId, WorkerId};
 use ringmaster_common::jobspec::{FaultSpec, QUARANTINE_WINDOW};
 use ringmaster_common::now_ms;
-use ringmaster_common::records::{self, CordonKind, CordonRecord, CordonsRecord, JobState};
+use ringmaster_common::records::{
+    self, CordonKind, CordonRecord, CordonsRecord, IncidentKind, JobState,
+};
 use ringmaster_proto::{CordonView, WorkerView};
 use ringmaster_store::keys;
 use std::time::Instant;
@@ -238,7 +240,7 @@ impl Cluster {
                 job.status.state = JobState::Recovering;
                 job.status.updated_at_ms = now_ms();
                 job.status.note(incident.clone());
-                self.leave_rings(&id, incident, true).await;
+                self.leave_rings(&id, incident, IncidentKind::Drain).await;
                 return;
             }
             // No group without the draining workers can form in place (too

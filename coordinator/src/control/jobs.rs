@@ -150,6 +150,7 @@ impl Cluster {
             updated_at_ms: now_ms(),
             events: Vec::new(),
             restarts: 0,
+            incidents: Vec::new(),
         };
         let key = keys::job_spec(&id)?;
         self.put_settled(&key, records::encode(&key, &record)?)

@@ -14,7 +14,7 @@ use super::timers::TimerKind;
 use crate::scheduler::{self, Demand, Survivor};
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::now_ms;
-use ringmaster_common::records::JobState;
+use ringmaster_common::records::{IncidentKind, IncidentRecord, JobState};
 use ringmaster_proto::{AbortTraining, Command, Parked};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -159,7 +159,7 @@ impl Cluster {
         let budget = job.record.spec.fault.max_restarts;
         if job.status.restarts >= budget {
             let reason = if budget == 0 {
-                incident
+                incident.clone()
             } else {
                 let earlier: Vec<&str> = job
                     .status
@@ -174,6 +174,18 @@ impl Cluster {
                 )
             };
             let generation = job.generation();
+            job.status.incident(IncidentRecord {
+                kind: Some(IncidentKind::Loss),
+                detected: incident.clone(),
+                detected_at_ms: now_ms(),
+                from_generation: generation.0,
+                outcome: Some(if budget == 0 {
+                    "failed: the job may not restart".to_string()
+                } else {
+                    format!("failed: the restart budget of {budget} is spent")
+                }),
+                ..IncidentRecord::default()
+            });
             self.fail(id, generation, reason).await;
             return false;
         }
@@ -185,7 +197,7 @@ impl Cluster {
             "{incident}; recovering (restart {} of {budget})",
             job.status.restarts
         ));
-        self.leave_rings(id, incident, false).await
+        self.leave_rings(id, incident, IncidentKind::Loss).await
     }
 
     /// Starts re-forming: every member is told to leave its ring keeping its
@@ -195,7 +207,7 @@ impl Cluster {
         &mut self,
         id: &JobId,
         incident: String,
-        growing: bool,
+        kind: IncidentKind,
     ) -> bool {
         let Some(job) = self.jobs.get_mut(id) else {
             return false;
@@ -205,7 +217,15 @@ impl Cluster {
             lost: BTreeMap::new(),
             parked: BTreeMap::new(),
             window_closed: false,
-            growing,
+            growing: kind != IncidentKind::Loss,
+        });
+        let from_generation = job.generation().0;
+        job.status.incident(IncidentRecord {
+            kind: Some(kind),
+            detected: incident.clone(),
+            detected_at_ms: now_ms(),
+            from_generation,
+            ..IncidentRecord::default()
         });
         job.peer_reports.clear();
         let window = self.cfg.blame_window();
@@ -349,15 +369,18 @@ impl Cluster {
             .iter()
             .find(|s| &s.id == source)
             .map_or(0, |s| s.step);
-        // Survivors left out (the new size did not need them) drop their state.
+        // Survivors left out (the new size did not need them, or they are
+        // draining) drop their state.
+        let mut left_out = Vec::new();
         for s in &survivors {
             if !group.workers.contains(&s.id) {
-                self.drop_state(
-                    &s.id,
-                    id,
-                    run.generation,
-                    "not needed by the re-formed group",
-                );
+                let (name, why) = match self.workers.get(&s.id) {
+                    Some(w) if self.draining(&s.id) => (w.info.name.clone(), "drained"),
+                    Some(w) => (w.info.name.clone(), "not needed by the re-formed group"),
+                    None => (s.id.to_string(), "not needed by the re-formed group"),
+                };
+                left_out.push(format!("{name}: {why}"));
+                self.drop_state(&s.id, id, run.generation, why);
                 if let Some(w) = self.workers.get_mut(&s.id) {
                     w.assignment = None;
                 }
@@ -375,7 +398,35 @@ impl Cluster {
             .get(source)
             .map(|w| w.info.name.clone())
             .unwrap_or_default();
+        let members: Vec<String> = group
+            .workers
+            .iter()
+            .map(|w| {
+                self.workers
+                    .get(w)
+                    .map_or_else(|| w.to_string(), |x| x.info.name.clone())
+            })
+            .collect();
         if let Some(job) = self.jobs.get_mut(id) {
+            let evicted: Vec<String> = job
+                .recovery
+                .as_ref()
+                .map(|r| {
+                    r.lost
+                        .iter()
+                        .map(|(rank, why)| format!("{}: {why}", job.member_label(*rank)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let generation = job.generation().next().0;
+            if let Some(open) = job.status.open_incident() {
+                open.evicted = evicted.into_iter().chain(left_out).collect();
+                open.generation = Some(generation);
+                open.formed_at_ms = Some(now_ms());
+                open.members = members;
+                open.state_source = Some(source_name.clone());
+                open.state_step = Some(step);
+            }
             job.status.step = step;
             let after = if growing { "the request" } else { "the loss" };
             job.status.note(format!(
@@ -404,6 +455,9 @@ impl Cluster {
         };
         job.recovery = None;
         job.timers.clear();
+        if let Some(open) = job.status.open_incident() {
+            open.outcome = Some(format!("queued again: {why}"));
+        }
         job.status.state = JobState::Queued;
         job.status.updated_at_ms = now_ms();
         job.status
@@ -494,7 +548,7 @@ impl Cluster {
             job.status.state = JobState::Recovering;
             job.status.updated_at_ms = now_ms();
             job.status.note(incident.clone());
-            self.leave_rings(&id, incident, true).await;
+            self.leave_rings(&id, incident, IncidentKind::Growth).await;
             // One job at a time: the free workers it re-forms with are not
             // taken until its members have left their rings.
             return;

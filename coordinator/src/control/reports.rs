@@ -12,7 +12,7 @@ use ringmaster_common::now_ms;
 use ringmaster_common::records::JobState;
 use ringmaster_proto::{CheckpointReport, FailureCause, Metrics, RunOutcome, WorkerReport};
 use std::collections::BTreeSet;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// A rank's report that its run failed on the data plane.
 #[derive(Clone, Debug)]
@@ -42,12 +42,45 @@ impl Cluster {
                 }
                 self.member_parked(&id, rank, p).await;
             }
+            WorkerReport::Rebound(r) => {
+                let Some(Assignment { run, rank }) = assignment else {
+                    return;
+                };
+                if r.run != run || rank != Rank(0) {
+                    return; // fenced
+                }
+                if let Some(job) = self.jobs.get_mut(&run.job)
+                    && let Some(open) = job.status.open_incident()
+                    && open.generation == Some(run.generation.0)
+                    && let Some((bytes, seconds)) = r.transfer
+                {
+                    open.transfer_bytes = Some(bytes);
+                    open.transfer_seconds = Some(seconds);
+                    job.publish();
+                }
+            }
             WorkerReport::Progress(p) => {
                 let Some(Assignment { run, rank }) = assignment else {
                     return;
                 };
                 if p.run != run || rank != Rank(0) {
                     return; // fenced: stale generation, or not the reporting rank
+                }
+                // The first step of a re-formed group closes its incident
+                // (written once, so the timeline outlives a restart).
+                if let Some(job) = self.jobs.get_mut(&run.job)
+                    && let Some(open) = job.status.open_incident()
+                    && open.generation == Some(run.generation.0)
+                {
+                    open.first_step_at_ms = Some(now_ms());
+                    if let Some(ms) = open.recovery_ms() {
+                        info!(job = %run.job, generation = run.generation.0,
+                            "first step {ms} ms after the incident was detected");
+                    }
+                    let status = job.status.clone();
+                    if let Err(e) = self.persist_status(&run.job, &status).await {
+                        warn!(job = %run.job, "could not persist the incident: {e}");
+                    }
                 }
                 if self.draining_any() {
                     // A drain waiting for the state to be handed on.

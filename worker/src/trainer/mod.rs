@@ -90,6 +90,13 @@ pub enum Event {
     },
     /// Something the user should know, e.g. a corrupt checkpoint skipped.
     Note(String),
+    /// The run was bound to a new generation's group holding the state of
+    /// `step`; `transfer` is what the state copy moved (bytes, seconds),
+    /// when there was one (rank 0 only: it is the source).
+    Rebound {
+        step: u64,
+        transfer: Option<(u64, f64)>,
+    },
 }
 
 /// A complete checkpoint on disk.

@@ -543,6 +543,9 @@ impl Run {
     ) -> Result<Outcome, TrainError> {
         let rank = self.group()?.rank();
         let mut stopped = false;
+        // The first step of each generation is reported at once: it closes
+        // the incident that re-formed the group (the job's timeline).
+        let mut first = true;
         while self.step < self.total_steps {
             let r = self.step(control)?;
             self.window.add(r.loss, r.samples);
@@ -587,7 +590,8 @@ impl Run {
             self.collect_written(events);
 
             let report_due = done % self.progress_every == 0 || done == total || r.stop;
-            if report_due || record.contains_key("val_accuracy") {
+            if report_due || first || record.contains_key("val_accuracy") {
+                first = false;
                 events(Event::Progress(Progress {
                     step: done,
                     total_steps: total,
