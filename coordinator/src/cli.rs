@@ -325,6 +325,11 @@ pub struct ServeArgs {
     /// before the job is declared failed.
     #[arg(long, default_value_t = 30)]
     pub adopt_grace_secs: u64,
+    /// Milliseconds a member whose session broke (while this coordinator
+    /// stayed up) has to reconnect and take its rank back before it is
+    /// taken as lost; 0 takes it as lost at once.
+    #[arg(long, default_value_t = 1500)]
+    pub reconnect_grace_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -513,6 +518,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         progress_every_steps: args.progress_every_steps.max(1),
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         adopt_grace: Duration::from_secs(args.adopt_grace_secs),
+        reconnect_grace: Duration::from_millis(args.reconnect_grace_ms),
         ..ControlConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -62,6 +62,7 @@ fn cfg() -> ControlConfig {
         heartbeat_timeout: Duration::from_secs(60),
         adopt_grace: Duration::from_millis(600),
         release_grace: Duration::from_millis(300),
+        reconnect_grace: Duration::from_millis(200),
         ..ControlConfig::default()
     }
 }
@@ -208,7 +209,10 @@ fn a_dead_worker_is_blamed_even_when_a_neighbours_report_comes_first() {
         report(&h, &ws[1].id, e).await;
         h.from_session(Msg::Disconnected(ws[2].id.clone(), "session closed".into()));
         let s = wait_state(&h, &id, JobState::Failed).await;
-        assert_eq!(reason(&s), "worker n2 (rank 2) lost: session closed");
+        assert_eq!(
+            reason(&s),
+            "worker n2 (rank 2) lost: session closed (no reconnect within 0.2 s)"
+        );
     });
 }
 
@@ -999,8 +1003,14 @@ fn an_incident_records_detection_eviction_the_new_generation_its_transfer_and_fi
         let s = wait_state(&h, &id, JobState::Running).await;
         let i = s.status.incidents.last().expect("an incident").clone();
         assert_eq!(i.kind, Some(records::IncidentKind::Loss));
-        assert_eq!(i.detected, "worker n1 (rank 1) lost: session closed");
-        assert_eq!(i.evicted, ["n1 (rank 1): session closed"]);
+        assert_eq!(
+            i.detected,
+            "worker n1 (rank 1) lost: session closed (no reconnect within 0.2 s)"
+        );
+        assert_eq!(
+            i.evicted,
+            ["n1 (rank 1): session closed (no reconnect within 0.2 s)"]
+        );
         assert_eq!(
             (i.from_generation, i.generation, i.state_step),
             (1, Some(2), Some(17))
@@ -1044,5 +1054,43 @@ fn an_incident_records_detection_eviction_the_new_generation_its_transfer_and_fi
         let stored: JobStatusRecord =
             records::decode(&key, &store.get(&key).await.unwrap().unwrap().value).unwrap();
         assert_eq!(stored.incidents.last(), Some(&i));
+    });
+}
+
+#[test]
+fn a_member_whose_session_breaks_takes_its_rank_back_when_it_reconnects_in_time() {
+    rt().block_on(async {
+        // max_restarts = 0: before re-adoption, a broken session failed the job.
+        let (h, mut ws, id) = running_job(cfg(), &["n0", "n1"]).await;
+        h.from_session(Msg::Disconnected(
+            ws[1].id.clone(),
+            "session broken: h2 protocol error".into(),
+        ));
+        // The process trains on and reconnects, reporting its run.
+        let current = CurrentRun {
+            run: RunId {
+                job: id.clone(),
+                generation: Generation(1),
+            },
+            rank: Rank(1),
+            step: 40,
+        };
+        let _n1 = register(&h, "n1", "n1", Some(current)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = job(&h, &id).await;
+        assert_eq!(s.status.state, JobState::Running, "{:?}", s.status);
+        assert_eq!((s.status.generation, s.status.restarts), (1, 0));
+        assert_eq!(s.status.members, ["n0", "n1"]);
+        assert!(
+            s.status
+                .events
+                .iter()
+                .any(|e| e == "worker n1 reconnected and took rank 1 back"),
+            "{:?}",
+            s.status.events
+        );
+        assert!(ws[0].commands.try_recv().is_err(), "n0 was disturbed");
+        let n1 = worker_named(&h, "n1").await;
+        assert_eq!(n1.assignment, Some((id.clone(), Rank(1))));
     });
 }

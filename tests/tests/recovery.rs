@@ -439,3 +439,41 @@ fn a_diverged_loss_fails_the_job_at_once_and_spends_no_restart() {
     assert!(end["step"].as_u64().unwrap() < 1000, "{end}");
     eprintln!("{reason}");
 }
+
+#[test]
+fn a_member_whose_session_breaks_reconnects_and_keeps_its_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut cluster = LocalCluster::start(1).unwrap();
+    // The second worker reaches the coordinator through a proxy that can
+    // break its session while both processes live on.
+    let target = cluster.url.trim_start_matches("http://").to_string();
+    let proxy = ringmaster_tests::proxy::PartitionProxy::start(&target).unwrap();
+    let url = format!("http://{}", proxy.addr());
+    cluster
+        .workers
+        .push(ringmaster_tests::spawn_worker(&url, "proxied", &[]).unwrap());
+    cluster.wait_for_workers(2, T).unwrap();
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
+
+    let id = submit(&cluster, &job("broken-session", &data, tmp.path(), 2, 2));
+    wait_for_step(&cluster, &id, 300);
+    proxy.reset();
+    let mut s = serde_json::Value::Null;
+    wait_until(T, || {
+        s = cluster.status(&id);
+        s["events"].to_string().contains("reconnected") || s["state"] != "running"
+    })
+    .unwrap_or_else(|_| panic!("the worker never reconnected: {s}"));
+    eprintln!("after the session broke: {s}");
+
+    let end = assert_ends_as(&cluster, &id, &expected);
+    assert_eq!(end["restarts"], 0, "{end}");
+    assert_eq!(end["generation"], 1, "nothing re-formed: {end}");
+    assert!(
+        end["events"]
+            .to_string()
+            .contains("worker proxied reconnected and took rank"),
+        "{end}"
+    );
+}

@@ -65,7 +65,13 @@ impl Cluster {
                 .as_ref()
                 .is_some_and(|w| self.workers.contains_key(w))
         });
-        if job.has_timer(TimerKind::Adopt) && all_back {
+        if job.broken.remove(&rank).is_some() {
+            let text = format!("worker {name} reconnected and took rank {rank} back");
+            if all_back {
+                job.timers.retain(|t| t.kind != TimerKind::Reconnect);
+            }
+            self.note(&job_id, text).await;
+        } else if job.has_timer(TimerKind::Adopt) && all_back {
             job.timers.retain(|t| t.kind != TimerKind::Adopt);
             let text = format!(
                 "adopted after a coordinator restart at step {}",

@@ -57,6 +57,10 @@ pub(super) struct Job {
     /// off a draining worker: it is queued again, not cancelled, once they
     /// have.
     pub(super) handover: bool,
+    /// Members of the current generation whose session broke, by rank, with
+    /// why: they may reconnect and take their rank back until the
+    /// `Reconnect` timer fires.
+    pub(super) broken: BTreeMap<Rank, String>,
 }
 
 impl Job {
@@ -75,6 +79,7 @@ impl Job {
             aborts_unsent: false,
             recovery: None,
             handover: false,
+            broken: BTreeMap::new(),
         }
     }
 

@@ -2,10 +2,12 @@
 //! `Release` of an ended job's member), registration and disconnect, the
 //! worker records in the store and the membership lease that binds them.
 
+use super::timers::TimerKind;
 use super::{Cluster, ControlError, ControlHandle, Health, Msg, Reply, SessionTx};
 use ringmaster_common::ids::{Rank, WorkerId};
 use ringmaster_common::now_ms;
 use ringmaster_common::records;
+use ringmaster_common::records::JobState;
 use ringmaster_proto::{Command, Registered, Registration, RunId, WorkerView};
 use ringmaster_store::{LeaseId, StateStore, StoreError, keys};
 use std::sync::Arc;
@@ -155,8 +157,10 @@ impl Cluster {
 
     /// A worker's session closed or went silent: its registration is removed
     /// and the job it held re-forms without it (or fails, naming it, when it
-    /// may not restart).
-    pub(super) async fn disconnected(&mut self, id: WorkerId, reason: String) {
+    /// may not restart). A broken session (`may_reconnect`) of a running
+    /// job's member first leaves the rank open for `reconnect_grace`: the
+    /// process may be alive and training, and take its rank back.
+    pub(super) async fn disconnected(&mut self, id: WorkerId, reason: String, may_reconnect: bool) {
         if let Some(w) = self.workers.remove(&id) {
             info!(worker = %id, name = %w.info.name, "worker left: {reason}");
             if self.writable().is_ok()
@@ -166,8 +170,24 @@ impl Cluster {
                 warn!(worker = %id, "could not remove the registration: {e}");
             }
             if let Some(Assignment { run, rank }) = w.assignment {
-                self.member_lost(&run.job, run.generation, rank, reason)
-                    .await;
+                let grace = self.cfg.reconnect_grace;
+                let pending = may_reconnect
+                    && !grace.is_zero()
+                    && self.jobs.get_mut(&run.job).is_some_and(|job| {
+                        let open = job.status.state == JobState::Running
+                            && job.generation() == run.generation
+                            && job.members.get(rank.index()).is_some();
+                        if open {
+                            job.members[rank.index()].worker = None;
+                            job.broken.insert(rank, reason.clone());
+                            job.set_timer(TimerKind::Reconnect, grace);
+                        }
+                        open
+                    });
+                if !pending {
+                    self.member_lost(&run.job, run.generation, rank, reason)
+                        .await;
+                }
             }
             self.schedule().await;
         }

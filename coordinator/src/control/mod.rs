@@ -132,6 +132,10 @@ pub struct ControlConfig {
     /// After a restart, how long a running job's workers have to rejoin
     /// before the job is declared failed.
     pub adopt_grace: Duration,
+    /// How long a member whose session broke (its process may live on, still
+    /// training) has to reconnect and take its rank back before it is taken
+    /// as lost. A dead member's ring peers usually say so sooner.
+    pub reconnect_grace: Duration,
     /// After a job ends, how long its members may take to report how their
     /// run ended before they are freed anyway (a worker that never reports
     /// must not stay busy forever).
@@ -155,6 +159,7 @@ impl Default for ControlConfig {
             progress_every_steps: 10,
             stop_grace: Duration::from_secs(60),
             adopt_grace: Duration::from_secs(30),
+            reconnect_grace: Duration::from_millis(1500),
             release_grace: Duration::from_secs(15),
         }
     }
@@ -519,7 +524,7 @@ impl Cluster {
                     }
                 }
             }
-            Msg::Disconnected(id, reason) => self.disconnected(id, reason).await,
+            Msg::Disconnected(id, reason) => self.disconnected(id, reason, true).await,
         }
     }
 }

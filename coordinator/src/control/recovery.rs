@@ -228,6 +228,15 @@ impl Cluster {
             ..IncidentRecord::default()
         });
         job.peer_reports.clear();
+        // A member whose session broke cannot be told to leave its ring:
+        // the group re-forms without it (it drops its state if it comes
+        // back).
+        let broken = std::mem::take(&mut job.broken);
+        if let Some(rec) = job.recovery.as_mut() {
+            for (rank, why) in broken {
+                rec.lost.insert(rank, why);
+            }
+        }
         let window = self.cfg.blame_window();
         job.set_timer(TimerKind::Regroup, window);
         job.publish();

@@ -123,6 +123,7 @@ impl Cluster {
         job.peer_reports.clear();
         job.recovery = None;
         job.handover = false;
+        job.broken.clear();
         job.waiting = None;
         job.publish();
         let run = job.run();

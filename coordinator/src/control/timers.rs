@@ -3,9 +3,9 @@
 //! `tick`, which also frees members of ended jobs that never reported and
 //! declares silent workers lost. A timer of another generation never fires.
 
+use super::Cluster;
 use super::jobs::Job;
 use super::membership::Release;
-use super::{Cluster, Msg};
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::now_ms;
 use ringmaster_common::records::JobState;
@@ -28,6 +28,8 @@ pub(super) enum TimerKind {
     Regroup,
     /// A re-forming job still short of workers goes back to the queue.
     Rejoin,
+    /// Members whose session broke have not reconnected: they are lost.
+    Reconnect,
 }
 
 /// A deadline of one generation of a job. A timer of an older generation
@@ -115,7 +117,8 @@ impl Cluster {
             .collect();
         for id in silent {
             let reason = format!("no heartbeat for {} ms", timeout.as_millis());
-            Box::pin(self.handle(Msg::Disconnected(id, reason))).await;
+            // Silence is no broken session: no grace to reconnect.
+            Box::pin(self.disconnected(id, reason, false)).await;
         }
     }
 
@@ -160,6 +163,28 @@ impl Cluster {
                     }
                 }
             }
+            TimerKind::Reconnect if !job.status.state.is_final() => {
+                let grace = self.cfg.reconnect_grace.as_secs_f64();
+                let gone: Vec<(Rank, String)> = job
+                    .broken
+                    .iter()
+                    .filter(|(rank, _)| {
+                        job.members.get(rank.index()).is_some_and(|m| {
+                            m.worker
+                                .as_ref()
+                                .is_none_or(|w| !self.workers.contains_key(w))
+                        })
+                    })
+                    .map(|(rank, why)| (*rank, why.clone()))
+                    .collect();
+                for (rank, why) in gone {
+                    let why = format!("{why} (no reconnect within {grace:.1} s)");
+                    if let Some(job) = self.jobs.get_mut(id) {
+                        job.broken.remove(&rank);
+                    }
+                    self.member_lost(id, generation, rank, why).await;
+                }
+            }
             TimerKind::Regroup if job.status.state == JobState::Recovering => {
                 self.regroup_window_closed(id).await;
             }
@@ -178,7 +203,8 @@ impl Cluster {
             | TimerKind::Adopt
             | TimerKind::Blame
             | TimerKind::Regroup
-            | TimerKind::Rejoin => {}
+            | TimerKind::Rejoin
+            | TimerKind::Reconnect => {}
         }
     }
 }
