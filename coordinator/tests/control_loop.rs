@@ -387,6 +387,7 @@ fn after_a_restart_a_lost_rank_keeps_its_name_and_the_adoption_deadline_dies_wit
             },
             rank: Rank(0),
             step: 310,
+            parked: false,
         };
         let n0 = register(&h, "n0", "n0", Some(run)).await.unwrap();
         report(
@@ -1074,6 +1075,7 @@ fn a_member_whose_session_breaks_takes_its_rank_back_when_it_reconnects_in_time(
             },
             rank: Rank(1),
             step: 40,
+            parked: false,
         };
         let _n1 = register(&h, "n1", "n1", Some(current)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;

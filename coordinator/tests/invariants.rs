@@ -116,6 +116,7 @@ async fn register(
         run: run(job, generation),
         rank: Rank(rank),
         step,
+        parked: false,
     });
     let info = registration(name, format!("127.0.0.1:{port}"), current);
     // These sessions never beat: the tests' heartbeat timeout is long.

@@ -78,6 +78,8 @@ pub struct CurrentRun {
     pub run: RunId,
     pub rank: Rank,
     pub step: u64,
+    /// It left its broken group holding the state of `step`.
+    pub parked: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -306,6 +308,7 @@ impl TryFrom<pb::Register> for Registration {
                 run: run_id(c.job_id, c.generation)?,
                 rank: Rank(c.rank),
                 step: c.step,
+                parked: c.parked,
             }),
             None => None,
         };
@@ -370,6 +373,7 @@ impl From<WorkerReport> for pb::WorkerMessage {
                     generation: c.run.generation.0,
                     rank: c.rank.0,
                     step: c.step,
+                    parked: c.parked,
                 }),
                 instance: r.instance.unwrap_or_default(),
             }),

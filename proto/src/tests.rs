@@ -35,6 +35,7 @@ fn registration() -> Registration {
             run: run(),
             rank: Rank(1),
             step: 310,
+            parked: true,
         }),
         instance: Some("00ff00ff00ff00ff".into()),
     }

@@ -477,3 +477,74 @@ fn a_member_whose_session_breaks_reconnects_and_keeps_its_rank() {
         "{end}"
     );
 }
+
+/// A cluster whose coordinator gives rejoining workers `adopt_secs`.
+fn cluster_with_adopt_grace(workers: usize, adopt_secs: u32) -> LocalCluster {
+    let serve = ["--adopt-grace-secs".to_string(), adopt_secs.to_string()];
+    LocalCluster::start_with_serve_args(workers, &serve).unwrap()
+}
+
+#[test]
+fn a_coordinator_killed_while_a_job_re_forms_resumes_the_re_forming_from_the_survivors_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut cluster = cluster_with_adopt_grace(2, 5);
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
+
+    // No checkpoints: whatever the job resumes from is a survivor's memory.
+    let id = submit(&cluster, &job("restarted", &data, tmp.path(), 2, 2));
+    wait_for_step(&cluster, &id, 300);
+    kill_worker(&mut cluster, "w1");
+    let mut s = serde_json::Value::Null;
+    wait_until(T, || {
+        s = cluster.status(&id);
+        s["state"] == "recovering"
+    })
+    .unwrap_or_else(|_| panic!("the job is not recovering: {s}"));
+
+    cluster.kill_coordinator();
+    cluster.restart_coordinator().unwrap();
+    let s = cluster.status(&id);
+    assert_eq!(s["state"], "recovering", "{s}");
+    cluster.add_worker("w2").unwrap();
+
+    let s = wait_reformed(&cluster, &id, 1, false);
+    eprintln!("re-formed after the restart: {s}");
+    assert!(
+        s["step"].as_u64().unwrap() >= 300,
+        "the survivor's state, not a fresh start: {s}"
+    );
+    let end = assert_ends_as(&cluster, &id, &expected);
+    assert_eq!(end["restarts"], 1, "{end}");
+    assert!(
+        end["events"]
+            .to_string()
+            .contains("coordinator restarted while the job re-formed"),
+        "{end}"
+    );
+}
+
+#[test]
+fn a_worker_killed_while_the_coordinator_is_down_is_replaced_when_it_comes_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut cluster = cluster_with_adopt_grace(3, 3);
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
+
+    let id = submit(&cluster, &job("orphaned", &data, tmp.path(), 2, 2));
+    wait_for_step(&cluster, &id, 300);
+    let victim = members(&cluster, &id)[1].clone();
+    cluster.kill_coordinator();
+    kill_worker(&mut cluster, &victim);
+    cluster.restart_coordinator().unwrap();
+
+    // The survivor rejoins holding its state, the victim never does: the
+    // job re-forms with the spare once the adoption grace has passed.
+    let s = wait_reformed(&cluster, &id, 1, false);
+    eprintln!("re-formed after the restart: {s}");
+    let members: Vec<String> = serde_json::from_value(s["members"].clone()).unwrap();
+    assert!(!members.contains(&victim), "{members:?}");
+    assert!(s["step"].as_u64().unwrap() >= 300, "{s}");
+    let end = assert_ends_as(&cluster, &id, &expected);
+    assert_eq!(end["restarts"], 1, "{end}");
+}

@@ -20,8 +20,8 @@ use ringmaster_common::ids::{Generation, JobId, Rank};
 use ringmaster_common::worker::Device;
 use ringmaster_proto::pb::{self, WorkerMessage, agent_client::AgentClient};
 use ringmaster_proto::{
-    Command, CurrentRun, FailureCause, Metrics, Registration, RunId, RunOutcome, StartTraining,
-    TrainingEnded, WorkerReport,
+    Command, CurrentRun, FailureCause, Metrics, Parked, Registration, RunId, RunOutcome,
+    StartTraining, TrainingEnded, WorkerReport,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,6 +108,7 @@ impl Running {
             run: self.run(),
             rank: Rank(self.rank),
             step: self.step,
+            parked: self.parked,
         }
     }
 }
@@ -412,6 +413,16 @@ async fn handle_command(
                 if abort.keep_state {
                     info!(job = %abort.run.job, "leaving the group, keeping the state: {}", abort.reason);
                     r.control.park(&abort.reason);
+                    if r.parked {
+                        // Already out of the group: say so again, for a
+                        // coordinator that did not hear it (a restarted one).
+                        let _ = events_tx.send(WorkerReport::Parked(Parked {
+                            run: r.run(),
+                            step: r.step,
+                            lost_peer: None,
+                            reason: abort.reason.clone(),
+                        }));
+                    }
                 } else {
                     info!(job = %abort.run.job, "aborting: {}", abort.reason);
                     r.control.abort(&abort.reason);

@@ -7,9 +7,10 @@ use super::Cluster;
 use super::jobs::Member;
 use super::membership::Assignment;
 use super::timers::TimerKind;
+use ringmaster_common::ids::Rank;
 use ringmaster_common::ids::WorkerId;
 use ringmaster_common::records::JobState;
-use ringmaster_proto::{AbortTraining, Command, CurrentRun};
+use ringmaster_proto::{AbortTraining, Command, CurrentRun, Parked, RunId};
 use tracing::info;
 
 impl Cluster {
@@ -23,9 +24,15 @@ impl Cluster {
             .get(worker)
             .map(|w| w.info.name.clone())
             .unwrap_or_default();
-        let CurrentRun { run, rank, step } = current;
+        let CurrentRun {
+            run,
+            rank,
+            step,
+            parked,
+        } = current;
         let adoptable = self.jobs.get(&run.job).is_some_and(|j| {
-            j.status.state == JobState::Running
+            (j.status.state == JobState::Running
+                || (j.status.state == JobState::Recovering && j.recovery.is_some()))
                 && j.generation() == run.generation
                 && j.members.get(rank.index()).is_some_and(|m| {
                     m.worker
@@ -35,7 +42,8 @@ impl Cluster {
         });
         if !adoptable {
             let running_here = self.jobs.get(&run.job).is_some_and(|j| {
-                j.status.state == JobState::Running && j.generation() == run.generation
+                matches!(j.status.state, JobState::Running | JobState::Recovering)
+                    && j.generation() == run.generation
             });
             if !running_here && let Some(w) = self.workers.get(worker) {
                 // Whatever it is still running is not ours any more.
@@ -49,7 +57,23 @@ impl Cluster {
         }
         let job_id = run.job.clone();
         if let Some(w) = self.workers.get_mut(worker) {
-            w.assignment = Some(Assignment { run, rank });
+            w.assignment = Some(Assignment {
+                run: run.clone(),
+                rank,
+            });
+        }
+        // A rank of a running job that parked while no coordinator listened
+        // still has its `Parked` report buffered (the old coordinator would
+        // have persisted `recovering` on receiving it): that report, with the
+        // peer it lost, starts the recovery here.
+        if self
+            .jobs
+            .get(&job_id)
+            .is_some_and(|j| j.status.state == JobState::Recovering)
+        {
+            self.rejoin_recovery(worker, &name, run, rank, step, parked)
+                .await;
+            return;
         }
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
@@ -80,6 +104,43 @@ impl Cluster {
             self.note(&job_id, text).await;
         } else {
             job.publish();
+        }
+    }
+
+    /// A member of a job that was re-forming when the coordinator restarted
+    /// rejoined: holding its state, it counts as parked; still in the old
+    /// group, it is told to leave it keeping its state (and parks).
+    async fn rejoin_recovery(
+        &mut self,
+        worker: &WorkerId,
+        name: &str,
+        run: RunId,
+        rank: Rank,
+        step: u64,
+        parked: bool,
+    ) {
+        if let Some(job) = self.jobs.get_mut(&run.job) {
+            job.members[rank.index()] = Member {
+                name: name.to_string(),
+                worker: Some(worker.clone()),
+            };
+            job.publish();
+        }
+        info!(job = %run.job, rank = rank.0, worker = %name, step, parked, "rank rejoined a re-forming job");
+        if parked {
+            let p = Parked {
+                run,
+                step,
+                lost_peer: None,
+                reason: "rejoined holding its state".into(),
+            };
+            self.member_parked(worker, rank, p).await;
+        } else if let Some(w) = self.workers.get(worker) {
+            let _ = w.tx.try_send(Command::Abort(AbortTraining {
+                run,
+                reason: "the job is re-forming".into(),
+                keep_state: true,
+            }));
         }
     }
 }

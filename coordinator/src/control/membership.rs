@@ -118,9 +118,11 @@ impl Cluster {
                 .values_mut()
                 .find(|j| j.members.iter().any(|m| m.worker.as_ref() == Some(&old)))
             {
-                for m in &mut job.members {
+                for (rank, m) in job.members.iter_mut().enumerate() {
                     if m.worker.as_ref() == Some(&old) {
                         m.worker = None;
+                        // Noted when it takes the rank back below.
+                        job.broken.insert(Rank(rank as u32), "its session broke".into());
                     }
                 }
             }

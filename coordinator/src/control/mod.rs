@@ -374,21 +374,36 @@ impl Cluster {
                     status.members.len()
                 ));
             }
-            if status.state == JobState::Recovering {
-                // The survivors' state lived in the old coordinator's plan
-                // only as far as it got; resume from the store's checkpoint.
-                status.state = JobState::Queued;
-                status.note(
-                    "coordinator restarted while the job re-formed: queued again, to resume \
-                     from its newest committed checkpoint",
-                );
+            let recovering = status.state == JobState::Recovering;
+            if recovering {
+                // The survivors hold their state in memory: wait for them to
+                // rejoin, then re-form as the old coordinator would have.
+                status.note(format!(
+                    "coordinator restarted while the job re-formed: waiting up to {} s for its \
+                     workers to rejoin with their state",
+                    self.cfg.adopt_grace.as_secs(),
+                ));
             }
             if status.state == JobState::Queued {
                 queued.push((record.submitted_at_ms, id.clone()));
             }
+            let growing = status
+                .incidents
+                .last()
+                .is_some_and(|i| i.kind != Some(records::IncidentKind::Loss));
             let mut job = Job::new(record, status);
             job.checkpoints = checkpoints.remove(&id).unwrap_or_default();
-            if running {
+            if recovering {
+                job.recovery = Some(recovery::Recovery::new(growing));
+                // Members that rejoin but neither park nor drop out are
+                // taken as lost after the adoption grace and a regroup
+                // window, as at any re-forming.
+                job.set_timer(
+                    TimerKind::Regroup,
+                    self.cfg.adopt_grace + self.cfg.blame_window(),
+                );
+            }
+            if running || recovering {
                 // Each rank keeps its worker's name until the worker rejoins.
                 job.members = job
                     .status

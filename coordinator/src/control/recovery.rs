@@ -36,6 +36,19 @@ pub(super) struct Recovery {
     pub(super) growing: bool,
 }
 
+impl Recovery {
+    /// A re-forming that starts now (`growing`: by plan, not after a loss).
+    pub(super) fn new(growing: bool) -> Recovery {
+        Recovery {
+            since: Instant::now(),
+            lost: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            window_closed: false,
+            growing,
+        }
+    }
+}
+
 impl Cluster {
     /// Member `rank` of generation `generation` is gone (its session closed,
     /// it went silent, it did not rejoin after a coordinator restart).
@@ -212,13 +225,7 @@ impl Cluster {
         let Some(job) = self.jobs.get_mut(id) else {
             return false;
         };
-        job.recovery = Some(Recovery {
-            since: Instant::now(),
-            lost: BTreeMap::new(),
-            parked: BTreeMap::new(),
-            window_closed: false,
-            growing: kind != IncidentKind::Loss,
-        });
+        job.recovery = Some(Recovery::new(kind != IncidentKind::Loss));
         let from_generation = job.generation().0;
         job.status.incident(IncidentRecord {
             kind: Some(kind),

@@ -135,7 +135,9 @@ impl Cluster {
                 );
                 self.finish(id, JobState::Cancelled, Some(reason)).await;
             }
-            TimerKind::Adopt if job.status.state == JobState::Running => {
+            TimerKind::Adopt
+                if matches!(job.status.state, JobState::Running | JobState::Recovering) =>
+            {
                 let missing: Vec<Rank> = job
                     .members
                     .iter()
@@ -148,7 +150,8 @@ impl Cluster {
                     .map(|(rank, _)| Rank(rank as u32))
                     .collect();
                 let grace = self.cfg.adopt_grace.as_secs();
-                if job.record.spec.fault.max_restarts == 0 {
+                if job.record.spec.fault.max_restarts == 0 && job.status.state == JobState::Running
+                {
                     let names: Vec<String> = missing.iter().map(|r| job.member_label(*r)).collect();
                     let reason = format!(
                         "after a coordinator restart, {} did not rejoin within {grace} s",
