@@ -175,14 +175,16 @@ bench_base_env() {
   LD_LIBRARY_PATH=$bench_base_bin/libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$@"
 }
 
-# bench_summary FILE TITLE PEER PEER_LABEL DECIMALS: FILE holds `label<TAB>side<TAB>value` lines,
-# one per run (side: ringmaster, baseline or PEER). Prints, per label, each side's median and range
-# (min-max) over its runs, then the ratios of medians ringmaster/PEER and ringmaster/baseline.
+# bench_summary FILE TITLE PEER PEER_LABEL DECIMALS [lower]: FILE holds `label<TAB>side<TAB>value`
+# lines, one per run (side: ringmaster, baseline or PEER). Prints, per label, each side's median and
+# range (min-max) over its runs, then the ratios of medians ringmaster/PEER and ringmaster/baseline;
+# with `lower` (the values are times: lower is better), PEER/ringmaster and baseline/ringmaster.
 bench_summary() {
-  local base_label=""
+  local base_label="" inverse=0
+  [ "${6:-}" = lower ] && inverse=1
   [ -n "${bench_base_sha:-}" ] && base_label="baseline ${bench_base_sha:0:12}"
   echo "== $2: median and range (min-max) of $BENCH_RUNS runs each, interleaved =="
-  awk -F'\t' -v peer="$3" -v peer_label="$4" -v base_label="$base_label" -v d="$5" '
+  awk -F'\t' -v peer="$3" -v peer_label="$4" -v base_label="$base_label" -v d="$5" -v inv="$inverse" '
     !($1 in seen) { seen[$1] = 1; labels[nl++] = $1 }
     { k = $1 SUBSEP $2; cnt[k]++; val[k, cnt[k]] = $3 }
     # Sorts the values of key k into s[1..m]; returns m.
@@ -212,6 +214,11 @@ bench_summary() {
         row(l, "ringmaster", "ringmaster")
         row(l, "baseline", base_label)
         row(l, peer, peer_label)
+        if (inv) {
+          ratio(l, peer, "ringmaster", peer " / ringmaster")
+          ratio(l, "baseline", "ringmaster", "baseline / ringmaster")
+          continue
+        }
         ratio(l, "ringmaster", peer, "ringmaster / " peer)
         ratio(l, "ringmaster", "baseline", "ringmaster / baseline")
       }
