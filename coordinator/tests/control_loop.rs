@@ -1096,3 +1096,44 @@ fn a_member_whose_session_breaks_takes_its_rank_back_when_it_reconnects_in_time(
         assert_eq!(n1.assignment, Some((id.clone(), Rank(1))));
     });
 }
+
+#[test]
+fn free_workers_prepare_for_a_running_job_they_may_join() {
+    rt().block_on(async {
+        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut n0 = register(&h, "n0", "n0", None).await.unwrap();
+        let mut n1 = register(&h, "n1", "n1", None).await.unwrap();
+        let mut early = register(&h, "early", "early", None).await.unwrap();
+        let mut recoverable = spec(2);
+        recoverable.fault.max_restarts = 2;
+        let id = h.call(|r| Msg::Submit(recoverable, None, r)).await.unwrap();
+        n0.start().await;
+        n1.start().await;
+        // A worker free when the job starts, and one that registers later.
+        match early.next().await {
+            Command::Prepare(p) => assert_eq!(p.job, id),
+            other => panic!("expected a prepare, got {other:?}"),
+        }
+        let mut late = register(&h, "late", "late", None).await.unwrap();
+        match late.next().await {
+            Command::Prepare(p) => assert_eq!(p.job, id),
+            other => panic!("expected a prepare, got {other:?}"),
+        }
+        // Members are not spares.
+        assert!(n0.commands.try_recv().is_err());
+        // A job that can neither re-form nor grow needs no spares.
+        let h2 = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
+            .await
+            .unwrap();
+        let mut m = register(&h2, "m", "m", None).await.unwrap();
+        let mut spare = register(&h2, "spare", "spare", None).await.unwrap();
+        let mut fixed = spec(1);
+        fixed.workers.grow = false;
+        h2.call(|r| Msg::Submit(fixed, None, r)).await.unwrap();
+        m.start().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(spare.commands.try_recv().is_err());
+    });
+}

@@ -61,6 +61,8 @@ enum Cmd {
     Checkpoint {
         generation: u64,
     },
+    /// Free workers load a running job's data; it changes no job state.
+    Prepare,
 }
 
 fn command(c: Command) -> Cmd {
@@ -77,6 +79,7 @@ fn command(c: Command) -> Cmd {
         Command::Checkpoint(c) => Cmd::Checkpoint {
             generation: c.run.generation.0,
         },
+        Command::Prepare(_) => Cmd::Prepare,
     }
 }
 

@@ -38,8 +38,8 @@ mod tests;
 pub use control::{CordonView, HealthView, JobView, Role, WorkerView};
 pub use session::{
     AbortTraining, CheckpointReport, CheckpointRequest, Command, CurrentRun, FailureCause, Metrics,
-    Note, Parked, Progress, Rebound, Registered, Registration, RunId, RunOutcome, StartTraining,
-    TrainingEnded, WorkerReport, WrittenCheckpoint,
+    Note, Parked, PrepareJob, Progress, Rebound, Registered, Registration, RunId, RunOutcome,
+    StartTraining, TrainingEnded, WorkerReport, WrittenCheckpoint,
 };
 
 /// Version of the worker session protocol; a registration of another

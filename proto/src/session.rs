@@ -186,6 +186,16 @@ pub enum Command {
     Start(Box<StartTraining>),
     Checkpoint(CheckpointRequest),
     Abort(AbortTraining),
+    /// Boxed like a start: it carries a job spec.
+    Prepare(Box<PrepareJob>),
+}
+
+/// A running job a free worker may be asked to join: it loads (and
+/// verifies) the job's data ahead of time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrepareJob {
+    pub job: JobId,
+    pub spec: JobSpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -479,6 +489,10 @@ impl TryFrom<pb::CoordinatorMessage> for Command {
                     reason: text("abort.reason", a.reason)?,
                     keep_state: a.keep_state,
                 }),
+                Kind::Prepare(p) => Command::Prepare(Box::new(PrepareJob {
+                    job: JobId::parse(&p.job_id)?,
+                    spec: spec_from_json(&p.spec_json)?,
+                })),
             },
         )
     }
@@ -564,6 +578,10 @@ impl From<Command> for pb::CoordinatorMessage {
                 generation: a.run.generation.0,
                 reason: a.reason,
                 keep_state: a.keep_state,
+            }),
+            Command::Prepare(p) => Kind::Prepare(pb::PrepareJob {
+                job_id: p.job.0,
+                spec_json: spec_to_json(&p.spec),
             }),
         };
         pb::CoordinatorMessage { kind: Some(kind) }

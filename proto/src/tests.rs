@@ -142,6 +142,10 @@ fn reports() -> Vec<WorkerReport> {
 
 fn commands() -> Vec<Command> {
     vec![
+        Command::Prepare(Box::new(PrepareJob {
+            job: JobId("digits-mlp-3".into()),
+            spec: spec(),
+        })),
         Command::Registered(Registered {
             worker: WorkerId("w12".into()),
             heartbeat_interval: Duration::from_millis(1000),

@@ -444,6 +444,16 @@ async fn handle_command(
                 r.control.request_checkpoint(req.stop);
             }
         }
+        Ok(Command::Prepare(p)) => {
+            // Only while free: a training run keeps the memory and the cores.
+            if current
+                .as_ref()
+                .is_none_or(|r| r.ended.is_some() && !r.parked)
+            {
+                info!(job = %p.job, "preparing the data of a job this worker may join");
+                crate::trainer::prepare(&p.spec, cfg.device);
+            }
+        }
         Ok(Command::Registered(_)) => {
             warn!("ignoring an unexpected message from the coordinator")
         }

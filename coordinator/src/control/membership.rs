@@ -4,7 +4,7 @@
 
 use super::timers::TimerKind;
 use super::{Cluster, ControlError, ControlHandle, Health, Msg, Reply, SessionTx};
-use ringmaster_common::ids::{Rank, WorkerId};
+use ringmaster_common::ids::{JobId, Rank, WorkerId};
 use ringmaster_common::now_ms;
 use ringmaster_common::records;
 use ringmaster_common::records::JobState;
@@ -26,6 +26,8 @@ pub(super) struct Worker {
     pub(super) last_seen: Arc<AtomicU64>,
     /// The run and rank it holds, while assigned.
     pub(super) assignment: Option<Assignment>,
+    /// The running job it was last told to prepare for (`PrepareJob`).
+    pub(super) prepared: Option<JobId>,
 }
 
 /// A worker's rank in one generation of a job.
@@ -122,7 +124,8 @@ impl Cluster {
                     if m.worker.as_ref() == Some(&old) {
                         m.worker = None;
                         // Noted when it takes the rank back below.
-                        job.broken.insert(Rank(rank as u32), "its session broke".into());
+                        job.broken
+                            .insert(Rank(rank as u32), "its session broke".into());
                     }
                 }
             }
@@ -147,6 +150,7 @@ impl Cluster {
                 tx,
                 last_seen,
                 assignment: None,
+                prepared: None,
             },
         );
         let _ = reply.send(Ok(id.clone()));
@@ -155,6 +159,7 @@ impl Cluster {
             self.adopt(&id, run).await;
         }
         self.schedule().await;
+        self.offer_running_job(&id);
     }
 
     /// A worker's session closed or went silent: its registration is removed

@@ -11,7 +11,7 @@ use ringmaster_common::ids::{JobId, Rank, WorkerId};
 use ringmaster_common::jobspec::DeviceKind;
 use ringmaster_common::now_ms;
 use ringmaster_common::records::JobState;
-use ringmaster_proto::{Command, StartTraining};
+use ringmaster_proto::{Command, PrepareJob, StartTraining};
 use std::path::PathBuf;
 use tracing::{info, warn};
 
@@ -172,6 +172,74 @@ impl Cluster {
                 warn!(worker = %w, "session closed before the start command");
             }
         }
+        // After the members are assigned: only the others are spares.
+        self.prepare_spares(id);
         Ok(())
+    }
+
+    /// Tells the free workers of a running job's device kind to load its
+    /// data now (`PrepareJob`), so that one replacing a lost member (or
+    /// growing the group) joins without loading it. Only jobs that may
+    /// re-form; a worker prepares for one job at a time.
+    pub(super) fn prepare_spares(&mut self, id: &JobId) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        let spec = &job.record.spec;
+        if spec.fault.max_restarts == 0 && !spec.workers.grow {
+            return;
+        }
+        let free: Vec<WorkerId> = self
+            .free_workers()
+            .into_iter()
+            .filter(|w| w.device == spec.workers.device)
+            .map(|w| w.id)
+            .collect();
+        for w in free {
+            self.send_prepare(&w, id);
+        }
+    }
+
+    /// Offers a worker that just became free the first running job of its
+    /// device kind that may re-form, to prepare for.
+    pub(super) fn offer_running_job(&mut self, worker: &WorkerId) {
+        let Some(w) = self.workers.get(worker) else {
+            return;
+        };
+        if w.assignment.is_some() || !self.schedulable(&w.info.name) {
+            return;
+        }
+        let kind = w.info.device.kind();
+        let job = self
+            .jobs
+            .iter()
+            .find(|(_, j)| {
+                j.status.state == JobState::Running
+                    && j.record.spec.workers.device == kind
+                    && (j.record.spec.fault.max_restarts > 0 || j.record.spec.workers.grow)
+            })
+            .map(|(id, _)| id.clone());
+        if let Some(job) = job {
+            self.send_prepare(worker, &job);
+        }
+    }
+
+    fn send_prepare(&mut self, worker: &WorkerId, id: &JobId) {
+        let Some(spec) = self.jobs.get(id).map(|j| j.record.spec.clone()) else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if w.prepared.as_ref() == Some(id) {
+            return;
+        }
+        let prepare = Command::Prepare(Box::new(PrepareJob {
+            job: id.clone(),
+            spec,
+        }));
+        if w.tx.try_send(prepare).is_ok() {
+            w.prepared = Some(id.clone());
+        }
     }
 }

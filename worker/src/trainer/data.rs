@@ -3,12 +3,20 @@
 //! to the device a chunk at a time when evaluated). The run asks for samples
 //! by id and never touches the arrays, so a streamed source can replace this
 //! one without changing the step.
+//!
+//! A free worker may load a running job's data ahead of time ([`prepare`],
+//! on the coordinator's `PrepareJob`): a spare that later replaces a lost
+//! member then joins without reading and verifying the dataset, which is
+//! most of what a newcomer costs a recovery. The prepared data is taken by
+//! the next run whose datasets, device and manifests are the same.
 
 use super::TrainError;
 use crate::model;
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_dataset::Dataset;
+use ringmaster_dataset::{Dataset, MANIFEST_FILE};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, LazyLock, Mutex};
 use tch::{Device, Tensor};
 
 /// Evaluation runs in chunks of this many samples to bound memory.
@@ -27,7 +35,117 @@ pub(super) struct TrainData {
     device: Device,
 }
 
+/// Which data a prepared load holds: the dataset folders, the device, and
+/// their manifests as read before loading (a dataset rewritten since does
+/// not match: its manifest names other shard checksums).
+#[derive(Clone, Debug, PartialEq)]
+struct DataKey {
+    train: PathBuf,
+    validation: Option<PathBuf>,
+    device: Device,
+    manifests: Vec<Vec<u8>>,
+}
+
+impl DataKey {
+    fn of(spec: &JobSpec, device: Device) -> Option<DataKey> {
+        let read = |dir: &Path| std::fs::read(dir.join(MANIFEST_FILE)).ok();
+        let mut manifests = vec![read(&spec.data.train)?];
+        if let Some(v) = &spec.data.validation {
+            manifests.push(read(v)?);
+        }
+        Some(DataKey {
+            train: spec.data.train.clone(),
+            validation: spec.data.validation.clone(),
+            device,
+            manifests,
+        })
+    }
+}
+
+/// The one prepared load a worker holds (a spare prepares for one job).
+#[derive(Default)]
+struct Prepared {
+    key: Option<DataKey>,
+    loading: bool,
+    data: Option<TrainData>,
+}
+
+static PREPARED: LazyLock<(Mutex<Prepared>, Condvar)> =
+    LazyLock::new(|| (Mutex::new(Prepared::default()), Condvar::new()));
+
+fn prepared() -> std::sync::MutexGuard<'static, Prepared> {
+    PREPARED.0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Loads `spec`'s data on `device` in the background, replacing whatever
+/// was prepared before, unless it is prepared (or being prepared) already.
+/// A failure is only logged: the run that needs the data loads it again and
+/// reports the error then.
+pub fn prepare(spec: &JobSpec, device: Device) {
+    let Some(key) = DataKey::of(spec, device) else {
+        return;
+    };
+    {
+        let mut p = prepared();
+        if p.key.as_ref() == Some(&key) {
+            return;
+        }
+        *p = Prepared {
+            key: Some(key.clone()),
+            loading: true,
+            data: None,
+        };
+    }
+    let spec = spec.clone();
+    let spawned = std::thread::Builder::new()
+        .name("prepare-data".into())
+        .spawn(move || {
+            let loaded = TrainData::load(&spec, device);
+            if let Err(e) = &loaded {
+                tracing::warn!("could not prepare the data of a job this worker may join: {e}");
+            }
+            let mut p = prepared();
+            // Still the load asked for (a newer request replaced it otherwise).
+            if p.key.as_ref() == Some(&key) {
+                p.loading = false;
+                p.data = loaded.ok();
+                if p.data.is_none() {
+                    p.key = None;
+                }
+            }
+            PREPARED.1.notify_all();
+        });
+    if spawned.is_err() {
+        *prepared() = Prepared::default();
+    }
+}
+
+/// Whether data for `spec` on `device` is prepared (or being prepared).
+pub fn is_prepared(spec: &JobSpec, device: Device) -> bool {
+    let key = DataKey::of(spec, device);
+    key.is_some() && prepared().key == key
+}
+
 impl TrainData {
+    /// The job's data: what [`prepare`] loaded for it (waiting for a load
+    /// in progress), else loaded now.
+    pub fn prepared_or_load(spec: &JobSpec, device: Device) -> Result<Self, TrainError> {
+        if let Some(key) = DataKey::of(spec, device) {
+            let mut p = prepared();
+            while p.loading && p.key.as_ref() == Some(&key) {
+                p = PREPARED.1.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if p.key.as_ref() == Some(&key)
+                && let Some(data) = p.data.take()
+            {
+                p.key = None;
+                tracing::debug!("using the data prepared ahead of the start");
+                return Ok(data);
+            }
+        }
+        TrainData::load(spec, device)
+    }
+
     /// Loads (and verifies) the job's datasets and puts the training set on
     /// `device`.
     pub fn load(spec: &JobSpec, device: Device) -> Result<Self, TrainError> {
@@ -101,5 +219,56 @@ impl TrainData {
             start = stop;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringmaster_dataset::{SynthOptions, synthesize};
+
+    fn spec(data: &Path) -> JobSpec {
+        let toml = format!(
+            "name = \"prep\"\n[model]\nkind = \"mlp\"\nhidden = [4]\n[data]\ntrain = \"{}\"\n\
+             [train]\nbatch_size = 8\nsteps = 2\nlearning_rate = 0.1\n[output]\ndir = \"{}\"\n",
+            data.display(),
+            data.parent().unwrap().join("out").display()
+        );
+        JobSpec::from_toml(&toml, &data.parent().unwrap().join("job.toml")).unwrap()
+    }
+
+    #[test]
+    fn prepared_data_is_taken_once_and_only_while_its_manifest_is_unchanged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        synthesize(&SynthOptions {
+            output: data.clone(),
+            name: "prep".into(),
+            samples: 40,
+            features: 3,
+            classes: 2,
+            seed: 1,
+            shard_samples: 16,
+        })
+        .unwrap();
+        let spec = spec(&data);
+        prepare(&spec, Device::Cpu);
+        assert!(is_prepared(&spec, Device::Cpu));
+        // Waits for the load in progress, then takes it.
+        let taken = TrainData::prepared_or_load(&spec, Device::Cpu).unwrap();
+        assert_eq!((taken.samples(), taken.features), (40, 3));
+        assert!(!is_prepared(&spec, Device::Cpu), "taken once");
+
+        // Prepared, then the dataset is rewritten: the next run loads the
+        // new one, and the stale load is never handed out.
+        prepare(&spec, Device::Cpu);
+        let manifest = data.join(MANIFEST_FILE);
+        let mut text = std::fs::read_to_string(&manifest).unwrap();
+        text.push('\n');
+        std::fs::write(&manifest, text).unwrap();
+        assert!(!is_prepared(&spec, Device::Cpu));
+        let fresh = TrainData::prepared_or_load(&spec, Device::Cpu).unwrap();
+        assert_eq!(fresh.samples(), 40);
+        assert!(!is_prepared(&spec, Device::Cpu));
     }
 }

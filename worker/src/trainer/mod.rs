@@ -23,6 +23,7 @@ mod state;
 mod transfer;
 
 pub use audit::{AUDIT_DIR, file_name as audit_file_name};
+pub use data::{is_prepared, prepare};
 pub use run::{Run, StateSource, StepReport};
 pub use transfer::{StateHeader, Transferred};
 

@@ -131,7 +131,7 @@ impl Run {
         tch::set_num_threads(opts.threads.max(1) as i32);
         let spec = a.spec.clone();
         let device = opts.device;
-        let data = TrainData::load(&spec, device)?;
+        let data = TrainData::prepared_or_load(&spec, device)?;
         control.check()?;
 
         // Same seed on every rank gives the same initial parameters; rank 0's
