@@ -626,23 +626,58 @@ fn with_too_few_workers_a_recovering_job_waits_and_then_goes_back_to_the_queue()
             s.waiting.as_deref(),
             Some("re-forming: needs 2 workers, 1 survivor and 0 free")
         );
-        // Past rejoin_timeout_secs: queued again, and the survivor drops the
-        // state it held.
+        // Past rejoin_timeout_secs: the survivor writes the state it holds
+        // as a checkpoint, ...
+        loop {
+            match ws[0].next().await {
+                Command::Checkpoint(c) => {
+                    assert_eq!((c.run.generation, c.stop), (Generation(1), false));
+                    break;
+                }
+                other => assert!(matches!(other, Command::Abort(_)), "{other:?}"),
+            }
+        }
+        let dir = std::path::PathBuf::from("/ckpt/step-9");
+        h.from_session(Msg::FromWorker(
+            ws[0].id.clone(),
+            WorkerReport::Checkpoint(ringmaster_proto::CheckpointReport {
+                run: RunId {
+                    job: id.clone(),
+                    generation: Generation(1),
+                },
+                step: 9,
+                metrics: Metrics::new(),
+                outcome: Ok(ringmaster_proto::WrittenCheckpoint {
+                    dir: dir.clone(),
+                    bytes: 1,
+                    write_seconds: 0.0,
+                    blocked_seconds: 0.0,
+                }),
+            }),
+        ));
+        // ... then the job is queued again and the survivor drops the state.
         let s = wait_state(&h, &id, JobState::Queued).await;
-        assert!(
-            s.status
-                .events
-                .iter()
-                .any(|e| e.contains("too few workers to re-form within 1 s")),
-            "{:?}",
-            s.status.events
-        );
+        for text in [
+            "too few workers to re-form within 1 s: saving the state of step 9 from n0",
+            "the survivors' state of step 9 is saved: queued again, to resume from its \
+             checkpoint at step 9",
+        ] {
+            assert!(
+                s.status.events.iter().any(|e| e.contains(text)),
+                "{text}: {:?}",
+                s.status.events
+            );
+        }
         loop {
             match ws[0].next().await {
                 Command::Abort(a) if !a.keep_state => break,
                 _ => continue,
             }
         }
+        // A worker joins: the job starts again from the survivor's state.
+        let mut n2 = register(&h, "n2", "n2", None).await.unwrap();
+        let st = n2.start().await;
+        assert_eq!(st.resume_candidates, [dir]);
     });
 }
 

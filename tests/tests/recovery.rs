@@ -548,3 +548,42 @@ fn a_worker_killed_while_the_coordinator_is_down_is_replaced_when_it_comes_back(
     let end = assert_ends_as(&cluster, &id, &expected);
     assert_eq!(end["restarts"], 1, "{end}");
 }
+
+#[test]
+fn past_the_rejoin_timeout_the_survivors_state_is_checkpointed_and_the_job_resumes_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut cluster = LocalCluster::start(2).unwrap();
+    let expected = undisturbed(&cluster, &job("reference", &data, tmp.path(), 2, 2));
+
+    // No periodic checkpoints: the only one is the survivor's.
+    let waits = builder("requeued", &data, 2, 2)
+        .fault("rejoin_timeout_secs = 2")
+        .write(tmp.path());
+    let id = submit(&cluster, &waits);
+    wait_for_step(&cluster, &id, 300);
+    kill_worker(&mut cluster, "w1");
+    let mut s = serde_json::Value::Null;
+    wait_until(T, || {
+        s = cluster.status(&id);
+        s["state"] == "queued"
+    })
+    .unwrap_or_else(|_| panic!("the job was not queued again: {s}"));
+    let out = cluster.cli(&["checkpoints", &id, "--output", "json"], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let saved = out.json();
+    let step = saved[0]["step"]
+        .as_u64()
+        .expect("the survivor's checkpoint");
+    assert!(step >= 300, "{saved}");
+
+    cluster.add_worker("w2").unwrap();
+    let s = wait_reformed(&cluster, &id, 1, true);
+    eprintln!("resumed: {s}");
+    let end = assert_ends_as(&cluster, &id, &expected);
+    let events = end["events"].to_string();
+    assert!(
+        events.contains(&format!("resume from its checkpoint at step {step}")),
+        "{events}"
+    );
+}

@@ -440,8 +440,14 @@ async fn handle_command(
             if let Some(r) = current.as_ref()
                 && r.run() == req.run
             {
-                info!(job = %req.run.job, stop = req.stop, "checkpoint requested");
-                r.control.request_checkpoint(req.stop);
+                info!(job = %req.run.job, stop = req.stop, parked = r.parked, "checkpoint requested");
+                match &r.host {
+                    // Held between generations: the trainer writes it as is.
+                    Some(h) if r.parked => {
+                        let _ = h.next.send(Next::Checkpoint);
+                    }
+                    _ => r.control.request_checkpoint(req.stop),
+                }
             }
         }
         Ok(Command::Prepare(p)) => {
@@ -479,7 +485,7 @@ fn resume_parked(a: Box<Assignment>, current: &mut Option<Running>) -> Result<()
         // The thread gave up waiting a moment ago: start afresh.
         return match back.0 {
             Next::Start(a, _) => Err(a),
-            Next::Drop(_) => unreachable!("sent a start"),
+            Next::Drop(_) | Next::Checkpoint => unreachable!("sent a start"),
         };
     }
     info!(job = %r.job_id, generation, rank, "rejoining with the held state");

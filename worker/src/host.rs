@@ -29,6 +29,9 @@ pub enum Next {
     Start(Box<Assignment>, Arc<TrainerControl>),
     /// The job will not re-form with this worker: drop the state.
     Drop(String),
+    /// Write the held state as a checkpoint (the job goes back to the queue
+    /// and should resume from it), then keep waiting.
+    Checkpoint,
 }
 
 /// The agent's handle on a trainer thread.
@@ -134,7 +137,21 @@ fn host(
             lost_peer: e.lost_peer().map(Rank),
             reason: e.to_string(),
         }));
-        match next.recv_timeout(patience) {
+        let deadline = std::time::Instant::now() + patience;
+        let waited = loop {
+            match next.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok(Next::Checkpoint) => {
+                    if let Some(r) = run.as_mut() {
+                        let mut report = |event: trainer::Event| {
+                            let _ = tx.send(report_of(&id, event));
+                        };
+                        r.checkpoint_held(&mut report);
+                    }
+                }
+                other => break other,
+            }
+        };
+        match waited {
             Ok(Next::Start(na, nc)) if na.job_id == a.job_id => {
                 a = *na;
                 control = nc;
@@ -159,7 +176,7 @@ fn host(
                 let _ = tx.send(failed(&id, why, None));
                 return;
             }
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) | Ok(Next::Checkpoint) => return,
         }
     }
 }

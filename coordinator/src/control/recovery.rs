@@ -15,7 +15,7 @@ use crate::scheduler::{self, Demand, Survivor};
 use ringmaster_common::ids::{Generation, JobId, Rank, WorkerId};
 use ringmaster_common::now_ms;
 use ringmaster_common::records::{IncidentKind, IncidentRecord, JobState};
-use ringmaster_proto::{AbortTraining, Command, Parked};
+use ringmaster_proto::{AbortTraining, CheckpointRequest, Command, Parked};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -34,6 +34,9 @@ pub(super) struct Recovery {
     /// The job re-forms by plan (to grow, or to leave a draining worker
     /// out), not after a loss: no restart is spent.
     pub(super) growing: bool,
+    /// Gave up waiting for workers: a survivor is writing its state as a
+    /// checkpoint (of this step), then the job goes back to the queue.
+    pub(super) saving: Option<u64>,
 }
 
 impl Recovery {
@@ -45,6 +48,7 @@ impl Recovery {
             parked: BTreeMap::new(),
             window_closed: false,
             growing,
+            saving: None,
         }
     }
 }
@@ -454,6 +458,86 @@ impl Cluster {
         if let Err(e) = self.launch(id, group.workers, Some(Rank(0))).await {
             warn!(job = %id, "could not re-form: {e}");
         }
+    }
+
+    /// Too few workers came within `rejoin_timeout_secs`: the survivor with
+    /// the newest state writes it as a checkpoint (so nothing trained since
+    /// the last one is lost), and the job goes back to the queue once it is
+    /// committed, or when the write does not finish within the stop grace.
+    pub(super) async fn rejoin_timed_out(&mut self, id: &JobId) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        let why = format!(
+            "too few workers to re-form within {} s",
+            job.record.spec.fault.rejoin_timeout_secs
+        );
+        let Some(rec) = &job.recovery else {
+            return;
+        };
+        if rec.saving.is_some() {
+            let why = format!("{why}; the survivor's checkpoint did not arrive in time");
+            return self.requeue(id, &why).await;
+        }
+        let run = job.run();
+        let newest = rec
+            .parked
+            .iter()
+            .filter_map(|(rank, step)| {
+                let w = job.members.get(rank.index())?.worker.clone()?;
+                let live = self
+                    .workers
+                    .get(&w)
+                    .is_some_and(|x| x.assignment.as_ref().is_some_and(|a| a.run == run));
+                live.then_some((*step, w))
+            })
+            .max_by_key(|(step, _)| *step);
+        let newest_committed = job.checkpoints.keys().next_back().copied();
+        let Some((step, worker)) = newest.filter(|(s, _)| Some(*s) > newest_committed) else {
+            return self.requeue(id, &why).await;
+        };
+        let name = self
+            .workers
+            .get(&worker)
+            .map(|w| w.info.name.clone())
+            .unwrap_or_default();
+        if let Some(w) = self.workers.get(&worker) {
+            let _ = w.tx.try_send(Command::Checkpoint(CheckpointRequest {
+                run: run.clone(),
+                stop: false,
+            }));
+        }
+        let grace = self.cfg.stop_grace;
+        if let Some(job) = self.jobs.get_mut(id) {
+            if let Some(rec) = job.recovery.as_mut() {
+                rec.saving = Some(step);
+            }
+            job.set_timer(TimerKind::Rejoin, grace);
+            job.status.note(format!(
+                "{why}: saving the state of step {step} from {name} as a checkpoint before \
+                 queueing again"
+            ));
+            job.publish();
+        }
+    }
+
+    /// A survivor's checkpoint of its held state was committed (or failed):
+    /// the job goes back to the queue, to resume from it.
+    pub(super) async fn saved_for_requeue(&mut self, id: &JobId, committed: bool) {
+        let Some(step) = self
+            .jobs
+            .get(id)
+            .and_then(|j| j.recovery.as_ref())
+            .and_then(|r| r.saving)
+        else {
+            return;
+        };
+        let why = if committed {
+            format!("too few workers to re-form; the survivors' state of step {step} is saved")
+        } else {
+            format!("too few workers to re-form; saving the survivors' state of step {step} failed")
+        };
+        self.requeue(id, &why).await;
     }
 
     /// Gives up re-forming in place: the survivors drop their state and the

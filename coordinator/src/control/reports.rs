@@ -119,12 +119,25 @@ impl Cluster {
                     outcome,
                     ..
                 } = r;
-                match outcome {
-                    Ok(written) => self.commit_checkpoint(&run, step, metrics, written).await,
+                let committed = match outcome {
+                    Ok(written) => {
+                        self.commit_checkpoint(&run, step, metrics, written).await;
+                        self.jobs
+                            .get(&run.job)
+                            .is_some_and(|j| j.checkpoints.contains_key(&step))
+                    }
                     Err(error) => {
                         let text = format!("checkpoint at step {step} failed: {error}");
                         self.note(&run.job, text).await;
+                        false
                     }
+                };
+                if self
+                    .jobs
+                    .get(&run.job)
+                    .is_some_and(|j| j.status.state == JobState::Recovering)
+                {
+                    self.saved_for_requeue(&run.job, committed).await;
                 }
             }
             WorkerReport::Note(n) => {

@@ -192,11 +192,7 @@ impl Cluster {
                 self.regroup_window_closed(id).await;
             }
             TimerKind::Rejoin if job.status.state == JobState::Recovering => {
-                let why = format!(
-                    "too few workers to re-form within {} s",
-                    job.record.spec.fault.rejoin_timeout_secs
-                );
-                self.requeue(id, &why).await;
+                self.rejoin_timed_out(id).await;
             }
             TimerKind::Blame if job.status.state == JobState::Running => {
                 let reason = self.blame_from_reports(job);

@@ -476,6 +476,21 @@ impl Run {
         Ok(())
     }
 
+    /// Writes the state held between generations (the group broke, the
+    /// run is parked) as a checkpoint, synchronously: the job is going back
+    /// to the queue and resumes from it. The outcome is reported either way.
+    pub fn checkpoint_held(&mut self, events: &mut dyn FnMut(Event)) {
+        let started = Instant::now();
+        let result = self.snapshot().map(|s| checkpoint::write(&s));
+        let blocked = started.elapsed().as_secs_f64();
+        match result {
+            Ok(written) => report_result(events, written, blocked, &self.latest),
+            Err(e) => {
+                report_checkpoint(events, self.step, Err(e.to_string()), blocked, &self.latest)
+            }
+        }
+    }
+
     /// Copies model and optimizer state to host memory.
     fn snapshot(&self) -> Result<checkpoint::Snapshot, TrainError> {
         let group = self
