@@ -145,3 +145,64 @@ fn cordon_commands_name_what_is_wrong() {
         out.stdout
     );
 }
+
+#[test]
+fn a_worker_blamed_for_an_incident_is_quarantined_and_released_after_the_cooldown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut cluster = LocalCluster::start(3).unwrap();
+    let job = JobBuilder::new("flaky", &data)
+        .hidden(&[64])
+        .batch(96)
+        .train("steps = 100000\nlearning_rate = 0.01")
+        .exactly(2)
+        .fault("max_restarts = 3\nquarantine_after = 1\nquarantine_cooldown_secs = 4")
+        .write(tmp.path());
+    let out = cluster.cli(&["submit", job.to_str().unwrap()], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    wait_until(T, || {
+        let s = cluster.status(&id);
+        s["state"] == "running" && s["step"].as_u64().unwrap_or(0) >= 100
+    })
+    .unwrap_or_else(|_| panic!("never reached step 100: {}", cluster.status(&id)));
+    let members: Vec<String> =
+        serde_json::from_value(cluster.status(&id)["members"].clone()).expect("member names");
+    let victim = members[1].clone();
+    let index: usize = victim.trim_start_matches('w').parse().expect("a wN name");
+    cluster.workers[index].kill();
+
+    // The job re-forms with the spare; the victim comes back as a fresh
+    // process under its name, quarantined.
+    wait_until(T, || {
+        let s = cluster.status(&id);
+        s["state"] == "running" && s["generation"].as_u64().unwrap_or(0) >= 2
+    })
+    .unwrap_or_else(|_| panic!("the job did not re-form: {}", cluster.status(&id)));
+    cluster.add_worker(&victim).unwrap();
+    let mut w = serde_json::Value::Null;
+    wait_until(T, || {
+        w = cluster
+            .workers_json()
+            .into_iter()
+            .find(|w| w["name"] == victim.as_str())
+            .unwrap_or_default();
+        !w.is_null()
+    })
+    .unwrap_or_else(|_| panic!("{victim} did not register again"));
+    assert_eq!(w["cordon"]["kind"], "quarantined", "{w}");
+    assert_eq!(w["cordon"]["reason"], "1 incident in 10 min", "{w}");
+    assert!(w["cordon"]["remaining_secs"].as_u64().unwrap() <= 4, "{w}");
+    let events = cluster.status(&id)["events"].to_string();
+    assert!(
+        events.contains(&format!("worker {victim} quarantined for 4 s")),
+        "{events}"
+    );
+
+    // After the cooldown it takes work again.
+    wait_until(Duration::from_secs(30), || {
+        worker(&cluster, &victim)["cordon"].is_null()
+    })
+    .unwrap_or_else(|_| panic!("still quarantined: {}", worker(&cluster, &victim)));
+    assert_eq!(cluster.cli(&["cancel", &id, "--now"], T).code, 0);
+}

@@ -303,7 +303,10 @@ impl Cluster {
             return None;
         }
         let secs = fault.quarantine_cooldown_secs;
-        let reason = format!("{count} incidents in 10 min");
+        let reason = format!(
+            "{count} incident{} in 10 min",
+            if count == 1 { "" } else { "s" }
+        );
         self.cordons.insert(
             name.to_string(),
             CordonRecord {

@@ -243,6 +243,7 @@ impl Cluster {
         // the group re-forms without it (it drops its state if it comes
         // back).
         let broken = std::mem::take(&mut job.broken);
+        let gone: Vec<Rank> = broken.keys().copied().collect();
         if let Some(rec) = job.recovery.as_mut() {
             for (rank, why) in broken {
                 rec.lost.insert(rank, why);
@@ -271,6 +272,9 @@ impl Cluster {
                     keep_state: true,
                 }));
             }
+        }
+        for rank in gone {
+            self.blame(id, rank).await;
         }
         true
     }
