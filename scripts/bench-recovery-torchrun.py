@@ -4,9 +4,8 @@ fault tolerance (`--max-restarts`), one rank killed mid-job.
 Run under `torchrun --nnodes 1 --nproc-per-node 2 --max-restarts N
 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT`. Same model (MLP
 784-1024-1024-10), global batch (128, so 64 per rank), optimizer (SGD with
-momentum, lr 0.01) and synthetic data as scripts/bench-train-ddp.py, one thread
-per rank. Those few lines are repeated here rather than imported: that script
-builds them inside its main().
+momentum, lr 0.01) and synthetic data as scripts/bench-train-ddp.py (both from
+scripts/bench_ddp_common.py), one thread per rank.
 
 What a torchrun user must do to survive a restart, done the ordinary way:
 torchrun restarts the whole worker group (every rank is a new process), so rank
@@ -28,6 +27,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from bench_ddp_common import data, mlp, rank_batch
 
 
 def main() -> None:
@@ -51,16 +52,8 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank = args.global_batch // world
-
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(args.samples, 784, generator=gen)
-    y = torch.randint(0, 10, (args.samples,), generator=gen)
-
-    torch.manual_seed(7)
-    model = nn.Sequential(
-        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-    )
+    x, y = data(args.samples)
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ckpt = os.path.join(args.ckpt_dir, "ckpt.pt")
     start = 0
@@ -73,11 +66,8 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
 
     log = os.open(args.step_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    steps_per_epoch = args.samples // args.global_batch
     for step in range(start, args.steps):
-        k = step % steps_per_epoch
-        lo = k * args.global_batch + rank * per_rank
-        xb, yb = x[lo : lo + per_rank], y[lo : lo + per_rank]
+        xb, yb = rank_batch(x, y, step, args.global_batch, rank, world)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(ddp(xb), yb)
         loss.backward()

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from bench_ddp_common import data, mlp, rank_batch
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -26,29 +28,18 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank = args.global_batch // world
-
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(args.samples, 784, generator=gen)
-    y = torch.randint(0, 10, (args.samples,), generator=gen)
-
-    torch.manual_seed(7)
-    model = nn.Sequential(
-        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-    )
+    x, y = data(args.samples)
+    model = mlp()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
-    steps_per_epoch = args.samples // args.global_batch
     start = None
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             dist.barrier()
             start = time.perf_counter()
-        k = step % steps_per_epoch
-        lo = k * args.global_batch + rank * per_rank
-        xb, yb = x[lo : lo + per_rank], y[lo : lo + per_rank]
+        xb, yb = rank_batch(x, y, step, args.global_batch, rank, world)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(ddp(xb), yb)
         loss.backward()

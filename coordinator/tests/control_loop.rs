@@ -446,6 +446,29 @@ async fn recoverable_job(
     (h, ws, extra, id)
 }
 
+/// Rank 0's report that the checkpoint of `step` is complete in `dir`.
+fn checkpoint_written(
+    job: &JobId,
+    generation: u64,
+    step: u64,
+    dir: &std::path::Path,
+) -> WorkerReport {
+    WorkerReport::Checkpoint(ringmaster_proto::CheckpointReport {
+        run: RunId {
+            job: job.clone(),
+            generation: Generation(generation),
+        },
+        step,
+        metrics: Metrics::new(),
+        outcome: Ok(ringmaster_proto::WrittenCheckpoint {
+            dir: dir.to_path_buf(),
+            bytes: 1,
+            write_seconds: 0.0,
+            blocked_seconds: 0.0,
+        }),
+    })
+}
+
 fn parked(job: &JobId, generation: u64, step: u64, lost: Option<u32>) -> WorkerReport {
     WorkerReport::Parked(ringmaster_proto::Parked {
         run: RunId {
@@ -640,20 +663,7 @@ fn with_too_few_workers_a_recovering_job_waits_and_then_goes_back_to_the_queue()
         let dir = std::path::PathBuf::from("/ckpt/step-9");
         h.from_session(Msg::FromWorker(
             ws[0].id.clone(),
-            WorkerReport::Checkpoint(ringmaster_proto::CheckpointReport {
-                run: RunId {
-                    job: id.clone(),
-                    generation: Generation(1),
-                },
-                step: 9,
-                metrics: Metrics::new(),
-                outcome: Ok(ringmaster_proto::WrittenCheckpoint {
-                    dir: dir.clone(),
-                    bytes: 1,
-                    write_seconds: 0.0,
-                    blocked_seconds: 0.0,
-                }),
-            }),
+            checkpoint_written(&id, 1, 9, &dir),
         ));
         // ... then the job is queued again and the survivor drops the state.
         let s = wait_state(&h, &id, JobState::Queued).await;
@@ -874,20 +884,7 @@ fn a_drain_with_no_replacement_waits_then_moves_the_job_through_a_checkpoint() {
         let dir = tmp.path().join("step-57");
         h.from_session(Msg::FromWorker(
             ws[0].id.clone(),
-            WorkerReport::Checkpoint(ringmaster_proto::CheckpointReport {
-                run: RunId {
-                    job: id.clone(),
-                    generation: Generation(1),
-                },
-                step: 57,
-                metrics: Metrics::new(),
-                outcome: Ok(ringmaster_proto::WrittenCheckpoint {
-                    dir: dir.clone(),
-                    bytes: 1,
-                    write_seconds: 0.0,
-                    blocked_seconds: 0.0,
-                }),
-            }),
+            checkpoint_written(&id, 1, 57, &dir),
         ));
         h.from_session(Msg::FromWorker(
             ws[0].id.clone(),

@@ -233,14 +233,9 @@ impl Cluster {
                 .collect();
             let leaving = leaving.join(", ");
             if in_place {
-                let Some(job) = self.jobs.get_mut(&id) else {
-                    continue;
-                };
                 let incident = format!("draining {leaving}: re-forming without it");
-                job.status.state = JobState::Recovering;
-                job.status.updated_at_ms = now_ms();
-                job.status.note(incident.clone());
-                self.leave_rings(&id, incident, IncidentKind::Drain).await;
+                self.re_form_by_plan(&id, incident, IncidentKind::Drain)
+                    .await;
                 return;
             }
             // No group without the draining workers can form in place (too

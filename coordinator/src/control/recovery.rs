@@ -217,6 +217,23 @@ impl Cluster {
         self.leave_rings(id, incident, IncidentKind::Loss).await
     }
 
+    /// Re-forms a running job that lost no one (growth, a drain): no
+    /// restart is spent.
+    pub(super) async fn re_form_by_plan(
+        &mut self,
+        id: &JobId,
+        incident: String,
+        kind: IncidentKind,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.status.state = JobState::Recovering;
+        job.status.updated_at_ms = now_ms();
+        job.status.note(incident.clone());
+        self.leave_rings(id, incident, kind).await;
+    }
+
     /// Starts re-forming: every member is told to leave its ring keeping its
     /// state (persisted first), then `try_regroup` forms the next
     /// generation once they have.
@@ -645,14 +662,9 @@ impl Cluster {
             let Some(target) = target else {
                 continue;
             };
-            let Some(job) = self.jobs.get_mut(&id) else {
-                continue;
-            };
             let incident = format!("growing from {now} to {target} workers");
-            job.status.state = JobState::Recovering;
-            job.status.updated_at_ms = now_ms();
-            job.status.note(incident.clone());
-            self.leave_rings(&id, incident, IncidentKind::Growth).await;
+            self.re_form_by_plan(&id, incident, IncidentKind::Growth)
+                .await;
             // One job at a time: the free workers it re-forms with are not
             // taken until its members have left their rings.
             return;
