@@ -13,7 +13,7 @@
 //! the queue, since its survivors are held busy while it waits.
 
 use ringmaster_common::ids::{JobId, WorkerId};
-use ringmaster_common::jobspec::DeviceKind;
+use ringmaster_common::jobspec::{DeviceKind, JobSpec};
 use std::collections::BTreeSet;
 
 /// What a queued job needs.
@@ -24,6 +24,19 @@ pub struct Demand {
     pub max: u32,
     pub device: DeviceKind,
     pub global_batch: u32,
+}
+
+impl Demand {
+    /// What job `job` with `spec` needs.
+    pub fn of(job: &JobId, spec: &JobSpec) -> Demand {
+        Demand {
+            job: job.clone(),
+            min: spec.workers.min,
+            max: spec.workers.max,
+            device: spec.workers.device,
+            global_batch: spec.train.global_batch,
+        }
+    }
 }
 
 /// A worker with nothing to do.

@@ -202,14 +202,7 @@ impl Cluster {
                 .filter_map(|m| m.worker.clone())
                 .map(|id| Survivor { id, step: 0 })
                 .collect();
-            let spec = &job.record.spec;
-            let demand = Demand {
-                job: id.clone(),
-                min: spec.workers.min,
-                max: spec.workers.max,
-                device: spec.workers.device,
-                global_batch: spec.train.global_batch,
-            };
+            let demand = Demand::of(&id, &job.record.spec);
             let in_place = if staying.is_empty() {
                 // The draining workers hold the only state: they source a
                 // group that must take in at least one other worker, which
@@ -243,11 +236,7 @@ impl Cluster {
             // workers could run the job: move it there through a checkpoint
             // taken at the next step boundary. Nothing already trained is
             // lost; the steps after the checkpoint are recomputed exactly.
-            let fresh = Demand {
-                job: id.clone(),
-                ..demand
-            };
-            let movable = !scheduler::place(std::slice::from_ref(&fresh), &free).is_empty();
+            let movable = !scheduler::place(std::slice::from_ref(&demand), &free).is_empty();
             if !movable || job.handover || job.has_timer(TimerKind::StopGrace) {
                 continue;
             }

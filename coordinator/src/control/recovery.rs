@@ -364,13 +364,7 @@ impl Cluster {
             return;
         }
         let spec = &job.record.spec;
-        let demand = Demand {
-            job: id.clone(),
-            min: spec.workers.min,
-            max: spec.workers.max,
-            device: spec.workers.device,
-            global_batch: spec.train.global_batch,
-        };
+        let demand = Demand::of(id, spec);
         let free = self.free_workers();
         // Draining workers are left out where others hold the state; where
         // they alone do, they source this group and leave it at the next.

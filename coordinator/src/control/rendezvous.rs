@@ -34,13 +34,7 @@ impl Cluster {
             .queue
             .iter()
             .filter_map(|id| self.jobs.get(id))
-            .map(|j| Demand {
-                job: j.record.id.clone(),
-                min: j.record.spec.workers.min,
-                max: j.record.spec.workers.max,
-                device: j.record.spec.workers.device,
-                global_batch: j.record.spec.train.global_batch,
-            })
+            .map(|j| Demand::of(&j.record.id, &j.record.spec))
             .collect();
         let free = self.free_workers();
         let placements = scheduler::place(&queue, &free);
