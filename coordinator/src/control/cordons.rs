@@ -165,10 +165,17 @@ impl Cluster {
         }
         let mut settled = false;
         for name in &draining {
+            // A member whose session is away (reconnecting, or rejoining a
+            // restarted coordinator) still holds its rank.
             let held = self
                 .workers
                 .values()
-                .any(|w| &w.info.name == name && w.assignment.is_some());
+                .any(|w| &w.info.name == name && w.assignment.is_some())
+                || self.jobs.values().any(|j| {
+                    !j.status.state.is_final()
+                        && j.status.state != JobState::Queued
+                        && j.members.iter().any(|m| &m.name == name)
+                });
             if !held && let Some(c) = self.cordons.get_mut(name) {
                 c.kind = CordonKind::Cordoned;
                 c.reason = format!("drained: {}", c.reason);

@@ -128,21 +128,25 @@ pub fn is_prepared(spec: &JobSpec, device: Device) -> bool {
 
 impl TrainData {
     /// The job's data: what [`prepare`] loaded for it (waiting for a load
-    /// in progress), else loaded now.
+    /// in progress), else loaded now. Either way nothing stays prepared: a
+    /// worker that trains holds one copy of data, not two.
     pub fn prepared_or_load(spec: &JobSpec, device: Device) -> Result<Self, TrainError> {
-        if let Some(key) = DataKey::of(spec, device) {
-            let mut p = prepared();
-            while p.loading && p.key.as_ref() == Some(&key) {
-                p = PREPARED.1.wait(p).unwrap_or_else(|e| e.into_inner());
-            }
-            if p.key.as_ref() == Some(&key)
-                && let Some(data) = p.data.take()
-            {
-                p.key = None;
-                tracing::debug!("using the data prepared ahead of the start");
-                return Ok(data);
-            }
+        let key = DataKey::of(spec, device);
+        let mut p = prepared();
+        while p.loading && key.is_some() && p.key == key {
+            p = PREPARED.1.wait(p).unwrap_or_else(|e| e.into_inner());
         }
+        // Another job's load in progress sees its key gone and discards it.
+        let held = std::mem::take(&mut *p);
+        drop(p);
+        if key.is_some()
+            && held.key == key
+            && let Some(data) = held.data
+        {
+            tracing::debug!("using the data prepared ahead of the start");
+            return Ok(data);
+        }
+        drop(held);
         TrainData::load(spec, device)
     }
 
@@ -269,6 +273,8 @@ mod tests {
         assert!(!is_prepared(&spec, Device::Cpu));
         let fresh = TrainData::prepared_or_load(&spec, Device::Cpu).unwrap();
         assert_eq!(fresh.samples(), 40);
-        assert!(!is_prepared(&spec, Device::Cpu));
+        // The stale load is dropped, not held beside the run's own data.
+        let p = prepared();
+        assert!(p.key.is_none() && p.data.is_none());
     }
 }
