@@ -175,15 +175,24 @@ async fn workers(h: &ControlHandle) -> Vec<WorkerView> {
 /// A job of `names.len()` ranks running on fresh fake workers with those
 /// names: the loop, the workers (each has received its start) and the job.
 async fn running_job(c: ControlConfig, names: &[&str]) -> (ControlHandle, Vec<FakeWorker>, JobId) {
-    let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), c)
-        .await
-        .unwrap();
+    let world = names.len() as u32;
+    let store = Arc::new(MemoryStore::new());
+    running_job_with(store, c, names, spec(world)).await
+}
+
+/// [`running_job`] with the given store and spec.
+async fn running_job_with(
+    store: Arc<MemoryStore>,
+    c: ControlConfig,
+    names: &[&str],
+    spec: JobSpec,
+) -> (ControlHandle, Vec<FakeWorker>, JobId) {
+    let h = control::start(store, "mem".into(), c).await.unwrap();
     let mut ws = Vec::new();
     for name in names {
         ws.push(register(&h, name, name, None).await.unwrap());
     }
-    let world = names.len() as u32;
-    let id = h.call(|r| Msg::Submit(spec(world), None, r)).await.unwrap();
+    let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
     for w in &mut ws {
         w.start().await;
     }
@@ -542,20 +551,11 @@ fn a_parked_report_starts_recovery_and_a_silent_member_is_lost_after_the_window(
             heartbeat_timeout: Duration::from_millis(300),
             ..cfg()
         };
-        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), c)
-            .await
-            .unwrap();
-        let mut ws = Vec::new();
-        for name in ["n0", "n1"] {
-            ws.push(register(&h, name, name, None).await.unwrap());
-        }
         let mut spec = spec(1);
         spec.workers.max = 2;
         spec.fault.max_restarts = 1;
-        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
-        for w in &mut ws {
-            w.start().await;
-        }
+        let store = Arc::new(MemoryStore::new());
+        let (h, mut ws, id) = running_job_with(store, c, &["n0", "n1"], spec).await;
         // n0's ring broke; n1 stays connected but never parks (hung).
         h.from_session(Msg::FromWorker(
             ws[0].id.clone(),
@@ -621,20 +621,11 @@ fn without_survivors_or_past_the_budget_the_job_does_not_re_form() {
 #[test]
 fn with_too_few_workers_a_recovering_job_waits_and_then_goes_back_to_the_queue() {
     rt().block_on(async {
-        let h = control::start(Arc::new(MemoryStore::new()), "mem".into(), cfg())
-            .await
-            .unwrap();
-        let mut ws = Vec::new();
-        for name in ["n0", "n1"] {
-            ws.push(register(&h, name, name, None).await.unwrap());
-        }
         let mut spec = spec(2);
         spec.fault.max_restarts = 2;
         spec.fault.rejoin_timeout_secs = 1;
-        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
-        for w in &mut ws {
-            w.start().await;
-        }
+        let store = Arc::new(MemoryStore::new());
+        let (h, mut ws, id) = running_job_with(store, cfg(), &["n0", "n1"], spec).await;
         h.from_session(Msg::Disconnected(ws[1].id.clone(), "session closed".into()));
         wait_state(&h, &id, JobState::Recovering).await;
         h.from_session(Msg::FromWorker(
@@ -1011,19 +1002,9 @@ fn a_draining_sole_state_holder_hands_its_state_on_before_it_leaves() {
 fn an_incident_records_detection_eviction_the_new_generation_its_transfer_and_first_step() {
     rt().block_on(async {
         let store = Arc::new(MemoryStore::new());
-        let h = control::start(store.clone(), "mem".into(), cfg())
-            .await
-            .unwrap();
-        let mut ws = Vec::new();
-        for name in ["n0", "n1"] {
-            ws.push(register(&h, name, name, None).await.unwrap());
-        }
         let mut spec = spec(2);
         spec.fault.max_restarts = 1;
-        let id = h.call(|r| Msg::Submit(spec, None, r)).await.unwrap();
-        for w in &mut ws {
-            w.start().await;
-        }
+        let (h, mut ws, id) = running_job_with(store.clone(), cfg(), &["n0", "n1"], spec).await;
         let mut s0 = register(&h, "s0", "s0", None).await.unwrap();
         h.from_session(Msg::Disconnected(ws[1].id.clone(), "session closed".into()));
         assert!(matches!(ws[0].next().await, Command::Abort(a) if a.keep_state));
