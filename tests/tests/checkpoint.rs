@@ -21,6 +21,10 @@ struct Job<'a> {
 }
 
 fn write_job(dir: &Path, data: &Path, job: &Job) -> PathBuf {
+    builder(data, job).write(dir)
+}
+
+fn builder(data: &Path, job: &Job) -> JobBuilder {
     JobBuilder::new(job.name, data)
         .seed(11)
         .model(&format!("dropout = {}", job.dropout))
@@ -28,7 +32,6 @@ fn write_job(dir: &Path, data: &Path, job: &Job) -> PathBuf {
         .train(job.train)
         .exactly(job.workers)
         .checkpoint(job.checkpoint)
-        .write(dir)
 }
 
 fn submit(cluster: &LocalCluster, job: &Path, extra: &[&str]) -> String {
@@ -288,8 +291,10 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
 fn a_crash_between_files_and_manifest_leaves_no_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
-    let job = write_job(
-        tmp.path(),
+    // No restarts: the crashed worker fails the job, naming it, whether its
+    // process dies silently (its peer reports the ring closed) or its
+    // trainer reports the libtorch error of a process tearing down first.
+    let job = builder(
         &data,
         &Job {
             name: "crash",
@@ -298,7 +303,9 @@ fn a_crash_between_files_and_manifest_leaves_no_checkpoint() {
             checkpoint: "every_steps = 50",
             dropout: 0.0,
         },
-    );
+    )
+    .fault("max_restarts = 0")
+    .write(tmp.path());
     let cluster = LocalCluster::start_with_env(
         2,
         &[("RINGMASTER_FAILPOINT", "checkpoint-before-manifest=exit")],
