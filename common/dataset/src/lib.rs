@@ -41,7 +41,9 @@
 //!
 //! Samples are numbered globally in manifest order: shard 0's rows first, then
 //! shard 1's, and so on. The shard plan ([`ShardPlan`]) permutes these global
-//! indices.
+//! indices, shuffling shards and then samples within windows of shards, so a
+//! streaming reader ([`read_shard`] through a [`ShardReader`]) needs only a
+//! window's shards at a time.
 //!
 //! Writers put every shard in place first and `MANIFEST.json` last, each file
 //! through a temporary name, fsync and rename, so a directory with a manifest
@@ -69,8 +71,11 @@ pub use manifest::{
 };
 #[cfg(feature = "pack")]
 pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, pack};
-pub use shard_plan::{ShardPlan, ShardPlanError, rank_range};
-pub use shards::{Dataset, WriteOptions, shard_file_name, write_dataset};
+pub use shard_plan::{EpochOrder, ShardPlan, ShardPlanError, rank_range};
+pub use shards::{
+    Dataset, DatasetWriter, DecodedShard, LocalDir, ShardReader, WriteOptions, decoded_bytes,
+    read_shard, shard_file_name, write_dataset,
+};
 pub use synth::{SynthOptions, synthesize};
 
 /// Everything that can go wrong reading, writing or packing a dataset. Each

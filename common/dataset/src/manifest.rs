@@ -3,8 +3,7 @@
 //! Shard contents are checked elsewhere (`shards.rs`), against this manifest.
 
 use std::collections::HashSet;
-use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -149,16 +148,13 @@ impl Schema {
 impl DatasetManifest {
     /// Reads `<dir>/MANIFEST.json` and validates it (see [`Self::validate`]).
     pub fn read(dir: &Path) -> Result<DatasetManifest, DatasetError> {
-        let path = dir.join(MANIFEST_FILE);
-        let read_err = |source| DatasetError::Read {
-            path: path.clone(),
-            source,
-        };
-        let file = std::fs::File::open(&path).map_err(read_err)?;
-        let mut bytes = Vec::new();
-        file.take(MAX_MANIFEST_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
+        Self::read_from(&crate::LocalDir(dir.to_path_buf()))
+    }
+
+    /// Reads `MANIFEST.json` through `reader` and validates it.
+    pub fn read_from(reader: &dyn crate::ShardReader) -> Result<DatasetManifest, DatasetError> {
+        let path = PathBuf::from(reader.location(MANIFEST_FILE));
+        let bytes = reader.read(MANIFEST_FILE, MAX_MANIFEST_BYTES)?;
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(DatasetError::ManifestTooLarge {
                 path,
@@ -172,6 +168,16 @@ impl DatasetManifest {
             })?;
         manifest.validate()?;
         Ok(manifest)
+    }
+
+    /// Bytes the decoded training samples take in memory.
+    pub fn decoded_bytes(&self) -> u64 {
+        crate::decoded_bytes(self.num_samples, self.features())
+    }
+
+    /// Sample counts of the shards, in manifest order.
+    pub fn shard_samples(&self) -> Vec<u64> {
+        self.shards.iter().map(|s| s.samples).collect()
     }
 
     /// Number of features per sample (`d`). Meaningful once validated.

@@ -10,7 +10,7 @@ use rand_core::RngCore;
 use super::DatasetError;
 use super::manifest::{DatasetManifest, MAX_CLASSES, MAX_FEATURES};
 use super::shard_plan::{bounded, stream};
-use super::shards::{WriteOptions, write_dataset};
+use super::shards::{DatasetWriter, WriteOptions};
 
 const SYNTH_TAG: &[u8; 16] = b"ringmaster/synth";
 /// Class means are drawn with per-feature scale `SEPARATION / sqrt(d)`, which
@@ -55,12 +55,12 @@ pub fn synthesize(opts: &SynthOptions) -> Result<DatasetManifest, DatasetError> 
             limit: MAX_MEAN_VALUES,
         });
     }
-    let Some(values) = opts.samples.checked_mul(d) else {
+    if opts.shard_samples.checked_mul(d).is_none() {
         return Err(DatasetError::InvalidInput(format!(
-            "{} samples of {d} features do not fit in memory",
-            opts.samples
+            "shards of {} samples of {d} features do not fit in memory",
+            opts.shard_samples
         )));
-    };
+    }
 
     let mut rng = stream(opts.seed, 0, SYNTH_TAG);
     let mut normal = Normal::default();
@@ -68,14 +68,6 @@ pub fn synthesize(opts: &SynthOptions) -> Result<DatasetManifest, DatasetError> 
     let means: Vec<f64> = (0..k as usize * d)
         .map(|_| normal.sample(&mut rng) * scale)
         .collect();
-    let mut x = Vec::with_capacity(values);
-    let mut y = Vec::with_capacity(opts.samples);
-    for _ in 0..opts.samples {
-        let label = bounded(&mut rng, u64::from(k)) as usize;
-        let mean = &means[label * d..(label + 1) * d];
-        x.extend(mean.iter().map(|m| (m + normal.sample(&mut rng)) as f32));
-        y.push(label as i64);
-    }
     let write = WriteOptions {
         name: opts.name.clone(),
         features: d,
@@ -88,7 +80,24 @@ pub fn synthesize(opts: &SynthOptions) -> Result<DatasetManifest, DatasetError> 
             opts.seed
         )),
     };
-    write_dataset(&opts.output, &write, &x, &y)
+    // One shard in memory at a time: a dataset larger than memory can be
+    // generated, and the draws are the same as for one big array.
+    let mut writer = DatasetWriter::create(&opts.output, &write, opts.samples as u64)?;
+    let mut left = opts.samples;
+    while left > 0 {
+        let n = left.min(opts.shard_samples);
+        let mut x = Vec::with_capacity(n * d);
+        let mut y = Vec::with_capacity(n);
+        for _ in 0..n {
+            let label = bounded(&mut rng, u64::from(k)) as usize;
+            let mean = &means[label * d..(label + 1) * d];
+            x.extend(mean.iter().map(|m| (m + normal.sample(&mut rng)) as f32));
+            y.push(label as i64);
+        }
+        writer.write_shard(&x, &y)?;
+        left -= n;
+    }
+    writer.finish()
 }
 
 /// Standard normal draws by the Box–Muller transform, built on raw `next_u64`

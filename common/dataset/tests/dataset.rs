@@ -575,7 +575,8 @@ fn bit_flipped_shard_fails_its_checksum() {
     assert_eq!(
         err.to_string(),
         format!(
-            "shard shard-00001.safetensors: sha256 is {actual} but the manifest records {}",
+            "shard {}: sha256 is {actual} but the manifest records {}",
+            shard.display(),
             manifest.shards[1].sha256
         )
     );
@@ -657,6 +658,7 @@ fn shard_contents_are_checked_against_the_schema() {
     let dir = tmp.path().join("ds");
     let (x, y) = sample_data(4);
     write_dataset(&dir, &write_opts(2), &x, &y).unwrap();
+    let shard0 = dir.join("shard-00000.safetensors");
     let xb: Vec<u8> = [0.0f32, 1.0, 2.0, 3.0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
@@ -672,7 +674,10 @@ fn shard_contents_are_checked_against_the_schema() {
     );
     assert_eq!(
         Dataset::load(&dir).unwrap_err().to_string(),
-        "shard shard-00000.safetensors: sample 1 has label 9, outside 0..4"
+        format!(
+            "shard {}: sample 1 has label 9, outside 0..4",
+            shard0.display()
+        )
     );
 
     let y32: Vec<u8> = [1i32, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -685,7 +690,10 @@ fn shard_contents_are_checked_against_the_schema() {
     );
     assert_eq!(
         Dataset::load(&dir).unwrap_err().to_string(),
-        "shard shard-00000.safetensors: tensor `y` is I32 [2], the schema requires I64 [2]"
+        format!(
+            "shard {}: tensor `y` is I32 [2], the schema requires I64 [2]",
+            shard0.display()
+        )
     );
 
     replace_shard(
@@ -694,7 +702,10 @@ fn shard_contents_are_checked_against_the_schema() {
     );
     assert_eq!(
         Dataset::load(&dir).unwrap_err().to_string(),
-        "shard shard-00000.safetensors: tensor `x` is F32 [1, 4], the schema requires F32 [2, 2]"
+        format!(
+            "shard {}: tensor `x` is F32 [1, 4], the schema requires F32 [2, 2]",
+            shard0.display()
+        )
     );
 }
 
