@@ -385,9 +385,13 @@ pub struct PackArgs {
     /// Standardize features with the training split's mean and std (recorded in the manifest).
     #[arg(long)]
     pub standardize: bool,
-    /// Samples per shard file.
-    #[arg(long, default_value_t = 65536)]
-    pub shard_samples: usize,
+    /// Samples per shard file (default: about 32 MiB of samples per shard).
+    ///
+    /// Streaming workers hold a shuffle window of shards at a time (`data.shuffle_window_shards`,
+    /// 8 by default, within `data.cache_bytes`, 512 MiB by default): shards much larger than
+    /// the default need a larger cache or a smaller window.
+    #[arg(long)]
+    pub shard_samples: Option<usize>,
     /// Seed of the train/validation split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -413,9 +417,13 @@ pub struct SynthArgs {
     /// Seed of the class means, labels and noise: the same seed and sizes give the same data.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Samples per shard file.
-    #[arg(long, default_value_t = 65536)]
-    pub shard_samples: usize,
+    /// Samples per shard file (default: about 32 MiB of samples per shard).
+    ///
+    /// Streaming workers hold a shuffle window of shards at a time (`data.shuffle_window_shards`,
+    /// 8 by default, within `data.cache_bytes`, 512 MiB by default): shards much larger than
+    /// the default need a larger cache or a smaller window.
+    #[arg(long)]
+    pub shard_samples: Option<usize>,
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -1585,7 +1593,9 @@ fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
                 features: a.features,
                 classes: a.classes,
                 seed: a.seed,
-                shard_samples: a.shard_samples,
+                shard_samples: a
+                    .shard_samples
+                    .unwrap_or_else(|| dataset::default_shard_samples(a.features)),
             })?;
             match output {
                 Output::Json => println!(

@@ -378,6 +378,7 @@ pub struct JobBuilder {
     hidden: Vec<u32>,
     model: Vec<String>,
     validation: bool,
+    data_lines: Vec<String>,
     batch: u32,
     train: Vec<String>,
     min: u32,
@@ -398,6 +399,7 @@ impl JobBuilder {
             hidden: vec![32],
             model: Vec::new(),
             validation: false,
+            data_lines: Vec::new(),
             batch: 64,
             train: Vec::new(),
             min: 1,
@@ -428,6 +430,12 @@ impl JobBuilder {
     /// Scores `<data>/val` as the validation set.
     pub fn validation(mut self) -> Self {
         self.validation = true;
+        self
+    }
+
+    /// More `[data]` lines, e.g. `loading = "stream"`.
+    pub fn data(mut self, lines: &str) -> Self {
+        self.data_lines.push(lines.to_string());
         self
     }
 
@@ -507,6 +515,9 @@ impl JobBuilder {
                 "validation = \"{}\"\n",
                 self.data.join("val").display()
             ));
+        }
+        for l in &self.data_lines {
+            t.push_str(&format!("{l}\n"));
         }
         t.push_str(&format!("\n[train]\nbatch_size = {}\n", self.batch));
         for l in &self.train {
@@ -593,7 +604,30 @@ pub fn pack_digits(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// Reads every tensor of a safetensors file as f32 values, by name.
+/// Generates a synthetic dataset into `dir` with the CLI (`dataset synth`).
+pub fn synth(dir: &Path, samples: usize, features: usize, shard_samples: usize, seed: u64) {
+    let out = run_with_timeout(
+        {
+            let mut c = Command::new(bin("coordinator"));
+            c.args(["dataset", "synth", "--out-dir"]).arg(dir).args([
+                "--samples",
+                &samples.to_string(),
+                "--features",
+                &features.to_string(),
+                "--classes",
+                "10",
+                "--seed",
+                &seed.to_string(),
+                "--shard-samples",
+                &shard_samples.to_string(),
+            ]);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.code, 0, "dataset synth failed: {}", out.stderr);
+}
+
 /// `|a - b| / |a|` over two flattened parameter vectors of one length.
 pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "parameter vectors of different lengths");
@@ -606,6 +640,7 @@ pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
     (diff / norm.max(1e-30)).sqrt()
 }
 
+/// Reads every tensor of a safetensors file as f32 values, by name.
 pub fn read_params(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");

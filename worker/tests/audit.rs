@@ -172,7 +172,8 @@ fn read(spec: &JobSpec, generation: u64, rank: u32) -> Vec<Line> {
 /// The lines a rank of `world` must have written in `generation` for the
 /// applied global steps `steps`, straight from the shard plan.
 fn expected(generation: u64, rank: u32, world: u32, steps: std::ops::Range<u64>) -> Vec<Line> {
-    let plan = ShardPlan::new(SAMPLES, BATCH, SEED).unwrap();
+    // 240 samples in shards of 100, the default window (all three shards).
+    let plan = ShardPlan::with_shards(&[100, 100, 40], BATCH, SEED, 8).unwrap();
     let mut out = Vec::new();
     for step in steps {
         let (epoch, k) = plan.position(step);

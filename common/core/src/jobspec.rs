@@ -139,11 +139,67 @@ pub enum Activation {
     Tanh,
 }
 
-/// Absolute dataset directories (each holds a `MANIFEST.json`).
+/// Absolute dataset directories (each holds a `MANIFEST.json`) and how a
+/// worker reads them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DataSpec {
     pub train: PathBuf,
     pub validation: Option<PathBuf>,
+    /// Shards whose samples are shuffled together in an epoch (after the
+    /// shard order is shuffled); 0: all of them, a uniform shuffle.
+    #[serde(default = "default_shuffle_window_shards")]
+    pub shuffle_window_shards: u32,
+    /// Decoded training shards a streaming rank keeps in memory at most.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    #[serde(default)]
+    pub loading: DataLoading,
+}
+
+/// Shuffle window when the job file names none: 8 shards (every shard of a
+/// small dataset) mix in a window, and two windows of default-sized shards
+/// (32 MiB) fit the default cache, so reads overlap training.
+pub const DEFAULT_SHUFFLE_WINDOW_SHARDS: u32 = 8;
+/// Streaming cache when the job file names none: 512 MiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 512 << 20;
+/// Bounds of `data.cache_bytes`.
+pub const MIN_CACHE_BYTES: u64 = 1 << 20;
+pub const MAX_CACHE_BYTES: u64 = 1 << 40;
+
+fn default_shuffle_window_shards() -> u32 {
+    DEFAULT_SHUFFLE_WINDOW_SHARDS
+}
+
+fn default_cache_bytes() -> u64 {
+    DEFAULT_CACHE_BYTES
+}
+
+/// How a worker holds the training set (`data.loading`). Both give the same
+/// samples in the same order, so a job's results do not depend on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataLoading {
+    /// Stream when the decoded training set is larger than
+    /// `data.cache_bytes`, load it whole otherwise.
+    #[default]
+    Auto,
+    /// Load (and verify) every shard before the first step and keep the
+    /// training set on the model's device.
+    Memory,
+    /// Read the shards each rank needs as it needs them, a window ahead, in
+    /// at most `data.cache_bytes` of memory.
+    Stream,
+}
+
+impl DataLoading {
+    /// Whether a training set of `decoded_bytes` is streamed.
+    pub fn streams(self, decoded_bytes: u64, cache_bytes: u64) -> bool {
+        match self {
+            DataLoading::Auto => decoded_bytes > cache_bytes,
+            DataLoading::Memory => false,
+            DataLoading::Stream => true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -420,6 +476,8 @@ impl JobSpec {
         if let Some(validation) = &self.data.validation {
             absolute("data.validation", validation)?;
         }
+        rules::shuffle_window_shards(self.data.shuffle_window_shards)?;
+        rules::cache_bytes(saturate(self.data.cache_bytes))?;
         absolute("output.dir", &self.output.dir)?;
 
         let train = &self.train;

@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use ringmaster_common::jobspec::{
-    Activation, CheckpointSpec, DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec,
-    MetricMode, ModelSpec, Optimizer, SpanField, SpecError,
+    Activation, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading,
+    DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, MetricMode, ModelSpec,
+    Optimizer, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -407,6 +408,61 @@ fn with_checkpoint(body: &str) -> String {
 }
 
 #[test]
+fn data_reading_keys() {
+    let spec = parse(&edit(&[(
+        "validation = \"data/val\"",
+        "validation = \"data/val\"\nshuffle_window_shards = 4\ncache_bytes = \"64 MiB\"\n\
+         loading = \"stream\"",
+    )]));
+    assert_eq!(spec.data.shuffle_window_shards, 4);
+    assert_eq!(spec.data.cache_bytes, 64 << 20);
+    assert_eq!(spec.data.loading, DataLoading::Stream);
+    let spec = parse(&edit(&[(
+        "validation = \"data/val\"",
+        "validation = \"data/val\"\ncache_bytes = 2097152\nshuffle_window_shards = 0",
+    )]));
+    assert_eq!(
+        (spec.data.cache_bytes, spec.data.shuffle_window_shards),
+        (2 << 20, 0)
+    );
+    // Both spellings survive the JSON form receivers re-check.
+    let json = serde_json::to_string(&spec).unwrap();
+    assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), spec);
+
+    let cases: &[(&str, &str)] = &[
+        (
+            "cache_bytes = \"lots\"",
+            "job.toml:9:15: data.cache_bytes: cannot read \"lots\" as a size; write bytes \
+             (536870912) or a number with a unit (\"512 MiB\", \"2 GiB\")",
+        ),
+        (
+            "cache_bytes = 1000",
+            "job.toml:9:15: data.cache_bytes must be between 1 MiB and 1 TiB (1048576 to \
+             1099511627776 bytes), got 1000",
+        ),
+        (
+            "cache_bytes = true",
+            "job.toml:9:15: data.cache_bytes must be a number of bytes or a size such as \"512 MiB\"",
+        ),
+        (
+            "shuffle_window_shards = -1",
+            "job.toml:9:25: data.shuffle_window_shards must be between 0 and 1048576, got -1",
+        ),
+        (
+            "loading = \"lazy\"",
+            "job.toml:9:11: unknown variant `lazy`, expected one of `auto`, `memory`, `stream`",
+        ),
+    ];
+    for (line, expected) in cases {
+        let source = edit(&[(
+            "validation = \"data/val\"",
+            &format!("validation = \"data/val\"\n{line}"),
+        )]);
+        check_err(&source, expected);
+    }
+}
+
+#[test]
 fn checkpoint_errors() {
     let cases: &[(&str, &str)] = &[
         (
@@ -714,6 +770,9 @@ fn paths_resolve_against_the_job_file_directory() {
         DataSpec {
             train: PathBuf::from("/jobs/shared/digits"),
             validation: Some(PathBuf::from("/abs/val")),
+            shuffle_window_shards: DEFAULT_SHUFFLE_WINDOW_SHARDS,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            loading: DataLoading::Auto,
         }
     );
     assert_eq!(spec.output.dir, PathBuf::from("/jobs/team/out"));

@@ -73,8 +73,8 @@ pub use manifest::{
 pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, pack};
 pub use shard_plan::{EpochOrder, ShardPlan, ShardPlanError, rank_range};
 pub use shards::{
-    Dataset, DatasetWriter, DecodedShard, LocalDir, ShardReader, WriteOptions, decoded_bytes,
-    read_shard, shard_file_name, write_dataset,
+    DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, LocalDir, ShardReader, WriteOptions,
+    decoded_bytes, default_shard_samples, read_shard, shard_file_name, write_dataset,
 };
 pub use synth::{SynthOptions, synthesize};
 

@@ -84,7 +84,9 @@ pub struct PackOptions {
     pub val_fraction: f64,
     /// Standardize features with the training split's mean and std.
     pub standardize: bool,
-    pub shard_samples: usize,
+    /// Samples per shard; `None`: [`default_shard_samples`] for the
+    /// input's feature count.
+    pub shard_samples: Option<usize>,
     /// Seeds the train/validation split.
     pub seed: u64,
     pub show_progress: bool,
@@ -132,7 +134,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
             opts.val_fraction
         )));
     }
-    if opts.shard_samples == 0 {
+    if opts.shard_samples == Some(0) {
         return Err(DatasetError::InvalidInput(
             "shard size must be at least one sample".into(),
         ));
@@ -212,7 +214,9 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         name: format!("{}-{split}", opts.name),
         features: d,
         num_classes,
-        shard_samples: opts.shard_samples,
+        shard_samples: opts
+            .shard_samples
+            .unwrap_or_else(|| crate::default_shard_samples(d)),
         standardization: standardization.clone(),
         source: Some(source.clone()),
     };

@@ -122,6 +122,17 @@ impl DecodedShard {
     }
 }
 
+/// Decoded bytes a shard holds by default, so that a default shuffle window
+/// of shards fits a default streaming cache twice (see the job file's
+/// `[data]` keys).
+pub const DEFAULT_SHARD_BYTES: u64 = 32 << 20;
+
+/// Samples per shard by default for samples of `features` features: about
+/// [`DEFAULT_SHARD_BYTES`] decoded, at least one.
+pub fn default_shard_samples(features: usize) -> usize {
+    (DEFAULT_SHARD_BYTES / decoded_bytes(1, features)).max(1) as usize
+}
+
 /// Bytes `samples` decoded samples of `features` features take in memory
 /// (f32 features and an i64 label each).
 pub fn decoded_bytes(samples: u64, features: usize) -> u64 {

@@ -31,7 +31,7 @@ fn options(input: PackInput, output: &Path) -> PackOptions {
         name: "t".into(),
         val_fraction: 0.0,
         standardize: false,
-        shard_samples: 2,
+        shard_samples: Some(2),
         seed: 1,
         show_progress: false,
     }
@@ -351,7 +351,7 @@ fn standardization_is_fitted_on_train_and_applied_to_both_splits() {
     let mut opts = options(csv_input(&csv, LabelColumn::Last, Some(false)), &out);
     opts.val_fraction = 0.25;
     opts.standardize = true;
-    opts.shard_samples = 7;
+    opts.shard_samples = Some(7);
     let report = pack(&opts).unwrap();
     assert_eq!((report.train_samples, report.val_samples), (30, 10));
     assert_eq!((report.train_shards, report.val_shards), (5, 2));

@@ -1,8 +1,10 @@
-//! Where a run's samples come from: the training set (held on the model's
-//! device and gathered by dataset sample id) and the validation set (copied
-//! to the device a chunk at a time when evaluated). The run asks for samples
-//! by id and never touches the arrays, so a streamed source can replace this
-//! one without changing the step.
+//! Where a run's samples come from: the training set, either loaded whole
+//! (held on the model's device and gathered by dataset sample id) or
+//! streamed a window of shards at a time ([`super::stream`]), and the
+//! validation set (loaded, or read a shard at a time, and copied to the
+//! device a chunk at a time when evaluated). `data.loading` picks; both
+//! give the same samples, so a job's results do not depend on it. The run
+//! asks for samples by id and never touches the arrays.
 //!
 //! A free worker may load a running job's data ahead of time ([`prepare`],
 //! on the coordinator's `PrepareJob`): a spare that later replaces a lost
@@ -11,9 +13,12 @@
 //! the next run whose datasets, device and manifests are the same.
 
 use super::TrainError;
+use super::stream::{StreamStats, StreamedData};
 use crate::model;
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_dataset::{Dataset, MANIFEST_FILE};
+use ringmaster_dataset::{
+    Dataset, DatasetManifest, LocalDir, MANIFEST_FILE, ShardPlan, read_shard,
+};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, LazyLock, Mutex};
@@ -24,15 +29,51 @@ const EVAL_CHUNK: usize = 4096;
 
 /// The training and validation data of one run.
 pub(super) struct TrainData {
-    xs: Tensor,
-    ys: Tensor,
+    train: Source,
+    plan: ShardPlan,
     samples: u64,
     /// Features per sample.
     pub features: usize,
     /// Number of classes of the labels.
     pub classes: u32,
-    validation: Option<Dataset>,
+    validation: Option<Validation>,
     device: Device,
+}
+
+/// How the training set is held.
+enum Source {
+    /// Every sample, on the model's device.
+    Memory {
+        xs: Tensor,
+        ys: Tensor,
+    },
+    Stream(StreamedData),
+}
+
+/// How the validation set is held.
+enum Validation {
+    Memory(Dataset),
+    /// Read a shard at a time at each evaluation.
+    Stream {
+        dir: PathBuf,
+        manifest: DatasetManifest,
+    },
+}
+
+impl Validation {
+    fn samples(&self) -> u64 {
+        match self {
+            Validation::Memory(d) => d.len() as u64,
+            Validation::Stream { manifest, .. } => manifest.num_samples,
+        }
+    }
+
+    fn features(&self) -> usize {
+        match self {
+            Validation::Memory(d) => d.features,
+            Validation::Stream { manifest, .. } => manifest.features(),
+        }
+    }
 }
 
 /// Which data a prepared load holds: the dataset folders, the device, and
@@ -150,35 +191,93 @@ impl TrainData {
         TrainData::load(spec, device)
     }
 
-    /// Loads (and verifies) the job's datasets and puts the training set on
-    /// `device`.
+    /// Opens the job's datasets: the training set loaded whole (verified,
+    /// on `device`) or streamed, as `data.loading` says; the validation set
+    /// likewise.
     pub fn load(spec: &JobSpec, device: Device) -> Result<Self, TrainError> {
-        let train = Dataset::load(&spec.data.train)?;
-        let validation = match &spec.data.validation {
-            Some(dir) => Some(Dataset::load(dir)?),
+        let data = &spec.data;
+        let manifest = DatasetManifest::read(&data.train)?;
+        let plan = ShardPlan::with_shards(
+            &manifest.shard_samples(),
+            u64::from(spec.train.global_batch),
+            spec.seed,
+            data.shuffle_window_shards,
+        )
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let features = manifest.features();
+        let classes = manifest.schema.num_classes;
+        let samples = manifest.num_samples;
+        let validation = match &data.validation {
             None => None,
+            Some(dir) => {
+                let v = DatasetManifest::read(dir)?;
+                if data.loading.streams(v.decoded_bytes(), data.cache_bytes) {
+                    Some(Validation::Stream {
+                        dir: dir.clone(),
+                        manifest: v,
+                    })
+                } else {
+                    Some(Validation::Memory(Dataset::load(dir)?))
+                }
+            }
         };
         if let Some(v) = &validation
-            && v.features != train.features
+            && v.features() != features
         {
             return Err(TrainError::Invalid(format!(
-                "validation set has {} features, training set {}",
-                v.features, train.features
+                "validation set has {} features, training set {features}",
+                v.features()
             )));
         }
-        let n = train.y.len() as i64;
-        let features = train.features;
-        let xs = model::from_host("training inputs", &train.x, &[n, features as i64], device)?;
-        let ys = model::from_host("training labels", &train.y, &[n], device)?;
+        let train = if data
+            .loading
+            .streams(manifest.decoded_bytes(), data.cache_bytes)
+        {
+            let stream = StreamedData::open(
+                manifest,
+                Box::new(LocalDir(data.train.clone())),
+                plan.clone(),
+                data.cache_bytes,
+            )?;
+            let window = stream.window_bytes();
+            if window > data.cache_bytes {
+                return Err(TrainError::Invalid(format!(
+                    "data.cache_bytes ({}) cannot hold one shuffle window: {} shards of this \
+                     dataset decode to {}; raise data.cache_bytes (twice the window lets \
+                     reads overlap training) or lower data.shuffle_window_shards",
+                    mib(data.cache_bytes),
+                    plan.window_shards(),
+                    mib(window)
+                )));
+            }
+            tracing::info!(
+                shards = plan.num_shards(),
+                window_shards = plan.window_shards(),
+                cache_mib = data.cache_bytes >> 20,
+                "streaming the training set"
+            );
+            Source::Stream(stream)
+        } else {
+            let train = Dataset::load(&data.train)?;
+            let n = train.y.len() as i64;
+            let xs = model::from_host("training inputs", &train.x, &[n, features as i64], device)?;
+            let ys = model::from_host("training labels", &train.y, &[n], device)?;
+            Source::Memory { xs, ys }
+        };
         Ok(TrainData {
-            xs,
-            ys,
-            samples: n as u64,
+            train,
+            plan,
+            samples,
             features,
-            classes: train.manifest.schema.num_classes,
+            classes,
             validation,
             device,
         })
+    }
+
+    /// The job's data order over this training set.
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
     }
 
     /// Number of training samples.
@@ -186,19 +285,47 @@ impl TrainData {
         self.samples
     }
 
-    /// Inputs and labels of the training samples `ids`, in that order.
+    /// Says where the run is (the next batch starts at order position
+    /// `position` of epoch `epoch`), so a streamed set reads ahead.
+    pub fn advance(&self, epoch: u64, position: u64) {
+        if let Source::Stream(s) = &self.train {
+            s.advance(epoch, position);
+        }
+    }
+
+    /// Streaming figures, when the training set is streamed.
+    pub fn stream_stats(&self) -> Option<StreamStats> {
+        match &self.train {
+            Source::Stream(s) => Some(s.stats()),
+            Source::Memory { .. } => None,
+        }
+    }
+
+    /// Inputs and labels of the training samples `ids`, in that order, on
+    /// the model's device.
     pub fn batch(&self, ids: &[u64]) -> Result<(Tensor, Tensor), TrainError> {
-        let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
-        Ok((
-            self.xs.f_index_select(0, &idx)?,
-            self.ys.f_index_select(0, &idx)?,
-        ))
+        match &self.train {
+            Source::Memory { xs, ys } => {
+                let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                let idx = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
+                Ok((xs.f_index_select(0, &idx)?, ys.f_index_select(0, &idx)?))
+            }
+            Source::Stream(s) => {
+                let (x, y) = s.gather(ids)?;
+                let n = ids.len() as i64;
+                let xb = to_device(
+                    Tensor::f_from_slice(&x)?.f_view([n, self.features as i64])?,
+                    self.device,
+                )?;
+                let yb = to_device(Tensor::f_from_slice(&y)?, self.device)?;
+                Ok((xb, yb))
+            }
+        }
     }
 
     /// Size of the validation set, if there is one.
     pub fn validation_samples(&self) -> Option<u64> {
-        self.validation.as_ref().map(|v| v.y.len() as u64)
+        self.validation.as_ref().map(Validation::samples)
     }
 
     /// Calls `f` with inputs and labels of consecutive chunks of the
@@ -211,19 +338,58 @@ impl TrainData {
         let Some(val) = &self.validation else {
             return Ok(());
         };
-        let d = val.features;
-        let (mut start, end) = (range.start as usize, range.end as usize);
-        while start < end {
-            let stop = (start + EVAL_CHUNK).min(end);
-            let xb = Tensor::f_from_slice(&val.x[start * d..stop * d])?
-                .f_view([(stop - start) as i64, d as i64])?
-                .f_to_device(self.device)?;
-            let yb = Tensor::f_from_slice(&val.y[start..stop])?.f_to_device(self.device)?;
-            f(&xb, &yb)?;
-            start = stop;
+        let d = val.features();
+        let mut chunk = |x: &[f32], y: &[i64]| -> Result<(), TrainError> {
+            let (mut start, end) = (0, y.len());
+            while start < end {
+                let stop = (start + EVAL_CHUNK).min(end);
+                let xb = Tensor::f_from_slice(&x[start * d..stop * d])?
+                    .f_view([(stop - start) as i64, d as i64])?;
+                let yb = Tensor::f_from_slice(&y[start..stop])?;
+                f(&to_device(xb, self.device)?, &to_device(yb, self.device)?)?;
+                start = stop;
+            }
+            Ok(())
+        };
+        match val {
+            Validation::Memory(v) => {
+                let (start, end) = (range.start as usize, range.end as usize);
+                chunk(&v.x[start * d..end * d], &v.y[start..end])
+            }
+            Validation::Stream { dir, manifest } => {
+                // One shard in memory at a time, each verified as read.
+                let reader = LocalDir(dir.clone());
+                let mut first = 0u64;
+                for (index, entry) in manifest.shards.iter().enumerate() {
+                    let shard = first..first + entry.samples;
+                    first = shard.end;
+                    let (lo, hi) = (range.start.max(shard.start), range.end.min(shard.end));
+                    if lo >= hi {
+                        continue;
+                    }
+                    let s = read_shard(&reader, manifest, index)?;
+                    let (a, b) = ((lo - shard.start) as usize, (hi - shard.start) as usize);
+                    chunk(&s.x[a * d..b * d], &s.y[a..b])?;
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
+}
+
+/// Copies a host batch to `device`: on a GPU from pinned memory without
+/// blocking the host (the copy is ordered before the kernels that use it on
+/// the same stream); on the CPU it already is where it belongs.
+fn to_device(t: Tensor, device: Device) -> Result<Tensor, TrainError> {
+    if device == Device::Cpu {
+        return Ok(t);
+    }
+    let pinned = t.f_pin_memory(device)?;
+    Ok(pinned.f_to_device_(device, pinned.kind(), true, false)?)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod grads;
 mod metrics;
 mod run;
 mod state;
+mod stream;
 mod transfer;
 
 pub use audit::{AUDIT_DIR, file_name as audit_file_name};

@@ -25,7 +25,7 @@ use crate::model::{self, Mlp};
 use crate::optim::Optimizer;
 use crate::sample_rng::SampleNoise;
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_dataset::{ShardPlan, rank_range};
+use ringmaster_dataset::{EpochOrder, ShardPlan, rank_range};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -68,8 +68,8 @@ pub struct Run {
     /// False while (and after) a transfer into this rank failed half way:
     /// its tensors are a mix of two states and must not be kept.
     intact: bool,
-    /// The permutation of the epoch the cursor is in, computed once per epoch.
-    order: Option<(u64, Vec<u64>)>,
+    /// The order of the epoch the cursor is in, a window at a time.
+    order: Option<EpochOrder>,
     latest: BTreeMap<String, f64>,
     window: Window,
     /// `metrics.jsonl`, written by rank 0 only.
@@ -154,8 +154,7 @@ impl Run {
             params.len(),
         );
         let samples = data.samples();
-        let plan = ShardPlan::new(samples, u64::from(spec.train.global_batch), spec.seed)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let plan = data.plan().clone();
         let total_steps = spec.total_steps(samples);
 
         // Every rank loads the same committed checkpoint (each verifies it),
@@ -335,14 +334,15 @@ impl Run {
             (g.rank(), g.world_size())
         };
         let (epoch, step_in_epoch) = self.plan.position(self.step);
-        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.order = Some((epoch, self.plan.epoch_permutation(epoch)));
+        if self.order.as_ref().is_none_or(|o| o.epoch() != epoch) {
+            self.order = Some(self.plan.epoch(epoch));
         }
         let batch = self.plan.batch_range(step_in_epoch);
+        self.data.advance(epoch, batch.start);
         let batch_len = batch.end - batch.start;
         let mine = rank_range(batch, rank, world);
-        let order = &self.order.as_ref().expect("computed above").1;
-        let ids = &order[mine.start as usize..mine.end as usize];
+        let ids = self.order.as_mut().expect("computed above").ids(mine);
+        let ids = &ids[..];
 
         hang_failpoint(self.step);
         // A rank with no samples still joins the all-reduce with zeros.
@@ -628,6 +628,11 @@ impl Run {
         }
         if rank == 0 && !stopped {
             state::save_model(&self.output_dir, &self.named)?;
+        }
+        if let Some(s) = self.data.stream_stats() {
+            tracing::info!(job = %self.job_id, rank, shard_reads = s.reads,
+                mib_read = s.bytes_read >> 20, stalled_secs = s.stalled.as_secs_f64(),
+                peak_cache_mib = s.peak_bytes >> 20, "streamed the training set");
         }
         // Writing the last checkpoint and the model is progress too.
         control.beat();

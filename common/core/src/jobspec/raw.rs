@@ -63,6 +63,28 @@ fn default_activation() -> Activation {
 pub(super) struct RawData {
     pub train: Spanned<String>,
     pub validation: Option<Spanned<String>>,
+    pub shuffle_window_shards: Option<Spanned<Integer>>,
+    pub cache_bytes: Option<Spanned<RawBytes>>,
+    pub loading: Option<RawLoading>,
+}
+
+/// A size: bytes as an integer, or a string with a unit (`"512 MiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "data.cache_bytes must be a number of bytes or a size such as \"512 MiB\""
+)]
+pub(super) enum RawBytes {
+    Bytes(Integer),
+    Text(String),
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawLoading {
+    Auto,
+    Memory,
+    Stream,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

@@ -8,7 +8,8 @@
 //! types can not express those mistakes.
 
 use super::{
-    MAX_BATCH_SIZE, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS, REPORTED_METRICS,
+    MAX_BATCH_SIZE, MAX_CACHE_BYTES, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS,
+    MIN_CACHE_BYTES, REPORTED_METRICS,
 };
 
 /// Integer rules take `impl Into<i128>`: job files hand over values past `i64`
@@ -191,6 +192,22 @@ pub(super) fn checkpoint_every_steps(every: impl Into<i128>) -> Rule {
 
 pub(super) fn checkpoint_every_seconds(every: impl Into<i128>) -> Rule {
     at_least_one("checkpoint.every_seconds", every)
+}
+
+pub(super) fn shuffle_window_shards(shards: impl Into<i128>) -> Rule {
+    in_range("data.shuffle_window_shards", shards, 0, 1 << 20)
+}
+
+pub(super) fn cache_bytes(bytes: impl Into<i128>) -> Rule {
+    let bytes = bytes.into();
+    if (i128::from(MIN_CACHE_BYTES)..=i128::from(MAX_CACHE_BYTES)).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(format!(
+            "data.cache_bytes must be between 1 MiB and 1 TiB ({MIN_CACHE_BYTES} to \
+             {MAX_CACHE_BYTES} bytes), got {bytes}"
+        ))
+    }
 }
 
 pub(super) fn max_restarts(n: impl Into<i128>) -> Rule {

@@ -13,14 +13,15 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::raw::{
-    Integer, RawCheckpoint, RawData, RawFault, RawJob, RawModel, RawModelKind, RawOptimizer,
-    RawTrain, RawWorkers,
+    Integer, RawBytes, RawCheckpoint, RawData, RawFault, RawJob, RawLoading, RawModel,
+    RawModelKind, RawOptimizer, RawTrain, RawWorkers,
 };
 use super::rules::{self, Rule};
 use super::{
-    CheckpointSpec, DEFAULT_LOG_EVERY_STEPS, DataSpec, DebugSpec, Duration, FaultSpec, JobSpec,
-    KeepBestSpec, Location, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError,
-    SpecSpans, TrainSpec, WorkersSpec,
+    CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS,
+    DataLoading, DataSpec, DebugSpec, Duration, FaultSpec, JobSpec, KeepBestSpec, Location,
+    MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError, SpecSpans, TrainSpec,
+    WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -205,7 +206,40 @@ fn build_data(
         }
         None => None,
     };
-    let spec = DataSpec { train, validation };
+    let mut spec = DataSpec {
+        train,
+        validation,
+        shuffle_window_shards: DEFAULT_SHUFFLE_WINDOW_SHARDS,
+        cache_bytes: DEFAULT_CACHE_BYTES,
+        loading: match raw.loading {
+            None | Some(RawLoading::Auto) => DataLoading::Auto,
+            Some(RawLoading::Memory) => DataLoading::Memory,
+            Some(RawLoading::Stream) => DataLoading::Stream,
+        },
+    };
+    if let Some(w) = &raw.shuffle_window_shards {
+        at.check(w, rules::shuffle_window_shards(w.get_ref().0))?;
+        spec.shuffle_window_shards = narrow(w, at)?;
+    }
+    if let Some(size) = &raw.cache_bytes {
+        let bytes: i128 = match size.get_ref() {
+            RawBytes::Bytes(n) => n.0,
+            RawBytes::Text(text) => text
+                .parse::<bytesize::ByteSize>()
+                .map(|b| i128::from(b.as_u64()))
+                .map_err(|_| {
+                    at.invalid(
+                        size.span(),
+                        format!(
+                            "data.cache_bytes: cannot read {text:?} as a size; write bytes \
+                             (536870912) or a number with a unit (\"512 MiB\", \"2 GiB\")"
+                        ),
+                    )
+                })?,
+        };
+        at.check(size, rules::cache_bytes(bytes))?;
+        spec.cache_bytes = non_negative(bytes);
+    }
     let train_at = at.at(raw.train.span());
     let validation_at = raw.validation.map(|v| at.at(v.span()));
     Ok((spec, train_at, validation_at))
