@@ -533,6 +533,9 @@ fn a_lost_member_is_replaced_by_a_spare_around_the_newest_survivor_state() {
             assert_eq!(st.run.generation, Generation(2));
             assert_eq!(st.rank, Rank(rank as u32));
             assert_eq!(st.state_source, Some(Rank(0)));
+            // The group picks up at the source's cursor, and every rank
+            // is told so (it checks the state it ends up with).
+            assert_eq!(st.cursor, Some(42));
             assert!(st.resume_candidates.is_empty(), "no checkpoint is read");
         }
         let s = wait_state(&h, &id, JobState::Running).await;

@@ -225,6 +225,9 @@ pub struct StartTraining {
     /// state rebinds it). `None`: the state comes from `resume_candidates`
     /// or a fresh start.
     pub state_source: Option<Rank>,
+    /// The data cursor (steps completed) the group must start at, when the
+    /// coordinator knows it (a re-formation around the source's state).
+    pub cursor: Option<u64>,
 }
 
 /// A checkpoint at the next step boundary, for rank 0 (the ranks agree on
@@ -537,6 +540,7 @@ impl TryFrom<pb::StartTraining> for StartTraining {
             progress_every_steps: s.progress_every_steps,
             resume_candidates,
             state_source: s.state_source_rank.map(Rank),
+            cursor: s.cursor_step,
         })
     }
 }
@@ -603,6 +607,7 @@ impl From<StartTraining> for pb::StartTraining {
                 .map(|p| p.display().to_string())
                 .collect(),
             state_source_rank: s.state_source.map(|r| r.0),
+            cursor_step: s.cursor,
         }
     }
 }

@@ -50,6 +50,7 @@ fn start() -> StartTraining {
         progress_every_steps: 10,
         resume_candidates: vec![PathBuf::from("/ckpt/step-300"), "/ckpt/step-200".into()],
         state_source: None,
+        cursor: None,
     }
 }
 
@@ -160,6 +161,7 @@ fn commands() -> Vec<Command> {
         Command::Start(Box::new(StartTraining {
             resume_candidates: Vec::new(),
             state_source: Some(Rank(0)),
+            cursor: Some(4242),
             ..start()
         })),
         Command::Checkpoint(CheckpointRequest {

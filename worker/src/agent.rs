@@ -558,6 +558,7 @@ fn assignment_of(start: StartTraining) -> Assignment {
         resume_candidates: start.resume_candidates,
         output_dir,
         state_source: start.state_source.map(|r| r.0),
+        cursor: start.cursor,
     }
 }
 

@@ -203,6 +203,16 @@ fn one_generation(
     };
     let rank = group.rank();
     let moved = r.rebind(group, source)?;
+    // The coordinator decided where the group picks up (the source's step);
+    // a rank whose state says otherwise must not train a diverging run.
+    if let Some(cursor) = a.cursor
+        && r.step_count() != cursor
+    {
+        return Err(TrainError::Invalid(format!(
+            "the group's state is at step {} but the coordinator re-formed it at step {cursor}",
+            r.step_count()
+        )));
+    }
     if rank == 0 {
         report(trainer::Event::Rebound {
             step: r.step_count(),

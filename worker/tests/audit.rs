@@ -75,6 +75,7 @@ fn start(spec: &JobSpec, rank: u32, world: usize) -> Run {
         resume_candidates: Vec::new(),
         output_dir: spec.output.job_dir(JOB),
         state_source: None,
+        cursor: None,
     };
     let opts = TrainerOptions {
         device: Device::Cpu,

@@ -64,6 +64,7 @@ fn assignment(spec: &JobSpec, generation: u64, rank: u32, world: usize) -> Assig
         resume_candidates: Vec::new(),
         output_dir: spec.output.job_dir("rebind-1"),
         state_source: None,
+        cursor: None,
     }
 }
 

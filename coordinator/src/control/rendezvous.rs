@@ -122,6 +122,9 @@ impl Cluster {
         job.publish();
         let run = job.run();
         let spec = job.record.spec.clone();
+        // Re-forming around live state: the source's step, recorded above
+        // by the caller, is where the group picks up.
+        let cursor = state_source.map(|_| job.status.step);
         let resume_candidates: Vec<PathBuf> = if state_source.is_some() {
             Vec::new()
         } else if job.checkpoints.is_empty() {
@@ -161,6 +164,7 @@ impl Cluster {
                 progress_every_steps: self.cfg.progress_every_steps,
                 resume_candidates: resume_candidates.clone(),
                 state_source,
+                cursor,
             }));
             if worker.tx.send(start).await.is_err() {
                 warn!(worker = %w, "session closed before the start command");

@@ -59,6 +59,9 @@ pub struct Assignment {
     /// other rank takes over. `None`: the run's own start (a checkpoint
     /// every rank loads, or rank 0's fresh parameters).
     pub state_source: Option<u32>,
+    /// The data cursor (steps completed) the coordinator says the group
+    /// starts at, when it knows it: checked once the state is made one.
+    pub cursor: Option<u64>,
 }
 
 /// How this worker runs libtorch.
