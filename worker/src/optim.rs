@@ -34,6 +34,17 @@ impl Optimizer {
         }
     }
 
+    /// Sets the learning rate of the next steps (a schedule moves it; the
+    /// state does not depend on it, so nothing else changes).
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// The learning rate of the next step.
+    pub fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+
     /// Applies one update to `params` using their `.grad()`, which the caller
     /// has already averaged over the global batch. Parameters without a
     /// gradient are skipped.

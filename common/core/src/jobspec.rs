@@ -15,7 +15,10 @@
 
 mod raw;
 mod rules;
+mod schedule;
 mod validate;
+
+pub use schedule::{DEFAULT_GAMMA, LrSchedule, ScheduleKind};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -215,6 +218,22 @@ pub struct TrainSpec {
     /// Rank 0 appends a line to `metrics.jsonl` every this many steps, with
     /// the loss averaged over the window.
     pub log_every_steps: u64,
+    /// How the learning rate moves over the run (`learning_rate` is its peak).
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// Gradients are scaled so their global L2 norm is at most this, after
+    /// the all-reduce and before the optimizer (PyTorch's
+    /// `clip_grad_norm_`).
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+}
+
+impl TrainSpec {
+    /// The learning rate of optimizer step `step` (0-based) of a run of
+    /// `total_steps`.
+    pub fn learning_rate_at(&self, step: u64, total_steps: u64) -> f64 {
+        self.schedule.rate(self.learning_rate, step, total_steps)
+    }
 }
 
 /// How long a job trains.
@@ -321,7 +340,7 @@ pub enum MetricMode {
 
 /// The metrics the trainer reports, hence the ones `keep_best` can rank by.
 /// The `val_*` ones need `data.validation`.
-pub const REPORTED_METRICS: [&str; 3] = ["loss", "val_loss", "val_accuracy"];
+pub const REPORTED_METRICS: [&str; 4] = ["loss", "val_loss", "val_accuracy", "val_macro_f1"];
 
 /// Default of `train.log_every_steps`.
 pub const DEFAULT_LOG_EVERY_STEPS: u64 = 10;
@@ -493,6 +512,10 @@ impl JobSpec {
             rules::eval_needs_validation(self.data.validation.is_some())?;
         }
         rules::log_every_steps(saturate(train.log_every_steps))?;
+        rules::schedule(&train.schedule)?;
+        if let Some(max) = train.clip_grad_norm {
+            rules::clip_grad_norm(max)?;
+        }
         match train.optimizer {
             Optimizer::Sgd { momentum, nesterov } => {
                 rules::momentum(momentum)?;

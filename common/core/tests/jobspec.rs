@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use ringmaster_common::jobspec::{
     Activation, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading,
-    DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, MetricMode, ModelSpec,
-    Optimizer, SpanField, SpecError,
+    DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, LrSchedule, MetricMode,
+    ModelSpec, Optimizer, ScheduleKind, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -89,7 +89,8 @@ fn unknown_keys_list_the_expected_ones() {
         &edit(&[("steps = 10", "steps = 10\nlr = 0.1")]),
         "job.toml:12:1: unknown field `lr`, expected one of `batch_size`, `epochs`, `steps`, \
          `optimizer`, `learning_rate`, `momentum`, `nesterov`, `betas`, `eps`, `weight_decay`, \
-         `eval_every_steps`, `log_every_steps`",
+         `eval_every_steps`, `log_every_steps`, `lr_schedule`, `warmup_steps`, `lr_step_every`, \
+             `lr_gamma`, `final_learning_rate`, `clip_grad_norm`",
     );
     check_err(
         &edit(&[("max = 4", "max = 4\ngpus = 2")]),
@@ -408,6 +409,72 @@ fn with_checkpoint(body: &str) -> String {
 }
 
 #[test]
+fn schedule_and_clipping_keys() {
+    let spec = parse(&edit(&[(
+        "learning_rate = 0.1",
+        "learning_rate = 0.1\nlr_schedule = \"step\"\nlr_step_every = 30\nlr_gamma = 0.5\n\
+         warmup_steps = 5\nclip_grad_norm = 2",
+    )]));
+    let s = &spec.train.schedule;
+    assert_eq!(
+        (s.kind, s.step_every, s.gamma, s.warmup_steps),
+        (ScheduleKind::Step, Some(30), 0.5, 5)
+    );
+    assert_eq!(spec.train.clip_grad_norm, Some(2.0));
+    assert_eq!(spec.train.learning_rate_at(40, 100), 0.05);
+    let json = serde_json::to_string(&spec).unwrap();
+    assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), spec);
+    assert_eq!(
+        serde_json::from_str::<JobSpec>(&json).unwrap().check(),
+        Ok(())
+    );
+    // A job without the keys: constant rate, no clipping.
+    let plain = parse(BASE);
+    assert_eq!(plain.train.schedule, LrSchedule::default());
+    assert_eq!(plain.train.clip_grad_norm, None);
+
+    let cases: &[(&str, &str)] = &[
+        (
+            "lr_schedule = \"step\"",
+            "job.toml:14:15: lr_schedule = \"step\" needs train.lr_step_every (steps between decays)",
+        ),
+        (
+            "lr_schedule = \"cosine\"\nlr_gamma = 0.5",
+            "job.toml:15:12: train.lr_gamma applies to lr_schedule = \"step\", not \"cosine\"",
+        ),
+        (
+            "final_learning_rate = 0.01",
+            "job.toml:14:23: train.final_learning_rate applies to lr_schedule = \"linear\" or \
+             \"cosine\", not \"constant\"",
+        ),
+        (
+            "lr_schedule = \"linear\"\nlr_step_every = 3",
+            "job.toml:15:17: train.lr_step_every applies to lr_schedule = \"step\", not \"linear\"",
+        ),
+        (
+            "lr_schedule = \"exponential\"",
+            "job.toml:14:15: unknown variant `exponential`, expected one of `constant`, `step`, \
+             `linear`, `cosine`",
+        ),
+        (
+            "warmup_steps = -1",
+            "job.toml:14:16: train.warmup_steps must be between 0 and 1099511627776, got -1",
+        ),
+        (
+            "clip_grad_norm = 0",
+            "job.toml:14:18: train.clip_grad_norm must be positive and finite, got 0.0",
+        ),
+    ];
+    for (lines, expected) in cases {
+        let source = edit(&[(
+            "learning_rate = 0.1",
+            &format!("learning_rate = 0.1\n{lines}"),
+        )]);
+        check_err(&source, expected);
+    }
+}
+
+#[test]
 fn data_reading_keys() {
     let spec = parse(&edit(&[(
         "validation = \"data/val\"",
@@ -505,7 +572,7 @@ fn checkpoint_errors() {
         (
             "keep_best = { metric = \"val_f1\", mode = \"max\" }",
             "job.toml:20:24: checkpoint.keep_best.metric \"val_f1\" is not reported by the \
-             trainer, expected one of `loss`, `val_loss`, `val_accuracy`",
+             trainer, expected one of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`",
         ),
         (
             "keep_best = { metric = \"Val-Acc\", mode = \"max\" }",
@@ -1046,7 +1113,7 @@ fn check_refuses_what_the_parser_refuses() {
     assert_eq!(
         check(&|s| s.checkpoint.keep_best = best("accuracy", 1)),
         "checkpoint.keep_best.metric \"accuracy\" is not reported by the trainer, expected one \
-         of `loss`, `val_loss`, `val_accuracy`"
+         of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`"
     );
     assert_eq!(
         check(&|s| {

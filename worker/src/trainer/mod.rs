@@ -16,6 +16,7 @@
 
 mod audit;
 mod data;
+mod evaluation;
 mod grads;
 mod metrics;
 mod run;

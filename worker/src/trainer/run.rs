@@ -12,6 +12,7 @@
 
 use super::audit::AuditLog;
 use super::data::TrainData;
+use super::evaluation::{Counts, Scores};
 use super::grads::{BUCKET_BYTES, GradBuckets};
 use super::metrics::{MetricsLog, Window, link_latest};
 use super::transfer::{State, Transferred, transfer};
@@ -31,6 +32,33 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor, nn};
+
+/// Scales the gradients of `params` so their global L2 norm is at most
+/// `max`, as PyTorch's `clip_grad_norm_` does (`max / (norm + 1e-6)`, only
+/// when below 1); returns the norm before clipping.
+fn clip_grad_norm(params: &[Tensor], max: f64) -> Result<f64, TrainError> {
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
+    let mut squares = 0.0f64;
+    for g in &grads {
+        squares += g.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    }
+    let norm = squares.sqrt();
+    let coef = max / (norm + 1e-6);
+    if coef < 1.0 {
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for g in &grads {
+                let mut g = g.shallow_clone();
+                let _ = g.f_mul_scalar_(coef)?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(norm)
+}
 
 /// Slots appended to the last gradient bucket, summed with it: the batch's
 /// loss and the control flags every rank must agree on at this step.
@@ -82,6 +110,9 @@ pub struct Run {
     group: Option<Box<dyn Collective>>,
     /// The current generation's sample audit (`[debug] audit_samples`).
     audit: Option<AuditLog>,
+    /// The last step's global gradient norm before clipping (when the job
+    /// clips).
+    grad_norm: Option<f64>,
 }
 
 /// Where a new group's training state comes from.
@@ -164,6 +195,11 @@ impl Run {
             Some(s) => (s.step, s.metrics.clone()),
             None => (0, BTreeMap::new()),
         };
+        // A streamed set starts reading the shards of the first step now,
+        // while the group forms and the state moves: the coordinator's
+        // cursor when the state comes from a survivor, else our own.
+        let (epoch, step_in_epoch) = plan.position(a.cursor.unwrap_or(step));
+        data.advance(epoch, plan.batch_range(step_in_epoch).start);
         Ok(Run {
             job_id: a.job_id.clone(),
             spec,
@@ -193,6 +229,7 @@ impl Run {
             last_checkpoint: Instant::now(),
             group: None,
             audit: None,
+            grad_norm: None,
         })
     }
 
@@ -395,6 +432,16 @@ impl Run {
                 loss,
             });
         }
+        if let Some(max) = self.spec.train.clip_grad_norm {
+            // Every rank holds the same reduced gradients, so every rank
+            // computes the same norm and scales alike.
+            self.grad_norm = Some(clip_grad_norm(&self.params, max)?);
+        }
+        self.optimizer.set_learning_rate(
+            self.spec
+                .train
+                .learning_rate_at(self.optimizer.steps(), self.total_steps),
+        );
         self.optimizer.step(&self.params)?;
         let applied = self.step;
         self.step += 1;
@@ -414,10 +461,11 @@ impl Run {
         })
     }
 
-    /// Mean loss and accuracy over the whole validation set (`None` without
-    /// one): each rank scores its balanced slice and the sums are added over
-    /// the group, so every rank gets the same figures.
-    pub fn evaluate(&mut self) -> Result<Option<(f64, f64)>, TrainError> {
+    /// Loss, accuracy, per-class precision/recall/F1, macro-F1 and the
+    /// confusion matrix over the whole validation set (`None` without one):
+    /// each rank scores its balanced slice and the counts are added over the
+    /// group, so every rank gets the same figures.
+    pub fn evaluate(&mut self) -> Result<Option<Scores>, TrainError> {
         let Some(n) = self.data.validation_samples() else {
             return Ok(None);
         };
@@ -426,29 +474,28 @@ impl Run {
             (g.rank(), g.world_size())
         };
         let mine = rank_range(0..n, rank, world);
-        let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
+        let mut counts = Counts::new(self.data.classes, self.device)?;
         let model = &self.model;
         tch::no_grad(|| {
             self.data.for_validation_chunks(mine, |xb, yb| {
                 let logits = model.forward_eval(xb)?;
-                loss_sum += logits
+                counts.loss_sum += logits
                     .f_cross_entropy_loss::<Tensor>(yb, None, Reduction::Sum, -100, 0.0)?
                     .f_double_value(&[])?;
-                correct += logits
-                    .f_argmax(-1, false)?
-                    .f_eq_tensor(yb)?
-                    .f_sum(Kind::Int64)?
-                    .f_int64_value(&[])? as f64;
-                Ok(())
+                counts.add(&logits, yb)
             })
         })?;
-        // f32 holds integer counts exactly up to 2^24 samples per rank sum.
-        let mut sums = Tensor::f_from_slice(&[loss_sum as f32, correct as f32])?;
+        let mut sums = counts.to_reduce()?;
         self.group()?.all_reduce_sum(&mut sums)?;
-        let mut out = [0f32; 2];
-        sums.f_copy_data(&mut out, 2)?;
-        let n = n.max(1) as f64;
-        Ok(Some((f64::from(out[0]) / n, f64::from(out[1]) / n)))
+        let len = sums.size()[0] as usize;
+        let mut out = vec![0f32; len];
+        sums.f_copy_data(&mut out, len)?;
+        Ok(Some(Scores::from_reduced(
+            &out,
+            self.data.classes,
+            n,
+            self.step,
+        )))
     }
 
     /// Snapshots model and optimizer state at this step boundary and writes
@@ -529,7 +576,7 @@ impl Run {
                 optimizer: format!("{:?}", spec.train.optimizer),
                 optimizer_steps: self.optimizer.steps(),
                 learning_rate: spec.train.learning_rate,
-                lr_schedule: "constant".into(),
+                lr_schedule: spec.train.schedule.describe(spec.train.learning_rate),
                 rng: "no state: dropout masks are a counter-based hash of (seed, step, dataset \
                       sample id, layer, unit)"
                     .into(),
@@ -570,9 +617,13 @@ impl Run {
             let eval_due = train.eval_every_steps.is_some_and(|e| done % e == 0) || done == total;
             let log_every = train.log_every_steps.max(1);
             let mut record = BTreeMap::new();
-            if eval_due && let Some((val_loss, val_acc)) = self.evaluate()? {
-                record.insert("val_loss".to_string(), val_loss);
-                record.insert("val_accuracy".to_string(), val_acc);
+            if eval_due && let Some(scores) = self.evaluate()? {
+                record.insert("val_loss".to_string(), scores.loss);
+                record.insert("val_accuracy".to_string(), scores.accuracy);
+                record.insert("val_macro_f1".to_string(), scores.macro_f1);
+                if rank == 0 {
+                    scores.write(&self.output_dir)?;
+                }
                 control.beat();
             }
             let log_due = done % log_every == 0 || done == total || r.stop || !record.is_empty();
@@ -582,6 +633,10 @@ impl Run {
                     record.insert("samples_per_sec".to_string(), rate);
                 }
                 record.insert("epoch".to_string(), r.epoch as f64);
+                record.insert("learning_rate".to_string(), self.optimizer.learning_rate());
+                if let Some(norm) = self.grad_norm {
+                    record.insert("grad_norm".to_string(), norm);
+                }
                 let elapsed = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
                 record.insert("elapsed_seconds".to_string(), elapsed);
                 self.latest
@@ -701,5 +756,39 @@ fn hang_failpoint(step: u64) {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parameters whose gradients are `3·a` and `4·b` (loss = 3·Σa + 4·Σb).
+    fn with_grads(a: &[f32], b: &[f32]) -> Vec<Tensor> {
+        let p: Vec<Tensor> = [a, b]
+            .iter()
+            .map(|v| Tensor::from_slice(v).set_requires_grad(true))
+            .collect();
+        let loss = p[0].sum(Kind::Float) * 3.0 + p[1].sum(Kind::Float) * 4.0;
+        loss.backward();
+        p
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm_like_pytorch_and_leaves_small_gradients() {
+        // Gradients [3, 3] and [4, 4, 4, 4]: norm sqrt(18 + 64) = sqrt(82).
+        let p = with_grads(&[1.0, 2.0], &[0.0; 4]);
+        let norm = clip_grad_norm(&p, 1.0).unwrap();
+        assert!((norm - 82f64.sqrt()).abs() < 1e-9);
+        let coef = 1.0 / (82f64.sqrt() + 1e-6);
+        let g0: Vec<f32> = Vec::try_from(p[0].grad()).unwrap();
+        let g1: Vec<f32> = Vec::try_from(p[1].grad()).unwrap();
+        assert!(g0.iter().all(|&g| (f64::from(g) - 3.0 * coef).abs() < 1e-6));
+        assert!(g1.iter().all(|&g| (f64::from(g) - 4.0 * coef).abs() < 1e-6));
+
+        // A norm below the maximum is left alone.
+        let p = with_grads(&[1.0], &[1.0]);
+        assert!((clip_grad_norm(&p, 10.0).unwrap() - 5.0).abs() < 1e-9);
+        assert_eq!(Vec::<f32>::try_from(p[1].grad()).unwrap(), [4.0]);
     }
 }

@@ -124,6 +124,21 @@ pub(super) struct RawTrain {
     pub weight_decay: Option<Spanned<Float>>,
     pub eval_every_steps: Option<Spanned<Integer>>,
     pub log_every_steps: Option<Spanned<Integer>>,
+    pub lr_schedule: Option<Spanned<RawSchedule>>,
+    pub warmup_steps: Option<Spanned<Integer>>,
+    pub lr_step_every: Option<Spanned<Integer>>,
+    pub lr_gamma: Option<Spanned<Float>>,
+    pub final_learning_rate: Option<Spanned<Float>>,
+    pub clip_grad_norm: Option<Spanned<Float>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawSchedule {
+    Constant,
+    Step,
+    Linear,
+    Cosine,
 }
 
 #[derive(Debug, Deserialize)]

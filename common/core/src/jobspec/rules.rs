@@ -194,6 +194,47 @@ pub(super) fn checkpoint_every_seconds(every: impl Into<i128>) -> Rule {
     at_least_one("checkpoint.every_seconds", every)
 }
 
+pub(super) fn warmup_steps(steps: impl Into<i128>) -> Rule {
+    in_range("train.warmup_steps", steps, 0, 1 << 40)
+}
+
+pub(super) fn lr_step_every(steps: impl Into<i128>) -> Rule {
+    in_range("train.lr_step_every", steps, 1, 1 << 40)
+}
+
+pub(super) fn lr_gamma(gamma: f64) -> Rule {
+    positive_finite("train.lr_gamma", gamma)
+}
+
+pub(super) fn final_learning_rate(lr: f64) -> Rule {
+    if lr >= 0.0 && lr.is_finite() {
+        Ok(())
+    } else {
+        Err(format!(
+            "train.final_learning_rate must be non-negative and finite, got {lr:?}"
+        ))
+    }
+}
+
+pub(super) fn clip_grad_norm(max: f64) -> Rule {
+    positive_finite("train.clip_grad_norm", max)
+}
+
+/// The schedule's values, and that `step` has its interval (the JSON form;
+/// the TOML form also refuses keys of another kind).
+pub(super) fn schedule(s: &super::LrSchedule) -> Rule {
+    warmup_steps(s.warmup_steps)?;
+    lr_gamma(s.gamma)?;
+    final_learning_rate(s.final_learning_rate)?;
+    match (s.kind, s.step_every) {
+        (super::ScheduleKind::Step, None) => {
+            Err("train.lr_schedule = \"step\" needs train.lr_step_every".into())
+        }
+        (_, Some(every)) => lr_step_every(every),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn shuffle_window_shards(shards: impl Into<i128>) -> Rule {
     in_range("data.shuffle_window_shards", shards, 0, 1 << 20)
 }

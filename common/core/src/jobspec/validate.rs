@@ -14,14 +14,14 @@ use serde_spanned::Spanned;
 
 use super::raw::{
     Integer, RawBytes, RawCheckpoint, RawData, RawFault, RawJob, RawLoading, RawModel,
-    RawModelKind, RawOptimizer, RawTrain, RawWorkers,
+    RawModelKind, RawOptimizer, RawSchedule, RawTrain, RawWorkers,
 };
 use super::rules::{self, Rule};
 use super::{
     CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS,
     DataLoading, DataSpec, DebugSpec, Duration, FaultSpec, JobSpec, KeepBestSpec, Location,
-    MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, SpecError, SpecSpans, TrainSpec,
-    WorkersSpec,
+    LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, ScheduleKind, SpecError,
+    SpecSpans, TrainSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -301,6 +301,14 @@ fn build_train(
         None => DEFAULT_LOG_EVERY_STEPS,
     };
     let optimizer = build_optimizer(&raw, at)?;
+    let schedule = build_schedule(&raw, at)?;
+    let clip_grad_norm = match &raw.clip_grad_norm {
+        Some(max) => {
+            at.check(max, rules::clip_grad_norm(max.get_ref().0))?;
+            Some(max.get_ref().0)
+        }
+        None => None,
+    };
     Ok(TrainSpec {
         global_batch: narrow(&raw.batch_size, at)?,
         duration,
@@ -309,7 +317,80 @@ fn build_train(
         weight_decay,
         eval_every_steps,
         log_every_steps,
+        schedule,
+        clip_grad_norm,
     })
+}
+
+/// `train.lr_schedule` and the keys that shape it; a key that belongs to
+/// another kind of schedule is an error, not silently ignored.
+fn build_schedule(raw: &RawTrain, at: &Locator<'_>) -> Result<LrSchedule, SpecError> {
+    let kind = match raw.lr_schedule.as_ref().map(|k| *k.get_ref()) {
+        None | Some(RawSchedule::Constant) => ScheduleKind::Constant,
+        Some(RawSchedule::Step) => ScheduleKind::Step,
+        Some(RawSchedule::Linear) => ScheduleKind::Linear,
+        Some(RawSchedule::Cosine) => ScheduleKind::Cosine,
+    };
+    let name = match kind {
+        ScheduleKind::Constant => "constant",
+        ScheduleKind::Step => "step",
+        ScheduleKind::Linear => "linear",
+        ScheduleKind::Cosine => "cosine",
+    };
+    let wrong_kind = |span: Range<usize>, key: &str, needs: &str| {
+        at.invalid(
+            span,
+            format!("{key} applies to lr_schedule = {needs}, not \"{name}\""),
+        )
+    };
+    let mut schedule = LrSchedule {
+        kind,
+        ..LrSchedule::default()
+    };
+    if let Some(w) = &raw.warmup_steps {
+        at.check(w, rules::warmup_steps(w.get_ref().0))?;
+        schedule.warmup_steps = non_negative(w.get_ref().0);
+    }
+    match (&raw.lr_step_every, kind) {
+        (Some(every), ScheduleKind::Step) => {
+            at.check(every, rules::lr_step_every(every.get_ref().0))?;
+            schedule.step_every = Some(non_negative(every.get_ref().0));
+        }
+        (Some(every), _) => {
+            return Err(wrong_kind(every.span(), "train.lr_step_every", "\"step\""));
+        }
+        (None, ScheduleKind::Step) => {
+            let span = raw
+                .lr_schedule
+                .as_ref()
+                .map(|k| k.span())
+                .unwrap_or_default();
+            return Err(at.invalid(
+                span,
+                "lr_schedule = \"step\" needs train.lr_step_every (steps between decays)".into(),
+            ));
+        }
+        (None, _) => {}
+    }
+    if let Some(gamma) = &raw.lr_gamma {
+        if kind != ScheduleKind::Step {
+            return Err(wrong_kind(gamma.span(), "train.lr_gamma", "\"step\""));
+        }
+        at.check(gamma, rules::lr_gamma(gamma.get_ref().0))?;
+        schedule.gamma = gamma.get_ref().0;
+    }
+    if let Some(end) = &raw.final_learning_rate {
+        if !matches!(kind, ScheduleKind::Linear | ScheduleKind::Cosine) {
+            return Err(wrong_kind(
+                end.span(),
+                "train.final_learning_rate",
+                "\"linear\" or \"cosine\"",
+            ));
+        }
+        at.check(end, rules::final_learning_rate(end.get_ref().0))?;
+        schedule.final_learning_rate = end.get_ref().0;
+    }
+    Ok(schedule)
 }
 
 fn build_optimizer(raw: &RawTrain, at: &Locator<'_>) -> Result<Optimizer, SpecError> {

@@ -1,0 +1,98 @@
+//! Learning-rate schedules, gradient clipping and the evaluation report end
+//! to end on digits with the real binaries: the rate each step used (from
+//! `metrics.jsonl`) follows the schedule, clipping is engaged and keeps 1 and
+//! 2 workers on the same run, and `eval.json` and `coordinator status` carry
+//! per-class scores, macro-F1 and a confusion matrix consistent with the
+//! accuracy.
+
+use ringmaster_common::jobspec::{LrSchedule, ScheduleKind};
+use ringmaster_tests::{
+    JobBuilder, LocalCluster, pack_digits, read_metrics, read_params, relative_l2,
+};
+use std::path::{Path, PathBuf};
+
+const STEPS: u64 = 300;
+const TRAIN: &str = "steps = 300\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.1\n\
+    lr_schedule = \"cosine\"\nwarmup_steps = 20\nfinal_learning_rate = 0.001\n\
+    clip_grad_norm = 0.5\neval_every_steps = 100\nlog_every_steps = 1";
+
+fn job(data: &Path, name: &str, workers: u32) -> JobBuilder {
+    JobBuilder::new(name, data)
+        .seed(4)
+        .hidden(&[64])
+        .validation()
+        .train(TRAIN)
+        .exactly(workers)
+}
+
+fn run(cluster: &LocalCluster, dir: &Path, job: &JobBuilder) -> (serde_json::Value, PathBuf) {
+    let done = cluster.follow(&job.write(dir), &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    (done, out)
+}
+
+fn params(out: &Path) -> Vec<f32> {
+    read_params(&out.join("model.safetensors"))
+        .into_values()
+        .flat_map(|(_, v)| v)
+        .collect()
+}
+
+#[test]
+fn schedule_clipping_and_scores_on_digits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(2).unwrap();
+    let (done, out) = run(&cluster, tmp.path(), &job(&data, "two", 2));
+
+    // The rate each step used is the schedule's.
+    let schedule = LrSchedule {
+        kind: ScheduleKind::Cosine,
+        warmup_steps: 20,
+        final_learning_rate: 0.001,
+        ..LrSchedule::default()
+    };
+    let metrics = read_metrics(&out.join("metrics.jsonl"));
+    let mut clipped = 0;
+    for m in &metrics {
+        let step = m["step"].as_u64().unwrap();
+        let expected = schedule.rate(0.1, step - 1, STEPS);
+        let got = m["learning_rate"].as_f64().unwrap();
+        assert!(
+            (got - expected).abs() <= 1e-12,
+            "step {step}: lr {got}, expected {expected}"
+        );
+        if m["grad_norm"].as_f64().unwrap() > 0.5 {
+            clipped += 1;
+        }
+    }
+    assert_eq!(metrics.len() as u64, STEPS);
+    assert!(clipped > 10, "clipping was engaged on only {clipped} steps");
+
+    // eval.json: the last evaluation, consistent with itself and the status.
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["step"], STEPS);
+    let samples = eval["samples"].as_u64().unwrap();
+    let confusion: Vec<Vec<u64>> = serde_json::from_value(eval["confusion"].clone()).unwrap();
+    assert_eq!(confusion.len(), 10);
+    let total: u64 = confusion.iter().flatten().sum();
+    let diagonal: u64 = (0..10).map(|c| confusion[c][c]).sum();
+    assert_eq!(total, samples);
+    let accuracy = eval["accuracy"].as_f64().unwrap();
+    assert!((accuracy - diagonal as f64 / samples as f64).abs() < 1e-12);
+    for (c, row) in confusion.iter().enumerate() {
+        assert_eq!(eval["classes"][c]["support"], row.iter().sum::<u64>());
+    }
+    let macro_f1 = eval["macro_f1"].as_f64().unwrap();
+    assert!(macro_f1 > 0.9 && accuracy > 0.9, "{eval}");
+    assert_eq!(done["metrics"]["val_macro_f1"].as_f64(), Some(macro_f1));
+    assert_eq!(done["metrics"]["val_accuracy"].as_f64(), Some(accuracy));
+
+    // One worker computes the same run, clipping and schedule included.
+    let (_, one) = run(&cluster, tmp.path(), &job(&data, "one", 1));
+    let rel = relative_l2(&params(&one), &params(&out));
+    eprintln!("relative L2 between 1 and 2 workers: {rel:e}");
+    assert!(rel < 1e-5, "1 vs 2 workers: {rel}");
+}
