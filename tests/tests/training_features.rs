@@ -96,3 +96,73 @@ fn schedule_clipping_and_scores_on_digits() {
     eprintln!("relative L2 between 1 and 2 workers: {rel:e}");
     assert!(rel < 1e-5, "1 vs 2 workers: {rel}");
 }
+
+const PLAIN: &str = "steps = 200\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05";
+
+fn plain(data: &Path, name: &str, workers: u32, extra: &str) -> JobBuilder {
+    JobBuilder::new(name, data)
+        .seed(6)
+        .hidden(&[64])
+        .model("dropout = 0.1")
+        .train(PLAIN)
+        .train(extra)
+        .exactly(workers)
+}
+
+#[test]
+fn micro_batches_keep_the_run_and_l1_shrinks_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(2).unwrap();
+    let (_, whole) = run(&cluster, tmp.path(), &plain(&data, "whole", 2, ""));
+    // Each rank's 32 samples in 3 micro-batches, or one rank in 5.
+    let (_, split) = run(
+        &cluster,
+        tmp.path(),
+        &plain(&data, "split", 2, "micro_batches = 3"),
+    );
+    let (_, one) = run(
+        &cluster,
+        tmp.path(),
+        &plain(&data, "one", 1, "micro_batches = 5"),
+    );
+    for (name, out) in [("2 workers x 3", &split), ("1 worker x 5", &one)] {
+        let rel = relative_l2(&params(&whole), &params(out));
+        eprintln!("micro-batches {name}: relative L2 {rel:e}");
+        assert!(rel < 1e-5, "micro-batches {name}: {rel}");
+    }
+
+    let (_, l1) = run(&cluster, tmp.path(), &plain(&data, "l1", 2, "l1 = 0.0005"));
+    let abs = |out: &Path| params(out).iter().map(|v| f64::from(v.abs())).sum::<f64>();
+    let (with, without) = (abs(&l1), abs(&whole));
+    assert!(
+        with < 0.9 * without,
+        "L1 norm {with} with l1, {without} without"
+    );
+}
+
+#[test]
+fn early_stopping_ends_the_run_when_the_score_stops_improving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(1).unwrap();
+    // No evaluation can beat the first by 0.5 accuracy: the best stays at
+    // step 20, and patience 2 runs out at the evaluation of step 60.
+    let job = plain(
+        &data,
+        "early",
+        1,
+        "eval_every_steps = 20\nearly_stopping = { metric = \"val_accuracy\", mode = \"max\", \
+         patience = 2, min_delta = 0.5 }",
+    )
+    .validation();
+    let (done, out) = run(&cluster, tmp.path(), &job);
+    assert_eq!(done["step"], 60, "{done}");
+    assert_eq!(done["metrics"]["early_stopping_stale_evals"], 2.0);
+    let events = done["events"].to_string();
+    assert!(
+        events.contains("stopped early at step 60 of 200"),
+        "{events}"
+    );
+    assert!(out.join("model.safetensors").exists());
+}

@@ -226,6 +226,34 @@ pub struct TrainSpec {
     /// `clip_grad_norm_`).
     #[serde(default)]
     pub clip_grad_norm: Option<f64>,
+    /// Each rank's slice of a step is forwarded and backwarded in this many
+    /// micro-batches, gradients accumulated, then all-reduced once: the same
+    /// step in less activation memory.
+    #[serde(default = "one")]
+    pub micro_batches: u32,
+    /// L1 penalty `l1 · Σ|w|` added to the objective (its subgradient
+    /// `l1 · sign(w)` to the averaged gradients).
+    #[serde(default)]
+    pub l1: f64,
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Stop the run when a validation score has not improved for `patience`
+/// evaluations (`train.early_stopping`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStopping {
+    /// A `val_*` metric of [`REPORTED_METRICS`].
+    pub metric: String,
+    pub mode: MetricMode,
+    pub patience: u32,
+    /// An improvement smaller than this does not count.
+    #[serde(default)]
+    pub min_delta: f64,
 }
 
 impl TrainSpec {
@@ -513,6 +541,17 @@ impl JobSpec {
         }
         rules::log_every_steps(saturate(train.log_every_steps))?;
         rules::schedule(&train.schedule)?;
+        rules::micro_batches(train.micro_batches)?;
+        rules::l1(train.l1)?;
+        if let Some(es) = &train.early_stopping {
+            rules::early_stopping(
+                &es.metric,
+                train.eval_every_steps.is_some(),
+                self.data.validation.is_some(),
+            )?;
+            rules::patience(es.patience)?;
+            rules::min_delta(es.min_delta)?;
+        }
         if let Some(max) = train.clip_grad_norm {
             rules::clip_grad_norm(max)?;
         }

@@ -90,7 +90,8 @@ fn unknown_keys_list_the_expected_ones() {
         "job.toml:12:1: unknown field `lr`, expected one of `batch_size`, `epochs`, `steps`, \
          `optimizer`, `learning_rate`, `momentum`, `nesterov`, `betas`, `eps`, `weight_decay`, \
          `eval_every_steps`, `log_every_steps`, `lr_schedule`, `warmup_steps`, `lr_step_every`, \
-             `lr_gamma`, `final_learning_rate`, `clip_grad_norm`",
+             `lr_gamma`, `final_learning_rate`, `clip_grad_norm`, `micro_batches`, `l1`, \
+             `early_stopping`",
     );
     check_err(
         &edit(&[("max = 4", "max = 4\ngpus = 2")]),
@@ -432,6 +433,20 @@ fn schedule_and_clipping_keys() {
     let plain = parse(BASE);
     assert_eq!(plain.train.schedule, LrSchedule::default());
     assert_eq!(plain.train.clip_grad_norm, None);
+    assert_eq!((plain.train.micro_batches, plain.train.l1), (1, 0.0));
+    assert_eq!(plain.train.early_stopping, None);
+    let es = parse(&edit(&[(
+        "learning_rate = 0.1",
+        "learning_rate = 0.1\neval_every_steps = 5\nmicro_batches = 4\nl1 = 0.001\n\
+         early_stopping = { metric = \"val_macro_f1\", mode = \"max\", patience = 3 }",
+    )]))
+    .train;
+    assert_eq!((es.micro_batches, es.l1), (4, 0.001));
+    let stop = es.early_stopping.unwrap();
+    assert_eq!(
+        (stop.metric.as_str(), stop.patience, stop.min_delta),
+        ("val_macro_f1", 3, 0.0)
+    );
 
     let cases: &[(&str, &str)] = &[
         (
@@ -463,6 +478,30 @@ fn schedule_and_clipping_keys() {
         (
             "clip_grad_norm = 0",
             "job.toml:14:18: train.clip_grad_norm must be positive and finite, got 0.0",
+        ),
+        (
+            "micro_batches = 0",
+            "job.toml:14:17: train.micro_batches must be between 1 and 1048576, got 0",
+        ),
+        (
+            "l1 = -0.1",
+            "job.toml:14:6: train.l1 must be non-negative and finite, got -0.1",
+        ),
+        (
+            "early_stopping = { metric = \"val_loss\", mode = \"min\", patience = 3 }",
+            "job.toml:14:29: train.early_stopping needs data.validation and \
+             train.eval_every_steps",
+        ),
+        (
+            "eval_every_steps = 5\nearly_stopping = { metric = \"loss\", mode = \"min\", \
+             patience = 3 }",
+            "job.toml:15:29: train.early_stopping.metric \"loss\" must be a validation score \
+             (val_loss, val_accuracy, val_macro_f1)",
+        ),
+        (
+            "eval_every_steps = 5\nearly_stopping = { metric = \"val_loss\", mode = \"min\", \
+             patience = 0 }",
+            "job.toml:15:66: train.early_stopping.patience must be between 1 and 1048576, got 0",
         ),
     ];
     for (lines, expected) in cases {

@@ -275,6 +275,15 @@ impl Cluster {
                 let reason = format!("cancelled by user at step {step}");
                 self.finish(id, JobState::Cancelled, Some(reason)).await;
             } else {
+                // Only early stopping ends a run that was not asked to stop
+                // before its last step.
+                if step < job.status.total_steps {
+                    let total = job.status.total_steps;
+                    job.status.note(format!(
+                        "stopped early at step {step} of {total}: the \
+                                       validation score stopped improving"
+                    ));
+                }
                 self.finish(id, JobState::Succeeded, None).await;
             }
         }

@@ -33,6 +33,52 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
+/// Keys of the early-stopping state in the run's metrics, which checkpoints
+/// and state transfers carry, so a resumed or re-formed run keeps counting.
+const BEST_KEY: &str = "early_stopping_best";
+const STALE_KEY: &str = "early_stopping_stale_evals";
+
+/// Updates the early-stopping state with this evaluation's `scores` (the
+/// record of the step) and says whether the run should stop now.
+fn early_stopping(
+    es: &ringmaster_common::jobspec::EarlyStopping,
+    scores: &BTreeMap<String, f64>,
+    state: &mut BTreeMap<String, f64>,
+) -> bool {
+    let Some(&value) = scores.get(&es.metric) else {
+        return false;
+    };
+    let better = match state.get(BEST_KEY) {
+        None => true,
+        Some(&best) => match es.mode {
+            ringmaster_common::jobspec::MetricMode::Min => value < best - es.min_delta,
+            ringmaster_common::jobspec::MetricMode::Max => value > best + es.min_delta,
+        },
+    };
+    let stale = if better {
+        state.insert(BEST_KEY.into(), value);
+        0.0
+    } else {
+        state.get(STALE_KEY).copied().unwrap_or(0.0) + 1.0
+    };
+    state.insert(STALE_KEY.into(), stale);
+    stale >= f64::from(es.patience)
+}
+
+/// Adds the subgradient of `l1 · Σ|w|`, `l1 · sign(w)`, to each parameter's
+/// (averaged) gradient.
+fn add_l1(params: &[Tensor], l1: f64) -> Result<(), TrainError> {
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.f_add_(&p.f_sign()?.f_mul_scalar(l1)?)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Scales the gradients of `params` so their global L2 norm is at most
 /// `max`, as PyTorch's `clip_grad_norm_` does (`max / (norm + 1e-6)`, only
 /// when below 1); returns the norm before clipping.
@@ -384,9 +430,16 @@ impl Run {
         hang_failpoint(self.step);
         // A rank with no samples still joins the all-reduce with zeros.
         self.grads.zero()?;
-        let loss_sum = if ids.is_empty() {
-            0.0
-        } else {
+        // Micro-batches accumulate into the same gradients: per-sample
+        // losses are summed, so the split changes only the summation order.
+        let micro = u64::from(self.spec.train.micro_batches.max(1));
+        let mut loss_sum = 0.0;
+        for m in 0..micro {
+            let part = rank_range(0..ids.len() as u64, m as u32, micro as u32);
+            let ids = &ids[part.start as usize..part.end as usize];
+            if ids.is_empty() {
+                continue;
+            }
             let (xb, yb) = self.data.batch(ids)?;
             // Keyed by dataset sample id, not by rank or row: a sample gets
             // the same dropout mask however the batch is split.
@@ -395,8 +448,8 @@ impl Run {
             let loss =
                 logits.f_cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)?;
             loss.f_backward()?;
-            loss.f_double_value(&[])?
-        };
+            loss_sum += loss.f_double_value(&[])?;
+        }
 
         let mut extras = [0f32; EXTRAS];
         extras[EXTRA_LOSS] = loss_sum as f32;
@@ -431,6 +484,9 @@ impl Run {
                 step: self.step + 1,
                 loss,
             });
+        }
+        if self.spec.train.l1 > 0.0 {
+            add_l1(&self.params, self.spec.train.l1)?;
         }
         if let Some(max) = self.spec.train.clip_grad_norm {
             // Every rank holds the same reduced gradients, so every rank
@@ -605,6 +661,7 @@ impl Run {
     ) -> Result<Outcome, TrainError> {
         let rank = self.group()?.rank();
         let mut stopped = false;
+        let mut early_stop = false;
         // The first step of each generation is reported at once: it closes
         // the incident that re-formed the group (the job's timeline).
         let mut first = true;
@@ -625,6 +682,10 @@ impl Run {
                     scores.write(&self.output_dir)?;
                 }
                 control.beat();
+                if let Some(es) = &self.spec.train.early_stopping {
+                    // Every rank has the same scores, so all stop together.
+                    early_stop = early_stopping(es, &record, &mut self.latest);
+                }
             }
             let log_due = done % log_every == 0 || done == total || r.stop || !record.is_empty();
             if log_due {
@@ -671,6 +732,10 @@ impl Run {
             }
             if r.stop {
                 stopped = true;
+                break;
+            }
+            if early_stop {
+                tracing::info!(job = %self.job_id, step = done, "stopping early");
                 break;
             }
         }

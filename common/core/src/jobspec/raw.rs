@@ -130,6 +130,19 @@ pub(super) struct RawTrain {
     pub lr_gamma: Option<Spanned<Float>>,
     pub final_learning_rate: Option<Spanned<Float>>,
     pub clip_grad_norm: Option<Spanned<Float>>,
+    pub micro_batches: Option<Spanned<Integer>>,
+    pub l1: Option<Spanned<Float>>,
+    pub early_stopping: Option<Spanned<RawEarlyStopping>>,
+}
+
+/// `train.early_stopping`, usually an inline table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an early_stopping table")]
+pub(super) struct RawEarlyStopping {
+    pub metric: Spanned<String>,
+    pub mode: MetricMode,
+    pub patience: Spanned<Integer>,
+    pub min_delta: Option<Spanned<Float>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -282,14 +282,18 @@ pub(super) fn keep_best_count(keep: impl Into<i128>) -> Rule {
 /// A metric name is `[a-z0-9_]+`, and ranking by one the trainer never
 /// reports would keep nothing, so both are refused up front.
 pub(super) fn keep_best_metric(metric: &str) -> Rule {
+    reported_metric("checkpoint.keep_best.metric", metric)
+}
+
+/// A metric `key` names: well formed and one the trainer reports.
+pub(super) fn reported_metric(key: &str, metric: &str) -> Rule {
     let well_formed = !metric.is_empty()
         && metric
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !well_formed {
         return Err(format!(
-            "checkpoint.keep_best.metric {metric:?} must be 1 or more characters of a-z, 0-9 \
-             and '_'"
+            "{key} {metric:?} must be 1 or more characters of a-z, 0-9 and '_'"
         ));
     }
     if REPORTED_METRICS.contains(&metric) {
@@ -301,8 +305,7 @@ pub(super) fn keep_best_metric(metric: &str) -> Rule {
             .collect::<Vec<_>>()
             .join(", ");
         Err(format!(
-            "checkpoint.keep_best.metric {metric:?} is not reported by the trainer, expected \
-             one of {expected}"
+            "{key} {metric:?} is not reported by the trainer, expected one of {expected}"
         ))
     }
 }
@@ -314,6 +317,50 @@ pub(super) fn keep_best_needs_validation(metric: &str, has_validation: bool) -> 
     } else {
         Err(format!(
             "checkpoint.keep_best.metric {metric:?} needs data.validation"
+        ))
+    }
+}
+
+pub(super) fn micro_batches(n: impl Into<i128>) -> Rule {
+    in_range("train.micro_batches", n, 1, 1 << 20)
+}
+
+pub(super) fn l1(l1: f64) -> Rule {
+    if l1 >= 0.0 && l1.is_finite() {
+        Ok(())
+    } else {
+        Err(format!(
+            "train.l1 must be non-negative and finite, got {l1:?}"
+        ))
+    }
+}
+
+/// Early stopping watches a validation score, scored every
+/// `eval_every_steps`.
+pub(super) fn early_stopping(metric: &str, evaluates: bool, has_validation: bool) -> Rule {
+    reported_metric("train.early_stopping.metric", metric)?;
+    if !metric.starts_with("val_") {
+        return Err(format!(
+            "train.early_stopping.metric {metric:?} must be a validation score (val_loss, \
+             val_accuracy, val_macro_f1)"
+        ));
+    }
+    if !has_validation || !evaluates {
+        return Err("train.early_stopping needs data.validation and train.eval_every_steps".into());
+    }
+    Ok(())
+}
+
+pub(super) fn patience(n: impl Into<i128>) -> Rule {
+    in_range("train.early_stopping.patience", n, 1, 1 << 20)
+}
+
+pub(super) fn min_delta(delta: f64) -> Rule {
+    if delta >= 0.0 && delta.is_finite() {
+        Ok(())
+    } else {
+        Err(format!(
+            "train.early_stopping.min_delta must be non-negative and finite, got {delta:?}"
         ))
     }
 }

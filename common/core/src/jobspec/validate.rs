@@ -19,9 +19,9 @@ use super::raw::{
 use super::rules::{self, Rule};
 use super::{
     CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS,
-    DataLoading, DataSpec, DebugSpec, Duration, FaultSpec, JobSpec, KeepBestSpec, Location,
-    LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, ScheduleKind, SpecError,
-    SpecSpans, TrainSpec, WorkersSpec,
+    DataLoading, DataSpec, DebugSpec, Duration, EarlyStopping, FaultSpec, JobSpec, KeepBestSpec,
+    Location, LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, ScheduleKind,
+    SpecError, SpecSpans, TrainSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -302,6 +302,45 @@ fn build_train(
     };
     let optimizer = build_optimizer(&raw, at)?;
     let schedule = build_schedule(&raw, at)?;
+    let micro_batches = match &raw.micro_batches {
+        Some(n) => {
+            at.check(n, rules::micro_batches(n.get_ref().0))?;
+            narrow(n, at)?
+        }
+        None => 1,
+    };
+    let l1 = match &raw.l1 {
+        Some(l1) => {
+            at.check(l1, rules::l1(l1.get_ref().0))?;
+            l1.get_ref().0
+        }
+        None => 0.0,
+    };
+    let early_stopping = match &raw.early_stopping {
+        None => None,
+        Some(es) => {
+            let metric = &es.get_ref().metric;
+            at.check(
+                metric,
+                rules::early_stopping(metric.get_ref(), eval_every_steps.is_some(), has_validation),
+            )?;
+            let patience = &es.get_ref().patience;
+            at.check(patience, rules::patience(patience.get_ref().0))?;
+            let min_delta = match &es.get_ref().min_delta {
+                Some(d) => {
+                    at.check(d, rules::min_delta(d.get_ref().0))?;
+                    d.get_ref().0
+                }
+                None => 0.0,
+            };
+            Some(EarlyStopping {
+                metric: metric.get_ref().clone(),
+                mode: es.get_ref().mode,
+                patience: narrow(patience, at)?,
+                min_delta,
+            })
+        }
+    };
     let clip_grad_norm = match &raw.clip_grad_norm {
         Some(max) => {
             at.check(max, rules::clip_grad_norm(max.get_ref().0))?;
@@ -319,6 +358,9 @@ fn build_train(
         log_every_steps,
         schedule,
         clip_grad_norm,
+        micro_batches,
+        l1,
+        early_stopping,
     })
 }
 
