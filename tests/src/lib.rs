@@ -376,6 +376,8 @@ pub struct JobBuilder {
     data: PathBuf,
     seed: u64,
     hidden: Vec<u32>,
+    /// Replaces `kind` and `hidden` when set (another kind of model).
+    kind_lines: Option<String>,
     model: Vec<String>,
     validation: bool,
     data_lines: Vec<String>,
@@ -397,6 +399,7 @@ impl JobBuilder {
             data: data.to_path_buf(),
             seed: 0,
             hidden: vec![32],
+            kind_lines: None,
             model: Vec::new(),
             validation: false,
             data_lines: Vec::new(),
@@ -418,6 +421,13 @@ impl JobBuilder {
 
     pub fn hidden(mut self, widths: &[u32]) -> Self {
         self.hidden = widths.to_vec();
+        self
+    }
+
+    /// A `[model]` table of another kind: `lines` replace `kind = "mlp"` and
+    /// `hidden`, e.g. `kind = "cnn"\ninput_shape = [1, 8, 8]\nchannels = [8]`.
+    pub fn model_kind(mut self, lines: &str) -> Self {
+        self.kind_lines = Some(lines.to_string());
         self
     }
 
@@ -497,11 +507,13 @@ impl JobBuilder {
     /// The file's text.
     pub fn toml(&self) -> String {
         let hidden: Vec<String> = self.hidden.iter().map(u32::to_string).collect();
+        let kind = match &self.kind_lines {
+            Some(lines) => format!("{lines}\n"),
+            None => format!("kind = \"mlp\"\nhidden = [{}]\n", hidden.join(", ")),
+        };
         let mut t = format!(
-            "name = \"{}\"\nseed = {}\n\n[model]\nkind = \"mlp\"\nhidden = [{}]\n",
-            self.name,
-            self.seed,
-            hidden.join(", ")
+            "name = \"{}\"\nseed = {}\n\n[model]\n{kind}",
+            self.name, self.seed,
         );
         for l in &self.model {
             t.push_str(&format!("{l}\n"));

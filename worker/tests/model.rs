@@ -5,8 +5,8 @@
 //! Not here: the generator's own statistics (`sample_rng.rs`) and allocation
 //! failures (`model_alloc.rs`).
 
-use ringmaster_common::jobspec::{Activation, ModelSpec};
-use ringmaster_worker::model::{self, Mlp};
+use ringmaster_common::jobspec::Activation;
+use ringmaster_worker::model::{self, Mlp, Model};
 use ringmaster_worker::sample_rng::{SampleNoise, Stream};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor, nn};
@@ -15,17 +15,12 @@ use tch::{Device, Kind, Tensor, nn};
 /// take turns.
 static RNG: Mutex<()> = Mutex::new(());
 
-fn mlp(hidden: Vec<u32>, activation: Activation, dropout: f64) -> (nn::VarStore, Mlp) {
+fn mlp(hidden: Vec<u32>, activation: Activation, dropout: f64) -> (nn::VarStore, Model) {
     let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
-    let spec = ModelSpec::Mlp {
-        hidden,
-        activation,
-        dropout,
-    };
-    let m = Mlp::new(&vs.root(), 20, 10, &spec).unwrap();
-    (vs, m)
+    let m = Mlp::new(&vs.root(), 20, 10, &hidden, activation, dropout).unwrap();
+    (vs, Model::Mlp(m))
 }
 
 /// Deterministic inputs without touching the RNG: row `i` is a function of `i`.

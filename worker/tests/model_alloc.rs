@@ -6,7 +6,7 @@
 //! Its own test binary because the failed build still draws from libtorch's
 //! global RNG, which the seeded tests in `model.rs` must have to themselves.
 
-use ringmaster_common::jobspec::{Activation, ModelSpec};
+use ringmaster_common::jobspec::Activation;
 use ringmaster_worker::model::Mlp;
 use ringmaster_worker::trainer::TrainError;
 use tch::{Device, nn};
@@ -16,13 +16,8 @@ fn a_model_larger_than_memory_fails_with_one_line_naming_the_parameter() {
     // The constructor is called directly, past the job checks on layer
     // widths: fc0.weight is [16, 8e9] f32, 512 GB, which Linux refuses at
     // once on any machine this runs on (no page is touched).
-    let spec = ModelSpec::Mlp {
-        hidden: vec![16],
-        activation: Activation::Relu,
-        dropout: 0.0,
-    };
     let vs = nn::VarStore::new(Device::Cpu);
-    let err = Mlp::new(&vs.root(), 8_000_000_000, 10, &spec).unwrap_err();
+    let err = Mlp::new(&vs.root(), 8_000_000_000, 10, &[16], Activation::Relu, 0.0).unwrap_err();
     let line = err.to_string();
     eprintln!("{line}");
     assert!(

@@ -132,6 +132,35 @@ pub enum ModelSpec {
         /// Dropout probability after each hidden activation, `0 <= p < 1`.
         dropout: f64,
     },
+    /// A convolutional network over `[C, H, W]` inputs (the dataset's
+    /// features, row-major): per block a `kernel`×`kernel` convolution
+    /// (stride 1, padding `kernel / 2`), a normalization, the activation and
+    /// a `pool`×`pool` max pool; then a global average pool, dropout and a
+    /// linear head.
+    Cnn {
+        input_shape: [u32; 3],
+        channels: Vec<u32>,
+        kernel: u32,
+        pool: u32,
+        norm: Norm,
+        /// Groups of `norm = "group"`; divides every channel count.
+        groups: u32,
+        activation: Activation,
+        dropout: f64,
+    },
+}
+
+/// Values of a `cnn`'s input (`C·H·W`) at most: the dataset features' bound.
+pub const MAX_CNN_INPUT_VALUES: u64 = 1 << 20;
+
+/// The normalization after each convolution of a `cnn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    None,
+    /// PyTorch's `nn.GroupNorm`: per-sample statistics, so any number of
+    /// workers computes the same step.
+    Group,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -510,14 +539,43 @@ impl JobSpec {
     /// error names the key, as in the TOML errors, without a location.
     pub fn check(&self) -> Result<(), String> {
         rules::name(&self.name)?;
-        let ModelSpec::Mlp {
-            hidden, dropout, ..
-        } = &self.model;
-        rules::hidden_len(hidden.len())?;
-        for (i, width) in hidden.iter().enumerate() {
-            rules::hidden_width(i, i64::from(*width))?;
+        match &self.model {
+            ModelSpec::Mlp {
+                hidden, dropout, ..
+            } => {
+                rules::hidden_len(hidden.len())?;
+                for (i, width) in hidden.iter().enumerate() {
+                    rules::hidden_width(i, i64::from(*width))?;
+                }
+                rules::dropout(*dropout)?;
+            }
+            ModelSpec::Cnn {
+                input_shape,
+                channels,
+                kernel,
+                pool,
+                norm,
+                groups,
+                dropout,
+                ..
+            } => {
+                for (i, side) in input_shape.iter().enumerate() {
+                    rules::input_side(i, *side)?;
+                }
+                rules::cnn_channels_len(channels.len())?;
+                for (i, c) in channels.iter().enumerate() {
+                    rules::cnn_channel(i, *c)?;
+                }
+                rules::kernel(*kernel)?;
+                rules::pool(*pool)?;
+                let groups = (*norm == Norm::Group).then_some(*groups);
+                if groups == Some(0) {
+                    return Err("model.groups must be at least 1".into());
+                }
+                rules::cnn_shape(*input_shape, channels, *pool, groups)?;
+                rules::dropout(*dropout)?;
+            }
         }
-        rules::dropout(*dropout)?;
 
         absolute("data.train", &self.data.train)?;
         if let Some(validation) = &self.data.validation {

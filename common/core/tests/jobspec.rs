@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use ringmaster_common::jobspec::{
     Activation, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading,
     DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, LrSchedule, MetricMode,
-    ModelSpec, Optimizer, ScheduleKind, SpanField, SpecError,
+    ModelSpec, Norm, Optimizer, ScheduleKind, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -149,8 +149,8 @@ fn unknown_enum_values_list_the_alternatives() {
         "job.toml:17:10: unknown variant `tpu`, expected `cpu` or `cuda`",
     );
     check_err(
-        &edit(&[("kind = \"mlp\"", "kind = \"cnn\"")]),
-        "job.toml:4:8: unknown variant `cnn`, expected `mlp`",
+        &edit(&[("kind = \"mlp\"", "kind = \"resnet\"")]),
+        "job.toml:4:8: unknown variant `resnet`, expected `mlp` or `cnn`",
     );
 }
 
@@ -510,6 +510,80 @@ fn schedule_and_clipping_keys() {
             &format!("learning_rate = 0.1\n{lines}"),
         )]);
         check_err(&source, expected);
+    }
+}
+
+#[test]
+fn cnn_keys() {
+    let cnn = |lines: &str| edit(&[("kind = \"mlp\"\nhidden = [16, 8]", lines)]);
+    let spec = parse(&cnn(
+        "kind = \"cnn\"\ninput_shape = [3, 32, 32]\nchannels = [12, 24, 48]",
+    ));
+    assert_eq!(
+        spec.model,
+        ModelSpec::Cnn {
+            input_shape: [3, 32, 32],
+            channels: vec![12, 24, 48],
+            kernel: 3,
+            pool: 2,
+            norm: Norm::Group,
+            // The largest of 8, 4, 2, 1 dividing every count.
+            groups: 4,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        }
+    );
+    let json = serde_json::to_string(&spec).unwrap();
+    assert_eq!(
+        serde_json::from_str::<JobSpec>(&json).unwrap().check(),
+        Ok(())
+    );
+
+    let cases: &[(&str, &str)] = &[
+        (
+            "kind = \"cnn\"\nchannels = [8]",
+            "job.toml:4:8: model.kind = \"cnn\" needs model.input_shape (e.g. [1, 8, 8])",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [8, 8]\nchannels = [8]",
+            "job.toml:5:15: model.input_shape must be [channels, height, width], got 2 values",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\nhidden = [4]",
+            "job.toml:7:10: model.hidden does not apply to model.kind = \"cnn\"",
+        ),
+        (
+            "kind = \"mlp\"\nhidden = [4]\nchannels = [8]",
+            "job.toml:6:12: model.channels does not apply to model.kind = \"mlp\"",
+        ),
+        (
+            "kind = \"mlp\"",
+            "job.toml:4:8: model.kind = \"mlp\" needs model.hidden (the hidden layer widths, \
+             e.g. [128, 64])",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\nkernel = 4",
+            "job.toml:7:10: model.kernel must be odd, 1 to 15, got 4",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8, 8, 8, 8]",
+            "job.toml:5:15: model.input_shape [1, 8, 8] is too small for 4 pools of 2: the \
+             sides would reach 0 (lower model.pool or use fewer blocks)",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [6]\ngroups = 4",
+            "job.toml:7:10: model.groups = 4 must divide every channel count, and 6 is not a \
+             multiple",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\nnorm = \"batch\"",
+            "job.toml:7:8: model.norm = \"batch\" is not supported yet: its per-rank \
+             statistics would make the run depend on the number of workers; use \"group\" \
+             (per-sample statistics) or \"none\"",
+        ),
+    ];
+    for (lines, expected) in cases {
+        check_err(&cnn(lines), expected);
     }
 }
 
@@ -978,8 +1052,27 @@ fn examples_parse() {
     assert_eq!(digits.train.duration, Duration::Epochs(30));
     assert_eq!(digits.train.eval_every_steps, Some(50));
     assert!(matches!(digits.train.optimizer, Optimizer::Adam { .. }));
-    let ModelSpec::Mlp { hidden, .. } = &digits.model;
+    let ModelSpec::Mlp { hidden, .. } = &digits.model else {
+        panic!("an mlp")
+    };
     assert_eq!(hidden, &[128, 64]);
+
+    let cnn = example("digits-cnn.toml");
+    assert_eq!(cnn.check(), Ok(()));
+    assert_eq!(
+        cnn.model,
+        ModelSpec::Cnn {
+            input_shape: [1, 8, 8],
+            channels: vec![32, 64],
+            kernel: 3,
+            pool: 2,
+            norm: Norm::Group,
+            groups: 8,
+            activation: Activation::Relu,
+            dropout: 0.1,
+        }
+    );
+    assert_eq!(cnn.data, digits.data);
 
     let sgd = example("digits-mlp-sgd.toml");
     assert_eq!(sgd.check(), Ok(()));
@@ -1004,7 +1097,9 @@ fn examples_parse() {
     assert_eq!(ckpt.check(), Ok(()));
     assert_eq!(ckpt.name, "digits-mlp-checkpoint");
     assert_eq!(ckpt.data, digits.data);
-    let ModelSpec::Mlp { dropout, .. } = &ckpt.model;
+    let ModelSpec::Mlp { dropout, .. } = &ckpt.model else {
+        panic!("an mlp")
+    };
     assert_eq!(*dropout, 0.1);
     assert_eq!(
         ckpt.checkpoint,
@@ -1029,7 +1124,9 @@ fn examples_parse() {
     assert_eq!(synthetic.train.global_batch, 128);
     assert_eq!(synthetic.train.duration, Duration::Steps(200));
     assert_eq!((synthetic.workers.min, synthetic.workers.max), (2, 2));
-    let ModelSpec::Mlp { hidden, .. } = &synthetic.model;
+    let ModelSpec::Mlp { hidden, .. } = &synthetic.model else {
+        panic!("an mlp")
+    };
     assert_eq!(hidden, &[1024, 1024]);
 }
 

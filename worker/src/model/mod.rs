@@ -1,5 +1,6 @@
-//! Built-in models. Parameter names follow PyTorch's `nn.Linear` convention
-//! (`fc0.weight`, `fc0.bias`, ..., `out.weight`, `out.bias`) so a saved
+//! Built-in models: the `mlp` here and the `cnn` (`cnn.rs`). Parameter names
+//! follow PyTorch's conventions (`fc0.weight`, `conv0.weight`,
+//! `norm0.weight`, ..., `out.weight`, `out.bias`) so a saved
 //! `model.safetensors` loads into the equivalent Python module unchanged.
 //! Nothing here knows about data, optimizers or collectives.
 //!
@@ -9,6 +10,9 @@
 //! themselves, so a sample gets the same mask on any rank layout.
 
 mod alloc;
+mod cnn;
+
+pub use cnn::Cnn;
 
 pub use alloc::{AllocError, allocate, device_name, from_host, torch_message, zeros};
 
@@ -27,6 +31,48 @@ pub struct Mlp {
     dropout: f64,
 }
 
+/// One of the built-in models, as the trainer drives it.
+#[derive(Debug)]
+pub enum Model {
+    Mlp(Mlp),
+    Cnn(Cnn),
+}
+
+impl Model {
+    /// Logits for a training batch whose row `i` is the sample `noise`
+    /// knows as its `i`-th.
+    pub fn forward_train(&self, xs: &Tensor, noise: &SampleNoise) -> Result<Tensor, TchError> {
+        let rows = xs.size().first().copied().unwrap_or(0);
+        if rows != noise.len() as i64 {
+            return Err(TchError::Shape(format!(
+                "batch of {rows} rows with noise for {} samples",
+                noise.len()
+            )));
+        }
+        match self {
+            Model::Mlp(m) => m.forward(xs, Some(noise)),
+            Model::Cnn(m) => m.forward(xs, Some(noise)),
+        }
+    }
+
+    /// Logits for evaluation: no dropout.
+    pub fn forward_eval(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        match self {
+            Model::Mlp(m) => m.forward(xs, None),
+            Model::Cnn(m) => m.forward(xs, None),
+        }
+    }
+}
+
+/// Why a model cannot be built for a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error("{0}")]
+    Shape(String),
+}
+
 /// The job's initial model on `device`: libtorch's generator seeded with the
 /// job's seed, then the parameters built. Every rank, and anything that needs
 /// to know where a run started (tests comparing against the initial
@@ -37,7 +83,7 @@ pub fn initial(
     classes: i64,
     spec: &ModelSpec,
     device: tch::Device,
-) -> Result<(nn::VarStore, Mlp), AllocError> {
+) -> Result<(nn::VarStore, Model), BuildError> {
     // libtorch's generator is process-wide: two runs initialising at once
     // (two jobs on one worker, tests in parallel threads) would interleave
     // their draws and each get parameters no seed describes.
@@ -45,7 +91,21 @@ pub fn initial(
     let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
-    let model = Mlp::new(&vs.root(), inputs, classes, spec)?;
+    let model = match spec {
+        ModelSpec::Mlp {
+            hidden,
+            activation,
+            dropout,
+        } => Model::Mlp(Mlp::new(
+            &vs.root(),
+            inputs,
+            classes,
+            hidden,
+            *activation,
+            *dropout,
+        )?),
+        ModelSpec::Cnn { .. } => Model::Cnn(Cnn::new(&vs.root(), inputs, classes, spec)?),
+    };
     Ok((vs, model))
 }
 
@@ -64,13 +124,10 @@ impl Mlp {
         root: &nn::Path,
         inputs: i64,
         classes: i64,
-        spec: &ModelSpec,
+        hidden: &[u32],
+        activation: Activation,
+        dropout: f64,
     ) -> Result<Self, AllocError> {
-        let ModelSpec::Mlp {
-            hidden,
-            activation,
-            dropout,
-        } = spec;
         let mut layers = Vec::with_capacity(hidden.len());
         let mut width = inputs;
         for (i, &h) in hidden.iter().enumerate() {
@@ -81,39 +138,23 @@ impl Mlp {
         Ok(Mlp {
             hidden: layers,
             out,
-            activation: *activation,
-            dropout: *dropout,
+            activation,
+            dropout,
         })
     }
 
-    /// Logits for a training batch `[n, inputs]` whose row `i` is the sample
-    /// `noise` knows as its `i`-th: dropout masks are drawn for each sample
-    /// from its own key, whatever batch or rank it is in.
-    pub fn forward_train(&self, xs: &Tensor, noise: &SampleNoise) -> Result<Tensor, TchError> {
-        let rows = xs.size().first().copied().unwrap_or(0);
-        if rows != noise.len() as i64 {
-            return Err(TchError::Shape(format!(
-                "batch of {rows} rows with noise for {} samples",
-                noise.len()
-            )));
-        }
-        self.forward(xs, Some(noise))
-    }
-
-    /// Logits for evaluation: no dropout.
-    pub fn forward_eval(&self, xs: &Tensor) -> Result<Tensor, TchError> {
-        self.forward(xs, None)
-    }
-
-    fn forward(&self, xs: &Tensor, noise: Option<&SampleNoise>) -> Result<Tensor, TchError> {
+    /// Logits for a batch `[n, inputs]`; with `noise`, dropout masks are
+    /// drawn for each sample from its own key, whatever batch or rank it is
+    /// in.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        noise: Option<&SampleNoise>,
+    ) -> Result<Tensor, TchError> {
         let mut x = xs.shallow_clone();
         for (i, layer) in self.hidden.iter().enumerate() {
             x = layer.forward(&x)?;
-            x = match self.activation {
-                Activation::Relu => x.f_relu()?,
-                Activation::Gelu => x.f_gelu("none")?,
-                Activation::Tanh => x.f_tanh()?,
-            };
+            x = activate(&x, self.activation)?;
             if let Some(noise) = noise
                 && self.dropout > 0.0
             {
@@ -121,6 +162,16 @@ impl Mlp {
             }
         }
         self.out.forward(&x)
+    }
+}
+
+/// `x` through `activation`, as PyTorch's `nn.ReLU`, `nn.GELU` (exact) and
+/// `nn.Tanh`.
+pub(crate) fn activate(x: &Tensor, activation: Activation) -> Result<Tensor, TchError> {
+    match activation {
+        Activation::Relu => x.f_relu(),
+        Activation::Gelu => x.f_gelu("none"),
+        Activation::Tanh => x.f_tanh(),
     }
 }
 
@@ -144,7 +195,7 @@ pub fn dropout(
 
 /// `y = x W^T + b`, as PyTorch's `nn.Linear`.
 #[derive(Debug)]
-struct Linear {
+pub(crate) struct Linear {
     weight: Tensor,
     bias: Tensor,
 }
@@ -156,7 +207,12 @@ impl Linear {
     /// gave. Note tch's weight init is Kaiming-uniform with ReLU gain, bound
     /// `sqrt(6 / inputs)`, wider than PyTorch `nn.Linear`'s `1 / sqrt(inputs)`;
     /// the biases match PyTorch's.
-    fn new(root: &nn::Path, name: &str, inputs: i64, outputs: i64) -> Result<Self, AllocError> {
+    pub(crate) fn new(
+        root: &nn::Path,
+        name: &str,
+        inputs: i64,
+        outputs: i64,
+    ) -> Result<Self, AllocError> {
         let path = root / name;
         let bound = 1.0 / (inputs as f64).sqrt();
         let bias = parameter(
@@ -179,12 +235,12 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         x.f_linear(&self.weight, Some(&self.bias))
     }
 }
 
-fn parameter(
+pub(crate) fn parameter(
     path: &nn::Path,
     layer: &str,
     name: &str,

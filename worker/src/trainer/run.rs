@@ -22,7 +22,7 @@ use super::{
 };
 use crate::checkpoint;
 use crate::collective::Collective;
-use crate::model::{self, Mlp};
+use crate::model::{self, Model};
 use crate::optim::Optimizer;
 use crate::sample_rng::SampleNoise;
 use ringmaster_common::jobspec::JobSpec;
@@ -121,7 +121,7 @@ pub struct Run {
     progress_every: u64,
     device: Device,
     data: TrainData,
-    model: Mlp,
+    model: Model,
     /// Owns the parameters the model and `params` point into.
     _vars: nn::VarStore,
     /// Parameters by name, in name order (buckets, checkpoints and
@@ -219,7 +219,11 @@ impl Run {
             i64::from(data.classes),
             &spec.model,
             device,
-        )?;
+        )
+        .map_err(|e| match e {
+            model::BuildError::Alloc(a) => TrainError::from(a),
+            model::BuildError::Shape(msg) => TrainError::Invalid(msg),
+        })?;
         let named = model::named_parameters(&vars);
         let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();

@@ -42,16 +42,31 @@ pub(super) struct RawJob {
 #[serde(rename_all = "lowercase")]
 pub(super) enum RawModelKind {
     Mlp,
+    Cnn,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawNorm {
+    None,
+    Group,
+    Batch,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [model] table")]
 pub(super) struct RawModel {
-    pub kind: RawModelKind,
-    pub hidden: Spanned<Vec<Spanned<Integer>>>,
+    pub kind: Spanned<RawModelKind>,
+    pub hidden: Option<Spanned<Vec<Spanned<Integer>>>>,
     #[serde(default = "default_activation")]
     pub activation: Activation,
     pub dropout: Option<Spanned<Float>>,
+    pub input_shape: Option<Spanned<Vec<Spanned<Integer>>>>,
+    pub channels: Option<Spanned<Vec<Spanned<Integer>>>>,
+    pub kernel: Option<Spanned<Integer>>,
+    pub pool: Option<Spanned<Integer>>,
+    pub norm: Option<Spanned<RawNorm>>,
+    pub groups: Option<Spanned<Integer>>,
 }
 
 fn default_activation() -> Activation {

@@ -65,6 +65,87 @@ pub(super) fn hidden_width(index: usize, width: impl Into<i128>) -> Rule {
     in_range(&format!("model.hidden[{index}]"), width, 1, MAX_LAYER_WIDTH)
 }
 
+/// Convolution blocks of a `cnn`.
+pub(super) const MAX_CNN_BLOCKS: usize = 16;
+/// Bounds of a `cnn`'s channel counts and input sides.
+const MAX_CHANNELS: i64 = 4096;
+const MAX_SIDE: i64 = 4096;
+
+pub(super) fn cnn_channels_len(blocks: usize) -> Rule {
+    if (1..=MAX_CNN_BLOCKS).contains(&blocks) {
+        Ok(())
+    } else {
+        Err(format!(
+            "model.channels has {blocks} blocks, 1 to {MAX_CNN_BLOCKS} are allowed"
+        ))
+    }
+}
+
+pub(super) fn cnn_channel(index: usize, channels: impl Into<i128>) -> Rule {
+    in_range(
+        &format!("model.channels[{index}]"),
+        channels,
+        1,
+        MAX_CHANNELS,
+    )
+}
+
+pub(super) fn input_shape_len(dims: usize) -> Rule {
+    if dims == 3 {
+        Ok(())
+    } else {
+        Err(format!(
+            "model.input_shape must be [channels, height, width], got {dims} values"
+        ))
+    }
+}
+
+pub(super) fn input_side(index: usize, side: impl Into<i128>) -> Rule {
+    in_range(&format!("model.input_shape[{index}]"), side, 1, MAX_SIDE)
+}
+
+pub(super) fn kernel(k: impl Into<i128>) -> Rule {
+    let k = k.into();
+    if (1..=15).contains(&k) && k % 2 == 1 {
+        Ok(())
+    } else {
+        Err(format!("model.kernel must be odd, 1 to 15, got {k}"))
+    }
+}
+
+pub(super) fn pool(p: impl Into<i128>) -> Rule {
+    in_range("model.pool", p, 1, 8)
+}
+
+/// The whole `cnn` shape: features within bounds, every channel count
+/// divisible by the groups, and an input that survives every pool.
+pub(super) fn cnn_shape(input: [u32; 3], channels: &[u32], pool: u32, groups: Option<u32>) -> Rule {
+    let values: u64 = input.iter().map(|&v| u64::from(v)).product();
+    if values > super::MAX_CNN_INPUT_VALUES {
+        return Err(format!(
+            "model.input_shape holds {values} values, at most {} are allowed",
+            super::MAX_CNN_INPUT_VALUES
+        ));
+    }
+    if let Some(g) = groups
+        && let Some(c) = channels.iter().find(|&&c| c % g != 0)
+    {
+        return Err(format!(
+            "model.groups = {g} must divide every channel count, and {c} is not a multiple"
+        ));
+    }
+    let shrink = u64::from(pool).saturating_pow(channels.len() as u32);
+    let side = u64::from(input[1].min(input[2]));
+    if pool > 1 && side < shrink {
+        return Err(format!(
+            "model.input_shape {input:?} is too small for {} pools of {pool}: the sides \
+             would reach 0 (lower model.pool or use fewer blocks)",
+            channels.len()
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn dropout(p: f64) -> Rule {
     unit_interval("model.dropout", p)
 }

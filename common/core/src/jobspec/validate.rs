@@ -14,13 +14,13 @@ use serde_spanned::Spanned;
 
 use super::raw::{
     Integer, RawBytes, RawCheckpoint, RawData, RawFault, RawJob, RawLoading, RawModel,
-    RawModelKind, RawOptimizer, RawSchedule, RawTrain, RawWorkers,
+    RawModelKind, RawNorm, RawOptimizer, RawSchedule, RawTrain, RawWorkers,
 };
 use super::rules::{self, Rule};
 use super::{
     CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS,
     DataLoading, DataSpec, DebugSpec, Duration, EarlyStopping, FaultSpec, JobSpec, KeepBestSpec,
-    Location, LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Optimizer, OutputSpec, ScheduleKind,
+    Location, LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, ScheduleKind,
     SpecError, SpecSpans, TrainSpec, WorkersSpec,
 };
 
@@ -167,12 +167,6 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
 }
 
 fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location), SpecError> {
-    at.check(&raw.hidden, rules::hidden_len(raw.hidden.get_ref().len()))?;
-    let mut hidden = Vec::with_capacity(raw.hidden.get_ref().len());
-    for (i, width) in raw.hidden.get_ref().iter().enumerate() {
-        at.check(width, rules::hidden_width(i, width.get_ref().0))?;
-        hidden.push(narrow(width, at)?);
-    }
     let dropout = match &raw.dropout {
         Some(p) => {
             at.check(p, rules::dropout(p.get_ref().0))?;
@@ -180,14 +174,156 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
         }
         None => 0.0,
     };
-    let model = match raw.kind {
-        RawModelKind::Mlp => ModelSpec::Mlp {
-            hidden,
-            activation: raw.activation,
-            dropout,
-        },
+    let kind_span = raw.kind.span();
+    // Keys of the other kind are errors, not silently ignored.
+    let not_for = |span: Range<usize>, key: &str, kind: &str| {
+        at.invalid(
+            span,
+            format!("{key} does not apply to model.kind = \"{kind}\""),
+        )
     };
-    Ok((model, at.at(raw.hidden.span())))
+    match raw.kind.into_inner() {
+        RawModelKind::Mlp => {
+            for (key, span) in [
+                (
+                    "model.input_shape",
+                    raw.input_shape.as_ref().map(|v| v.span()),
+                ),
+                ("model.channels", raw.channels.as_ref().map(|v| v.span())),
+                ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
+                ("model.pool", raw.pool.as_ref().map(|v| v.span())),
+                ("model.norm", raw.norm.as_ref().map(|v| v.span())),
+                ("model.groups", raw.groups.as_ref().map(|v| v.span())),
+            ] {
+                if let Some(span) = span {
+                    return Err(not_for(span, key, "mlp"));
+                }
+            }
+            let Some(raw_hidden) = &raw.hidden else {
+                return Err(at.invalid(
+                    kind_span,
+                    "model.kind = \"mlp\" needs model.hidden (the hidden layer widths, \
+                     e.g. [128, 64])"
+                        .into(),
+                ));
+            };
+            at.check(raw_hidden, rules::hidden_len(raw_hidden.get_ref().len()))?;
+            let mut hidden = Vec::with_capacity(raw_hidden.get_ref().len());
+            for (i, width) in raw_hidden.get_ref().iter().enumerate() {
+                at.check(width, rules::hidden_width(i, width.get_ref().0))?;
+                hidden.push(narrow(width, at)?);
+            }
+            let model = ModelSpec::Mlp {
+                hidden,
+                activation: raw.activation,
+                dropout,
+            };
+            Ok((model, at.at(raw_hidden.span())))
+        }
+        RawModelKind::Cnn => {
+            if let Some(h) = &raw.hidden {
+                return Err(not_for(h.span(), "model.hidden", "cnn"));
+            }
+            let needs = |key: &str, example: &str| {
+                at.invalid(
+                    kind_span.clone(),
+                    format!("model.kind = \"cnn\" needs {key} (e.g. {example})"),
+                )
+            };
+            let shape = raw
+                .input_shape
+                .as_ref()
+                .ok_or_else(|| needs("model.input_shape", "[1, 8, 8]"))?;
+            at.check(shape, rules::input_shape_len(shape.get_ref().len()))?;
+            let mut input_shape = [0u32; 3];
+            for (i, v) in shape.get_ref().iter().enumerate() {
+                at.check(v, rules::input_side(i, v.get_ref().0))?;
+                input_shape[i] = narrow(v, at)?;
+            }
+            let raw_channels = raw
+                .channels
+                .as_ref()
+                .ok_or_else(|| needs("model.channels", "[16, 32]"))?;
+            at.check(
+                raw_channels,
+                rules::cnn_channels_len(raw_channels.get_ref().len()),
+            )?;
+            let mut channels = Vec::new();
+            for (i, c) in raw_channels.get_ref().iter().enumerate() {
+                at.check(c, rules::cnn_channel(i, c.get_ref().0))?;
+                channels.push(narrow(c, at)?);
+            }
+            let kernel = match &raw.kernel {
+                Some(k) => {
+                    at.check(k, rules::kernel(k.get_ref().0))?;
+                    narrow(k, at)?
+                }
+                None => 3,
+            };
+            let pool = match &raw.pool {
+                Some(p) => {
+                    at.check(p, rules::pool(p.get_ref().0))?;
+                    narrow(p, at)?
+                }
+                None => 2,
+            };
+            let norm = match raw.norm.as_ref().map(|n| (*n.get_ref(), n.span())) {
+                None | Some((RawNorm::Group, _)) => Norm::Group,
+                Some((RawNorm::None, _)) => Norm::None,
+                Some((RawNorm::Batch, span)) => {
+                    return Err(at.invalid(
+                        span,
+                        "model.norm = \"batch\" is not supported yet: its per-rank statistics \
+                         would make the run depend on the number of workers; use \"group\" \
+                         (per-sample statistics) or \"none\""
+                            .into(),
+                    ));
+                }
+            };
+            let groups = match &raw.groups {
+                Some(g) if norm == Norm::None => {
+                    return Err(at.invalid(
+                        g.span(),
+                        "model.groups applies to model.norm = \"group\"".into(),
+                    ));
+                }
+                Some(g) => {
+                    at.check(
+                        g,
+                        rules::cnn_channel(0, g.get_ref().0).map_err(|_| {
+                            format!(
+                                "model.groups must be between 1 and 4096, got {}",
+                                g.get_ref().0
+                            )
+                        }),
+                    )?;
+                    let groups = narrow(g, at)?;
+                    at.check(
+                        g,
+                        rules::cnn_shape(input_shape, &channels, pool, Some(groups)),
+                    )?;
+                    groups
+                }
+                // The largest of 8, 4, 2, 1 that divides every channel count.
+                None => [8, 4, 2, 1]
+                    .into_iter()
+                    .find(|g| channels.iter().all(|c| c % g == 0))
+                    .unwrap_or(1),
+            };
+            at.check(shape, rules::cnn_shape(input_shape, &channels, pool, None))?;
+            let model = ModelSpec::Cnn {
+                input_shape,
+                channels,
+                kernel,
+                pool,
+                norm,
+                groups,
+                activation: raw.activation,
+                dropout,
+            };
+            Ok((model, at.at(raw_channels.span())))
+        }
+    }
 }
 
 fn build_data(

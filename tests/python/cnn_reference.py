@@ -1,0 +1,61 @@
+"""Loads a Ringmaster `cnn` model.safetensors into the equivalent PyTorch
+module with `load_state_dict` (strict: every name and shape must match) and
+scores a Ringmaster dataset directory with it. Prints one JSON line:
+{"samples": n, "correct": k, "accuracy": k / n}.
+
+Usage: cnn_reference.py MODEL.safetensors DATASET_DIR C H W CH1,CH2,... KERNEL POOL GROUPS
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+
+class Cnn(nn.Module):
+    """The module `worker/src/model/cnn.rs` documents, with ReLU."""
+
+    def __init__(self, c_in, channels, kernel, pool, groups, classes):
+        super().__init__()
+        self.pool = pool
+        self.blocks = len(channels)
+        for i, c in enumerate(channels):
+            setattr(self, f"conv{i}", nn.Conv2d(c_in, c, kernel, padding=kernel // 2))
+            setattr(self, f"norm{i}", nn.GroupNorm(groups, c))
+            c_in = c
+        self.out = nn.Linear(c_in, classes)
+
+    def forward(self, x):
+        for i in range(self.blocks):
+            x = getattr(self, f"conv{i}")(x)
+            x = getattr(self, f"norm{i}")(x)
+            x = torch.relu(x)
+            if self.pool > 1:
+                x = nn.functional.max_pool2d(x, self.pool)
+        return self.out(x.mean(dim=(2, 3)))
+
+
+def main():
+    model_path, data_dir, c, h, w, channels, kernel, pool, groups = sys.argv[1:]
+    c, h, w, kernel, pool, groups = map(int, (c, h, w, kernel, pool, groups))
+    channels = [int(v) for v in channels.split(",")]
+    manifest = json.load(open(f"{data_dir}/MANIFEST.json"))
+    xs, ys = [], []
+    for shard in manifest["shards"]:
+        t = load_file(f"{data_dir}/{shard['file']}")
+        xs.append(t["x"])
+        ys.append(t["y"])
+    x = torch.cat(xs).view(-1, c, h, w)
+    y = torch.cat(ys)
+    model = Cnn(c, channels, kernel, pool, groups, manifest["schema"]["num_classes"])
+    model.load_state_dict(load_file(model_path), strict=True)
+    model.eval()
+    with torch.no_grad():
+        correct = int((model(x).argmax(dim=1) == y).sum())
+    print(json.dumps({"samples": len(y), "correct": correct, "accuracy": correct / len(y)}))
+
+
+if __name__ == "__main__":
+    main()
