@@ -2,7 +2,8 @@
 //! `cnn` on scikit-learn's digits as 1×8×8 images reaches 0.97 validation
 //! accuracy, its `model.safetensors` loads into the equivalent PyTorch module
 //! (`tests/python/cnn_reference.py`, strict `load_state_dict`) and scores the
-//! same there, and 1 and 2 workers compute the same run.
+//! same there, and 1 and 2 workers compute the same run, random crops
+//! (drawn per sample) included.
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, pack_digits, read_params, relative_l2, repo_root,
@@ -17,6 +18,21 @@ fn cnn_job(data: &Path, name: &str, workers: u32, steps: u32) -> JobBuilder {
     JobBuilder::new(name, data)
         .seed(2)
         .model_kind(CNN)
+        .validation()
+        .train(&format!(
+            "steps = {steps}\noptimizer = \"adam\"\nlearning_rate = 0.003\n\
+             lr_schedule = \"cosine\"\nwarmup_steps = 50\neval_every_steps = 200"
+        ))
+        .exactly(workers)
+}
+
+/// With random crops and flips, drawn per sample.
+fn augmented_job(data: &Path, name: &str, workers: u32, steps: u32) -> JobBuilder {
+    JobBuilder::new(name, data)
+        .seed(2)
+        .model_kind(&format!(
+            "{CNN}\naugment = {{ crop_padding = 1, horizontal_flip = true }}"
+        ))
         .validation()
         .train(&format!(
             "steps = {steps}\noptimizer = \"adam\"\nlearning_rate = 0.003\n\
@@ -97,8 +113,12 @@ fn one_and_two_workers_train_the_same_cnn() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(2).unwrap();
-    let (_, one) = run(&cluster, tmp.path(), &cnn_job(&data, "one", 1, 150));
-    let (_, two) = run(&cluster, tmp.path(), &cnn_job(&data, "two", 2, 150));
+    let (_, one) = run(&cluster, tmp.path(), &augmented_job(&data, "one", 1, 150));
+    let (_, two) = run(&cluster, tmp.path(), &augmented_job(&data, "two", 2, 150));
+    // Augmentation was on: the same job without it ends elsewhere.
+    let (_, plain) = run(&cluster, tmp.path(), &cnn_job(&data, "plain", 1, 150));
+    let moved = relative_l2(&params(&one), &params(&plain));
+    assert!(moved > 1e-3, "augmentation changed the run by only {moved}");
     let rel = relative_l2(&params(&one), &params(&two));
     eprintln!("cnn: relative L2 between 1 and 2 workers: {rel:e}");
     assert!(rel < 1e-5, "1 vs 2 workers: {rel}");

@@ -147,7 +147,24 @@ pub enum ModelSpec {
         groups: u32,
         activation: Activation,
         dropout: f64,
+        /// Training-time image augmentation.
+        #[serde(default)]
+        augment: Augment,
     },
+}
+
+/// Random crops and flips of training images, drawn per sample from
+/// (seed, step, sample id): W workers still compute the same run, and a
+/// resumed run the same steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Augment {
+    /// Pad each side with this many zeros, then crop back to the input size
+    /// at a random offset (0: no crop).
+    #[serde(default)]
+    pub crop_padding: u32,
+    /// Mirror left-right with probability 1/2.
+    #[serde(default)]
+    pub horizontal_flip: bool,
 }
 
 /// Values of a `cnn`'s input (`C·H·W`) at most: the dataset features' bound.
@@ -557,8 +574,10 @@ impl JobSpec {
                 norm,
                 groups,
                 dropout,
+                augment,
                 ..
             } => {
+                rules::crop_padding(augment.crop_padding)?;
                 for (i, side) in input_shape.iter().enumerate() {
                     rules::input_side(i, *side)?;
                 }
@@ -572,7 +591,7 @@ impl JobSpec {
                 if groups == Some(0) {
                     return Err("model.groups must be at least 1".into());
                 }
-                rules::cnn_shape(*input_shape, channels, *pool, groups)?;
+                rules::cnn_shape(*input_shape, channels, *pool, groups, augment.crop_padding)?;
                 rules::dropout(*dropout)?;
             }
         }

@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use ringmaster_common::jobspec::{
-    Activation, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading,
-    DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, LrSchedule, MetricMode,
-    ModelSpec, Norm, Optimizer, ScheduleKind, SpanField, SpecError,
+    Activation, Augment, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_SHUFFLE_WINDOW_SHARDS,
+    DataLoading, DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, LrSchedule,
+    MetricMode, ModelSpec, Norm, Optimizer, ScheduleKind, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -531,6 +531,7 @@ fn cnn_keys() {
             groups: 4,
             activation: Activation::Relu,
             dropout: 0.0,
+            augment: Augment::default(),
         }
     );
     let json = serde_json::to_string(&spec).unwrap();
@@ -560,6 +561,21 @@ fn cnn_keys() {
             "kind = \"mlp\"",
             "job.toml:4:8: model.kind = \"mlp\" needs model.hidden (the hidden layer widths, \
              e.g. [128, 64])",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\n\
+             augment = { crop_padding = 65 }",
+            "job.toml:7:28: model.augment.crop_padding must be between 0 and 64, got 65",
+        ),
+        (
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\n\
+             augment = { crop_padding = 8 }",
+            "job.toml:5:15: model.augment.crop_padding = 8 must be smaller than the image's \
+             height and width ([1, 8, 8]): the border is mirrored",
+        ),
+        (
+            "kind = \"mlp\"\nhidden = [4]\naugment = { horizontal_flip = true }",
+            "job.toml:6:11: model.augment does not apply to model.kind = \"mlp\"",
         ),
         (
             "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\nkernel = 4",
@@ -1070,6 +1086,7 @@ fn examples_parse() {
             groups: 8,
             activation: Activation::Relu,
             dropout: 0.1,
+            augment: Augment::default(),
         }
     );
     assert_eq!(cnn.data, digits.data);

@@ -12,7 +12,7 @@
 
 use super::{AllocError, BuildError, Linear, activate, dropout, parameter};
 use crate::sample_rng::{SampleNoise, Stream};
-use ringmaster_common::jobspec::{Activation, ModelSpec, Norm};
+use ringmaster_common::jobspec::{Activation, Augment, ModelSpec, Norm};
 use tch::nn::{self, Init};
 use tch::{Kind, TchError, Tensor};
 
@@ -27,6 +27,7 @@ pub struct Cnn {
     groups: i64,
     activation: Activation,
     dropout: f64,
+    augment: Augment,
 }
 
 #[derive(Debug)]
@@ -56,6 +57,7 @@ impl Cnn {
             groups,
             activation,
             dropout,
+            augment,
         } = spec
         else {
             return Err(BuildError::Shape("not a cnn spec".into()));
@@ -86,6 +88,7 @@ impl Cnn {
             groups: i64::from(*groups),
             activation: *activation,
             dropout: *dropout,
+            augment: *augment,
         })
     }
 
@@ -99,6 +102,9 @@ impl Cnn {
         let n = xs.size().first().copied().unwrap_or(0);
         let [c, h, w] = self.input;
         let mut x = xs.f_view([n, c, h, w])?;
+        if let Some(noise) = noise {
+            x = augment(&x, &self.augment, noise)?;
+        }
         let pad = self.kernel / 2;
         for b in &self.blocks {
             x = x.f_conv2d(&b.weight, Some(&b.bias), [1, 1], [pad, pad], [1, 1], 1)?;
@@ -125,6 +131,51 @@ impl Cnn {
         }
         self.out.forward(&x)
     }
+}
+
+/// Random crop (after mirror padding) and horizontal flip of each image of
+/// `x` (`[n, C, H, W]`, row `i` belonging to `noise`'s `i`-th sample), drawn
+/// from that sample's own numbers; the identity when `augment` does nothing.
+pub(crate) fn augment(
+    x: &Tensor,
+    augment: &Augment,
+    noise: &SampleNoise,
+) -> Result<Tensor, TchError> {
+    let p = i64::from(augment.crop_padding);
+    if p == 0 && !augment.horizontal_flip {
+        return Ok(x.shallow_clone());
+    }
+    let size = x.size();
+    let (n, h, w) = (size[0], size[2], size[3]);
+    // Three numbers per sample: the crop's row and column offsets, the flip.
+    let u = noise
+        .uniform(Stream::augmentation(0), &[3])?
+        .f_to_device(tch::Device::Cpu)?;
+    let mut draws = vec![0f32; (3 * n) as usize];
+    u.f_copy_data(&mut draws, (3 * n) as usize)?;
+    // Mirrored, not zero, borders: a constant border makes exact ties in
+    // max pooling, whose gradient then follows float rounding, so runs with
+    // another number of workers would drift apart.
+    let padded = if p > 0 {
+        x.f_reflection_pad2d([p, p, p, p])?
+    } else {
+        x.shallow_clone()
+    };
+    let span = (2 * p + 1) as f32;
+    let mut out = Vec::with_capacity(n as usize);
+    for (i, d) in draws.chunks_exact(3).enumerate() {
+        let dy = ((d[0] * span) as i64).min(2 * p);
+        let dx = ((d[1] * span) as i64).min(2 * p);
+        let mut img = padded
+            .f_select(0, i as i64)?
+            .f_narrow(1, dy, h)?
+            .f_narrow(2, dx, w)?;
+        if augment.horizontal_flip && d[2] < 0.5 {
+            img = img.f_flip([2])?;
+        }
+        out.push(img);
+    }
+    Tensor::f_stack(&out, 0)
 }
 
 impl Block {
@@ -169,5 +220,82 @@ impl Block {
             None
         };
         Ok(Block { weight, bias, norm })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn images(ids: &[u64]) -> Tensor {
+        let v: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| (0..2 * 5 * 6).map(move |k| (id * 100 + k) as f32))
+            .collect();
+        Tensor::from_slice(&v).view([ids.len() as i64, 2, 5, 6])
+    }
+
+    #[test]
+    fn a_sample_is_augmented_the_same_alone_or_in_any_batch() {
+        let aug = Augment {
+            crop_padding: 2,
+            horizontal_flip: true,
+        };
+        let ids = [3u64, 17, 40, 41, 99, 1000];
+        let batch = augment(
+            &images(&ids),
+            &aug,
+            &SampleNoise::new(5, 9, &ids, Device::Cpu),
+        )
+        .unwrap();
+        let mut changed = 0;
+        for (i, &id) in ids.iter().enumerate() {
+            let alone = augment(
+                &images(&[id]),
+                &aug,
+                &SampleNoise::new(5, 9, &[id], Device::Cpu),
+            )
+            .unwrap();
+            assert!(batch.get(i as i64).equal(&alone.get(0)), "sample {id}");
+            if !alone.get(0).equal(&images(&[id]).get(0)) {
+                changed += 1;
+            }
+            // Another step draws another crop or flip for some samples.
+            assert_eq!(alone.size(), [1, 2, 5, 6]);
+        }
+        assert!(changed >= 4, "only {changed} of 6 images changed");
+        let other = augment(
+            &images(&ids),
+            &aug,
+            &SampleNoise::new(5, 10, &ids, Device::Cpu),
+        )
+        .unwrap();
+        assert!(!other.equal(&batch), "a new step draws new augmentations");
+    }
+
+    #[test]
+    fn a_crop_keeps_the_pixels_it_shifts_and_mirrors_the_border() {
+        let aug = Augment {
+            crop_padding: 1,
+            horizontal_flip: false,
+        };
+        let x = images(&[7]);
+        for step in 0..20 {
+            let y = augment(&x, &aug, &SampleNoise::new(1, step, &[7], Device::Cpu)).unwrap();
+            // Every output pixel is an input pixel (the border mirrors).
+            let xs: Vec<f32> = Vec::try_from(x.flatten(0, -1)).unwrap();
+            let ys: Vec<f32> = Vec::try_from(y.flatten(0, -1)).unwrap();
+            assert!(ys.iter().all(|v| xs.contains(v)));
+            // A shift of at most one keeps the centre 3x4 of the image.
+            let centre = x.narrow(2, 1, 3).narrow(3, 1, 4);
+            let kept = centre.flatten(0, -1);
+            let kept: Vec<f32> = Vec::try_from(kept).unwrap();
+            let common = kept.iter().filter(|v| ys.contains(v)).count();
+            assert!(common >= 6, "step {step}: {common}");
+        }
+        let none = Augment::default();
+        let same = augment(&x, &none, &SampleNoise::new(1, 0, &[7], Device::Cpu)).unwrap();
+        assert!(same.equal(&x));
     }
 }

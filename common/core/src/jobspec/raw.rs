@@ -67,6 +67,15 @@ pub(super) struct RawModel {
     pub pool: Option<Spanned<Integer>>,
     pub norm: Option<Spanned<RawNorm>>,
     pub groups: Option<Spanned<Integer>>,
+    pub augment: Option<Spanned<RawAugment>>,
+}
+
+/// `model.augment`, usually an inline table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an augment table")]
+pub(super) struct RawAugment {
+    pub crop_padding: Option<Spanned<Integer>>,
+    pub horizontal_flip: Option<bool>,
 }
 
 fn default_activation() -> Activation {

@@ -113,13 +113,23 @@ pub(super) fn kernel(k: impl Into<i128>) -> Rule {
     }
 }
 
+pub(super) fn crop_padding(p: impl Into<i128>) -> Rule {
+    in_range("model.augment.crop_padding", p, 0, 64)
+}
+
 pub(super) fn pool(p: impl Into<i128>) -> Rule {
     in_range("model.pool", p, 1, 8)
 }
 
 /// The whole `cnn` shape: features within bounds, every channel count
 /// divisible by the groups, and an input that survives every pool.
-pub(super) fn cnn_shape(input: [u32; 3], channels: &[u32], pool: u32, groups: Option<u32>) -> Rule {
+pub(super) fn cnn_shape(
+    input: [u32; 3],
+    channels: &[u32],
+    pool: u32,
+    groups: Option<u32>,
+    crop_padding: u32,
+) -> Rule {
     let values: u64 = input.iter().map(|&v| u64::from(v)).product();
     if values > super::MAX_CNN_INPUT_VALUES {
         return Err(format!(
@@ -135,6 +145,12 @@ pub(super) fn cnn_shape(input: [u32; 3], channels: &[u32], pool: u32, groups: Op
         ));
     }
     let shrink = u64::from(pool).saturating_pow(channels.len() as u32);
+    if crop_padding > 0 && crop_padding >= input[1].min(input[2]) {
+        return Err(format!(
+            "model.augment.crop_padding = {crop_padding} must be smaller than the image's \
+             height and width ({input:?}): the border is mirrored"
+        ));
+    }
     let side = u64::from(input[1].min(input[2]));
     if pool > 1 && side < shrink {
         return Err(format!(

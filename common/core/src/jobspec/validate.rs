@@ -18,10 +18,10 @@ use super::raw::{
 };
 use super::rules::{self, Rule};
 use super::{
-    CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS,
-    DataLoading, DataSpec, DebugSpec, Duration, EarlyStopping, FaultSpec, JobSpec, KeepBestSpec,
-    Location, LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, ScheduleKind,
-    SpecError, SpecSpans, TrainSpec, WorkersSpec,
+    Augment, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS,
+    DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DebugSpec, Duration, EarlyStopping,
+    FaultSpec, JobSpec, KeepBestSpec, Location, LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Norm,
+    Optimizer, OutputSpec, ScheduleKind, SpecError, SpecSpans, TrainSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -194,6 +194,7 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
                 ("model.pool", raw.pool.as_ref().map(|v| v.span())),
                 ("model.norm", raw.norm.as_ref().map(|v| v.span())),
                 ("model.groups", raw.groups.as_ref().map(|v| v.span())),
+                ("model.augment", raw.augment.as_ref().map(|v| v.span())),
             ] {
                 if let Some(span) = span {
                     return Err(not_for(span, key, "mlp"));
@@ -300,7 +301,7 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
                     let groups = narrow(g, at)?;
                     at.check(
                         g,
-                        rules::cnn_shape(input_shape, &channels, pool, Some(groups)),
+                        rules::cnn_shape(input_shape, &channels, pool, Some(groups), 0),
                     )?;
                     groups
                 }
@@ -310,7 +311,18 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
                     .find(|g| channels.iter().all(|c| c % g == 0))
                     .unwrap_or(1),
             };
-            at.check(shape, rules::cnn_shape(input_shape, &channels, pool, None))?;
+            let mut augment = Augment::default();
+            if let Some(a) = &raw.augment {
+                if let Some(p) = &a.get_ref().crop_padding {
+                    at.check(p, rules::crop_padding(p.get_ref().0))?;
+                    augment.crop_padding = narrow(p, at)?;
+                }
+                augment.horizontal_flip = a.get_ref().horizontal_flip.unwrap_or(false);
+            }
+            at.check(
+                shape,
+                rules::cnn_shape(input_shape, &channels, pool, None, augment.crop_padding),
+            )?;
             let model = ModelSpec::Cnn {
                 input_shape,
                 channels,
@@ -320,6 +332,7 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
                 groups,
                 activation: raw.activation,
                 dropout,
+                augment,
             };
             Ok((model, at.at(raw_channels.span())))
         }
