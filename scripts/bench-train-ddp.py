@@ -1,7 +1,8 @@
 """Peer for `scripts/bench train`: PyTorch DDP (gloo) training throughput.
 
 Run under `torchrun --standalone --nproc-per-node 2`. Same model (MLP
-784-1024-1024-10), global batch (128, so 64 per rank), optimizer (SGD with
+784-1024-1024-10, or with `--model cnn` the convolutional network of
+`bench_ddp_common.Cnn`), global batch (128, so 64 per rank), optimizer (SGD with
 momentum) and synthetic data shape as the Ringmaster side, one thread per rank.
 Prints `RESULT ddp samples_per_sec <value>` from rank 0.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bench_ddp_common import data, mlp, rank_batch
+from bench_ddp_common import data, model as build_model, rank_batch
 
 
 def main() -> None:
@@ -23,13 +24,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=25600)
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     x, y = data(args.samples)
-    model = mlp()
+    model = build_model(args.model)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()

@@ -297,6 +297,15 @@ impl LocalCluster {
         out.json()
     }
 
+    /// Writes `job` into `dir`, runs it to success (asserting it succeeds)
+    /// and returns its final status and its output folder.
+    pub fn train(&self, dir: &Path, job: &JobBuilder) -> (serde_json::Value, PathBuf) {
+        let done = self.follow(&job.write(dir), &[]);
+        assert_eq!(done["state"], "succeeded", "{done}");
+        let out = PathBuf::from(done["output_dir"].as_str().expect("output_dir"));
+        (done, out)
+    }
+
     /// The `workers --output json` listing.
     pub fn workers_json(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["workers", "--output", "json"], Duration::from_secs(20));
@@ -650,6 +659,14 @@ pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
         .sum();
     let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
     (diff / norm.max(1e-30)).sqrt()
+}
+
+/// The parameters of `<out>/model.safetensors`, flattened in name order.
+pub fn model_params(out: &Path) -> Vec<f32> {
+    read_params(&out.join("model.safetensors"))
+        .into_values()
+        .flat_map(|(_, v)| v)
+        .collect()
 }
 
 /// Reads every tensor of a safetensors file as f32 values, by name.

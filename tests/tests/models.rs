@@ -6,9 +6,9 @@
 //! (drawn per sample) included.
 
 use ringmaster_tests::{
-    JobBuilder, LocalCluster, pack_digits, read_params, relative_l2, repo_root,
+    JobBuilder, LocalCluster, model_params, pack_digits, read_params, relative_l2, repo_root,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const CNN: &str = "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [32, 64]\nkernel = 3\n\
@@ -41,26 +41,12 @@ fn augmented_job(data: &Path, name: &str, workers: u32, steps: u32) -> JobBuilde
         .exactly(workers)
 }
 
-fn run(cluster: &LocalCluster, dir: &Path, job: &JobBuilder) -> (serde_json::Value, PathBuf) {
-    let done = cluster.follow(&job.write(dir), &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
-    (done, out)
-}
-
-fn params(out: &Path) -> Vec<f32> {
-    read_params(&out.join("model.safetensors"))
-        .into_values()
-        .flat_map(|(_, v)| v)
-        .collect()
-}
-
 #[test]
 fn cnn_on_digits_reaches_97_percent_and_scores_the_same_in_pytorch() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(2).unwrap();
-    let (done, out) = run(&cluster, tmp.path(), &cnn_job(&data, "cnn", 2, 900));
+    let (done, out) = cluster.train(tmp.path(), &cnn_job(&data, "cnn", 2, 900));
     let accuracy = done["metrics"]["val_accuracy"].as_f64().unwrap();
     eprintln!("cnn on digits: validation accuracy {accuracy}");
     assert!(accuracy >= 0.97, "{done}");
@@ -113,13 +99,13 @@ fn one_and_two_workers_train_the_same_cnn() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(2).unwrap();
-    let (_, one) = run(&cluster, tmp.path(), &augmented_job(&data, "one", 1, 150));
-    let (_, two) = run(&cluster, tmp.path(), &augmented_job(&data, "two", 2, 150));
+    let (_, one) = cluster.train(tmp.path(), &augmented_job(&data, "one", 1, 150));
+    let (_, two) = cluster.train(tmp.path(), &augmented_job(&data, "two", 2, 150));
     // Augmentation was on: the same job without it ends elsewhere.
-    let (_, plain) = run(&cluster, tmp.path(), &cnn_job(&data, "plain", 1, 150));
-    let moved = relative_l2(&params(&one), &params(&plain));
+    let (_, plain) = cluster.train(tmp.path(), &cnn_job(&data, "plain", 1, 150));
+    let moved = relative_l2(&model_params(&one), &model_params(&plain));
     assert!(moved > 1e-3, "augmentation changed the run by only {moved}");
-    let rel = relative_l2(&params(&one), &params(&two));
+    let rel = relative_l2(&model_params(&one), &model_params(&two));
     eprintln!("cnn: relative L2 between 1 and 2 workers: {rel:e}");
     assert!(rel < 1e-5, "1 vs 2 workers: {rel}");
 }

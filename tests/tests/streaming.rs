@@ -3,7 +3,7 @@
 //! and 4 workers, the same run as loading it whole, a bitwise resume after a
 //! cancel, and a job failure naming a corrupt shard's path.
 
-use ringmaster_tests::{JobBuilder, LocalCluster, read_params, relative_l2, synth, wait_until};
+use ringmaster_tests::{JobBuilder, LocalCluster, model_params, relative_l2, synth, wait_until};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,17 +37,10 @@ fn job(data: &Path, name: &str, workers: u32, loading: &str, steps: u64) -> JobB
         .exactly(workers)
 }
 
-/// Trains `job` to success; its final parameters (name order) and metrics.
+/// Trains `job` to success; its final parameters (name order) and status.
 fn train(cluster: &LocalCluster, dir: &Path, job: &JobBuilder) -> (Vec<f32>, serde_json::Value) {
-    let path = job.write(dir);
-    let done = cluster.follow(&path, &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let out = PathBuf::from(done["output_dir"].as_str().expect("output_dir"));
-    let params = read_params(&out.join("model.safetensors"))
-        .into_values()
-        .flat_map(|(_, v)| v)
-        .collect();
-    (params, done)
+    let (done, out) = cluster.train(dir, job);
+    (model_params(&out), done)
 }
 
 #[test]
@@ -113,11 +106,7 @@ fn cancel_then_resume_while_streaming_is_bitwise_identical() {
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     let done = out.json();
     assert_eq!(done["state"], "succeeded", "{done}");
-    let dir = PathBuf::from(done["output_dir"].as_str().unwrap());
-    let resumed: Vec<f32> = read_params(&dir.join("model.safetensors"))
-        .into_values()
-        .flat_map(|(_, v)| v)
-        .collect();
+    let resumed = model_params(&PathBuf::from(done["output_dir"].as_str().unwrap()));
     assert_eq!(
         whole, resumed,
         "parameters differ after cancel + resume at {stop}"

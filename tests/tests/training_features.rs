@@ -7,9 +7,9 @@
 
 use ringmaster_common::jobspec::{LrSchedule, ScheduleKind};
 use ringmaster_tests::{
-    JobBuilder, LocalCluster, pack_digits, read_metrics, read_params, relative_l2,
+    JobBuilder, LocalCluster, model_params, pack_digits, read_metrics, relative_l2,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const STEPS: u64 = 300;
 const TRAIN: &str = "steps = 300\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.1\n\
@@ -25,26 +25,12 @@ fn job(data: &Path, name: &str, workers: u32) -> JobBuilder {
         .exactly(workers)
 }
 
-fn run(cluster: &LocalCluster, dir: &Path, job: &JobBuilder) -> (serde_json::Value, PathBuf) {
-    let done = cluster.follow(&job.write(dir), &[]);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
-    (done, out)
-}
-
-fn params(out: &Path) -> Vec<f32> {
-    read_params(&out.join("model.safetensors"))
-        .into_values()
-        .flat_map(|(_, v)| v)
-        .collect()
-}
-
 #[test]
 fn schedule_clipping_and_scores_on_digits() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(2).unwrap();
-    let (done, out) = run(&cluster, tmp.path(), &job(&data, "two", 2));
+    let (done, out) = cluster.train(tmp.path(), &job(&data, "two", 2));
 
     // The rate each step used is the schedule's.
     let schedule = LrSchedule {
@@ -91,8 +77,8 @@ fn schedule_clipping_and_scores_on_digits() {
     assert_eq!(done["metrics"]["val_accuracy"].as_f64(), Some(accuracy));
 
     // One worker computes the same run, clipping and schedule included.
-    let (_, one) = run(&cluster, tmp.path(), &job(&data, "one", 1));
-    let rel = relative_l2(&params(&one), &params(&out));
+    let (_, one) = cluster.train(tmp.path(), &job(&data, "one", 1));
+    let rel = relative_l2(&model_params(&one), &model_params(&out));
     eprintln!("relative L2 between 1 and 2 workers: {rel:e}");
     assert!(rel < 1e-5, "1 vs 2 workers: {rel}");
 }
@@ -114,26 +100,23 @@ fn micro_batches_keep_the_run_and_l1_shrinks_the_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
     let cluster = LocalCluster::start(2).unwrap();
-    let (_, whole) = run(&cluster, tmp.path(), &plain(&data, "whole", 2, ""));
+    let (_, whole) = cluster.train(tmp.path(), &plain(&data, "whole", 2, ""));
     // Each rank's 32 samples in 3 micro-batches, or one rank in 5.
-    let (_, split) = run(
-        &cluster,
-        tmp.path(),
-        &plain(&data, "split", 2, "micro_batches = 3"),
-    );
-    let (_, one) = run(
-        &cluster,
-        tmp.path(),
-        &plain(&data, "one", 1, "micro_batches = 5"),
-    );
+    let (_, split) = cluster.train(tmp.path(), &plain(&data, "split", 2, "micro_batches = 3"));
+    let (_, one) = cluster.train(tmp.path(), &plain(&data, "one", 1, "micro_batches = 5"));
     for (name, out) in [("2 workers x 3", &split), ("1 worker x 5", &one)] {
-        let rel = relative_l2(&params(&whole), &params(out));
+        let rel = relative_l2(&model_params(&whole), &model_params(out));
         eprintln!("micro-batches {name}: relative L2 {rel:e}");
         assert!(rel < 1e-5, "micro-batches {name}: {rel}");
     }
 
-    let (_, l1) = run(&cluster, tmp.path(), &plain(&data, "l1", 2, "l1 = 0.0005"));
-    let abs = |out: &Path| params(out).iter().map(|v| f64::from(v.abs())).sum::<f64>();
+    let (_, l1) = cluster.train(tmp.path(), &plain(&data, "l1", 2, "l1 = 0.0005"));
+    let abs = |out: &Path| {
+        model_params(out)
+            .iter()
+            .map(|v| f64::from(v.abs()))
+            .sum::<f64>()
+    };
     let (with, without) = (abs(&l1), abs(&whole));
     assert!(
         with < 0.9 * without,
@@ -156,7 +139,7 @@ fn early_stopping_ends_the_run_when_the_score_stops_improving() {
          patience = 2, min_delta = 0.5 }",
     )
     .validation();
-    let (done, out) = run(&cluster, tmp.path(), &job);
+    let (done, out) = cluster.train(tmp.path(), &job);
     assert_eq!(done["step"], 60, "{done}");
     assert_eq!(done["metrics"]["early_stopping_stale_evals"], 2.0);
     let events = done["events"].to_string();

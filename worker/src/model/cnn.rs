@@ -10,7 +10,7 @@
 //! gradients do not depend on how the batch is split between ranks: W
 //! workers compute the same run as one (batch normalization would not).
 
-use super::{AllocError, BuildError, Linear, activate, dropout, parameter};
+use super::{AllocError, BuildError, Linear, activate, dropout, parameter, weight_and_bias};
 use crate::sample_rng::{SampleNoise, Stream};
 use ringmaster_common::jobspec::{Activation, Augment, ModelSpec, Norm};
 use tch::nn::{self, Init};
@@ -192,24 +192,7 @@ impl Block {
     ) -> Result<Self, AllocError> {
         let name = format!("conv{i}");
         let path = root / name.as_str();
-        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
-        let bias = parameter(
-            &path,
-            &name,
-            "bias",
-            &[c_out],
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        let weight = parameter(
-            &path,
-            &name,
-            "weight",
-            &[c_out, c_in, k, k],
-            nn::init::DEFAULT_KAIMING_UNIFORM,
-        )?;
+        let (weight, bias) = weight_and_bias(&path, &name, c_in * k * k, &[c_out, c_in, k, k])?;
         let norm = if norm {
             let name = format!("norm{i}");
             let path = root / name.as_str();

@@ -213,31 +213,44 @@ impl Linear {
         inputs: i64,
         outputs: i64,
     ) -> Result<Self, AllocError> {
-        let path = root / name;
-        let bound = 1.0 / (inputs as f64).sqrt();
-        let bias = parameter(
-            &path,
-            name,
-            "bias",
-            &[outputs],
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        let weight = parameter(
-            &path,
-            name,
-            "weight",
-            &[outputs, inputs],
-            nn::init::DEFAULT_KAIMING_UNIFORM,
-        )?;
+        let (weight, bias) = weight_and_bias(&(root / name), name, inputs, &[outputs, inputs])?;
         Ok(Linear { weight, bias })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         x.f_linear(&self.weight, Some(&self.bias))
     }
+}
+
+/// `<name>.bias` then `<name>.weight` (of `weight_shape`, whose first
+/// dimension is the outputs) under `path`, in the draw order of
+/// `tch::nn::linear`: the bias uniform in `±1/√fan_in`, the weight
+/// Kaiming-uniform.
+pub(crate) fn weight_and_bias(
+    path: &nn::Path,
+    name: &str,
+    fan_in: i64,
+    weight_shape: &[i64],
+) -> Result<(Tensor, Tensor), AllocError> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let bias = parameter(
+        path,
+        name,
+        "bias",
+        &weight_shape[..1],
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let weight = parameter(
+        path,
+        name,
+        "weight",
+        weight_shape,
+        nn::init::DEFAULT_KAIMING_UNIFORM,
+    )?;
+    Ok((weight, bias))
 }
 
 pub(crate) fn parameter(
