@@ -88,11 +88,20 @@ fn clip_grad_norm(params: &[Tensor], max: f64) -> Result<f64, TrainError> {
         .map(|p| p.grad())
         .filter(|g| g.defined())
         .collect();
-    let mut squares = 0.0f64;
+    // Summed on the device and read once: one synchronisation per step,
+    // not one per parameter.
+    let mut squares: Option<Tensor> = None;
     for g in &grads {
-        squares += g.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+        let sq = g.f_square()?.f_sum(Kind::Double)?;
+        squares = Some(match squares {
+            None => sq,
+            Some(total) => total.f_add(&sq)?,
+        });
     }
-    let norm = squares.sqrt();
+    let norm = match squares {
+        Some(total) => total.f_double_value(&[])?.sqrt(),
+        None => 0.0,
+    };
     let coef = max / (norm + 1e-6);
     if coef < 1.0 {
         tch::no_grad(|| -> Result<(), TrainError> {
