@@ -12,10 +12,12 @@
 //! the agent, which picks the backend.
 
 pub mod listener;
+pub mod nccl;
 pub mod ring;
 mod ring_backend;
 
 pub use listener::DataPlaneListener;
+pub use nccl::{NcclBackend, NcclOptions, WireDtype};
 pub use ring::{RingCollective, RingConfig};
 pub use ring_backend::RingBackend;
 
@@ -147,6 +149,14 @@ pub enum CollectiveError {
         /// How long this rank waited.
         after: Duration,
     },
+    /// A device-side collective (NCCL) did not finish in time; its communicator was aborted.
+    #[error("{op} did not finish within {after:?}; the communicator was aborted")]
+    DeviceTimeout {
+        /// The NCCL call.
+        op: &'static str,
+        /// The configured limit (`[fault] collective_timeout_secs`).
+        after: Duration,
+    },
     /// The peer could not be dialled before the connect timeout ran out.
     #[error("could not reach rank {rank} at {addr} within {after:?}")]
     Unreachable {
@@ -204,6 +214,7 @@ impl CollectiveError {
         match self {
             CollectiveError::PeerLost { .. }
             | CollectiveError::Timeout { .. }
+            | CollectiveError::DeviceTimeout { .. }
             | CollectiveError::Unreachable { .. }
             | CollectiveError::Local { .. }
             | CollectiveError::Poisoned { .. } => true,
