@@ -90,6 +90,14 @@ pub struct FaultSpec {
     /// How long a quarantined worker takes no new work.
     #[serde(default = "default_quarantine_cooldown_secs")]
     pub quarantine_cooldown_secs: u64,
+    /// A device collective (NCCL) that does not finish within this long has its communicator
+    /// aborted, and the group re-forms.
+    #[serde(default = "default_collective_timeout_secs")]
+    pub collective_timeout_secs: u64,
+}
+
+fn default_collective_timeout_secs() -> u64 {
+    300
 }
 
 /// The window in which `[fault] quarantine_after` incidents quarantine a
@@ -116,6 +124,7 @@ impl Default for FaultSpec {
             hang_timeout_secs: default_hang_timeout_secs(),
             quarantine_after: default_quarantine_after(),
             quarantine_cooldown_secs: default_quarantine_cooldown_secs(),
+            collective_timeout_secs: default_collective_timeout_secs(),
         }
     }
 }
@@ -283,6 +292,13 @@ pub struct TrainSpec {
     pub l1: f64,
     #[serde(default)]
     pub early_stopping: Option<EarlyStopping>,
+    /// `bf16`: the forward pass and loss run under CUDA autocast in bfloat16, while weights,
+    /// gradients, optimizer state and checkpoints stay fp32.
+    #[serde(default)]
+    pub precision: FloatFormat,
+    /// `bf16`: gradients are rounded to bfloat16 for the NCCL all-reduce (half the bytes).
+    #[serde(default)]
+    pub allreduce_dtype: FloatFormat,
 }
 
 fn one() -> u32 {
@@ -336,6 +352,57 @@ pub struct WorkersSpec {
     /// read as `true`.
     #[serde(default = "default_grow")]
     pub grow: bool,
+    /// Which collective backend reduces gradients (`workers.collective`).
+    #[serde(default)]
+    pub collective: CollectiveChoice,
+}
+
+/// `workers.collective`: the backend asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectiveChoice {
+    /// NCCL on CUDA workers, the ring elsewhere.
+    #[default]
+    Auto,
+    /// NCCL (CUDA workers only).
+    Nccl,
+    /// The TCP ring, reducing device tensors through pinned host memory.
+    Ring,
+}
+
+/// The backend a job's ranks actually use, the same on every rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollectiveBackend {
+    /// NCCL, in device memory.
+    Nccl,
+    /// The TCP ring.
+    Ring,
+}
+
+impl WorkersSpec {
+    /// `collective` resolved against `device`: `auto` is NCCL exactly on CUDA workers.
+    pub fn backend(&self) -> CollectiveBackend {
+        match (self.collective, self.device) {
+            (CollectiveChoice::Ring, _) | (CollectiveChoice::Auto, DeviceKind::Cpu) => {
+                CollectiveBackend::Ring
+            }
+            (CollectiveChoice::Nccl, _) | (CollectiveChoice::Auto, DeviceKind::Cuda) => {
+                CollectiveBackend::Nccl
+            }
+        }
+    }
+}
+
+/// Floating-point format of a step's arithmetic (`train.precision`) or of the gradients on the
+/// wire (`train.allreduce_dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FloatFormat {
+    /// IEEE single precision.
+    #[default]
+    Fp32,
+    /// bfloat16: fp32's range with 8 bits of mantissa.
+    Bf16,
 }
 
 fn default_grow() -> bool {
@@ -649,6 +716,15 @@ impl JobSpec {
         rules::workers_max(max)?;
         rules::workers_order(min, max)?;
         rules::batch_split(i64::from(train.global_batch), min, max)?;
+        if self.workers.collective == CollectiveChoice::Nccl {
+            rules::nccl_needs_cuda(self.workers.device)?;
+        }
+        if train.precision == FloatFormat::Bf16 {
+            rules::bf16_precision_needs_cuda(self.workers.device)?;
+        }
+        if train.allreduce_dtype == FloatFormat::Bf16 {
+            rules::bf16_wire_needs_nccl(self.workers.backend())?;
+        }
 
         let checkpoint = &self.checkpoint;
         absolute("checkpoint.dir", &checkpoint.dir)?;
@@ -669,6 +745,7 @@ impl JobSpec {
         rules::max_restarts(i64::from(self.fault.max_restarts))?;
         rules::rejoin_timeout_secs(saturate(self.fault.rejoin_timeout_secs))?;
         rules::hang_timeout_secs(saturate(self.fault.hang_timeout_secs))?;
+        rules::collective_timeout_secs(saturate(self.fault.collective_timeout_secs))?;
         rules::quarantine_after(i64::from(self.fault.quarantine_after))?;
         rules::quarantine_cooldown_secs(saturate(self.fault.quarantine_cooldown_secs))?;
         Ok(())

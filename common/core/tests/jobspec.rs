@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use ringmaster_common::jobspec::{
-    Activation, Augment, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_SHUFFLE_WINDOW_SHARDS,
-    DataLoading, DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, LrSchedule,
-    MetricMode, ModelSpec, Norm, Optimizer, ScheduleKind, SpanField, SpecError,
+    Activation, Augment, CheckpointSpec, CollectiveBackend, CollectiveChoice, DEFAULT_CACHE_BYTES,
+    DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DeviceKind, Duration, FaultSpec,
+    FloatFormat, JobSpec, KeepBestSpec, LrSchedule, MetricMode, ModelSpec, Norm, Optimizer,
+    ScheduleKind, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -91,11 +92,12 @@ fn unknown_keys_list_the_expected_ones() {
          `optimizer`, `learning_rate`, `momentum`, `nesterov`, `betas`, `eps`, `weight_decay`, \
          `eval_every_steps`, `log_every_steps`, `lr_schedule`, `warmup_steps`, `lr_step_every`, \
              `lr_gamma`, `final_learning_rate`, `clip_grad_norm`, `micro_batches`, `l1`, \
-             `early_stopping`",
+             `early_stopping`, `precision`, `allreduce_dtype`",
     );
     check_err(
         &edit(&[("max = 4", "max = 4\ngpus = 2")]),
-        "job.toml:17:1: unknown field `gpus`, expected one of `min`, `max`, `device`, `grow`",
+        "job.toml:17:1: unknown field `gpus`, expected one of `min`, `max`, `device`, `grow`, \
+         `collective`",
     );
     check_err(
         &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
@@ -1297,6 +1299,7 @@ fn fault_table_defaults_values_and_errors() {
             hang_timeout_secs: 60,
             quarantine_after: 3,
             quarantine_cooldown_secs: 600,
+            collective_timeout_secs: 300,
         }
     );
     assert!(!base.debug.audit_samples);
@@ -1326,7 +1329,7 @@ fn fault_table_defaults_values_and_errors() {
         &with_fault("restarts = 3"),
         "job.toml:20:1: unknown field `restarts`, expected one of `max_restarts`, \
          `rejoin_timeout_secs`, `hang_timeout_secs`, `quarantine_after`, \
-         `quarantine_cooldown_secs`",
+         `quarantine_cooldown_secs`, `collective_timeout_secs`",
     );
     check_err(
         &with_fault("quarantine_cooldown_secs = 0"),
@@ -1347,6 +1350,84 @@ fn fault_table_defaults_values_and_errors() {
         wire.check(),
         Err("fault.rejoin_timeout_secs must be between 1 and 604800, got 0".into())
     );
+}
+
+#[test]
+fn gpu_keys_collective_precision_and_timeouts() {
+    let base = parse(&edit(&[]));
+    assert_eq!(base.workers.collective, CollectiveChoice::Auto);
+    assert_eq!(base.workers.backend(), CollectiveBackend::Ring);
+    assert_eq!(base.train.precision, FloatFormat::Fp32);
+    assert_eq!(base.train.allreduce_dtype, FloatFormat::Fp32);
+    let cuda = "max = 4\ndevice = \"cuda\"";
+    assert_eq!(
+        parse(&edit(&[("max = 4", cuda)])).workers.backend(),
+        CollectiveBackend::Nccl
+    );
+    let ring = parse(&edit(&[(
+        "max = 4",
+        &format!("{cuda}\ncollective = \"ring\""),
+    )]));
+    assert_eq!(ring.workers.backend(), CollectiveBackend::Ring);
+    let bf16 = parse(&edit(&[
+        ("max = 4", cuda),
+        (
+            "learning_rate = 0.1",
+            "learning_rate = 0.1\nprecision = \"bf16\"\nallreduce_dtype = \"bf16\"",
+        ),
+    ]));
+    assert_eq!(bf16.train.precision, FloatFormat::Bf16);
+    assert_eq!(bf16.train.allreduce_dtype, FloatFormat::Bf16);
+    assert_eq!(bf16.check(), Ok(()));
+    check_err(
+        &edit(&[("max = 4", "max = 4\ncollective = \"nccl\"")]),
+        "job.toml:17:14: workers.collective = \"nccl\" needs workers.device = \"cuda\"; CPU \
+         workers use the ring",
+    );
+    check_err(
+        &edit(&[("max = 4", "max = 4\ncollective = \"mpi\"")]),
+        "job.toml:17:14: unknown variant `mpi`, expected one of `auto`, `nccl`, `ring`",
+    );
+    check_err(
+        &edit(&[(
+            "learning_rate = 0.1",
+            "learning_rate = 0.1\nprecision = \"bf16\"",
+        )]),
+        "job.toml:14:13: train.precision = \"bf16\" needs workers.device = \"cuda\" (CUDA \
+         autocast); CPU workers train in fp32",
+    );
+    check_err(
+        &edit(&[
+            ("max = 4", &format!("{cuda}\ncollective = \"ring\"")),
+            (
+                "learning_rate = 0.1",
+                "learning_rate = 0.1\nallreduce_dtype = \"bf16\"",
+            ),
+        ]),
+        "job.toml:14:19: train.allreduce_dtype = \"bf16\" needs the NCCL collective (CUDA \
+         workers, workers.collective = \"auto\" or \"nccl\"); the ring reduces in fp32",
+    );
+    check_err(
+        &with_fault("collective_timeout_secs = 0"),
+        "job.toml:20:27: fault.collective_timeout_secs must be between 1 and 86400, got 0",
+    );
+    // A spec handed over the wire is checked the same way.
+    let mut wire = base.clone();
+    wire.train.precision = FloatFormat::Bf16;
+    assert!(wire.check().unwrap_err().starts_with("train.precision"));
+    // Specs stored before these keys existed read with the defaults.
+    let mut json: serde_json::Value = serde_json::to_value(&base).unwrap();
+    json["workers"]
+        .as_object_mut()
+        .unwrap()
+        .remove("collective");
+    json["train"].as_object_mut().unwrap().remove("precision");
+    json["fault"]
+        .as_object_mut()
+        .unwrap()
+        .remove("collective_timeout_secs");
+    let old: JobSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(old, base);
 }
 
 #[test]

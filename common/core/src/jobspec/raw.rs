@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use serde_spanned::Spanned;
 
-use super::{Activation, DeviceKind, MetricMode};
+use super::{Activation, CollectiveChoice, DeviceKind, FloatFormat, MetricMode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a job file")]
@@ -157,6 +157,8 @@ pub(super) struct RawTrain {
     pub micro_batches: Option<Spanned<Integer>>,
     pub l1: Option<Spanned<Float>>,
     pub early_stopping: Option<Spanned<RawEarlyStopping>>,
+    pub precision: Option<Spanned<FloatFormat>>,
+    pub allreduce_dtype: Option<Spanned<FloatFormat>>,
 }
 
 /// `train.early_stopping`, usually an inline table.
@@ -186,6 +188,7 @@ pub(super) struct RawWorkers {
     #[serde(default = "default_device")]
     pub device: DeviceKind,
     pub grow: Option<bool>,
+    pub collective: Option<Spanned<CollectiveChoice>>,
 }
 
 fn default_device() -> DeviceKind {
@@ -200,6 +203,7 @@ impl Default for RawWorkers {
             max: None,
             device: default_device(),
             grow: None,
+            collective: None,
         }
     }
 }
@@ -232,6 +236,7 @@ pub(super) struct RawFault {
     pub hang_timeout_secs: Option<Spanned<Integer>>,
     pub quarantine_after: Option<Spanned<Integer>>,
     pub quarantine_cooldown_secs: Option<Spanned<Integer>>,
+    pub collective_timeout_secs: Option<Spanned<Integer>>,
 }
 
 /// The optional `[debug]` table: test aids.

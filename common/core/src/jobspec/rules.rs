@@ -8,8 +8,8 @@
 //! types can not express those mistakes.
 
 use super::{
-    MAX_BATCH_SIZE, MAX_CACHE_BYTES, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS,
-    MIN_CACHE_BYTES, REPORTED_METRICS,
+    CollectiveBackend, DeviceKind, MAX_BATCH_SIZE, MAX_CACHE_BYTES, MAX_HIDDEN_LAYERS,
+    MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS, MIN_CACHE_BYTES, REPORTED_METRICS,
 };
 
 /// Integer rules take `impl Into<i128>`: job files hand over values past `i64`
@@ -354,6 +354,46 @@ pub(super) fn max_restarts(n: impl Into<i128>) -> Rule {
 
 pub(super) fn rejoin_timeout_secs(secs: impl Into<i128>) -> Rule {
     in_range("fault.rejoin_timeout_secs", secs, 1, 7 * 24 * 3600)
+}
+
+pub(super) fn collective_timeout_secs(secs: impl Into<i128>) -> Rule {
+    in_range("fault.collective_timeout_secs", secs, 1, 24 * 3600)
+}
+
+/// NCCL reduces device memory: CPU workers have none.
+pub(super) fn nccl_needs_cuda(device: DeviceKind) -> Rule {
+    if device == DeviceKind::Cpu {
+        return Err(
+            "workers.collective = \"nccl\" needs workers.device = \"cuda\"; CPU \
+                    workers use the ring"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Autocast in bf16 is a CUDA feature here.
+pub(super) fn bf16_precision_needs_cuda(device: DeviceKind) -> Rule {
+    if device == DeviceKind::Cpu {
+        return Err(
+            "train.precision = \"bf16\" needs workers.device = \"cuda\" (CUDA \
+                    autocast); CPU workers train in fp32"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Only NCCL reduces in bf16; the ring always moves fp32.
+pub(super) fn bf16_wire_needs_nccl(backend: CollectiveBackend) -> Rule {
+    if backend != CollectiveBackend::Nccl {
+        return Err(
+            "train.allreduce_dtype = \"bf16\" needs the NCCL collective (CUDA workers, \
+                    workers.collective = \"auto\" or \"nccl\"); the ring reduces in fp32"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 pub(super) fn hang_timeout_secs(secs: impl Into<i128>) -> Rule {

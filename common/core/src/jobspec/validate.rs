@@ -18,10 +18,11 @@ use super::raw::{
 };
 use super::rules::{self, Rule};
 use super::{
-    Augment, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS,
+    Augment, CheckpointSpec, CollectiveChoice, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS,
     DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DebugSpec, Duration, EarlyStopping,
-    FaultSpec, JobSpec, KeepBestSpec, Location, LrSchedule, MAX_SOURCE_BYTES, ModelSpec, Norm,
-    Optimizer, OutputSpec, ScheduleKind, SpecError, SpecSpans, TrainSpec, WorkersSpec,
+    FaultSpec, FloatFormat, JobSpec, KeepBestSpec, Location, LrSchedule, MAX_SOURCE_BYTES,
+    ModelSpec, Norm, Optimizer, OutputSpec, ScheduleKind, SpecError, SpecSpans, TrainSpec,
+    WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -126,6 +127,13 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
     let (data, data_train, data_validation) = build_data(raw.data.into_inner(), at)?;
     let train_table = raw.train.span();
     let batch_span = raw.train.get_ref().batch_size.span();
+    let precision_at = raw.train.get_ref().precision.as_ref().map(Spanned::span);
+    let wire_at = raw
+        .train
+        .get_ref()
+        .allreduce_dtype
+        .as_ref()
+        .map(Spanned::span);
     let train = build_train(
         raw.train.into_inner(),
         train_table,
@@ -133,6 +141,17 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         at,
     )?;
     let workers = build_workers(raw.workers, train.global_batch, batch_span.clone(), at)?;
+    // These depend on the workers' device and backend, known only now.
+    if let Some(span) = precision_at
+        && train.precision == FloatFormat::Bf16
+    {
+        rules::bf16_precision_needs_cuda(workers.device).map_err(|m| at.invalid(span, m))?;
+    }
+    if let Some(span) = wire_at
+        && train.allreduce_dtype == FloatFormat::Bf16
+    {
+        rules::bf16_wire_needs_nccl(workers.backend()).map_err(|m| at.invalid(span, m))?;
+    }
     at.check(
         &raw.output.dir,
         rules::path_not_empty("output.dir", raw.output.dir.get_ref()),
@@ -498,6 +517,14 @@ fn build_train(
         None => None,
     };
     Ok(TrainSpec {
+        precision: raw
+            .precision
+            .as_ref()
+            .map_or_else(Default::default, |p| *p.get_ref()),
+        allreduce_dtype: raw
+            .allreduce_dtype
+            .as_ref()
+            .map_or_else(Default::default, |p| *p.get_ref()),
         global_batch: narrow(&raw.batch_size, at)?,
         duration,
         optimizer,
@@ -689,12 +716,22 @@ fn build_workers(
     }
     rules::batch_split(i64::from(batch), min, max)
         .map_err(|message| at.invalid(batch_span, message))?;
+    let collective = match &raw.collective {
+        Some(c) => {
+            if *c.get_ref() == CollectiveChoice::Nccl {
+                at.check(c, rules::nccl_needs_cuda(raw.device))?;
+            }
+            *c.get_ref()
+        }
+        None => CollectiveChoice::Auto,
+    };
     Ok(WorkersSpec {
         // Both within 1..=MAX_WORKERS after the rules above.
         min: u32::try_from(min).unwrap_or(u32::MAX),
         max: u32::try_from(max).unwrap_or(u32::MAX),
         device: raw.device,
         grow: raw.grow.unwrap_or(true),
+        collective,
     })
 }
 
@@ -715,6 +752,10 @@ fn build_fault(raw: Option<RawFault>, at: &Locator<'_>) -> Result<FaultSpec, Spe
     if let Some(secs) = &raw.hang_timeout_secs {
         at.check(secs, rules::hang_timeout_secs(secs.get_ref().0))?;
         fault.hang_timeout_secs = non_negative(secs.get_ref().0);
+    }
+    if let Some(secs) = &raw.collective_timeout_secs {
+        at.check(secs, rules::collective_timeout_secs(secs.get_ref().0))?;
+        fault.collective_timeout_secs = non_negative(secs.get_ref().0);
     }
     if let Some(n) = &raw.quarantine_after {
         at.check(n, rules::quarantine_after(n.get_ref().0))?;
