@@ -8,11 +8,15 @@
 //! channel, and takes the next assignment (or the order to drop its state)
 //! over another. It knows nothing of gRPC.
 
-use crate::collective::{Collective, CollectiveError, DataPlaneListener, RingBackend, RingConfig};
+use crate::collective::{
+    Collective, CollectiveError, DataPlaneListener, NcclBackend, NcclOptions, RingBackend,
+    RingConfig, WireDtype,
+};
 use crate::trainer::{
     self, Assignment, Outcome, Run, StateSource, TrainError, TrainerControl, TrainerOptions,
 };
 use ringmaster_common::ids::{Generation, JobId, Rank};
+use ringmaster_common::jobspec::{CollectiveBackend, FloatFormat};
 use ringmaster_proto::{
     CheckpointReport, FailureCause, Metrics, Note, Parked, Progress, Rebound, RunId, RunOutcome,
     TrainingEnded, WorkerReport, WrittenCheckpoint,
@@ -293,9 +297,11 @@ fn parks(e: &TrainError, control: &TrainerControl) -> bool {
     }
 }
 
-/// Joins the data plane of the assignment's generation with the collective
-/// backend this worker uses: the ring, which reduces CPU tensors in place and
-/// stages device tensors through pinned host memory.
+/// Joins the data plane of the assignment's generation with the backend the
+/// job's spec resolves to, the same on every rank: NCCL on CUDA workers
+/// (device memory, one communicator per generation), else the ring, which
+/// reduces CPU tensors in place and stages device tensors through pinned host
+/// memory.
 fn join_group(
     listener: &DataPlaneListener,
     a: &Assignment,
@@ -303,7 +309,23 @@ fn join_group(
 ) -> Result<Box<dyn Collective>, CollectiveError> {
     let mut cfg = RingConfig::new(a.job_id.clone(), a.generation, a.rank, a.peers.clone());
     cfg.connect_timeout = opts.connect_timeout;
-    Ok(Box::new(RingBackend::connect(listener, cfg)?))
+    match (a.spec.workers.backend(), opts.device) {
+        (CollectiveBackend::Ring, _) => Ok(Box::new(RingBackend::connect(listener, cfg)?)),
+        (CollectiveBackend::Nccl, tch::Device::Cuda(ordinal)) => {
+            let nccl = NcclOptions {
+                device: ordinal as i32,
+                timeout: Duration::from_secs(a.spec.fault.collective_timeout_secs),
+                wire: match a.spec.train.allreduce_dtype {
+                    FloatFormat::Fp32 => WireDtype::F32,
+                    FloatFormat::Bf16 => WireDtype::Bf16,
+                },
+            };
+            Ok(Box::new(NcclBackend::connect(listener, cfg, nccl)?))
+        }
+        (CollectiveBackend::Nccl, device) => Err(CollectiveError::InvalidConfig(format!(
+            "the job reduces through NCCL, and this worker trains on {device:?}, not a CUDA device"
+        ))),
+    }
 }
 
 fn report_of(id: &RunId, event: trainer::Event) -> WorkerReport {

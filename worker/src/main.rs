@@ -7,6 +7,7 @@
 use anyhow::Context;
 use clap::Parser;
 use ringmaster_worker::agent::{self, AgentConfig};
+use ringmaster_worker::collective::nccl::library;
 use std::time::Duration;
 
 /// A Ringmaster worker: runs libtorch training steps and all-reduces
@@ -15,6 +16,8 @@ use std::time::Duration;
 /// Examples:
 ///   worker --coordinator http://10.0.0.1:50051 --threads 4
 ///   worker --device cuda:0 --name gpu0 --data-listen 0.0.0.0:7000 --data-advertise 10.0.0.2:7000
+///   worker --devices all --name node3 --data-listen 0.0.0.0:7000   (one rank per GPU, ports 7000+i)
+///   worker --nccl-info
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, verbatim_doc_comment)]
 struct Args {
@@ -29,6 +32,14 @@ struct Args {
     /// Device to train on: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: (String, tch::Device),
+    /// `all`: start one worker process per visible GPU (`cuda:0`, `cuda:1`, ...), named
+    /// `<name>-gpu<i>`, the data plane of GPU i on port `<port>+i` (of `--data-listen` and
+    /// `--data-advertise`); stops them all when stopped.
+    #[arg(long, value_parser = ["all"], conflicts_with_all = ["device", "nccl_info"])]
+    devices: Option<String>,
+    /// Find and load the NCCL library as a CUDA worker would, print what was loaded, and exit.
+    #[arg(long)]
+    nccl_info: bool,
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -70,6 +81,27 @@ fn parse_device(s: &str) -> Result<(String, tch::Device), String> {
 fn main() {
     let args = Args::parse();
     ringmaster_common::telemetry::init("info");
+    if args.nccl_info {
+        match library::load_or_reexec() {
+            Ok(loaded) => {
+                println!("{loaded}");
+                return;
+            }
+            Err(e) => fail(&e),
+        }
+    }
+    if args.devices.is_some() {
+        let code = per_gpu::run(&args).unwrap_or_else(|e| fail(&e));
+        std::process::exit(code);
+    }
+    if matches!(args.device.1, tch::Device::Cuda(_)) {
+        // Every CUDA job reduces through NCCL unless it asks for the ring: a worker that could
+        // not load it would fail each job it took, so it refuses to start instead.
+        match library::load_or_reexec() {
+            Ok(loaded) => tracing::info!("{loaded}"),
+            Err(e) => fail(&e),
+        }
+    }
     let name = args
         .name
         .clone()
@@ -91,7 +123,137 @@ fn main() {
         .context("failed to start the async runtime");
     let result = runtime.and_then(|rt| rt.block_on(agent::run(cfg)));
     if let Err(e) = result {
-        eprintln!("worker: error: {e:#}");
-        std::process::exit(1);
+        fail(&format!("{e:#}"));
+    }
+}
+
+/// Prints the one-line error and exits 1.
+fn fail(e: &dyn std::fmt::Display) -> ! {
+    eprintln!("worker: error: {e}");
+    std::process::exit(1);
+}
+
+/// `--devices all`: one child worker per visible GPU.
+mod per_gpu {
+    use super::Args;
+    use anyhow::{Context, bail};
+
+    /// `host:port` with the port moved up by `i` (a port of 0 stays 0: the system picks).
+    pub(super) fn offset_port(addr: &str, i: usize) -> anyhow::Result<String> {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .with_context(|| format!("`{addr}` is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("`{addr}` has no valid port"))?;
+        if port == 0 {
+            return Ok(addr.to_string());
+        }
+        let moved = usize::from(port) + i;
+        let moved = u16::try_from(moved)
+            .with_context(|| format!("port {port} + {i} for GPU {i} is beyond 65535"))?;
+        Ok(format!("{host}:{moved}"))
+    }
+
+    /// Starts the children and waits for them; returns the exit code for this process.
+    pub(super) fn run(args: &Args) -> anyhow::Result<i32> {
+        let count = tch::Cuda::device_count();
+        if count <= 0 {
+            bail!(
+                "--devices all: no CUDA device is visible (libtorch sees {count}; check \
+                 nvidia-smi and CUDA_VISIBLE_DEVICES)"
+            );
+        }
+        let exe = std::env::current_exe().context("cannot find this program")?;
+        let base = args.name.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                ringmaster_worker::agent::hostname(),
+                std::process::id()
+            )
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("failed to start the async runtime")?;
+        rt.block_on(async {
+            let mut children = Vec::new();
+            for i in 0..count as usize {
+                let mut cmd = tokio::process::Command::new(&exe);
+                cmd.arg("--coordinator")
+                    .arg(&args.coordinator)
+                    .arg("--device")
+                    .arg(format!("cuda:{i}"))
+                    .arg("--threads")
+                    .arg(args.threads.to_string())
+                    .arg("--name")
+                    .arg(format!("{base}-gpu{i}"))
+                    .arg("--data-listen")
+                    .arg(offset_port(&args.data_listen, i)?)
+                    .arg("--connect-timeout-secs")
+                    .arg(args.connect_timeout_secs.to_string())
+                    .kill_on_drop(true);
+                if let Some(adv) = &args.data_advertise {
+                    cmd.arg("--data-advertise").arg(offset_port(adv, i)?);
+                }
+                children.push(
+                    cmd.spawn()
+                        .with_context(|| format!("starting the worker for GPU {i}"))?,
+                );
+            }
+            tracing::info!(workers = children.len(), "one worker per GPU started");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("installing the SIGTERM handler")?;
+            let waits = futures_wait_all(&mut children);
+            tokio::select! {
+                code = waits => Ok(code),
+                _ = tokio::signal::ctrl_c() => Ok(stop_all(&mut children).await),
+                _ = term.recv() => Ok(stop_all(&mut children).await),
+            }
+        })
+    }
+
+    /// Waits for every child; the code is the first non-zero exit (1 for a signal), else 0.
+    async fn futures_wait_all(children: &mut [tokio::process::Child]) -> i32 {
+        let mut code = 0;
+        for c in children.iter_mut() {
+            let status = c.wait().await;
+            let this = status.map_or(1, |s| s.code().unwrap_or(1));
+            if code == 0 {
+                code = this;
+            }
+        }
+        code
+    }
+
+    /// Passes the stop on to the children (SIGTERM) and waits for them.
+    async fn stop_all(children: &mut [tokio::process::Child]) -> i32 {
+        for c in children.iter() {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+        futures_wait_all(children).await;
+        0
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::offset_port;
+
+        #[test]
+        fn each_gpu_gets_the_next_port() {
+            assert_eq!(offset_port("0.0.0.0:7000", 0).unwrap(), "0.0.0.0:7000");
+            assert_eq!(offset_port("0.0.0.0:7000", 3).unwrap(), "0.0.0.0:7003");
+            assert_eq!(offset_port("127.0.0.1:0", 3).unwrap(), "127.0.0.1:0");
+            assert_eq!(offset_port("[::1]:7000", 1).unwrap(), "[::1]:7001");
+            let e = offset_port("h:65535", 1).unwrap_err().to_string();
+            assert_eq!(e, "port 65535 + 1 for GPU 1 is beyond 65535");
+            assert!(offset_port("nohost", 1).is_err());
+        }
     }
 }

@@ -19,6 +19,7 @@ mod data;
 mod evaluation;
 mod grads;
 mod metrics;
+mod precision;
 mod run;
 mod state;
 mod stream;

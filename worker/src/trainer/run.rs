@@ -15,6 +15,7 @@ use super::data::TrainData;
 use super::evaluation::{Counts, Scores};
 use super::grads::{BUCKET_BYTES, GradBuckets};
 use super::metrics::{MetricsLog, Window, link_latest};
+use super::precision::Precision;
 use super::transfer::{State, Transferred, transfer};
 use super::{
     Assignment, CheckpointWritten, Event, Outcome, Progress, TrainError, TrainerControl,
@@ -129,6 +130,8 @@ pub struct Run {
     output_dir: PathBuf,
     progress_every: u64,
     device: Device,
+    /// fp32, or bf16 autocast on CUDA (`train.precision`).
+    precision: Precision,
     data: TrainData,
     model: Model,
     /// Owns the parameters the model and `params` point into.
@@ -217,6 +220,8 @@ impl Run {
         tch::set_num_threads(opts.threads.max(1) as i32);
         let spec = a.spec.clone();
         let device = opts.device;
+        let precision =
+            Precision::new(spec.train.precision, device).map_err(TrainError::Invalid)?;
         let data = TrainData::prepared_or_load(&spec, device)?;
         control.check()?;
 
@@ -265,6 +270,7 @@ impl Run {
             output_dir: a.output_dir.clone(),
             progress_every: a.progress_every.max(1),
             device,
+            precision,
             data,
             model,
             _vars: vars,
@@ -457,7 +463,9 @@ impl Run {
             // Keyed by dataset sample id, not by rank or row: a sample gets
             // the same dropout mask however the batch is split.
             let noise = SampleNoise::new(self.spec.seed, self.step, ids, self.device);
-            let logits = self.model.forward_train(&xb, &noise)?;
+            let logits = self
+                .precision
+                .forward(|| self.model.forward_train(&xb, &noise))?;
             let loss =
                 logits.f_cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)?;
             loss.f_backward()?;
@@ -545,9 +553,10 @@ impl Run {
         let mine = rank_range(0..n, rank, world);
         let mut counts = Counts::new(self.data.classes, self.device)?;
         let model = &self.model;
+        let precision = self.precision;
         tch::no_grad(|| {
             self.data.for_validation_chunks(mine, |xb, yb| {
-                let logits = model.forward_eval(xb)?;
+                let logits = precision.forward(|| model.forward_eval(xb))?;
                 counts.loss_sum += logits
                     .f_cross_entropy_loss::<Tensor>(yb, None, Reduction::Sum, -100, 0.0)?
                     .f_double_value(&[])?;
