@@ -40,6 +40,10 @@ struct Args {
     /// Find and load the NCCL library as a CUDA worker would, print what was loaded, and exit.
     #[arg(long)]
     nccl_info: bool,
+    /// Time this worker's NCCL all-reduce (a communicator of one rank on `--device`) on
+    /// buffers of 1 MiB to 1 GiB, print one `RESULT` line per size, and exit.
+    #[arg(long)]
+    bench_nccl: bool,
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -90,6 +94,18 @@ fn main() {
             Err(e) => fail(&e),
         }
     }
+    if args.bench_nccl {
+        let tch::Device::Cuda(ordinal) = args.device.1 else {
+            fail(&"--bench-nccl needs --device cuda:N");
+        };
+        if let Err(e) = library::load_or_reexec() {
+            fail(&e);
+        }
+        if let Err(e) = bench_nccl(ordinal) {
+            fail(&format!("{e:#}"));
+        }
+        return;
+    }
     if args.devices.is_some() {
         let code = per_gpu::run(&args).unwrap_or_else(|e| fail(&e));
         std::process::exit(code);
@@ -125,6 +141,45 @@ fn main() {
     if let Err(e) = result {
         fail(&format!("{e:#}"));
     }
+}
+
+/// `--bench-nccl`: the median of 20 timed all-reduces per size after 5 untimed ones, through
+/// the same backend a job uses (its wait for completion included).
+fn bench_nccl(ordinal: usize) -> anyhow::Result<()> {
+    use ringmaster_worker::collective::{
+        Collective, DataPlaneListener, NcclBackend, NcclOptions, RingConfig, WireDtype,
+    };
+    let listener = DataPlaneListener::bind("127.0.0.1:0")?;
+    let cfg = RingConfig::new("bench-nccl", 1, 0, vec![listener.local_addr().to_string()]);
+    let opts = NcclOptions {
+        device: ordinal as i32,
+        timeout: Duration::from_secs(120),
+        wire: WireDtype::F32,
+    };
+    let mut nccl = NcclBackend::connect(&listener, cfg, opts)?;
+    for mib in [1usize, 4, 16, 64, 256, 1024] {
+        let elems = mib * 1024 * 1024 / 4;
+        let mut buf = tch::Tensor::f_ones(
+            [elems as i64],
+            (tch::Kind::Float, tch::Device::Cuda(ordinal)),
+        )?;
+        let mut times = Vec::new();
+        for i in 0..25 {
+            let t = std::time::Instant::now();
+            nccl.all_reduce_sum(&mut buf)?;
+            if i >= 5 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "RESULT nccl_allreduce bytes {} median_s {median:.6} gb_per_s {:.2}",
+            elems * 4,
+            (elems * 4) as f64 / median / 1e9
+        );
+    }
+    Ok(())
 }
 
 /// Prints the one-line error and exits 1.
