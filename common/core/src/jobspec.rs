@@ -97,7 +97,7 @@ pub struct FaultSpec {
 }
 
 fn default_collective_timeout_secs() -> u64 {
-    300
+    60
 }
 
 /// The window in which `[fault] quarantine_after` incidents quarantine a

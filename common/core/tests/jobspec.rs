@@ -1299,7 +1299,7 @@ fn fault_table_defaults_values_and_errors() {
             hang_timeout_secs: 60,
             quarantine_after: 3,
             quarantine_cooldown_secs: 600,
-            collective_timeout_secs: 300,
+            collective_timeout_secs: 60,
         }
     );
     assert!(!base.debug.audit_samples);
