@@ -8,7 +8,7 @@ use crate::server::{Role, STANDBY_PREFIX, Services};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use ringmaster_common::jobspec::{JobSpec, SpanField};
+use ringmaster_common::jobspec::{JobSpec, ModelSpec, SpanField};
 use ringmaster_common::records::JobState;
 use ringmaster_common::worker::WorkerState;
 use ringmaster_dataset::{self as dataset, DatasetManifest};
@@ -794,6 +794,10 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
     let train = DatasetManifest::read(&spec.data.train)
         .map_err(|e| spans.error_at(SpanField::DataTrain, e.to_string()))
         .map_err(anyhow::Error::msg)?;
+    if let ModelSpec::Torchscript { path, input_shape } = &spec.model {
+        check_script_file(path, input_shape.as_deref(), train.features())
+            .map_err(|e| anyhow::Error::msg(spans.error_at(SpanField::ModelHidden, e)))?;
+    }
     if let Some(val) = &spec.data.validation {
         let v = DatasetManifest::read(val)
             .map_err(|e| spans.error_at(SpanField::DataValidation, e.to_string()))
@@ -822,6 +826,37 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
         }
     }
     Ok(spec)
+}
+
+/// What can be checked of a TorchScript model without libtorch (the coordinator does not link
+/// it): the file is there, readable, and a `torch.jit.save` archive (a zip), and its input
+/// shape fits the dataset. The worker loads and probes it at start.
+fn check_script_file(
+    path: &Path,
+    input_shape: Option<&[u32]>,
+    features: usize,
+) -> Result<(), String> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| format!("model.path {}: {e}", path.display()))?;
+    if magic != *b"PK\x03\x04" {
+        return Err(format!(
+            "model.path {} is not a TorchScript file (torch.jit.save writes a zip archive)",
+            path.display()
+        ));
+    }
+    if let Some(shape) = input_shape {
+        let values: u64 = shape.iter().map(|&v| u64::from(v)).product();
+        if values != features as u64 {
+            return Err(format!(
+                "model.input_shape {shape:?} holds {values} values, data.train has {features} \
+                 features per sample"
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn submit(

@@ -63,6 +63,13 @@ impl SampleNoise {
         }
     }
 
+    /// One key for the whole batch, folded from every sample's key in order: a seed for code
+    /// that draws from libtorch's own generator (a TorchScript module's dropout), so a run is
+    /// reproducible and resumes bitwise, though it then depends on how the batch is split.
+    pub fn batch_key(&self) -> u64 {
+        self.keys.iter().fold(KEY_IV, |h, &k| absorb(h, k))
+    }
+
     /// Number of samples (rows of every draw).
     pub fn len(&self) -> usize {
         self.keys.len()

@@ -160,6 +160,16 @@ pub enum ModelSpec {
         #[serde(default)]
         augment: Augment,
     },
+    /// A module scripted or traced in PyTorch and saved with `torch.jit.save`, trained with all
+    /// its parameters; it maps a batch of samples to one logit per class.
+    Torchscript {
+        /// The `.pt` file, absolute (resolved against the job file's folder).
+        path: std::path::PathBuf,
+        /// Each sample is reshaped to this before the module sees it (`[batch, ...shape]`);
+        /// none: `[batch, features]`.
+        #[serde(default)]
+        input_shape: Option<Vec<u32>>,
+    },
 }
 
 /// Random crops and flips of training images, drawn per sample from
@@ -624,6 +634,21 @@ impl JobSpec {
     pub fn check(&self) -> Result<(), String> {
         rules::name(&self.name)?;
         match &self.model {
+            ModelSpec::Torchscript { path, input_shape } => {
+                // Specs from the wire must not point a worker at a relative path.
+                if !path.is_absolute() {
+                    return Err(format!(
+                        "model.path must be absolute here, got {}",
+                        path.display()
+                    ));
+                }
+                if let Some(shape) = input_shape {
+                    rules::script_input_dims(shape.len())?;
+                    for (i, side) in shape.iter().enumerate() {
+                        rules::input_side(i, *side)?;
+                    }
+                }
+            }
             ModelSpec::Mlp {
                 hidden, dropout, ..
             } => {

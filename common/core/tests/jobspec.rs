@@ -152,7 +152,7 @@ fn unknown_enum_values_list_the_alternatives() {
     );
     check_err(
         &edit(&[("kind = \"mlp\"", "kind = \"resnet\"")]),
-        "job.toml:4:8: unknown variant `resnet`, expected `mlp` or `cnn`",
+        "job.toml:4:8: unknown variant `resnet`, expected one of `mlp`, `cnn`, `torchscript`",
     );
 }
 
@@ -1349,6 +1349,69 @@ fn fault_table_defaults_values_and_errors() {
     assert_eq!(
         wire.check(),
         Err("fault.rejoin_timeout_secs must be between 1 and 604800, got 0".into())
+    );
+}
+
+#[test]
+fn torchscript_keys() {
+    let script = |lines: &str| edit(&[("kind = \"mlp\"\nhidden = [16, 8]", lines)]);
+    let spec = parse(&script(
+        "kind = \"torchscript\"\npath = \"models/net.pt\"\ninput_shape = [1, 8, 8]",
+    ));
+    assert_eq!(
+        spec.model,
+        ModelSpec::Torchscript {
+            // Relative to the job file's folder, like the datasets.
+            path: PathBuf::from("/jobs/team/models/net.pt"),
+            input_shape: Some(vec![1, 8, 8]),
+        }
+    );
+    assert_eq!(spec.check(), Ok(()));
+    let flat = parse(&script("kind = \"torchscript\"\npath = \"net.pt\""));
+    assert!(matches!(
+        flat.model,
+        ModelSpec::Torchscript {
+            input_shape: None,
+            ..
+        }
+    ));
+    check_err(
+        &script("kind = \"torchscript\""),
+        "job.toml:4:8: model.kind = \"torchscript\" needs model.path (a module saved with \
+         torch.jit.save, e.g. \"model.pt\")",
+    );
+    check_err(
+        &script("kind = \"torchscript\"\npath = \"net.pt\"\nhidden = [4]"),
+        "job.toml:6:10: model.hidden does not apply to model.kind = \"torchscript\" (the module \
+         file defines its own layers)",
+    );
+    check_err(
+        &script("kind = \"torchscript\"\npath = \"net.pt\"\nactivation = \"gelu\""),
+        "job.toml:6:14: model.activation does not apply to model.kind = \"torchscript\" (the \
+         module file defines its own layers)",
+    );
+    check_err(
+        &script("kind = \"torchscript\"\npath = \"net.pt\"\ninput_shape = [1, 2, 3, 4, 5]"),
+        "job.toml:6:15: model.input_shape must have 1 to 4 dimensions (each sample's shape, e.g. \
+         [1, 28, 28]), got 5",
+    );
+    check_err(
+        &script("kind = \"torchscript\"\npath = \"\""),
+        "job.toml:5:8: model.path must not be empty",
+    );
+    check_err(
+        &script("kind = \"mlp\"\nhidden = [4]\npath = \"net.pt\""),
+        "job.toml:6:8: model.path applies to model.kind = \"torchscript\"",
+    );
+    // A spec from the wire must carry an absolute path.
+    let mut wire = spec.clone();
+    wire.model = ModelSpec::Torchscript {
+        path: PathBuf::from("net.pt"),
+        input_shape: None,
+    };
+    assert_eq!(
+        wire.check(),
+        Err("model.path must be absolute here, got net.pt".into())
     );
 }
 

@@ -11,8 +11,10 @@
 
 mod alloc;
 mod cnn;
+mod script;
 
 pub use cnn::Cnn;
+pub use script::Script;
 
 pub use alloc::{AllocError, allocate, device_name, from_host, torch_message, zeros};
 
@@ -36,6 +38,7 @@ pub struct Mlp {
 pub enum Model {
     Mlp(Mlp),
     Cnn(Cnn),
+    Script(Script),
 }
 
 impl Model {
@@ -52,6 +55,7 @@ impl Model {
         match self {
             Model::Mlp(m) => m.forward(xs, Some(noise)),
             Model::Cnn(m) => m.forward(xs, Some(noise)),
+            Model::Script(m) => m.forward(xs, true, Some(noise)),
         }
     }
 
@@ -60,6 +64,17 @@ impl Model {
         match self {
             Model::Mlp(m) => m.forward(xs, None),
             Model::Cnn(m) => m.forward(xs, None),
+            Model::Script(m) => m.forward(xs, false, None),
+        }
+    }
+
+    /// The parameters by name, in name order (the order of buckets, checkpoints and
+    /// `model.safetensors`): those of `vs` for the built-in models, the module's own for a
+    /// TorchScript one.
+    pub fn named_parameters(&self, vs: &nn::VarStore) -> Result<Vec<(String, Tensor)>, TchError> {
+        match self {
+            Model::Script(m) => m.named_parameters(),
+            _ => Ok(named_parameters(vs)),
         }
     }
 }
@@ -105,6 +120,14 @@ pub fn initial(
             *dropout,
         )?),
         ModelSpec::Cnn { .. } => Model::Cnn(Cnn::new(&vs.root(), inputs, classes, spec)?),
+        // The module brings its own initial parameters: the seed does not apply.
+        ModelSpec::Torchscript { path, input_shape } => Model::Script(Script::load(
+            path,
+            device,
+            inputs,
+            classes,
+            input_shape.as_deref(),
+        )?),
     };
     Ok((vs, model))
 }

@@ -238,7 +238,7 @@ impl Run {
             model::BuildError::Alloc(a) => TrainError::from(a),
             model::BuildError::Shape(msg) => TrainError::Invalid(msg),
         })?;
-        let named = model::named_parameters(&vars);
+        let named = model.named_parameters(&vars)?;
         let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let grads = GradBuckets::bind(&params, EXTRAS, device)?;

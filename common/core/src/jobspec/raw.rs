@@ -38,11 +38,12 @@ pub(super) struct RawJob {
     pub debug: Option<RawDebug>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum RawModelKind {
     Mlp,
     Cnn,
+    Torchscript,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -58,8 +59,7 @@ pub(super) enum RawNorm {
 pub(super) struct RawModel {
     pub kind: Spanned<RawModelKind>,
     pub hidden: Option<Spanned<Vec<Spanned<Integer>>>>,
-    #[serde(default = "default_activation")]
-    pub activation: Activation,
+    pub activation: Option<Spanned<Activation>>,
     pub dropout: Option<Spanned<Float>>,
     pub input_shape: Option<Spanned<Vec<Spanned<Integer>>>>,
     pub channels: Option<Spanned<Vec<Spanned<Integer>>>>,
@@ -68,6 +68,7 @@ pub(super) struct RawModel {
     pub norm: Option<Spanned<RawNorm>>,
     pub groups: Option<Spanned<Integer>>,
     pub augment: Option<Spanned<RawAugment>>,
+    pub path: Option<Spanned<String>>,
 }
 
 /// `model.augment`, usually an inline table.
@@ -76,10 +77,6 @@ pub(super) struct RawModel {
 pub(super) struct RawAugment {
     pub crop_padding: Option<Spanned<Integer>>,
     pub horizontal_flip: Option<bool>,
-}
-
-fn default_activation() -> Activation {
-    Activation::Relu
 }
 
 #[derive(Debug, Deserialize)]

@@ -100,6 +100,18 @@ pub(super) fn input_shape_len(dims: usize) -> Rule {
     }
 }
 
+/// A TorchScript module's per-sample input shape: 1 to 4 dimensions.
+pub(super) fn script_input_dims(dims: usize) -> Rule {
+    if (1..=4).contains(&dims) {
+        Ok(())
+    } else {
+        Err(format!(
+            "model.input_shape must have 1 to 4 dimensions (each sample's shape, e.g. [1, 28, \
+             28]), got {dims}"
+        ))
+    }
+}
+
 pub(super) fn input_side(index: usize, side: impl Into<i128>) -> Rule {
     in_range(&format!("model.input_shape[{index}]"), side, 1, MAX_SIDE)
 }

@@ -18,11 +18,11 @@ use super::raw::{
 };
 use super::rules::{self, Rule};
 use super::{
-    Augment, CheckpointSpec, CollectiveChoice, DEFAULT_CACHE_BYTES, DEFAULT_LOG_EVERY_STEPS,
-    DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DebugSpec, Duration, EarlyStopping,
-    FaultSpec, FloatFormat, JobSpec, KeepBestSpec, Location, LrSchedule, MAX_SOURCE_BYTES,
-    ModelSpec, Norm, Optimizer, OutputSpec, ScheduleKind, SpecError, SpecSpans, TrainSpec,
-    WorkersSpec,
+    Activation, Augment, CheckpointSpec, CollectiveChoice, DEFAULT_CACHE_BYTES,
+    DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DebugSpec,
+    Duration, EarlyStopping, FaultSpec, FloatFormat, JobSpec, KeepBestSpec, Location, LrSchedule,
+    MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, ScheduleKind, SpecError, SpecSpans,
+    TrainSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -186,6 +186,10 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
 }
 
 fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location), SpecError> {
+    let activation = raw
+        .activation
+        .as_ref()
+        .map_or(Activation::Relu, |a| *a.get_ref());
     let dropout = match &raw.dropout {
         Some(p) => {
             at.check(p, rules::dropout(p.get_ref().0))?;
@@ -201,7 +205,16 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             format!("{key} does not apply to model.kind = \"{kind}\""),
         )
     };
-    match raw.kind.into_inner() {
+    if raw.kind.get_ref() != &RawModelKind::Torchscript
+        && let Some(p) = &raw.path
+    {
+        return Err(at.invalid(
+            p.span(),
+            "model.path applies to model.kind = \"torchscript\"".into(),
+        ));
+    }
+    match *raw.kind.get_ref() {
+        RawModelKind::Torchscript => build_torchscript(raw, kind_span, at),
         RawModelKind::Mlp => {
             for (key, span) in [
                 (
@@ -235,7 +248,7 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             }
             let model = ModelSpec::Mlp {
                 hidden,
-                activation: raw.activation,
+                activation,
                 dropout,
             };
             Ok((model, at.at(raw_hidden.span())))
@@ -349,13 +362,72 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
                 pool,
                 norm,
                 groups,
-                activation: raw.activation,
+                activation,
                 dropout,
                 augment,
             };
             Ok((model, at.at(raw_channels.span())))
         }
     }
+}
+
+/// `model.kind = "torchscript"`: a module file and, optionally, the shape each sample is given
+/// to it in. The module brings its own layers, so every built-in model key is refused.
+fn build_torchscript(
+    raw: RawModel,
+    kind_span: Range<usize>,
+    at: &Locator<'_>,
+) -> Result<(ModelSpec, Location), SpecError> {
+    for (key, span) in [
+        ("model.hidden", raw.hidden.as_ref().map(|v| v.span())),
+        (
+            "model.activation",
+            raw.activation.as_ref().map(|v| v.span()),
+        ),
+        ("model.dropout", raw.dropout.as_ref().map(|v| v.span())),
+        ("model.channels", raw.channels.as_ref().map(|v| v.span())),
+        ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
+        ("model.pool", raw.pool.as_ref().map(|v| v.span())),
+        ("model.norm", raw.norm.as_ref().map(|v| v.span())),
+        ("model.groups", raw.groups.as_ref().map(|v| v.span())),
+        ("model.augment", raw.augment.as_ref().map(|v| v.span())),
+    ] {
+        if let Some(span) = span {
+            return Err(at.invalid(
+                span,
+                format!(
+                    "{key} does not apply to model.kind = \"torchscript\" (the module file \
+                     defines its own layers)"
+                ),
+            ));
+        }
+    }
+    let Some(path) = &raw.path else {
+        return Err(at.invalid(
+            kind_span,
+            "model.kind = \"torchscript\" needs model.path (a module saved with torch.jit.save, \
+             e.g. \"model.pt\")"
+                .into(),
+        ));
+    };
+    at.check(path, rules::path_not_empty("model.path", path.get_ref()))?;
+    let input_shape = match &raw.input_shape {
+        None => None,
+        Some(shape) => {
+            at.check(shape, rules::script_input_dims(shape.get_ref().len()))?;
+            let mut dims = Vec::with_capacity(shape.get_ref().len());
+            for (i, v) in shape.get_ref().iter().enumerate() {
+                at.check(v, rules::input_side(i, v.get_ref().0))?;
+                dims.push(narrow(v, at)?);
+            }
+            Some(dims)
+        }
+    };
+    let model = ModelSpec::Torchscript {
+        path: resolve(at, path, "model.path")?,
+        input_shape,
+    };
+    Ok((model, at.at(path.span())))
 }
 
 fn build_data(
