@@ -1093,6 +1093,31 @@ fn examples_parse() {
     );
     assert_eq!(cnn.data, digits.data);
 
+    let script = example("torchscript/job.toml");
+    assert_eq!(script.check(), Ok(()));
+    let ModelSpec::Torchscript { path, input_shape } = &script.model else {
+        panic!("{:?}", script.model);
+    };
+    // Resolved against the job file's own folder, one level deeper than the others.
+    assert!(
+        path.ends_with("run/torchscript/model.pt"),
+        "{}",
+        path.display()
+    );
+    assert_eq!(
+        path.parent().unwrap().parent(),
+        digits
+            .data
+            .train
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+    );
+    assert_eq!(input_shape.as_deref(), Some(&[1u32, 8, 8][..]));
+    assert_eq!(script.data, digits.data);
+
     let sgd = example("digits-mlp-sgd.toml");
     assert_eq!(sgd.check(), Ok(()));
     assert_eq!((sgd.workers.min, sgd.workers.max), (1, 2));
