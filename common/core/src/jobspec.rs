@@ -160,6 +160,10 @@ pub enum ModelSpec {
         #[serde(default)]
         augment: Augment,
     },
+    /// Stacked LSTM layers over each sample read as a sequence, a linear head on the last step.
+    Lstm(RnnSpec),
+    /// The same with GRU layers.
+    Gru(RnnSpec),
     /// A module scripted or traced in PyTorch and saved with `torch.jit.save`, trained with all
     /// its parameters; it maps a batch of samples to one logit per class.
     Torchscript {
@@ -170,6 +174,37 @@ pub enum ModelSpec {
         #[serde(default)]
         input_shape: Option<Vec<u32>>,
     },
+}
+
+/// The recurrent models' keys (`lstm`, `gru`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RnnSpec {
+    /// `[steps, input_size]` each sample's features are read as; none: `[features, 1]`.
+    #[serde(default)]
+    pub input_shape: Option<[u32; 2]>,
+    /// Width of every recurrent layer's state.
+    pub hidden_size: u32,
+    /// Stacked recurrent layers.
+    pub layers: u32,
+    /// Dropout probability before the head, `0 <= p < 1`.
+    pub dropout: f64,
+}
+
+/// Which recurrent cell an [`RnnSpec`] uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RnnCell {
+    Lstm,
+    Gru,
+}
+
+impl RnnCell {
+    /// The `model.kind` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RnnCell::Lstm => "lstm",
+            RnnCell::Gru => "gru",
+        }
+    }
 }
 
 /// Random crops and flips of training images, drawn per sample from
@@ -634,6 +669,16 @@ impl JobSpec {
     pub fn check(&self) -> Result<(), String> {
         rules::name(&self.name)?;
         match &self.model {
+            ModelSpec::Lstm(r) | ModelSpec::Gru(r) => {
+                if let Some(shape) = r.input_shape {
+                    for (i, side) in shape.iter().enumerate() {
+                        rules::input_side(i, *side)?;
+                    }
+                }
+                rules::hidden_size(r.hidden_size)?;
+                rules::rnn_layers(r.layers)?;
+                rules::dropout(r.dropout)?;
+            }
             ModelSpec::Torchscript { path, input_shape } => {
                 // Specs from the wire must not point a worker at a relative path.
                 if !path.is_absolute() {

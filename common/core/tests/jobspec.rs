@@ -9,7 +9,7 @@ use ringmaster_common::jobspec::{
     Activation, Augment, CheckpointSpec, CollectiveBackend, CollectiveChoice, DEFAULT_CACHE_BYTES,
     DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DeviceKind, Duration, FaultSpec,
     FloatFormat, JobSpec, KeepBestSpec, LrSchedule, MetricMode, ModelSpec, Norm, Optimizer,
-    ScheduleKind, SpanField, SpecError,
+    RnnSpec, ScheduleKind, SpanField, SpecError,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -152,7 +152,7 @@ fn unknown_enum_values_list_the_alternatives() {
     );
     check_err(
         &edit(&[("kind = \"mlp\"", "kind = \"resnet\"")]),
-        "job.toml:4:8: unknown variant `resnet`, expected one of `mlp`, `cnn`, `torchscript`",
+        "job.toml:4:8: unknown variant `resnet`, expected one of `mlp`, `cnn`, `lstm`, `gru`, `torchscript`",
     );
 }
 
@@ -1374,6 +1374,61 @@ fn fault_table_defaults_values_and_errors() {
     assert_eq!(
         wire.check(),
         Err("fault.rejoin_timeout_secs must be between 1 and 604800, got 0".into())
+    );
+}
+
+#[test]
+fn recurrent_keys() {
+    let model = |lines: &str| edit(&[("kind = \"mlp\"\nhidden = [16, 8]", lines)]);
+    let spec = parse(&model("kind = \"lstm\"\nhidden_size = 32"));
+    assert_eq!(
+        spec.model,
+        ModelSpec::Lstm(RnnSpec {
+            input_shape: None,
+            hidden_size: 32,
+            layers: 1,
+            dropout: 0.0,
+        })
+    );
+    let gru = parse(&model(
+        "kind = \"gru\"\nhidden_size = 8\nlayers = 3\ninput_shape = [4, 2]\ndropout = 0.2",
+    ));
+    assert_eq!(
+        gru.model,
+        ModelSpec::Gru(RnnSpec {
+            input_shape: Some([4, 2]),
+            hidden_size: 8,
+            layers: 3,
+            dropout: 0.2,
+        })
+    );
+    let json = serde_json::to_string(&gru).unwrap();
+    let back: JobSpec = serde_json::from_str(&json).unwrap();
+    assert_eq!((back.check(), back.model), (Ok(()), gru.model));
+    check_err(
+        &model("kind = \"lstm\""),
+        "job.toml:4:8: model.kind = \"lstm\" needs model.hidden_size (e.g. 64)",
+    );
+    check_err(
+        &model("kind = \"gru\"\nhidden_size = 0"),
+        "job.toml:5:15: model.hidden_size must be between 1 and 4096, got 0",
+    );
+    check_err(
+        &model("kind = \"lstm\"\nhidden_size = 8\nlayers = 17"),
+        "job.toml:6:10: model.layers must be between 1 and 16, got 17",
+    );
+    check_err(
+        &model("kind = \"lstm\"\nhidden_size = 8\ninput_shape = [1, 8, 8]"),
+        "job.toml:6:15: model.input_shape of a recurrent model must be [steps, input_size], got 3 \
+         values",
+    );
+    check_err(
+        &model("kind = \"lstm\"\nhidden_size = 8\nchannels = [4]"),
+        "job.toml:6:12: model.channels does not apply to model.kind = \"lstm\"",
+    );
+    check_err(
+        &model("kind = \"mlp\"\nhidden = [4]\nlayers = 2"),
+        "job.toml:6:10: model.layers does not apply to model.kind = \"mlp\"",
     );
 }
 

@@ -11,15 +11,17 @@
 
 mod alloc;
 mod cnn;
+mod rnn;
 mod script;
 
 pub use cnn::Cnn;
+pub use rnn::Rnn;
 pub use script::Script;
 
 pub use alloc::{AllocError, allocate, device_name, from_host, torch_message, zeros};
 
 use crate::sample_rng::{SampleNoise, Stream};
-use ringmaster_common::jobspec::{Activation, ModelSpec};
+use ringmaster_common::jobspec::{Activation, ModelSpec, RnnCell};
 use tch::nn::{self, Init};
 use tch::{TchError, Tensor};
 
@@ -38,6 +40,7 @@ pub struct Mlp {
 pub enum Model {
     Mlp(Mlp),
     Cnn(Cnn),
+    Rnn(Rnn),
     Script(Script),
 }
 
@@ -55,6 +58,7 @@ impl Model {
         match self {
             Model::Mlp(m) => m.forward(xs, Some(noise)),
             Model::Cnn(m) => m.forward(xs, Some(noise)),
+            Model::Rnn(m) => m.forward(xs, Some(noise)),
             Model::Script(m) => m.forward(xs, true, Some(noise)),
         }
     }
@@ -64,6 +68,7 @@ impl Model {
         match self {
             Model::Mlp(m) => m.forward(xs, None),
             Model::Cnn(m) => m.forward(xs, None),
+            Model::Rnn(m) => m.forward(xs, None),
             Model::Script(m) => m.forward(xs, false, None),
         }
     }
@@ -120,6 +125,8 @@ pub fn initial(
             *dropout,
         )?),
         ModelSpec::Cnn { .. } => Model::Cnn(Cnn::new(&vs.root(), inputs, classes, spec)?),
+        ModelSpec::Lstm(r) => Model::Rnn(Rnn::new(&vs.root(), inputs, classes, RnnCell::Lstm, r)?),
+        ModelSpec::Gru(r) => Model::Rnn(Rnn::new(&vs.root(), inputs, classes, RnnCell::Gru, r)?),
         // The module brings its own initial parameters: the seed does not apply.
         ModelSpec::Torchscript { path, input_shape } => Model::Script(Script::load(
             path,

@@ -43,6 +43,8 @@ pub(super) struct RawJob {
 pub(super) enum RawModelKind {
     Mlp,
     Cnn,
+    Lstm,
+    Gru,
     Torchscript,
 }
 
@@ -69,6 +71,8 @@ pub(super) struct RawModel {
     pub groups: Option<Spanned<Integer>>,
     pub augment: Option<Spanned<RawAugment>>,
     pub path: Option<Spanned<String>>,
+    pub hidden_size: Option<Spanned<Integer>>,
+    pub layers: Option<Spanned<Integer>>,
 }
 
 /// `model.augment`, usually an inline table.

@@ -100,6 +100,25 @@ pub(super) fn input_shape_len(dims: usize) -> Rule {
     }
 }
 
+pub(super) fn hidden_size(h: impl Into<i128>) -> Rule {
+    in_range("model.hidden_size", h, 1, 4096)
+}
+
+pub(super) fn rnn_layers(n: impl Into<i128>) -> Rule {
+    in_range("model.layers", n, 1, 16)
+}
+
+/// A recurrent model reads each sample as `[steps, input_size]`.
+pub(super) fn rnn_input_dims(dims: usize) -> Rule {
+    if dims == 2 {
+        Ok(())
+    } else {
+        Err(format!(
+            "model.input_shape of a recurrent model must be [steps, input_size], got {dims} values"
+        ))
+    }
+}
+
 /// A TorchScript module's per-sample input shape: 1 to 4 dimensions.
 pub(super) fn script_input_dims(dims: usize) -> Rule {
     if (1..=4).contains(&dims) {

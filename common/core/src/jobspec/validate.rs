@@ -21,8 +21,8 @@ use super::{
     Activation, Augment, CheckpointSpec, CollectiveChoice, DEFAULT_CACHE_BYTES,
     DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DebugSpec,
     Duration, EarlyStopping, FaultSpec, FloatFormat, JobSpec, KeepBestSpec, Location, LrSchedule,
-    MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, ScheduleKind, SpecError, SpecSpans,
-    TrainSpec, WorkersSpec,
+    MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, RnnCell, RnnSpec, ScheduleKind,
+    SpecError, SpecSpans, TrainSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -213,8 +213,36 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             "model.path applies to model.kind = \"torchscript\"".into(),
         ));
     }
+    let rnn_keys = [
+        (
+            "model.hidden_size",
+            raw.hidden_size.as_ref().map(|v| v.span()),
+        ),
+        ("model.layers", raw.layers.as_ref().map(|v| v.span())),
+    ];
+    match *raw.kind.get_ref() {
+        RawModelKind::Torchscript | RawModelKind::Lstm | RawModelKind::Gru => {}
+        kind => {
+            for (key, span) in rnn_keys {
+                if let Some(span) = span {
+                    let name = if kind == RawModelKind::Mlp {
+                        "mlp"
+                    } else {
+                        "cnn"
+                    };
+                    return Err(not_for(span, key, name));
+                }
+            }
+        }
+    }
     match *raw.kind.get_ref() {
         RawModelKind::Torchscript => build_torchscript(raw, kind_span, at),
+        RawModelKind::Lstm => {
+            build_rnn(raw, RnnCell::Lstm, dropout, at).map(|(r, l)| (ModelSpec::Lstm(r), l))
+        }
+        RawModelKind::Gru => {
+            build_rnn(raw, RnnCell::Gru, dropout, at).map(|(r, l)| (ModelSpec::Gru(r), l))
+        }
         RawModelKind::Mlp => {
             for (key, span) in [
                 (
@@ -369,6 +397,71 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             Ok((model, at.at(raw_channels.span())))
         }
     }
+}
+
+/// `model.kind = "lstm" | "gru"`: the state width, the layers and how a sample reads as a
+/// sequence.
+fn build_rnn(
+    raw: RawModel,
+    cell: RnnCell,
+    dropout: f64,
+    at: &Locator<'_>,
+) -> Result<(RnnSpec, Location), SpecError> {
+    let kind = cell.as_str();
+    for (key, span) in [
+        ("model.hidden", raw.hidden.as_ref().map(|v| v.span())),
+        (
+            "model.activation",
+            raw.activation.as_ref().map(|v| v.span()),
+        ),
+        ("model.channels", raw.channels.as_ref().map(|v| v.span())),
+        ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
+        ("model.pool", raw.pool.as_ref().map(|v| v.span())),
+        ("model.norm", raw.norm.as_ref().map(|v| v.span())),
+        ("model.groups", raw.groups.as_ref().map(|v| v.span())),
+        ("model.augment", raw.augment.as_ref().map(|v| v.span())),
+        ("model.path", raw.path.as_ref().map(|v| v.span())),
+    ] {
+        if let Some(span) = span {
+            return Err(at.invalid(
+                span,
+                format!("{key} does not apply to model.kind = \"{kind}\""),
+            ));
+        }
+    }
+    let Some(hidden) = &raw.hidden_size else {
+        return Err(at.invalid(
+            raw.kind.span(),
+            format!("model.kind = \"{kind}\" needs model.hidden_size (e.g. 64)"),
+        ));
+    };
+    at.check(hidden, rules::hidden_size(hidden.get_ref().0))?;
+    let layers = match &raw.layers {
+        Some(n) => {
+            at.check(n, rules::rnn_layers(n.get_ref().0))?;
+            narrow(n, at)?
+        }
+        None => 1,
+    };
+    let input_shape = match &raw.input_shape {
+        None => None,
+        Some(shape) => {
+            at.check(shape, rules::rnn_input_dims(shape.get_ref().len()))?;
+            let mut dims = [0u32; 2];
+            for (i, v) in shape.get_ref().iter().enumerate() {
+                at.check(v, rules::input_side(i, v.get_ref().0))?;
+                dims[i] = narrow(v, at)?;
+            }
+            Some(dims)
+        }
+    };
+    let spec = RnnSpec {
+        input_shape,
+        hidden_size: narrow(hidden, at)?,
+        layers,
+        dropout,
+    };
+    Ok((spec, at.at(hidden.span())))
 }
 
 /// `model.kind = "torchscript"`: a module file and, optionally, the shape each sample is given

@@ -1,0 +1,118 @@
+//! The `lstm` and `gru` models end to end with the real binaries: an LSTM reading scikit-learn's
+//! digits as 8 steps of 8 pixels learns them, its `model.safetensors` loads into PyTorch's
+//! `nn.LSTM` module (`tests/python/rnn_reference.py`, strict `load_state_dict`) and scores the
+//! same there, 1, 2 and 4 workers compute the same GRU run, and a cancel + resume of an LSTM
+//! is bitwise identical.
+
+use ringmaster_tests::{
+    JobBuilder, LocalCluster, model_params, pack_digits, relative_l2, repo_root, wait_until,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn job(data: &Path, name: &str, cell: &str, workers: u32, steps: u32) -> JobBuilder {
+    JobBuilder::new(name, data)
+        .seed(4)
+        .model_kind(&format!(
+            "kind = \"{cell}\"\ninput_shape = [8, 8]\nhidden_size = 48\nlayers = 2\ndropout = 0.1"
+        ))
+        .validation()
+        .train(&format!(
+            "steps = {steps}\noptimizer = \"adam\"\nlearning_rate = 0.005\n\
+             eval_every_steps = 100"
+        ))
+        .exactly(workers)
+}
+
+#[test]
+fn an_lstm_learns_digits_row_by_row_and_loads_into_pytorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(2).unwrap();
+    let (done, out) = cluster.train(tmp.path(), &job(&data, "lstm", "lstm", 2, 600));
+    let accuracy = done["metrics"]["val_accuracy"].as_f64().unwrap();
+    eprintln!("lstm on digits rows: validation accuracy {accuracy}");
+    assert!(accuracy >= 0.9, "{done}");
+
+    let root = repo_root();
+    let py = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/python/rnn_reference.py"))
+        .arg(out.join("model.safetensors"))
+        .arg(data.join("val"))
+        .args(["lstm", "8", "8", "48", "2"])
+        .output()
+        .expect("run the project venv's python (scripts/bootstrap makes it)");
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let torch: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    eprintln!("the same weights in nn.LSTM: {torch}");
+    let samples = torch["samples"].as_f64().unwrap();
+    let torch_accuracy = torch["accuracy"].as_f64().unwrap();
+    assert!(
+        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
+        "ringmaster {accuracy}, pytorch {torch_accuracy}"
+    );
+}
+
+#[test]
+fn one_two_and_four_workers_train_the_same_gru() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(4).unwrap();
+    let (_, one) = cluster.train(tmp.path(), &job(&data, "g1", "gru", 1, 120));
+    let one = model_params(&one);
+    for workers in [2, 4] {
+        let name = format!("g{workers}");
+        let (_, out) = cluster.train(tmp.path(), &job(&data, &name, "gru", workers, 120));
+        let rel = relative_l2(&one, &model_params(&out));
+        eprintln!("gru: relative L2 between 1 and {workers} workers: {rel:e}");
+        assert!(rel < 1e-5, "1 vs {workers} workers: {rel}");
+    }
+}
+
+#[test]
+fn cancel_then_resume_of_an_lstm_is_bitwise_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(2).unwrap();
+    let (_, whole) = cluster.train(tmp.path(), &job(&data, "whole", "lstm", 2, 1200));
+    let whole = model_params(&whole);
+
+    let split = job(&data, "split", "lstm", 2, 1200).write(tmp.path());
+    let out = cluster.cli(&["submit", split.to_str().unwrap()], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    wait_until(JOB_TIMEOUT, || {
+        cluster.status(&id)["step"].as_u64().unwrap_or(0) >= 100
+    })
+    .unwrap();
+    let out = cluster.cli(&["cancel", &id], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut last = serde_json::Value::Null;
+    wait_until(JOB_TIMEOUT, || {
+        last = cluster.status(&id);
+        last["state"] == "cancelled"
+    })
+    .unwrap_or_else(|_| panic!("never cancelled: {last}"));
+    let stop = last["step"].as_u64().unwrap();
+    assert!(stop < 1200, "cancelled at step {stop}, after the end");
+    let out = cluster.cli(
+        &["resume", &id, "--follow", "--output", "json"],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let done = out.json();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let resumed = model_params(&PathBuf::from(done["output_dir"].as_str().unwrap()));
+    assert_eq!(
+        whole, resumed,
+        "parameters differ after cancel + resume at {stop}"
+    );
+}
