@@ -82,7 +82,7 @@ fn base_is_valid() {
 fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("seed = 1", "seed = 1\nepoch = 3")]),
-        "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `model`, `data`, \
+        "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `task`, `model`, `data`, \
          `train`, `workers`, `output`, `checkpoint`, `fault`, `debug`",
     );
     check_err(
@@ -99,7 +99,7 @@ fn unknown_keys_list_the_expected_ones() {
     );
     check_err(
         &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
-        "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `model`, \
+        "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `task`, `model`, \
          `data`, `train`, `workers`, `output`, `checkpoint`, `fault`, `debug`",
     );
 }
@@ -496,7 +496,7 @@ fn schedule_and_clipping_keys() {
             "eval_every_steps = 5\nearly_stopping = { metric = \"loss\", mode = \"min\", \
              patience = 3 }",
             "job.toml:15:29: train.early_stopping.metric \"loss\" must be a validation score \
-             (val_loss, val_accuracy, val_macro_f1)",
+             (val_loss, val_accuracy, val_macro_f1, val_mse, val_mae, val_r2)",
         ),
         (
             "eval_every_steps = 5\nearly_stopping = { metric = \"val_loss\", mode = \"min\", \
@@ -701,7 +701,7 @@ fn checkpoint_errors() {
         (
             "keep_best = { metric = \"val_f1\", mode = \"max\" }",
             "job.toml:20:24: checkpoint.keep_best.metric \"val_f1\" is not reported by the \
-             trainer, expected one of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`",
+             trainer, expected one of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`",
         ),
         (
             "keep_best = { metric = \"Val-Acc\", mode = \"max\" }",
@@ -1266,7 +1266,7 @@ fn check_refuses_what_the_parser_refuses() {
     assert_eq!(
         check(&|s| s.checkpoint.keep_best = best("accuracy", 1)),
         "checkpoint.keep_best.metric \"accuracy\" is not reported by the trainer, expected one \
-         of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`"
+         of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`"
     );
     assert_eq!(
         check(&|s| {
