@@ -8,7 +8,7 @@ use crate::server::{Role, STANDBY_PREFIX, Services};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use ringmaster_common::jobspec::{JobSpec, SpanField};
+use ringmaster_common::jobspec::{JobSpec, SpanField, TaskSpec};
 use ringmaster_common::records::JobState;
 use ringmaster_common::worker::WorkerState;
 use ringmaster_dataset::{self as dataset, DatasetManifest};
@@ -819,6 +819,27 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
     let train = DatasetManifest::read(&spec.data.train)
         .map_err(|e| spans.error_at(SpanField::DataTrain, e.to_string()))
         .map_err(anyhow::Error::msg)?;
+    // The worker refuses this too; saying it at submit saves a queue wait.
+    let fits = matches!(
+        (&spec.task, train.labels()),
+        (
+            TaskSpec::Classification { .. },
+            dataset::LabelKind::Classes(_)
+        ) | (TaskSpec::Regression { .. }, dataset::LabelKind::Targets(_))
+    );
+    if !fits {
+        bail!(
+            "{}",
+            spans.error_at(
+                SpanField::DataTrain,
+                format!(
+                    "the dataset holds {}, which task.kind = \"{}\" cannot train on",
+                    train.labels(),
+                    spec.task.kind()
+                ),
+            )
+        );
+    }
     if let Some(val) = &spec.data.validation {
         let v = DatasetManifest::read(val)
             .map_err(|e| spans.error_at(SpanField::DataValidation, e.to_string()))
@@ -1018,6 +1039,8 @@ fn progress_line(s: &pb::JobStatus) -> String {
     for (key, label, digits) in [
         ("loss", "loss", 4),
         ("val_accuracy", "val_acc", 4),
+        ("val_mse", "val_mse", 4),
+        ("val_r2", "val_r2", 4),
         ("samples_per_sec", "samples/s", 0),
     ] {
         if let Some(v) = s.metrics.get(key) {
@@ -1044,6 +1067,15 @@ fn print_summary(s: &pb::JobStatus) {
     }
     if let Some(acc) = s.metrics.get("val_accuracy") {
         println!("validation accuracy: {acc:.4}");
+    }
+    for (key, label) in [
+        ("val_mse", "validation MSE"),
+        ("val_mae", "validation MAE"),
+        ("val_r2", "validation R²"),
+    ] {
+        if let Some(v) = s.metrics.get(key) {
+            println!("{label}: {v:.4}");
+        }
     }
     if let Some(loss) = s.metrics.get("loss") {
         println!("training loss: {loss:.4}");
