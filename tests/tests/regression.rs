@@ -2,7 +2,8 @@
 //! data packed with `dataset pack --task regression` and trained by the
 //! shipped `examples/diabetes-mlp.toml` reaches validation R² ≥ 0.40 in
 //! `eval.json` and `coordinator status`; a synthetic multi-target set trains
-//! to the same parameters on 1, 2 and 4 workers (each loss); a cancelled
+//! to the same parameters on 1, 2 and 4 workers (each loss), and streamed
+//! the same as loaded whole; a cancelled
 //! and resumed regression job ends bitwise identical to an undisturbed one;
 //! and a task that does not fit its dataset is refused with the reason.
 
@@ -122,6 +123,28 @@ fn regression_runs_match_across_world_sizes_for_each_loss() {
             assert!((r2w - r2).abs() < 1e-4, "{tag}: R² {r2} vs {r2w}");
         }
     }
+}
+
+#[test]
+fn streamed_targets_give_the_run_of_targets_loaded_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let cluster = LocalCluster::start(2).unwrap();
+    let with = |name: &str, loading: &str| {
+        let job = job(&data, name, 2, "", 60).data(loading);
+        let (done, out) = cluster.train(tmp.path(), &job);
+        (model_params(&out), done)
+    };
+    let (memory, m) = with("memory", "loading = \"memory\"\nshuffle_window_shards = 2");
+    let (stream, s) = with(
+        "stream",
+        "loading = \"stream\"\nshuffle_window_shards = 2\ncache_bytes = \"1 MiB\"",
+    );
+    assert_eq!(
+        memory, stream,
+        "streamed and in-memory regression runs differ"
+    );
+    assert_eq!(m["metrics"]["val_r2"], s["metrics"]["val_r2"]);
 }
 
 #[test]

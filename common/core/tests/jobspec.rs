@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use ringmaster_common::jobspec::{
     Activation, Augment, CheckpointSpec, DEFAULT_CACHE_BYTES, DEFAULT_SHUFFLE_WINDOW_SHARDS,
     DataLoading, DataSpec, DeviceKind, Duration, FaultSpec, JobSpec, KeepBestSpec, LrSchedule,
-    MetricMode, ModelSpec, Norm, Optimizer, ScheduleKind, SpanField, SpecError,
+    MetricMode, ModelSpec, Norm, Optimizer, RegressionLoss, ScheduleKind, SpanField, SpecError,
+    TaskSpec,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -1145,6 +1146,23 @@ fn examples_parse() {
         panic!("an mlp")
     };
     assert_eq!(hidden, &[1024, 1024]);
+
+    let diabetes = example("diabetes-mlp.toml");
+    assert_eq!(diabetes.check(), Ok(()));
+    assert_eq!(
+        diabetes.task,
+        TaskSpec::Regression {
+            loss: RegressionLoss::Mse
+        }
+    );
+    assert_eq!(diabetes.data.train, root.join("run/data/diabetes/train"));
+    assert_eq!(
+        diabetes.data.validation,
+        Some(root.join("run/data/diabetes/val"))
+    );
+    assert_eq!(diabetes.output.dir, root.join("run/out/diabetes-mlp"));
+    // Every other example is classification, by default.
+    assert_eq!(digits.task, TaskSpec::default());
 }
 
 #[test]
@@ -1154,6 +1172,7 @@ fn json_round_trip_and_recheck() {
         "digits-mlp-sgd.toml",
         "digits-mlp-checkpoint.toml",
         "synthetic-mlp.toml",
+        "diabetes-mlp.toml",
     ] {
         let spec = example(name);
         let json = serde_json::to_string(&spec).unwrap();

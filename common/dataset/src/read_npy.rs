@@ -110,9 +110,9 @@ fn read_features(path: &Path) -> Result<(Vec<f32>, u64, usize), DatasetError> {
 fn read_targets(path: &Path) -> Result<Labels, DatasetError> {
     let (npy, ty) = open(path)?;
     let shape = npy.shape().to_vec();
-    let (rows, k) = match shape.as_slice() {
-        &[rows] => (rows, 1),
-        &[rows, k] => (rows, k),
+    let (rows, k) = match *shape.as_slice() {
+        [rows] => (rows, 1),
+        [rows, k] => (rows, k),
         _ => {
             return Err(format_err(
                 path,

@@ -464,6 +464,44 @@ mod tests {
     }
 
     #[test]
+    fn a_task_that_does_not_fit_the_labels_fails_the_load_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        ringmaster_dataset::synthesize_regression(&ringmaster_dataset::SynthRegression {
+            output: data.clone(),
+            name: "reg".into(),
+            samples: 20,
+            features: 3,
+            targets: 2,
+            seed: 1,
+            shard_samples: 8,
+        })
+        .unwrap();
+        // The default task is classification.
+        let mut spec = spec(&data);
+        let err = TrainData::load(&spec, Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "task.kind = \"classification\" needs class labels (an i64 `y`), but the \
+                 training set {} holds regression targets (2 per sample)",
+                data.display()
+            )),
+            "{err}"
+        );
+        spec.task = TaskSpec::Regression {
+            loss: ringmaster_common::jobspec::RegressionLoss::Mse,
+        };
+        let loaded = TrainData::load(&spec, Device::Cpu).unwrap();
+        assert_eq!(loaded.labels, LabelKind::Targets(2));
+        let (x, y) = loaded.batch(&[3, 0]).unwrap();
+        assert_eq!((x.size(), y.size()), (vec![2, 3], vec![2, 2]));
+        assert_eq!(y.kind(), tch::Kind::Float);
+    }
+
+    #[test]
     fn prepared_data_is_taken_once_and_only_while_its_manifest_is_unchanged() {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
