@@ -110,6 +110,23 @@ pub(crate) fn read_csv(t: &Table<'_>, progress: &ProgressBar) -> Result<RawSampl
         Columns::Labels(_) => 2,
         Columns::AllFeatures | Columns::AllLabels => 1,
     };
+    // One field of numbers separated by blanks is a table in another
+    // delimiter: say so rather than fail on the first number.
+    if fields == 1
+        && let Some(f) = record.get(0)
+        && let Some(blank) = [' ', '\t'].into_iter().find(|&b| f.contains(b))
+        && u8::try_from(blank).ok() != Some(t.delimiter)
+        && f.split(blank)
+            .filter(|p| !p.is_empty())
+            .all(|p| p.parse::<f64>().is_ok())
+    {
+        return Err(DatasetError::InvalidInput(format!(
+            "{}: the first row is one field of numbers separated by {}: give --delimiter {}",
+            path.display(),
+            if blank == ' ' { "spaces" } else { "tabs" },
+            if blank == ' ' { "space" } else { "tab" },
+        )));
+    }
     if fields < needed {
         return Err(DatasetError::InvalidInput(format!(
             "{}: a row needs at least one feature and a label, found {fields} field",

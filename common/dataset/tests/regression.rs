@@ -319,6 +319,28 @@ fn packs_space_delimited_features_with_targets_from_another_file() {
             short.display()
         )
     );
+    // Read as commas, a space-delimited table is one field a row: say why.
+    let err = pack(&options(
+        PackInput::Csv {
+            path: data.clone(),
+            label_column: LabelColumn::Last,
+            has_header: None,
+            skip_rows: 0,
+            delimiter: b',',
+            labels: Some(target.clone()),
+        },
+        &tmp.path().join("o4"),
+        PackTask::Regression,
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "invalid input: {}: the first row is one field of numbers separated by spaces: \
+             give --delimiter space",
+            data.display()
+        )
+    );
     // A non-numeric target points at its line and column.
     let bad = write_file(tmp.path(), "bad.csv", b"1\n2\nNaN\n4\n");
     let err = pack(&options(
