@@ -1031,6 +1031,19 @@ fn state_name(s: &pb::JobStatus) -> &'static str {
     state_of(s).map(JobState::as_str).unwrap_or("unknown")
 }
 
+/// The headline validation score of a job or checkpoint for tables:
+/// accuracy for classification, R² for regression (`-` before the first
+/// evaluation).
+fn val_score(metrics: &std::collections::HashMap<String, f64>) -> String {
+    if let Some(a) = metrics.get("val_accuracy") {
+        format!("acc {a:.4}")
+    } else if let Some(r2) = metrics.get("val_r2") {
+        format!("r2 {r2:.4}")
+    } else {
+        "-".into()
+    }
+}
+
 fn progress_line(s: &pb::JobStatus) -> String {
     let mut parts = vec![state_name(s).to_string()];
     if !s.waiting.is_empty() {
@@ -1253,17 +1266,13 @@ async fn list(c: &ClientOpts) -> anyhow::Result<()> {
         }
         Output::Text => {
             println!(
-                "{:<28} {:<10} {:>12} {:>8}",
-                "JOB", "STATE", "STEP", "VAL_ACC"
+                "{:<28} {:<10} {:>12} {:>11}",
+                "JOB", "STATE", "STEP", "VAL_SCORE"
             );
             for j in jobs {
-                let acc = j
-                    .metrics
-                    .get("val_accuracy")
-                    .map(|a| format!("{a:.4}"))
-                    .unwrap_or_else(|| "-".into());
+                let acc = val_score(&j.metrics);
                 println!(
-                    "{:<28} {:<10} {:>12} {:>8}",
+                    "{:<28} {:<10} {:>12} {:>11}",
                     j.job_id,
                     state_name(&j),
                     format!("{}/{}", j.step, j.total_steps),
@@ -1356,17 +1365,13 @@ async fn checkpoints(c: &ClientOpts, id: &str) -> anyhow::Result<()> {
         }
         Output::Text => {
             println!(
-                "{:>10} {:>10} {:>12} {:>10}  DIR",
-                "STEP", "COMMITTED", "BYTES", "VAL_ACC"
+                "{:>10} {:>10} {:>12} {:>11}  DIR",
+                "STEP", "COMMITTED", "BYTES", "VAL_SCORE"
             );
             for c in list {
-                let acc = c
-                    .metrics
-                    .get("val_accuracy")
-                    .map(|a| format!("{a:.4}"))
-                    .unwrap_or_else(|| "-".into());
+                let acc = val_score(&c.metrics);
                 println!(
-                    "{:>10} {:>10} {:>12} {:>10}  {}",
+                    "{:>10} {:>10} {:>12} {:>11}  {}",
                     c.step,
                     if c.committed { "yes" } else { "no" },
                     c.bytes,

@@ -67,6 +67,12 @@ fn the_diabetes_example_reaches_an_r2_of_at_least_0_40() {
         "{}",
         text.stdout
     );
+    let list = cluster.cli(&["list"], T);
+    assert!(
+        list.stdout.contains(&format!("r2 {r2:.4}")) && list.stdout.contains("VAL_SCORE"),
+        "{}",
+        list.stdout
+    );
 }
 
 /// 3,000 samples of 6 features and 2 targets in 6 shards, and 600 to score.

@@ -102,8 +102,8 @@ impl Labels {
             (this, rows) => {
                 return Err(DatasetError::InvalidInput(format!(
                     "cannot append {} to {}",
-                    rows.kind(),
-                    this.rows().kind()
+                    rows.describe(),
+                    this.rows().describe()
                 )));
             }
         }
@@ -152,11 +152,12 @@ impl<'a> LabelRows<'a> {
         }
     }
 
-    /// The kind of label these rows are, for messages (classes unknown: 0).
-    fn kind(&self) -> LabelKind {
+    /// What these rows are, for messages (a slice does not know its
+    /// dataset's class count).
+    fn describe(&self) -> String {
         match self {
-            LabelRows::Classes(_) => LabelKind::Classes(0),
-            LabelRows::Targets { width, .. } => LabelKind::Targets(*width),
+            LabelRows::Classes(_) => "class labels".into(),
+            LabelRows::Targets { width, .. } => LabelKind::Targets(*width).to_string(),
         }
     }
 }
@@ -639,7 +640,7 @@ fn check_samples(
         (y, kind) => {
             return Err(DatasetError::InvalidInput(format!(
                 "the dataset holds {kind}, but the samples given have {}",
-                y.kind()
+                y.describe()
             )));
         }
     }
