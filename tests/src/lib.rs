@@ -384,6 +384,8 @@ pub struct JobBuilder {
     name: String,
     data: PathBuf,
     seed: u64,
+    /// `[task]` lines, e.g. `kind = "regression"`.
+    task: Vec<String>,
     hidden: Vec<u32>,
     /// Replaces `kind` and `hidden` when set (another kind of model).
     kind_lines: Option<String>,
@@ -407,6 +409,7 @@ impl JobBuilder {
             name: name.to_string(),
             data: data.to_path_buf(),
             seed: 0,
+            task: Vec::new(),
             hidden: vec![32],
             kind_lines: None,
             model: Vec::new(),
@@ -425,6 +428,12 @@ impl JobBuilder {
 
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// `[task]` lines, e.g. `kind = "regression"\nloss = "huber"`.
+    pub fn task(mut self, lines: &str) -> Self {
+        self.task.push(lines.to_string());
         self
     }
 
@@ -520,10 +529,14 @@ impl JobBuilder {
             Some(lines) => format!("{lines}\n"),
             None => format!("kind = \"mlp\"\nhidden = [{}]\n", hidden.join(", ")),
         };
-        let mut t = format!(
-            "name = \"{}\"\nseed = {}\n\n[model]\n{kind}",
-            self.name, self.seed,
-        );
+        let mut t = format!("name = \"{}\"\nseed = {}\n", self.name, self.seed);
+        if !self.task.is_empty() {
+            t.push_str("\n[task]\n");
+            for l in &self.task {
+                t.push_str(&format!("{l}\n"));
+            }
+        }
+        t.push_str(&format!("\n[model]\n{kind}"));
         for l in &self.model {
             t.push_str(&format!("{l}\n"));
         }
@@ -647,6 +660,75 @@ pub fn synth(dir: &Path, samples: usize, features: usize, shard_samples: usize, 
         Duration::from_secs(120),
     );
     assert_eq!(out.code, 0, "dataset synth failed: {}", out.stderr);
+}
+
+/// Generates a synthetic regression dataset of `targets` targets per sample
+/// into `dir` with the CLI (`dataset synth --targets`).
+pub fn synth_regression(
+    dir: &Path,
+    samples: usize,
+    features: usize,
+    targets: usize,
+    shard_samples: usize,
+    seed: u64,
+) {
+    let out = run_with_timeout(
+        {
+            let mut c = Command::new(bin("coordinator"));
+            c.args(["dataset", "synth", "--out-dir"]).arg(dir).args([
+                "--samples",
+                &samples.to_string(),
+                "--features",
+                &features.to_string(),
+                "--targets",
+                &targets.to_string(),
+                "--seed",
+                &seed.to_string(),
+                "--shard-samples",
+                &shard_samples.to_string(),
+            ]);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.code, 0, "dataset synth failed: {}", out.stderr);
+}
+
+/// scikit-learn's diabetes data shipped in the project venv (442 patients,
+/// 10 space-delimited features in `diabetes_data_raw.csv.gz`, the target in
+/// `diabetes_target.csv.gz`), next to the digits `scripts/fetch-digits`
+/// finds.
+pub fn diabetes_csvs() -> (PathBuf, PathBuf) {
+    let dir = digits_csv()
+        .parent()
+        .expect("digits.csv.gz lives in a folder")
+        .to_path_buf();
+    (
+        dir.join("diabetes_data_raw.csv.gz"),
+        dir.join("diabetes_target.csv.gz"),
+    )
+}
+
+/// Packs diabetes into `<dir>/train` and `<dir>/val` with the CLI, as the
+/// README shows: features standardized, targets as given, 20% held out.
+pub fn pack_diabetes(dir: &Path) -> PathBuf {
+    let (data, target) = diabetes_csvs();
+    let out = run_with_timeout(
+        {
+            let mut c = Command::new(bin("coordinator"));
+            c.args(["dataset", "pack", "--task", "regression", "--csv"])
+                .arg(&data)
+                .args(["--delimiter", "space", "--labels-csv"])
+                .arg(&target)
+                .arg("--out-dir")
+                .arg(dir)
+                .args(["--standardize", "--val-fraction", "0.2", "--seed", "7"]);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.code, 0, "dataset pack failed: {}", out.stderr);
+    dir.to_path_buf()
 }
 
 /// `|a - b| / |a|` over two flattened parameter vectors of one length.

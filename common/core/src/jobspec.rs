@@ -43,6 +43,11 @@ pub const MAX_SOURCE_BYTES: usize = 1 << 20;
 pub struct JobSpec {
     pub name: String,
     pub seed: u64,
+    /// What the model learns and its loss; classification with cross
+    /// entropy when the file (or a spec stored before the table existed)
+    /// has no `[task]` table.
+    #[serde(default)]
+    pub task: TaskSpec,
     pub model: ModelSpec,
     pub data: DataSpec,
     pub train: TrainSpec,
@@ -203,6 +208,76 @@ impl RnnCell {
         match self {
             RnnCell::Lstm => "lstm",
             RnnCell::Gru => "gru",
+        }
+    }
+}
+
+/// What the model learns (`[task]`): the kind of labels it predicts and the
+/// loss it minimises. The training dataset must hold the matching labels
+/// (class labels or f32 regression targets); the worker refuses a mismatch.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskSpec {
+    /// Class labels; the loss is cross entropy, as PyTorch's
+    /// `F.cross_entropy(label_smoothing=)`.
+    Classification {
+        /// In `[0, 1)`: the target puts `1 - s + s/C` on the label and
+        /// `s/C` on every other class.
+        label_smoothing: f64,
+    },
+    /// `k` f32 targets per sample; the model outputs `k` values.
+    Regression { loss: RegressionLoss },
+}
+
+impl Default for TaskSpec {
+    fn default() -> Self {
+        TaskSpec::Classification {
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+impl TaskSpec {
+    /// `classification` or `regression`, as `task.kind` spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskSpec::Classification { .. } => "classification",
+            TaskSpec::Regression { .. } => "regression",
+        }
+    }
+
+    /// The `val_*` scores evaluation reports for this task (besides
+    /// `val_loss`).
+    pub fn scores(&self) -> &'static [&'static str] {
+        match self {
+            TaskSpec::Classification { .. } => &["val_accuracy", "val_macro_f1"],
+            TaskSpec::Regression { .. } => &["val_mse", "val_mae", "val_r2"],
+        }
+    }
+}
+
+/// A regression loss, each as PyTorch computes it per element: the
+/// per-sample loss is the sum over the `k` targets of the element losses
+/// divided by `k` (`reduction="mean"` over a batch of one sample).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum RegressionLoss {
+    /// `(ŷ - y)²` (`F.mse_loss`).
+    Mse,
+    /// `|ŷ - y|` (`F.l1_loss`).
+    Mae,
+    /// `½(ŷ - y)²` where `|ŷ - y| < delta`, else `delta·(|ŷ - y| - ½·delta)`
+    /// (`F.huber_loss(delta=)`).
+    Huber { delta: f64 },
+}
+
+impl RegressionLoss {
+    /// The name `task.loss` gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RegressionLoss::Mse => "mse",
+            RegressionLoss::Mae => "mae",
+            RegressionLoss::Huber { .. } => "huber",
         }
     }
 }
@@ -525,8 +600,28 @@ pub enum MetricMode {
 }
 
 /// The metrics the trainer reports, hence the ones `keep_best` can rank by.
-/// The `val_*` ones need `data.validation`.
-pub const REPORTED_METRICS: [&str; 4] = ["loss", "val_loss", "val_accuracy", "val_macro_f1"];
+/// The `val_*` ones need `data.validation`; `val_accuracy` and
+/// `val_macro_f1` are reported for classification, `val_mse`, `val_mae` and
+/// `val_r2` for regression ([`TaskSpec::scores`]).
+pub const REPORTED_METRICS: [&str; 7] = [
+    "loss",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "val_mse",
+    "val_mae",
+    "val_r2",
+];
+
+/// Whether a larger value of a reported metric is better (`max`) or a
+/// smaller one (`min`); `None` for a name that is not reported.
+pub fn metric_direction(metric: &str) -> Option<MetricMode> {
+    match metric {
+        "loss" | "val_loss" | "val_mse" | "val_mae" => Some(MetricMode::Min),
+        "val_accuracy" | "val_macro_f1" | "val_r2" => Some(MetricMode::Max),
+        _ => None,
+    }
+}
 
 /// Default of `train.log_every_steps`.
 pub const DEFAULT_LOG_EVERY_STEPS: u64 = 10;
@@ -668,6 +763,16 @@ impl JobSpec {
     /// error names the key, as in the TOML errors, without a location.
     pub fn check(&self) -> Result<(), String> {
         rules::name(&self.name)?;
+        match self.task {
+            TaskSpec::Classification { label_smoothing } => {
+                rules::label_smoothing(label_smoothing)?
+            }
+            TaskSpec::Regression { loss } => {
+                if let RegressionLoss::Huber { delta } = loss {
+                    rules::huber_delta(delta)?;
+                }
+            }
+        }
         match &self.model {
             ModelSpec::Lstm(r) | ModelSpec::Gru(r) => {
                 if let Some(shape) = r.input_shape {
@@ -765,6 +870,8 @@ impl JobSpec {
             )?;
             rules::patience(es.patience)?;
             rules::min_delta(es.min_delta)?;
+            rules::metric_for_task("train.early_stopping.metric", &es.metric, &self.task)?;
+            rules::metric_mode("train.early_stopping", &es.metric, es.mode)?;
         }
         if let Some(max) = train.clip_grad_norm {
             rules::clip_grad_norm(max)?;
@@ -811,6 +918,8 @@ impl JobSpec {
             rules::keep_best_metric(&best.metric)?;
             rules::keep_best_needs_validation(&best.metric, self.data.validation.is_some())?;
             rules::keep_best_count(i64::from(best.count))?;
+            rules::metric_for_task("checkpoint.keep_best.metric", &best.metric, &self.task)?;
+            rules::metric_mode("checkpoint.keep_best", &best.metric, best.mode)?;
         }
         rules::max_restarts(i64::from(self.fault.max_restarts))?;
         rules::rejoin_timeout_secs(saturate(self.fault.rejoin_timeout_secs))?;

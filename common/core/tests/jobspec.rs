@@ -9,7 +9,7 @@ use ringmaster_common::jobspec::{
     Activation, Augment, CheckpointSpec, CollectiveBackend, CollectiveChoice, DEFAULT_CACHE_BYTES,
     DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DeviceKind, Duration, FaultSpec,
     FloatFormat, JobSpec, KeepBestSpec, LrSchedule, MetricMode, ModelSpec, Norm, Optimizer,
-    RnnSpec, ScheduleKind, SpanField, SpecError,
+    RegressionLoss, RnnSpec, ScheduleKind, SpanField, SpecError, TaskSpec,
 };
 
 /// A valid job; cases below edit it. Line numbers, for reading the expected
@@ -83,7 +83,7 @@ fn base_is_valid() {
 fn unknown_keys_list_the_expected_ones() {
     check_err(
         &edit(&[("seed = 1", "seed = 1\nepoch = 3")]),
-        "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `model`, `data`, \
+        "job.toml:3:1: unknown field `epoch`, expected one of `name`, `seed`, `task`, `model`, `data`, \
          `train`, `workers`, `output`, `checkpoint`, `fault`, `debug`",
     );
     check_err(
@@ -101,7 +101,7 @@ fn unknown_keys_list_the_expected_ones() {
     );
     check_err(
         &edit(&[("[output]", "[logging]\nlevel = 1\n[output]")]),
-        "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `model`, \
+        "job.toml:17:2: unknown field `logging`, expected one of `name`, `seed`, `task`, `model`, \
          `data`, `train`, `workers`, `output`, `checkpoint`, `fault`, `debug`",
     );
 }
@@ -498,7 +498,7 @@ fn schedule_and_clipping_keys() {
             "eval_every_steps = 5\nearly_stopping = { metric = \"loss\", mode = \"min\", \
              patience = 3 }",
             "job.toml:15:29: train.early_stopping.metric \"loss\" must be a validation score \
-             (val_loss, val_accuracy, val_macro_f1)",
+             (val_loss, val_accuracy, val_macro_f1, val_mse, val_mae, val_r2)",
         ),
         (
             "eval_every_steps = 5\nearly_stopping = { metric = \"val_loss\", mode = \"min\", \
@@ -703,7 +703,7 @@ fn checkpoint_errors() {
         (
             "keep_best = { metric = \"val_f1\", mode = \"max\" }",
             "job.toml:20:24: checkpoint.keep_best.metric \"val_f1\" is not reported by the \
-             trainer, expected one of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`",
+             trainer, expected one of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`",
         ),
         (
             "keep_best = { metric = \"Val-Acc\", mode = \"max\" }",
@@ -1172,6 +1172,23 @@ fn examples_parse() {
         panic!("an mlp")
     };
     assert_eq!(hidden, &[1024, 1024]);
+
+    let diabetes = example("diabetes-mlp.toml");
+    assert_eq!(diabetes.check(), Ok(()));
+    assert_eq!(
+        diabetes.task,
+        TaskSpec::Regression {
+            loss: RegressionLoss::Mse
+        }
+    );
+    assert_eq!(diabetes.data.train, root.join("run/data/diabetes/train"));
+    assert_eq!(
+        diabetes.data.validation,
+        Some(root.join("run/data/diabetes/val"))
+    );
+    assert_eq!(diabetes.output.dir, root.join("run/out/diabetes-mlp"));
+    // Every other example is classification, by default.
+    assert_eq!(digits.task, TaskSpec::default());
 }
 
 #[test]
@@ -1181,6 +1198,7 @@ fn json_round_trip_and_recheck() {
         "digits-mlp-sgd.toml",
         "digits-mlp-checkpoint.toml",
         "synthetic-mlp.toml",
+        "diabetes-mlp.toml",
     ] {
         let spec = example(name);
         let json = serde_json::to_string(&spec).unwrap();
@@ -1293,7 +1311,7 @@ fn check_refuses_what_the_parser_refuses() {
     assert_eq!(
         check(&|s| s.checkpoint.keep_best = best("accuracy", 1)),
         "checkpoint.keep_best.metric \"accuracy\" is not reported by the trainer, expected one \
-         of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`"
+         of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`"
     );
     assert_eq!(
         check(&|s| {

@@ -10,7 +10,9 @@
 //! safetensors file with exactly two tensors:
 //!
 //! - `x`: `F32`, shape `[n, d]`, the features of the shard's `n` samples, row-major;
-//! - `y`: `I64`, shape `[n]`, their class labels, each in `0..num_classes`.
+//! - `y`: either `I64`, shape `[n]`, their class labels, each in
+//!   `0..num_classes` (a classification dataset), or `F32`, shape `[n, k]`,
+//!   their `k ≥ 1` regression targets, each finite (a regression dataset).
 //!
 //! The manifest (JSON, unknown keys rejected) reads:
 //!
@@ -32,6 +34,11 @@
 //!   "source": "packed from digits.csv.gz (csv, label column last, no header) …"
 //! }
 //! ```
+//!
+//! A regression dataset's schema has `"labels": { "name": "y", "dtype": "f32",
+//! "shape": [k] }` and no `num_classes` (one is refused); a classification
+//! one must have `num_classes`. Both are format version 1: manifests written
+//! before regression existed read unchanged.
 //!
 //! `standardization` is optional; when present it has *already been applied*
 //! to the stored `x` (`(raw - mean) / std`) and is recorded so that
@@ -66,17 +73,19 @@ mod synth;
 use std::path::PathBuf;
 
 pub use manifest::{
-    DatasetManifest, ElementType, FORMAT_VERSION, MANIFEST_FILE, MAX_CLASSES, MAX_FEATURES,
-    MAX_SAMPLES, MAX_SHARDS, Schema, ShardEntry, Standardization, TensorSpec,
+    DatasetManifest, ElementType, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_CLASSES,
+    MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, Schema, ShardEntry, Standardization,
+    TensorSpec,
 };
 #[cfg(feature = "pack")]
-pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, pack};
+pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, PackTask, pack};
 pub use shard_plan::{EpochOrder, ShardPlan, ShardPlanError, rank_range};
 pub use shards::{
-    DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, LocalDir, ShardReader, WriteOptions,
-    decoded_bytes, default_shard_samples, read_shard, shard_file_name, write_dataset,
+    DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, LabelRows, Labels, LocalDir,
+    ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard, shard_file_name,
+    write_dataset,
 };
-pub use synth::{SynthOptions, synthesize};
+pub use synth::{SynthOptions, SynthRegression, synthesize, synthesize_regression};
 
 /// Everything that can go wrong reading, writing or packing a dataset. Each
 /// variant names the contract that was broken; paths and line numbers are
@@ -149,6 +158,8 @@ pub enum DatasetError {
     },
     #[error("shard {shard}: sample {index} has a non-finite feature")]
     NonFiniteFeature { shard: String, index: u64 },
+    #[error("shard {shard}: sample {index} has a non-finite regression target")]
+    NonFiniteTarget { shard: String, index: u64 },
     #[error("refusing to overwrite the existing dataset in {path}")]
     OutputExists { path: PathBuf },
     #[error("{x_len} feature values do not form {samples} samples of {features} features")]

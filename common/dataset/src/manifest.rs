@@ -19,6 +19,8 @@ pub const MAX_FEATURES: u64 = 1 << 20;
 pub const MAX_SHARDS: u64 = 1 << 20;
 /// Most classes a manifest may declare.
 pub const MAX_CLASSES: u32 = 1 << 20;
+/// Most regression targets per sample a manifest may declare.
+pub const MAX_TARGETS: u64 = 1 << 16;
 /// Most samples a manifest may declare: keeps every byte count below `u64::MAX`
 /// even at [`MAX_FEATURES`] features.
 pub const MAX_SAMPLES: u64 = 1 << 40;
@@ -49,16 +51,59 @@ pub struct DatasetManifest {
 }
 
 /// Names, element types and per-sample shapes of the two tensors in every
-/// shard, and the number of classes.
+/// shard, and the number of classes of a classification dataset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schema {
     /// Must be `{name: "x", dtype: "f32", shape: [d]}` with `d > 0`.
     pub features: TensorSpec,
-    /// Must be `{name: "y", dtype: "i64", shape: []}`.
+    /// Either class labels, `{name: "y", dtype: "i64", shape: []}`, or
+    /// regression targets, `{name: "y", dtype: "f32", shape: [k]}` with
+    /// `k > 0`.
     pub labels: TensorSpec,
-    /// Labels lie in `0..num_classes`; at least 2.
-    pub num_classes: u32,
+    /// Class labels lie in `0..num_classes`; at least 2. Required with i64
+    /// labels and refused with f32 targets (a regression dataset has no
+    /// classes), so every classification manifest written before regression
+    /// existed reads unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<u32>,
+}
+
+/// What a dataset's `y` holds, as its validated schema says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabelKind {
+    /// One i64 class label per sample, in `0..classes`.
+    Classes(u32),
+    /// `k` f32 regression targets per sample (`Targets(k)`).
+    Targets(usize),
+}
+
+impl LabelKind {
+    /// Bytes one sample's label or targets take decoded.
+    pub fn bytes_per_sample(self) -> u64 {
+        match self {
+            LabelKind::Classes(_) => 8,
+            LabelKind::Targets(k) => 4 * k as u64,
+        }
+    }
+
+    /// Width of a model's output for this data: classes or targets.
+    pub fn outputs(self) -> usize {
+        match self {
+            LabelKind::Classes(c) => c as usize,
+            LabelKind::Targets(k) => k,
+        }
+    }
+}
+
+impl std::fmt::Display for LabelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabelKind::Classes(c) => write!(f, "class labels ({c} classes)"),
+            LabelKind::Targets(1) => f.write_str("regression targets (1 per sample)"),
+            LabelKind::Targets(k) => write!(f, "regression targets ({k} per sample)"),
+        }
+    }
 }
 
 /// One tensor's name, element type and per-sample shape (without the leading
@@ -126,9 +171,13 @@ impl Standardization {
 }
 
 impl Schema {
-    /// The schema of every dataset this format version holds: `d` features of
-    /// type f32 in `x`, a scalar i64 label in `y`.
-    pub fn new(features: usize, num_classes: u32) -> Schema {
+    /// The schema of a dataset of `d` f32 features in `x` and, in `y`, a
+    /// scalar i64 class label or `k` f32 targets per sample.
+    pub fn new(features: usize, labels: LabelKind) -> Schema {
+        let (dtype, shape, num_classes) = match labels {
+            LabelKind::Classes(c) => (ElementType::I64, vec![], Some(c)),
+            LabelKind::Targets(k) => (ElementType::F32, vec![k as u64], None),
+        };
         Schema {
             features: TensorSpec {
                 name: "x".into(),
@@ -137,10 +186,20 @@ impl Schema {
             },
             labels: TensorSpec {
                 name: "y".into(),
-                dtype: ElementType::I64,
-                shape: vec![],
+                dtype,
+                shape,
             },
             num_classes,
+        }
+    }
+
+    /// What `y` holds. Meaningful once validated.
+    pub fn label_kind(&self) -> LabelKind {
+        match self.labels.dtype {
+            ElementType::I64 => LabelKind::Classes(self.num_classes.unwrap_or(0)),
+            ElementType::F32 => {
+                LabelKind::Targets(self.labels.shape.first().copied().unwrap_or(0) as usize)
+            }
         }
     }
 }
@@ -172,7 +231,13 @@ impl DatasetManifest {
 
     /// Bytes the decoded training samples take in memory.
     pub fn decoded_bytes(&self) -> u64 {
-        crate::decoded_bytes(self.num_samples, self.features())
+        crate::decoded_bytes(self.num_samples, self.features(), self.labels())
+    }
+
+    /// What `y` holds: class labels or regression targets. Meaningful once
+    /// validated.
+    pub fn labels(&self) -> LabelKind {
+        self.schema.label_kind()
     }
 
     /// Sample counts of the shards, in manifest order.
@@ -291,7 +356,6 @@ impl DatasetManifest {
             }
         };
         expect(&s.features, "x", ElementType::F32, 1)?;
-        expect(&s.labels, "y", ElementType::I64, 0)?;
         let d = s.features.shape[0];
         if d == 0 {
             return Err(DatasetError::InvalidManifest(
@@ -301,18 +365,40 @@ impl DatasetManifest {
         if d > MAX_FEATURES {
             return Err(too_large("features per sample", d, MAX_FEATURES));
         }
-        if s.num_classes < 2 {
-            return Err(DatasetError::InvalidManifest(format!(
-                "num_classes must be at least 2, found {}",
-                s.num_classes
-            )));
-        }
-        if s.num_classes > MAX_CLASSES {
-            return Err(too_large(
-                "num_classes",
-                s.num_classes.into(),
-                MAX_CLASSES.into(),
-            ));
+        match s.labels.dtype {
+            ElementType::I64 => {
+                expect(&s.labels, "y", ElementType::I64, 0)?;
+                let Some(classes) = s.num_classes else {
+                    return Err(DatasetError::InvalidManifest(
+                        "class labels (i64 `y`) need num_classes".into(),
+                    ));
+                };
+                if classes < 2 {
+                    return Err(DatasetError::InvalidManifest(format!(
+                        "num_classes must be at least 2, found {classes}"
+                    )));
+                }
+                if classes > MAX_CLASSES {
+                    return Err(too_large("num_classes", classes.into(), MAX_CLASSES.into()));
+                }
+            }
+            ElementType::F32 => {
+                expect(&s.labels, "y", ElementType::F32, 1)?;
+                let k = s.labels.shape[0];
+                if k == 0 {
+                    return Err(DatasetError::InvalidManifest(
+                        "regression targets (f32 `y`) need at least one target per sample".into(),
+                    ));
+                }
+                if k > MAX_TARGETS {
+                    return Err(too_large("targets per sample", k, MAX_TARGETS));
+                }
+                if let Some(classes) = s.num_classes {
+                    return Err(DatasetError::InvalidManifest(format!(
+                        "num_classes ({classes}) does not apply to regression targets (f32 `y`)"
+                    )));
+                }
+            }
         }
         Ok(())
     }

@@ -1,8 +1,12 @@
-//! Reading a CSV table (plain or gzip, detected by its magic bytes) of numeric
-//! features and one integer label column into raw samples, with errors that
-//! point at `file:line: column`. Leading lines that are not part of the table
-//! (scikit-learn's `breast_cancer.csv` starts with `569,30,malignant,benign`)
-//! can be skipped. Splitting, standardizing and writing happen in `pack.rs`.
+//! Reading a CSV table (plain or gzip, detected by its magic bytes; comma,
+//! space, tab or another one-byte delimiter) of numeric features and one
+//! integer label column, or for regression one or more float target
+//! columns, into raw samples, with errors that point at `file:line: column`.
+//! Labels may also come from a second table of the same rows (scikit-learn's
+//! diabetes data keeps its target in `diabetes_target.csv.gz`). Leading lines
+//! that are not part of the table (scikit-learn's `breast_cancer.csv` starts
+//! with `569,30,malignant,benign`) can be skipped. Splitting, standardizing
+//! and writing happen in `pack.rs`.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -12,8 +16,29 @@ use flate2::read::MultiGzDecoder;
 use indicatif::ProgressBar;
 
 use super::DatasetError;
-use super::manifest::{MAX_CLASSES, MAX_FEATURES};
-use super::pack::{LabelColumn, RawSamples, parse_label};
+use super::manifest::{MAX_CLASSES, MAX_FEATURES, MAX_TARGETS};
+use super::pack::{LabelColumn, PackTask, RawSamples, parse_label};
+use super::shards::Labels;
+
+/// Which columns of a table are labels (or targets); the others are features.
+pub(crate) enum Columns<'a> {
+    /// The columns `LabelColumn` names.
+    Labels(&'a LabelColumn),
+    /// Every column is a feature (labels come from another file).
+    AllFeatures,
+    /// Every column is a label or target (the other file's features).
+    AllLabels,
+}
+
+/// How to read one table.
+pub(crate) struct Table<'a> {
+    pub path: &'a Path,
+    pub columns: Columns<'a>,
+    pub has_header: Option<bool>,
+    pub skip_rows: usize,
+    pub delimiter: u8,
+    pub task: PackTask,
+}
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// Rows between progress bar updates: the bar is cheap, but not free per row.
@@ -23,13 +48,13 @@ const PROGRESS_EVERY: u64 = 1024;
 /// None` treats the first row after those as a header when any of its fields
 /// is not a number. Lines in errors count from the top of the file, skipped
 /// ones included; columns are 1-based; [`LabelColumn::Index`] is 0-based.
-pub(crate) fn read_csv(
-    path: &Path,
-    label_column: &LabelColumn,
-    has_header: Option<bool>,
-    skip_rows: usize,
-    progress: &ProgressBar,
-) -> Result<RawSamples, DatasetError> {
+pub(crate) fn read_csv(t: &Table<'_>, progress: &ProgressBar) -> Result<RawSamples, DatasetError> {
+    let Table {
+        path,
+        has_header,
+        skip_rows,
+        ..
+    } = *t;
     let read_err = |source| DatasetError::Read {
         path: path.into(),
         source,
@@ -59,6 +84,7 @@ pub(crate) fn read_csv(
     let skipped = skip_rows as u64;
     let mut csv = csv::ReaderBuilder::new()
         .has_headers(false)
+        .delimiter(t.delimiter)
         // Field counts are checked here, to report them with the line.
         .flexible(true)
         .trim(csv::Trim::All)
@@ -80,41 +106,107 @@ pub(crate) fn read_csv(
             limit: MAX_FEATURES + 1,
         });
     }
-    if fields < 2 {
+    let needed = match t.columns {
+        Columns::Labels(_) => 2,
+        Columns::AllFeatures | Columns::AllLabels => 1,
+    };
+    // One field of numbers separated by blanks is a table in another
+    // delimiter: say so rather than fail on the first number.
+    if fields == 1
+        && let Some(f) = record.get(0)
+        && let Some(blank) = [' ', '\t'].into_iter().find(|&b| f.contains(b))
+        && u8::try_from(blank).ok() != Some(t.delimiter)
+        && f.split(blank)
+            .filter(|p| !p.is_empty())
+            .all(|p| p.parse::<f64>().is_ok())
+    {
+        return Err(DatasetError::InvalidInput(format!(
+            "{}: the first row is one field of numbers separated by {}: give --delimiter {}",
+            path.display(),
+            if blank == ' ' { "spaces" } else { "tabs" },
+            if blank == ' ' { "space" } else { "tab" },
+        )));
+    }
+    if fields < needed {
         return Err(DatasetError::InvalidInput(format!(
             "{}: a row needs at least one feature and a label, found {fields} field",
             path.display()
         )));
     }
     let header = has_header.unwrap_or_else(|| record.iter().any(|f| f.parse::<f64>().is_err()));
-    let label = resolve_label_column(path, label_column, &record, header)?;
+    let labels: Vec<usize> = match t.columns {
+        Columns::Labels(c) => resolve_label_columns(path, c, &record, header, t.task)?,
+        Columns::AllFeatures => Vec::new(),
+        Columns::AllLabels => (0..fields).collect(),
+    };
+    if t.task == PackTask::Classification && labels.len() > 1 {
+        return Err(DatasetError::LabelColumn {
+            path: path.into(),
+            detail: format!(
+                "a classification dataset has one label column, found {}; several columns \
+                 are regression targets (--task regression)",
+                labels.len()
+            ),
+        });
+    }
+    if labels.len() as u64 > MAX_TARGETS {
+        return Err(DatasetError::TooLarge {
+            what: "target columns",
+            value: labels.len() as u64,
+            limit: MAX_TARGETS,
+        });
+    }
     let header_line = line_of(&record, skipped);
+    let label_text = match labels.as_slice() {
+        [] => "no label column".to_owned(),
+        [one] if t.task == PackTask::Classification => format!("label column {}", one + 1),
+        cols => format!(
+            "target column{} {}",
+            if cols.len() == 1 { "" } else { "s" },
+            cols.iter()
+                .map(|c| (c + 1).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
 
     let mut samples = RawSamples {
         x: Vec::new(),
-        y: Vec::new(),
-        features: fields - 1,
+        y: match t.task {
+            PackTask::Classification => Labels::Classes(Vec::new()),
+            PackTask::Regression => Labels::Targets {
+                width: labels.len(),
+                values: Vec::new(),
+            },
+        },
+        rows: 0,
+        features: fields - labels.len(),
         description: format!(
-            "{} (csv{}{}, {} header, label column {} of {fields})",
+            "{} (csv{}{}{}, {} header, {label_text} of {fields})",
             path.display(),
             if gzip { ", gzip" } else { "" },
+            match t.delimiter {
+                b',' => String::new(),
+                b' ' => ", space-delimited".to_owned(),
+                b'\t' => ", tab-delimited".to_owned(),
+                d => format!(", delimiter {:?}", d as char),
+            },
             match skip_rows {
                 0 => String::new(),
                 1 => ", first line skipped".to_owned(),
                 n => format!(", first {n} lines skipped"),
             },
             if header { "with" } else { "no" },
-            label + 1
         ),
     };
     if !header {
-        push_row(path, &record, fields, label, skipped, &mut samples)?;
+        push_row(path, &record, fields, &labels, skipped, &mut samples)?;
     }
     while csv.read_record(&mut record).map_err(syntax)? {
         // A header whose width no row shares is usually a preamble line
         // (counts, class names) taken for one: say so rather than only
         // counting fields.
-        if header && samples.y.is_empty() && record.len() != fields {
+        if header && samples.rows == 0 && record.len() != fields {
             return Err(DatasetError::CsvHeaderMismatch {
                 path: path.into(),
                 line: line_of(&record, skipped),
@@ -123,19 +215,57 @@ pub(crate) fn read_csv(
                 expected: fields,
             });
         }
-        push_row(path, &record, fields, label, skipped, &mut samples)?;
-        if (samples.y.len() as u64).is_multiple_of(PROGRESS_EVERY) {
-            progress.set_position(samples.y.len() as u64);
+        push_row(path, &record, fields, &labels, skipped, &mut samples)?;
+        if (samples.rows as u64).is_multiple_of(PROGRESS_EVERY) {
+            progress.set_position(samples.rows as u64);
         }
     }
-    progress.set_position(samples.y.len() as u64);
-    if samples.y.is_empty() {
+    progress.set_position(samples.rows as u64);
+    if samples.rows == 0 {
         return Err(DatasetError::EmptyInput { path: path.into() });
     }
     Ok(samples)
 }
 
-/// The 0-based index of the label column among `fields` (the first record).
+/// The 0-based indices of the label (or target) columns among `fields`
+/// (the first record), ascending and distinct; at least one feature stays.
+fn resolve_label_columns(
+    path: &Path,
+    label_column: &LabelColumn,
+    first: &csv::StringRecord,
+    header: bool,
+    task: PackTask,
+) -> Result<Vec<usize>, DatasetError> {
+    let err = |detail: String| DatasetError::LabelColumn {
+        path: path.into(),
+        detail,
+    };
+    let mut cols = match label_column {
+        LabelColumn::Many(list) => list
+            .iter()
+            .map(|c| resolve_label_column(path, c, first, header))
+            .collect::<Result<Vec<_>, _>>()?,
+        one => vec![resolve_label_column(path, one, first, header)?],
+    };
+    cols.sort_unstable();
+    if cols.windows(2).any(|w| w[0] == w[1]) {
+        return Err(err("a label column is named twice".into()));
+    }
+    if cols.len() >= first.len() {
+        return Err(err(format!(
+            "{} of the {} fields are {}: no feature is left",
+            cols.len(),
+            first.len(),
+            match task {
+                PackTask::Classification => "labels",
+                PackTask::Regression => "targets",
+            }
+        )));
+    }
+    Ok(cols)
+}
+
+/// The 0-based index of one label column among `fields` (the first record).
 fn resolve_label_column(
     path: &Path,
     label_column: &LabelColumn,
@@ -148,6 +278,7 @@ fn resolve_label_column(
         detail,
     };
     match label_column {
+        LabelColumn::Many(_) => Err(err("a column list cannot nest another list".into())),
         LabelColumn::First => Ok(0),
         LabelColumn::Last => Ok(fields - 1),
         LabelColumn::Index(i) if *i < fields => Ok(*i),
@@ -174,7 +305,7 @@ fn push_row(
     path: &Path,
     record: &csv::StringRecord,
     fields: usize,
-    label: usize,
+    labels: &[usize],
     skipped: u64,
     out: &mut RawSamples,
 ) -> Result<(), DatasetError> {
@@ -188,7 +319,8 @@ fn push_row(
         });
     }
     for (i, field) in record.iter().enumerate() {
-        if i == label {
+        let is_label = labels.binary_search(&i).is_ok();
+        if is_label && let Labels::Classes(y) = &mut out.y {
             let value = parse_label(field).ok_or_else(|| DatasetError::CsvBadLabel {
                 path: path.into(),
                 line,
@@ -196,7 +328,7 @@ fn push_row(
                 value: field.into(),
                 limit: MAX_CLASSES,
             })?;
-            out.y.push(value);
+            y.push(value);
             continue;
         }
         let value: f64 = field.parse().map_err(|_| DatasetError::CsvNotANumber {
@@ -214,7 +346,11 @@ fn push_row(
                 value: field.into(),
             });
         }
-        out.x.push(value);
+        match &mut out.y {
+            Labels::Targets { values, .. } if is_label => values.push(value),
+            _ => out.x.push(value),
+        }
     }
+    out.rows += 1;
     Ok(())
 }

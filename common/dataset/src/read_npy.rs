@@ -1,5 +1,6 @@
 //! Reading a pair of NPY files — 2-D float32/float64 features, 1-D integer
-//! labels of any width — into raw samples, refusing headers that promise more
+//! labels of any width (or, for regression, 1-D or 2-D float targets) — into
+//! raw samples, refusing headers that promise more
 //! data than the file holds. Splitting, standardizing and writing happen in
 //! `pack.rs`.
 
@@ -10,14 +11,22 @@ use std::path::Path;
 use npyz::{DType, NpyFile, Order, TypeChar, TypeStr};
 
 use super::DatasetError;
-use super::manifest::{MAX_CLASSES, MAX_FEATURES};
-use super::pack::RawSamples;
+use super::manifest::{MAX_CLASSES, MAX_FEATURES, MAX_TARGETS};
+use super::pack::{PackTask, RawSamples};
+use super::shards::Labels;
 
 type Npy = NpyFile<BufReader<File>>;
 
-pub(crate) fn read_npy(features: &Path, labels: &Path) -> Result<RawSamples, DatasetError> {
+pub(crate) fn read_npy(
+    features: &Path,
+    labels: &Path,
+    task: PackTask,
+) -> Result<RawSamples, DatasetError> {
     let (x, rows, d) = read_features(features)?;
-    let y = read_labels(labels)?;
+    let y = match task {
+        PackTask::Classification => Labels::Classes(read_labels(labels)?),
+        PackTask::Regression => read_targets(labels)?,
+    };
     if y.len() as u64 != rows {
         return Err(DatasetError::NpyCountMismatch {
             features: features.into(),
@@ -29,6 +38,7 @@ pub(crate) fn read_npy(features: &Path, labels: &Path) -> Result<RawSamples, Dat
     Ok(RawSamples {
         x,
         y,
+        rows: rows as usize,
         features: d,
         description: format!(
             "{} and {} (npy, {rows} rows of {d} features)",
@@ -86,14 +96,50 @@ fn read_features(path: &Path) -> Result<(Vec<f32>, u64, usize), DatasetError> {
             format!("features must be a 2-D array, found shape {shape:?}"),
         ));
     };
-    if rows == 0 {
-        return Err(DatasetError::EmptyInput { path: path.into() });
-    }
     if d == 0 || d > MAX_FEATURES {
         return Err(format_err(
             path,
             format!("features must have 1 to {MAX_FEATURES} columns, found {d}"),
         ));
+    }
+    read_floats(path, npy, ty, rows, d)
+}
+
+/// Regression targets: a 1-D array (one target per sample) or a 2-D array
+/// of `k` targets per sample, float32 or float64, every value finite.
+fn read_targets(path: &Path) -> Result<Labels, DatasetError> {
+    let (npy, ty) = open(path)?;
+    let shape = npy.shape().to_vec();
+    let (rows, k) = match *shape.as_slice() {
+        [rows] => (rows, 1),
+        [rows, k] => (rows, k),
+        _ => {
+            return Err(format_err(
+                path,
+                format!("regression targets must be a 1-D or 2-D array, found shape {shape:?}"),
+            ));
+        }
+    };
+    if k == 0 || k > MAX_TARGETS {
+        return Err(format_err(
+            path,
+            format!("targets must have 1 to {MAX_TARGETS} columns, found {k}"),
+        ));
+    }
+    let (values, _, width) = read_floats(path, npy, ty, rows, k)?;
+    Ok(Labels::Targets { width, values })
+}
+
+/// A `rows` × `d` float32/float64 array as row-major f32, every value finite.
+fn read_floats(
+    path: &Path,
+    npy: Npy,
+    ty: TypeStr,
+    rows: u64,
+    d: u64,
+) -> Result<(Vec<f32>, u64, usize), DatasetError> {
+    if rows == 0 {
+        return Err(DatasetError::EmptyInput { path: path.into() });
     }
     let order = npy.order();
     let io_err = |e: std::io::Error| format_err(path, format!("cannot read data: {e}"));
@@ -108,7 +154,7 @@ fn read_features(path: &Path) -> Result<(Vec<f32>, u64, usize), DatasetError> {
         _ => {
             return Err(format_err(
                 path,
-                format!("features must be float32 or float64, found {ty}"),
+                format!("values must be float32 or float64, found {ty}"),
             ));
         }
     };

@@ -1,7 +1,8 @@
 //! Shard files: writing a dataset (shards first, manifest last, each through
 //! a temporary file, fsync and rename) and reading shards one at a time with
-//! each one's sha256, tensor dtypes, shapes, finiteness and label range
-//! verified as it is read. Where the files live is behind [`ShardReader`]
+//! each one's sha256, tensor dtypes, shapes, finiteness and label range (or,
+//! for regression targets, their finiteness) verified as it is read. The
+//! labels of a shard are [`Labels`]: i64 classes or f32 targets. Where the files live is behind [`ShardReader`]
 //! (a local or shared directory today). Manifest parsing lives in
 //! `manifest.rs`; turning CSV/NPY into samples in `pack.rs`.
 
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::DatasetError;
 use super::manifest::{
-    DatasetManifest, FORMAT_VERSION, MANIFEST_FILE, MAX_SAMPLES, Schema, ShardEntry,
+    DatasetManifest, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_SAMPLES, Schema, ShardEntry,
     Standardization,
 };
 
@@ -23,14 +24,142 @@ use super::manifest::{
 const MAX_SHARD_HEADER_BYTES: u64 = 1 << 20;
 
 /// A whole dataset in memory, every shard verified against its manifest.
-/// Sample `i` is `x[i * features .. (i + 1) * features]` with label `y[i]`,
-/// numbered in manifest shard order.
+/// Sample `i` is `x[i * features .. (i + 1) * features]` with label (or
+/// targets) `y` row `i`, numbered in manifest shard order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
     pub manifest: DatasetManifest,
     pub features: usize,
     pub x: Vec<f32>,
-    pub y: Vec<i64>,
+    pub y: Labels,
+}
+
+/// The `y` of a set of samples: class labels or regression targets.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Labels {
+    /// One label per sample.
+    Classes(Vec<i64>),
+    /// `width` targets per sample, row-major.
+    Targets { width: usize, values: Vec<f32> },
+}
+
+/// A borrowed run of rows of [`Labels`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LabelRows<'a> {
+    Classes(&'a [i64]),
+    Targets { width: usize, values: &'a [f32] },
+}
+
+impl Labels {
+    /// No rows of the given kind.
+    pub fn empty(kind: LabelKind) -> Labels {
+        match kind {
+            LabelKind::Classes(_) => Labels::Classes(Vec::new()),
+            LabelKind::Targets(width) => Labels::Targets {
+                width,
+                values: Vec::new(),
+            },
+        }
+    }
+
+    /// Number of samples (rows).
+    pub fn len(&self) -> usize {
+        self.rows().len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// All rows, borrowed.
+    pub fn rows(&self) -> LabelRows<'_> {
+        match self {
+            Labels::Classes(y) => LabelRows::Classes(y),
+            Labels::Targets { width, values } => LabelRows::Targets {
+                width: *width,
+                values,
+            },
+        }
+    }
+
+    /// Rows `start..end`, borrowed. Panics past the end, like slicing.
+    pub fn slice(&self, start: usize, end: usize) -> LabelRows<'_> {
+        self.rows().slice(start, end)
+    }
+
+    /// Appends `rows`; they must be of the same kind (and width).
+    pub fn extend(&mut self, rows: LabelRows<'_>) -> Result<(), DatasetError> {
+        match (self, rows) {
+            (Labels::Classes(y), LabelRows::Classes(r)) => y.extend_from_slice(r),
+            (
+                Labels::Targets { width, values },
+                LabelRows::Targets {
+                    width: w,
+                    values: r,
+                },
+            ) if *width == w => values.extend_from_slice(r),
+            (this, rows) => {
+                return Err(DatasetError::InvalidInput(format!(
+                    "cannot append {} to {}",
+                    rows.describe(),
+                    this.rows().describe()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The class labels, if these are classes.
+    pub fn classes(&self) -> Option<&[i64]> {
+        match self {
+            Labels::Classes(y) => Some(y),
+            Labels::Targets { .. } => None,
+        }
+    }
+
+    /// The targets (row-major), if these are regression targets.
+    pub fn targets(&self) -> Option<&[f32]> {
+        match self {
+            Labels::Classes(_) => None,
+            Labels::Targets { values, .. } => Some(values),
+        }
+    }
+}
+
+impl<'a> LabelRows<'a> {
+    /// Number of samples (rows).
+    pub fn len(&self) -> usize {
+        match self {
+            LabelRows::Classes(y) => y.len(),
+            LabelRows::Targets { width, values } => values.len() / (*width).max(1),
+        }
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `start..end`. Panics past the end, like slicing.
+    pub fn slice(self, start: usize, end: usize) -> LabelRows<'a> {
+        match self {
+            LabelRows::Classes(y) => LabelRows::Classes(&y[start..end]),
+            LabelRows::Targets { width, values } => LabelRows::Targets {
+                width,
+                values: &values[start * width..end * width],
+            },
+        }
+    }
+
+    /// What these rows are, for messages (a slice does not know its
+    /// dataset's class count).
+    fn describe(&self) -> String {
+        match self {
+            LabelRows::Classes(_) => "class labels".into(),
+            LabelRows::Targets { width, .. } => LabelKind::Targets(*width).to_string(),
+        }
+    }
 }
 
 /// What [`write_dataset`] needs besides the samples themselves.
@@ -40,8 +169,8 @@ pub struct WriteOptions {
     pub name: String,
     /// Features per sample (`d`).
     pub features: usize,
-    /// Labels must lie in `0..num_classes`.
-    pub num_classes: u32,
+    /// Class labels in `0..classes`, or `k` regression targets per sample.
+    pub labels: LabelKind,
     /// Samples per shard; the last shard holds the remainder.
     pub shard_samples: usize,
     /// Already applied to the samples being written.
@@ -92,12 +221,12 @@ impl ShardReader for LocalDir {
 }
 
 /// One shard's samples, decoded and verified: sample `i` of the shard is
-/// `x[i * features .. (i + 1) * features]` with label `y[i]`.
+/// `x[i * features .. (i + 1) * features]` with label (or targets) `y` row `i`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodedShard {
     pub features: usize,
     pub x: Vec<f32>,
-    pub y: Vec<i64>,
+    pub y: Labels,
 }
 
 impl DecodedShard {
@@ -113,7 +242,11 @@ impl DecodedShard {
 
     /// Bytes of memory the decoded samples take.
     pub fn bytes(&self) -> u64 {
-        decoded_bytes(self.len() as u64, self.features)
+        let labels = match &self.y {
+            Labels::Classes(_) => LabelKind::Classes(0),
+            Labels::Targets { width, .. } => LabelKind::Targets(*width),
+        };
+        decoded_bytes(self.len() as u64, self.features, labels)
     }
 
     /// Features of row `row`.
@@ -127,22 +260,22 @@ impl DecodedShard {
 /// `[data]` keys).
 pub const DEFAULT_SHARD_BYTES: u64 = 32 << 20;
 
-/// Samples per shard by default for samples of `features` features: about
-/// [`DEFAULT_SHARD_BYTES`] decoded, at least one.
-pub fn default_shard_samples(features: usize) -> usize {
-    (DEFAULT_SHARD_BYTES / decoded_bytes(1, features)).max(1) as usize
+/// Samples per shard by default for samples of `features` features and
+/// `labels`: about [`DEFAULT_SHARD_BYTES`] decoded, at least one.
+pub fn default_shard_samples(features: usize, labels: LabelKind) -> usize {
+    (DEFAULT_SHARD_BYTES / decoded_bytes(1, features, labels).max(1)).max(1) as usize
 }
 
 /// Bytes `samples` decoded samples of `features` features take in memory
-/// (f32 features and an i64 label each).
-pub fn decoded_bytes(samples: u64, features: usize) -> u64 {
-    samples.saturating_mul(4 * features as u64 + 8)
+/// (f32 features, and an i64 label or `k` f32 targets each).
+pub fn decoded_bytes(samples: u64, features: usize, labels: LabelKind) -> u64 {
+    samples.saturating_mul((4 * features as u64).saturating_add(labels.bytes_per_sample()))
 }
 
 /// Reads shard `index` of `manifest` through `reader` and verifies it: size
 /// bound, sha256, tensor names, dtypes and shapes against the schema, every
-/// feature finite, every label in range. Errors name the shard's location
-/// and the check that failed.
+/// feature finite, every label in range (every target finite). Errors name
+/// the shard's location and the check that failed.
 pub fn read_shard(
     reader: &dyn ShardReader,
     manifest: &DatasetManifest,
@@ -155,10 +288,11 @@ pub fn read_shard(
         ))
     })?;
     let d = manifest.features();
-    let num_classes = manifest.schema.num_classes;
+    let kind = manifest.labels();
     let shard = reader.location(&entry.file);
-    // Validated bounds (samples <= 2^40, d <= 2^20) keep this below u64::MAX.
-    let limit = entry.samples * (4 * d as u64 + 8) + MAX_SHARD_HEADER_BYTES;
+    // Validated bounds (samples <= 2^40, d <= 2^20, k <= 2^16) keep this
+    // below u64::MAX.
+    let limit = decoded_bytes(entry.samples, d, kind) + MAX_SHARD_HEADER_BYTES;
     let bytes = reader.read(&entry.file, limit)?;
     if bytes.len() as u64 > limit {
         return Err(DatasetError::ShardTooLarge {
@@ -182,7 +316,10 @@ pub fn read_shard(
     // Bounded by MAX_SAMPLES, so these fit in usize on 64-bit hosts.
     let n = entry.samples as usize;
     let xs = tensor(&tensors, &shard, "x", Dtype::F32, &[n, d])?;
-    let ys = tensor(&tensors, &shard, "y", Dtype::I64, &[n])?;
+    let ys = match kind {
+        LabelKind::Classes(_) => tensor(&tensors, &shard, "y", Dtype::I64, &[n])?,
+        LabelKind::Targets(k) => tensor(&tensors, &shard, "y", Dtype::F32, &[n, k])?,
+    };
     // Decoded first, checked after: two flat loops the compiler vectorizes
     // (a shard is tens of MiB, read on the step path when streaming).
     let mut x = vec![0f32; n * d];
@@ -195,18 +332,39 @@ pub fn read_shard(
             index: (i / d) as u64,
         });
     }
-    let mut y = vec![0i64; n];
-    for (v, b) in y.iter_mut().zip(ys.data().chunks_exact(8)) {
-        *v = i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-    }
-    if let Some(i) = y.iter().position(|&l| l < 0 || l >= i64::from(num_classes)) {
-        return Err(DatasetError::LabelOutOfRange {
-            shard,
-            index: i as u64,
-            label: y[i],
-            num_classes,
-        });
-    }
+    let y = match kind {
+        LabelKind::Classes(num_classes) => {
+            let mut y = vec![0i64; n];
+            for (v, b) in y.iter_mut().zip(ys.data().chunks_exact(8)) {
+                *v = i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            }
+            if let Some(i) = y.iter().position(|&l| l < 0 || l >= i64::from(num_classes)) {
+                return Err(DatasetError::LabelOutOfRange {
+                    shard,
+                    index: i as u64,
+                    label: y[i],
+                    num_classes,
+                });
+            }
+            Labels::Classes(y)
+        }
+        LabelKind::Targets(k) => {
+            let mut t = vec![0f32; n * k];
+            for (v, b) in t.iter_mut().zip(ys.data().chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            if let Some(i) = t.iter().position(|v| !v.is_finite()) {
+                return Err(DatasetError::NonFiniteTarget {
+                    shard,
+                    index: (i / k) as u64,
+                });
+            }
+            Labels::Targets {
+                width: k,
+                values: t,
+            }
+        }
+    };
     Ok(DecodedShard { features: d, x, y })
 }
 
@@ -219,11 +377,11 @@ impl Dataset {
         let reader = LocalDir(dir.to_path_buf());
         let d = manifest.features();
         let mut x = Vec::with_capacity((manifest.num_samples as usize).saturating_mul(d));
-        let mut y = Vec::with_capacity(manifest.num_samples as usize);
+        let mut y = Labels::empty(manifest.labels());
         for index in 0..manifest.shards.len() {
             let shard = read_shard(&reader, &manifest, index)?;
             x.extend_from_slice(&shard.x);
-            y.extend_from_slice(&shard.y);
+            y.extend(shard.y.rows())?;
         }
         Ok(Dataset {
             manifest,
@@ -243,12 +401,15 @@ impl Dataset {
         self.y.is_empty()
     }
 
-    /// Features and label of sample `index`, or `None` past the end.
-    pub fn sample(&self, index: usize) -> Option<(&[f32], i64)> {
-        let label = *self.y.get(index)?;
+    /// Features and label (or targets) of sample `index`, or `None` past
+    /// the end.
+    pub fn sample(&self, index: usize) -> Option<(&[f32], LabelRows<'_>)> {
+        if index >= self.len() {
+            return None;
+        }
         let start = index.checked_mul(self.features)?;
         let row = self.x.get(start..start.checked_add(self.features)?)?;
-        Some((row, label))
+        Some((row, self.y.slice(index, index + 1)))
     }
 }
 
@@ -279,7 +440,8 @@ fn tensor<'a>(
     Ok(view)
 }
 
-/// Writes `x` (row-major, `opts.features` per sample) and `y` as a dataset in
+/// Writes `x` (row-major, `opts.features` per sample) and `y` (of the kind
+/// `opts.labels` says) as a dataset in
 /// `dir` (created if needed): shards of `opts.shard_samples` samples, then
 /// `MANIFEST.json`, each file written under a temporary name, fsynced and
 /// renamed, so the manifest appears only once every shard it names is durable.
@@ -288,19 +450,21 @@ pub fn write_dataset(
     dir: &Path,
     opts: &WriteOptions,
     x: &[f32],
-    y: &[i64],
+    y: LabelRows<'_>,
 ) -> Result<DatasetManifest, DatasetError> {
     let d = opts.features;
     // All of it before anything is written: refused input leaves no files.
     if d > 0 {
-        check_samples(x, y, d, opts.num_classes, 0)?;
+        check_samples(x, y, d, opts.labels, 0)?;
     }
-    let mut writer = DatasetWriter::create(dir, opts, y.len() as u64)?;
-    let rows = x
-        .chunks(opts.shard_samples * d)
-        .zip(y.chunks(opts.shard_samples));
-    for (xs, ys) in rows {
-        writer.write_shard(xs, ys)?;
+    let n = y.len();
+    let mut writer = DatasetWriter::create(dir, opts, n as u64)?;
+    let per = opts.shard_samples.max(1);
+    let mut start = 0;
+    while start < n {
+        let end = (start + per).min(n);
+        writer.write_shard(&x[start * d..end * d], y.slice(start, end))?;
+        start = end;
     }
     writer.finish()
 }
@@ -354,7 +518,7 @@ impl DatasetWriter {
         let manifest = DatasetManifest {
             format_version: FORMAT_VERSION,
             name: opts.name.clone(),
-            schema: Schema::new(d, opts.num_classes),
+            schema: Schema::new(d, opts.labels),
             num_samples: samples,
             shards: (0..shards)
                 .map(|i| ShardEntry {
@@ -383,10 +547,11 @@ impl DatasetWriter {
     }
 
     /// Verifies and writes the next shard: `y.len()` must be the count its
-    /// manifest entry expects, labels in range and features finite.
-    pub fn write_shard(&mut self, x: &[f32], y: &[i64]) -> Result<(), DatasetError> {
+    /// manifest entry expects, labels in range (targets finite, of the
+    /// dataset's width) and features finite.
+    pub fn write_shard(&mut self, x: &[f32], y: LabelRows<'_>) -> Result<(), DatasetError> {
         let d = self.manifest.features();
-        let classes = self.manifest.schema.num_classes;
+        let kind = self.manifest.labels();
         let total = self.manifest.shards.len();
         let before: u64 = self.manifest.shards[..self.next.min(total)]
             .iter()
@@ -405,7 +570,7 @@ impl DatasetWriter {
                 y.len()
             )));
         }
-        check_samples(x, y, d, classes, before)?;
+        check_samples(x, y, d, kind, before)?;
         let bytes = encode_shard(&entry.file, x, y, d)?;
         entry.sha256 = hex::encode(Sha256::digest(&bytes));
         write_file_atomically(&self.dir.join(&entry.file), &bytes)?;
@@ -435,13 +600,14 @@ impl DatasetWriter {
     }
 }
 
-/// Checks that `x` holds `y.len()` rows of `d` finite features and every
-/// label lies in `0..classes`; `first` numbers the first sample in errors.
+/// Checks that `x` holds `y.len()` rows of `d` finite features and that `y`
+/// is of `kind`: every label in `0..classes`, or finite targets of its
+/// width; `first` numbers the first sample in errors.
 fn check_samples(
     x: &[f32],
-    y: &[i64],
+    y: LabelRows<'_>,
     d: usize,
-    classes: u32,
+    kind: LabelKind,
     first: u64,
 ) -> Result<(), DatasetError> {
     if y.len().checked_mul(d) != Some(x.len()) {
@@ -451,12 +617,32 @@ fn check_samples(
             features: d,
         });
     }
-    if let Some(i) = y.iter().position(|&l| l < 0 || l >= i64::from(classes)) {
-        return Err(DatasetError::InvalidInput(format!(
-            "sample {} has label {}, outside 0..{classes}",
-            first + i as u64,
-            y[i]
-        )));
+    match (y, kind) {
+        (LabelRows::Classes(y), LabelKind::Classes(classes)) => {
+            if let Some(i) = y.iter().position(|&l| l < 0 || l >= i64::from(classes)) {
+                return Err(DatasetError::InvalidInput(format!(
+                    "sample {} has label {}, outside 0..{classes}",
+                    first + i as u64,
+                    y[i]
+                )));
+            }
+        }
+        (LabelRows::Targets { width, values }, LabelKind::Targets(k))
+            if width == k && values.len() % k.max(1) == 0 =>
+        {
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(DatasetError::InvalidInput(format!(
+                    "sample {} has a non-finite target",
+                    first + (i / k) as u64
+                )));
+            }
+        }
+        (y, kind) => {
+            return Err(DatasetError::InvalidInput(format!(
+                "the dataset holds {kind}, but the samples given have {}",
+                y.describe()
+            )));
+        }
     }
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         return Err(DatasetError::InvalidInput(format!(
@@ -467,15 +653,32 @@ fn check_samples(
     Ok(())
 }
 
-fn encode_shard(file: &str, x: &[f32], y: &[i64], d: usize) -> Result<Vec<u8>, DatasetError> {
+fn encode_shard(
+    file: &str,
+    x: &[f32],
+    y: LabelRows<'_>,
+    d: usize,
+) -> Result<Vec<u8>, DatasetError> {
+    let n = y.len();
     let x_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let y_bytes: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (y_dtype, y_shape, y_bytes): (_, _, Vec<u8>) = match y {
+        LabelRows::Classes(y) => (
+            Dtype::I64,
+            vec![n],
+            y.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        LabelRows::Targets { width, values } => (
+            Dtype::F32,
+            vec![n, width],
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+    };
     let format_err = |source| DatasetError::ShardFormat {
         shard: file.into(),
         source,
     };
-    let xv = TensorView::new(Dtype::F32, vec![y.len(), d], &x_bytes).map_err(format_err)?;
-    let yv = TensorView::new(Dtype::I64, vec![y.len()], &y_bytes).map_err(format_err)?;
+    let xv = TensorView::new(Dtype::F32, vec![n, d], &x_bytes).map_err(format_err)?;
+    let yv = TensorView::new(y_dtype, y_shape, &y_bytes).map_err(format_err)?;
     safetensors::serialize([("x", xv), ("y", yv)], None).map_err(format_err)
 }
 

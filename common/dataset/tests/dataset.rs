@@ -7,8 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ringmaster_dataset::{
-    Dataset, DatasetError, DatasetManifest, LabelColumn, PackInput, PackOptions, SynthOptions,
-    WriteOptions, pack, synthesize, write_dataset,
+    Dataset, DatasetError, DatasetManifest, LabelColumn, LabelKind, LabelRows, Labels, PackInput,
+    PackOptions, PackTask, SynthOptions, WriteOptions, pack, synthesize, write_dataset,
 };
 use sha2::Digest;
 
@@ -27,6 +27,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 fn options(input: PackInput, output: &Path) -> PackOptions {
     PackOptions {
         input,
+        task: PackTask::Classification,
         output: output.into(),
         name: "t".into(),
         val_fraction: 0.0,
@@ -43,6 +44,8 @@ fn csv_input(path: &Path, label_column: LabelColumn, has_header: Option<bool>) -
         label_column,
         has_header,
         skip_rows: 0,
+        delimiter: b',',
+        labels: None,
     }
 }
 
@@ -65,11 +68,13 @@ fn skip_rows_reads_scikit_learn_shaped_csv() {
         label_column: LabelColumn::Last,
         has_header: None,
         skip_rows: 1,
+        delimiter: b',',
+        labels: None,
     };
     let report = pack(&options(input, &out)).unwrap();
     assert_eq!(
-        (report.train_samples, report.features, report.num_classes),
-        (4, 3, 2)
+        (report.train_samples, report.features, report.labels),
+        (4, 3, LabelKind::Classes(2))
     );
     let ds = Dataset::load(&out.join("train")).unwrap();
     assert_eq!(
@@ -78,7 +83,7 @@ fn skip_rows_reads_scikit_learn_shaped_csv() {
             17.99, 10.38, 122.8, 20.57, 17.77, 132.9, 13.54, 14.36, 87.46, 7.76, 24.54, 47.92
         ]
     );
-    assert_eq!(ds.y, [0, 0, 1, 1]);
+    assert_eq!(ds.y, Labels::Classes(vec![0, 0, 1, 1]));
     let source = ds.manifest.source.unwrap();
     assert!(source.contains("first line skipped, no header"), "{source}");
 
@@ -89,6 +94,8 @@ fn skip_rows_reads_scikit_learn_shaped_csv() {
         label_column: LabelColumn::Last,
         has_header: None,
         skip_rows: 1,
+        delimiter: b',',
+        labels: None,
     };
     let report = pack(&options(input, &tmp.path().join("gz"))).unwrap();
     assert_eq!((report.train_samples, report.features), (4, 3));
@@ -105,6 +112,8 @@ fn skip_rows_then_header_and_lines_count_from_the_top() {
         label_column: LabelColumn::Name("label".into()),
         has_header: None,
         skip_rows,
+        delimiter: b',',
+        labels: None,
     };
     let err = pack(&options(input(2), &tmp.path().join("o")))
         .unwrap_err()
@@ -128,12 +137,14 @@ fn skip_rows_then_header_and_lines_count_from_the_top() {
         label_column: LabelColumn::Name("label".into()),
         has_header: None,
         skip_rows: 2,
+        delimiter: b',',
+        labels: None,
     };
     let out = tmp.path().join("u");
     pack(&options(input, &out)).unwrap();
     let ds = Dataset::load(&out.join("train")).unwrap();
     assert_eq!(ds.x, [0.5, 2.0, 1.5, 3.0]);
-    assert_eq!(ds.y, [1, 0]);
+    assert_eq!(ds.y, Labels::Classes(vec![1, 0]));
 }
 
 #[test]
@@ -157,6 +168,8 @@ fn a_preamble_taken_for_a_header_suggests_skip_rows() {
         label_column: LabelColumn::Last,
         has_header: None,
         skip_rows: 3,
+        delimiter: b',',
+        labels: None,
     };
     let err = pack(&options(input, &tmp.path().join("o")))
         .unwrap_err()
@@ -188,17 +201,23 @@ fn csv_with_header_packs_exact_values() {
         (report.train_samples, report.val_samples, report.features),
         (3, 0, 2)
     );
-    assert_eq!((report.num_classes, report.train_shards), (3, 2));
+    assert_eq!(
+        (report.labels, report.train_shards),
+        (LabelKind::Classes(3), 2)
+    );
     assert_eq!(report.val_dir, None);
     assert!(!out.join("val").exists());
 
     let ds = Dataset::load(&out.join("train")).unwrap();
     assert_eq!(ds.x, [1.0, 2.0, 3.5, -4.0, 5.0, 60.0]);
-    assert_eq!(ds.y, [0, 1, 2]);
+    assert_eq!(ds.y, Labels::Classes(vec![0, 1, 2]));
     assert_eq!(ds.features, 2);
-    assert_eq!(ds.manifest.schema.num_classes, 3);
+    assert_eq!(ds.manifest.schema.num_classes, Some(3));
     assert_eq!(ds.manifest.standardization, None);
-    assert_eq!(ds.sample(1), Some((&[3.5f32, -4.0][..], 1)));
+    assert_eq!(
+        ds.sample(1),
+        Some((&[3.5f32, -4.0][..], LabelRows::Classes(&[1])))
+    );
 }
 
 #[test]
@@ -210,7 +229,7 @@ fn gzip_csv_without_header_is_detected_by_content() {
     pack(&options(csv_input(&csv, LabelColumn::First, None), &out)).unwrap();
     let ds = Dataset::load(&out.join("train")).unwrap();
     assert_eq!(ds.x, [1.5, 2.0, 3.0, 4.0, -1.0, 0.0]);
-    assert_eq!(ds.y, [0, 1, 1]);
+    assert_eq!(ds.y, Labels::Classes(vec![0, 1, 1]));
     assert!(ds.manifest.source.unwrap().contains("gzip"));
 }
 
@@ -227,7 +246,7 @@ fn forced_header_and_label_index() {
     .unwrap();
     let ds = Dataset::load(&out.join("train")).unwrap();
     assert_eq!(ds.x, [7.0, 8.0, 6.0, 5.0]);
-    assert_eq!(ds.y, [1, 0]);
+    assert_eq!(ds.y, Labels::Classes(vec![1, 0]));
 }
 
 #[track_caller]
@@ -447,10 +466,10 @@ fn npy_inputs_round_trip() {
         labels: labels.clone(),
     };
     let report = pack(&options(input, &out)).unwrap();
-    assert_eq!((report.features, report.num_classes), (2, 3));
+    assert_eq!((report.features, report.labels), (2, LabelKind::Classes(3)));
     let ds = Dataset::load(&out.join("train")).unwrap();
     assert_eq!(ds.x, [0.5, 1.0, -2.0, 3.25, 4.0, 5.0]);
-    assert_eq!(ds.y, [2, 0, 1]);
+    assert_eq!(ds.y, Labels::Classes(vec![2, 0, 1]));
 
     // Two labels for three rows.
     npyz::to_file_1d(&labels, [1i64, 0]).unwrap();
@@ -498,7 +517,7 @@ fn write_opts(shard_samples: usize) -> WriteOptions {
     WriteOptions {
         name: "rt".into(),
         features: 2,
-        num_classes: 4,
+        labels: LabelKind::Classes(4),
         shard_samples,
         standardization: None,
         source: Some("test".into()),
@@ -516,7 +535,7 @@ fn write_then_load_round_trips_across_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     let (x, y) = sample_data(10);
-    let written = write_dataset(&dir, &write_opts(3), &x, &y).unwrap();
+    let written = write_dataset(&dir, &write_opts(3), &x, LabelRows::Classes(&y)).unwrap();
     let counts: Vec<u64> = written.shards.iter().map(|s| s.samples).collect();
     assert_eq!(counts, [3, 3, 3, 1]);
     assert_eq!(written.shards[3].file, "shard-00003.safetensors");
@@ -524,7 +543,7 @@ fn write_then_load_round_trips_across_shards() {
     let ds = Dataset::load(&dir).unwrap();
     assert_eq!(ds.manifest, written);
     assert_eq!(DatasetManifest::read(&dir).unwrap(), written);
-    assert_eq!((ds.x, ds.y), (x.clone(), y.clone()));
+    assert_eq!((ds.x, ds.y), (x.clone(), Labels::Classes(y.clone())));
 
     // No temporary files are left behind.
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -535,7 +554,7 @@ fn write_then_load_round_trips_across_shards() {
     assert_eq!(names.len(), 5);
     assert_eq!(names[0], "MANIFEST.json");
 
-    let again = write_dataset(&dir, &write_opts(3), &x, &y).unwrap_err();
+    let again = write_dataset(&dir, &write_opts(3), &x, LabelRows::Classes(&y)).unwrap_err();
     assert!(matches!(again, DatasetError::OutputExists { .. }));
 }
 
@@ -544,13 +563,13 @@ fn write_refuses_inconsistent_samples() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     let (x, mut y) = sample_data(4);
-    let err = write_dataset(&dir, &write_opts(3), &x[..7], &y).unwrap_err();
+    let err = write_dataset(&dir, &write_opts(3), &x[..7], LabelRows::Classes(&y)).unwrap_err();
     assert_eq!(
         err.to_string(),
         "7 feature values do not form 4 samples of 2 features"
     );
     y[2] = 4;
-    let err = write_dataset(&dir, &write_opts(3), &x, &y).unwrap_err();
+    let err = write_dataset(&dir, &write_opts(3), &x, LabelRows::Classes(&y)).unwrap_err();
     assert_eq!(
         err.to_string(),
         "invalid input: sample 2 has label 4, outside 0..4"
@@ -563,7 +582,7 @@ fn bit_flipped_shard_fails_its_checksum() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     let (x, y) = sample_data(10);
-    let manifest = write_dataset(&dir, &write_opts(4), &x, &y).unwrap();
+    let manifest = write_dataset(&dir, &write_opts(4), &x, LabelRows::Classes(&y)).unwrap();
     let shard = dir.join("shard-00001.safetensors");
     let mut bytes = std::fs::read(&shard).unwrap();
     let last = bytes.len() - 3;
@@ -595,7 +614,7 @@ fn check_manifest_error(edit: impl FnOnce(&mut serde_json::Value), expected: &st
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     let (x, y) = sample_data(6);
-    write_dataset(&dir, &write_opts(3), &x, &y).unwrap();
+    write_dataset(&dir, &write_opts(3), &x, LabelRows::Classes(&y)).unwrap();
     edit_manifest(&dir, edit);
     let err = DatasetManifest::read(&dir).unwrap_err().to_string();
     assert!(
@@ -657,7 +676,7 @@ fn shard_contents_are_checked_against_the_schema() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ds");
     let (x, y) = sample_data(4);
-    write_dataset(&dir, &write_opts(2), &x, &y).unwrap();
+    write_dataset(&dir, &write_opts(2), &x, LabelRows::Classes(&y)).unwrap();
     let shard0 = dir.join("shard-00000.safetensors");
     let xb: Vec<u8> = [0.0f32, 1.0, 2.0, 3.0]
         .iter()
@@ -739,7 +758,9 @@ fn synthetic_data_is_deterministic_and_learnable() {
     let mut means = vec![0f64; k * d];
     let mut counts = vec![0usize; k];
     for i in 0..1000 {
-        let (row, label) = a.sample(i).unwrap();
+        let (row, LabelRows::Classes(&[label])) = a.sample(i).unwrap() else {
+            panic!("sample {i} is not one class label");
+        };
         counts[label as usize] += 1;
         for j in 0..d {
             means[label as usize * d + j] += f64::from(row[j]);
@@ -753,7 +774,9 @@ fn synthetic_data_is_deterministic_and_learnable() {
     }
     let correct = (1000..2000)
         .filter(|&i| {
-            let (row, label) = a.sample(i).unwrap();
+            let (row, LabelRows::Classes(&[label])) = a.sample(i).unwrap() else {
+                panic!("sample {i} is not one class label");
+            };
             let dist = |c: usize| -> f64 {
                 (0..d)
                     .map(|j| (f64::from(row[j]) - means[c * d + j]).powi(2))

@@ -132,8 +132,8 @@ impl Script {
         })?;
         if out.size() != [2, classes] {
             return Err(BuildError::Shape(format!(
-                "the TorchScript module {} maps a batch shaped {:?} to {:?}; the dataset has \
-                 {classes} classes, so it must return [2, {classes}]",
+                "the TorchScript module {} maps a batch shaped {:?} to {:?}; the dataset needs \
+                 {classes} outputs per sample (classes or targets), so it must return [2, {classes}]",
                 path.display(),
                 script.batch_shape(2, inputs),
                 out.size()

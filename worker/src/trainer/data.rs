@@ -4,7 +4,9 @@
 //! validation set (loaded, or read a shard at a time, and copied to the
 //! device a chunk at a time when evaluated). `data.loading` picks; both
 //! give the same samples, so a job's results do not depend on it. The run
-//! asks for samples by id and never touches the arrays.
+//! asks for samples by id and never touches the arrays. Labels are i64
+//! class labels `[n]` or f32 regression targets `[n, k]`, as the dataset
+//! holds them; the job's `[task]` must match (checked at load).
 //!
 //! A free worker may load a running job's data ahead of time ([`prepare`],
 //! on the coordinator's `PrepareJob`): a spare that later replaces a lost
@@ -15,9 +17,10 @@
 use super::TrainError;
 use super::stream::{StreamStats, StreamedData};
 use crate::model;
-use ringmaster_common::jobspec::JobSpec;
+use ringmaster_common::jobspec::{JobSpec, TaskSpec};
 use ringmaster_dataset::{
-    Dataset, DatasetManifest, LocalDir, MANIFEST_FILE, ShardPlan, read_shard,
+    Dataset, DatasetManifest, LabelKind, LabelRows, Labels, LocalDir, MANIFEST_FILE, ShardPlan,
+    read_shard,
 };
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -34,8 +37,9 @@ pub(super) struct TrainData {
     samples: u64,
     /// Features per sample.
     pub features: usize,
-    /// Number of classes of the labels.
-    pub classes: u32,
+    /// Class labels (and how many classes) or regression targets (how
+    /// many per sample).
+    pub labels: LabelKind,
     validation: Option<Validation>,
     device: Device,
 }
@@ -74,6 +78,40 @@ impl Validation {
             Validation::Stream { manifest, .. } => manifest.features(),
         }
     }
+
+    fn labels(&self) -> LabelKind {
+        match self {
+            Validation::Memory(d) => d.manifest.labels(),
+            Validation::Stream { manifest, .. } => manifest.labels(),
+        }
+    }
+}
+
+/// Refuses a job whose `[task]` does not fit the labels its training set
+/// holds: a regression job on class labels, or the other way round.
+pub(super) fn check_task(task: &TaskSpec, labels: LabelKind, dir: &Path) -> Result<(), TrainError> {
+    match (task, labels) {
+        (TaskSpec::Classification { .. }, LabelKind::Classes(_))
+        | (TaskSpec::Regression { .. }, LabelKind::Targets(_)) => Ok(()),
+        (task, labels) => Err(TrainError::Invalid(format!(
+            "task.kind = \"{}\" needs {}, but the training set {} holds {labels}",
+            task.kind(),
+            match task {
+                TaskSpec::Classification { .. } => "class labels (an i64 `y`)",
+                TaskSpec::Regression { .. } => "regression targets (an f32 `y`)",
+            },
+            dir.display()
+        ))),
+    }
+}
+
+/// The labels of a batch as a tensor: i64 `[n]` or f32 `[n, k]`.
+fn labels_tensor(rows: LabelRows<'_>) -> Result<Tensor, TrainError> {
+    Ok(match rows {
+        LabelRows::Classes(y) => Tensor::f_from_slice(y)?,
+        LabelRows::Targets { width, values } => Tensor::f_from_slice(values)?
+            .f_view([(values.len() / width.max(1)) as i64, width as i64])?,
+    })
 }
 
 /// Which data a prepared load holds: the dataset folders, the device, and
@@ -205,7 +243,8 @@ impl TrainData {
         )
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
         let features = manifest.features();
-        let classes = manifest.schema.num_classes;
+        let labels = manifest.labels();
+        check_task(&spec.task, labels, &data.train)?;
         let samples = manifest.num_samples;
         let validation = match &data.validation {
             None => None,
@@ -228,6 +267,18 @@ impl TrainData {
                 "validation set has {} features, training set {features}",
                 v.features()
             )));
+        }
+        if let Some(v) = &validation {
+            let fits = match (v.labels(), labels) {
+                (LabelKind::Classes(vc), LabelKind::Classes(tc)) => vc <= tc,
+                (vl, tl) => vl == tl,
+            };
+            if !fits {
+                return Err(TrainError::Invalid(format!(
+                    "validation set holds {}, training set {labels}",
+                    v.labels()
+                )));
+            }
         }
         let train = if data
             .loading
@@ -259,9 +310,14 @@ impl TrainData {
             Source::Stream(stream)
         } else {
             let train = Dataset::load(&data.train)?;
-            let n = train.y.len() as i64;
+            let n = train.len() as i64;
             let xs = model::from_host("training inputs", &train.x, &[n, features as i64], device)?;
-            let ys = model::from_host("training labels", &train.y, &[n], device)?;
+            let ys = match &train.y {
+                Labels::Classes(y) => model::from_host("training labels", y, &[n], device)?,
+                Labels::Targets { width, values } => {
+                    model::from_host("training targets", values, &[n, *width as i64], device)?
+                }
+            };
             Source::Memory { xs, ys }
         };
         Ok(TrainData {
@@ -269,7 +325,7 @@ impl TrainData {
             plan,
             samples,
             features,
-            classes,
+            labels,
             validation,
             device,
         })
@@ -301,8 +357,8 @@ impl TrainData {
         }
     }
 
-    /// Inputs and labels of the training samples `ids`, in that order, on
-    /// the model's device.
+    /// Inputs and labels (i64 `[n]`) or targets (f32 `[n, k]`) of the
+    /// training samples `ids`, in that order, on the model's device.
     pub fn batch(&self, ids: &[u64]) -> Result<(Tensor, Tensor), TrainError> {
         match &self.train {
             Source::Memory { xs, ys } => {
@@ -317,7 +373,7 @@ impl TrainData {
                     Tensor::f_from_slice(&x)?.f_view([n, self.features as i64])?,
                     self.device,
                 )?;
-                let yb = to_device(Tensor::f_from_slice(&y)?, self.device)?;
+                let yb = to_device(labels_tensor(y.rows())?, self.device)?;
                 Ok((xb, yb))
             }
         }
@@ -339,13 +395,13 @@ impl TrainData {
             return Ok(());
         };
         let d = val.features();
-        let mut chunk = |x: &[f32], y: &[i64]| -> Result<(), TrainError> {
+        let mut chunk = |x: &[f32], y: LabelRows<'_>| -> Result<(), TrainError> {
             let (mut start, end) = (0, y.len());
             while start < end {
                 let stop = (start + EVAL_CHUNK).min(end);
                 let xb = Tensor::f_from_slice(&x[start * d..stop * d])?
                     .f_view([(stop - start) as i64, d as i64])?;
-                let yb = Tensor::f_from_slice(&y[start..stop])?;
+                let yb = labels_tensor(y.slice(start, stop))?;
                 f(&to_device(xb, self.device)?, &to_device(yb, self.device)?)?;
                 start = stop;
             }
@@ -354,7 +410,7 @@ impl TrainData {
         match val {
             Validation::Memory(v) => {
                 let (start, end) = (range.start as usize, range.end as usize);
-                chunk(&v.x[start * d..end * d], &v.y[start..end])
+                chunk(&v.x[start * d..end * d], v.y.slice(start, end))
             }
             Validation::Stream { dir, manifest } => {
                 // One shard in memory at a time, each verified as read.
@@ -369,7 +425,7 @@ impl TrainData {
                     }
                     let s = read_shard(&reader, manifest, index)?;
                     let (a, b) = ((lo - shard.start) as usize, (hi - shard.start) as usize);
-                    chunk(&s.x[a * d..b * d], &s.y[a..b])?;
+                    chunk(&s.x[a * d..b * d], s.y.slice(a, b))?;
                 }
                 Ok(())
             }
@@ -405,6 +461,44 @@ mod tests {
             data.parent().unwrap().join("out").display()
         );
         JobSpec::from_toml(&toml, &data.parent().unwrap().join("job.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_task_that_does_not_fit_the_labels_fails_the_load_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        ringmaster_dataset::synthesize_regression(&ringmaster_dataset::SynthRegression {
+            output: data.clone(),
+            name: "reg".into(),
+            samples: 20,
+            features: 3,
+            targets: 2,
+            seed: 1,
+            shard_samples: 8,
+        })
+        .unwrap();
+        // The default task is classification.
+        let mut spec = spec(&data);
+        let err = TrainData::load(&spec, Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "task.kind = \"classification\" needs class labels (an i64 `y`), but the \
+                 training set {} holds regression targets (2 per sample)",
+                data.display()
+            )),
+            "{err}"
+        );
+        spec.task = TaskSpec::Regression {
+            loss: ringmaster_common::jobspec::RegressionLoss::Mse,
+        };
+        let loaded = TrainData::load(&spec, Device::Cpu).unwrap();
+        assert_eq!(loaded.labels, LabelKind::Targets(2));
+        let (x, y) = loaded.batch(&[3, 0]).unwrap();
+        assert_eq!((x.size(), y.size()), (vec![2, 3], vec![2, 2]));
+        assert_eq!(y.kind(), tch::Kind::Float);
     }
 
     #[test]

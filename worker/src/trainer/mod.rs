@@ -18,6 +18,7 @@ mod audit;
 mod data;
 mod evaluation;
 mod grads;
+mod loss;
 mod metrics;
 mod precision;
 mod run;

@@ -12,8 +12,9 @@
 
 use super::audit::AuditLog;
 use super::data::TrainData;
-use super::evaluation::{Counts, Scores};
+use super::evaluation::{Counts, Evaluation, RegressionScores, RegressionSums, Scores};
 use super::grads::{BUCKET_BYTES, GradBuckets};
+use super::loss::Loss;
 use super::metrics::{MetricsLog, Window, link_latest};
 use super::precision::Precision;
 use super::transfer::{State, Transferred, transfer};
@@ -27,12 +28,12 @@ use crate::model::{self, Model};
 use crate::optim::Optimizer;
 use crate::sample_rng::SampleNoise;
 use ringmaster_common::jobspec::JobSpec;
-use ringmaster_dataset::{EpochOrder, ShardPlan, rank_range};
+use ringmaster_dataset::{EpochOrder, LabelKind, ShardPlan, rank_range};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use tch::{Device, Kind, Reduction, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 /// Keys of the early-stopping state in the run's metrics, which checkpoints
 /// and state transfers carry, so a resumed or re-formed run keeps counting.
@@ -133,6 +134,8 @@ pub struct Run {
     /// fp32, or bf16 autocast on CUDA (`train.precision`).
     precision: Precision,
     data: TrainData,
+    /// The job's training objective (`[task]`), also its validation loss.
+    loss: Loss,
     model: Model,
     /// Owns the parameters the model and `params` point into.
     _vars: nn::VarStore,
@@ -227,10 +230,12 @@ impl Run {
 
         // Same seed on every rank gives the same initial parameters; rank 0's
         // are broadcast anyway so that the group provably starts from one state.
+        // The head has one unit per class, or per regression target.
+        let outputs = data.labels.outputs() as i64;
         let (vars, model) = model::initial(
             spec.seed,
             data.features as i64,
-            i64::from(data.classes),
+            outputs,
             &spec.model,
             device,
         )
@@ -239,6 +244,16 @@ impl Run {
             model::BuildError::Shape(msg) => TrainError::Invalid(msg),
         })?;
         let named = model.named_parameters(&vars)?;
+        // What the loss and the scores index must be what the head outputs.
+        if let Some((name, w)) = named.iter().find(|(n, _)| n == "out.weight")
+            && w.size().first() != Some(&outputs)
+        {
+            return Err(TrainError::Invalid(format!(
+                "the model's output layer {name} has {:?} units, but the training set holds {}",
+                w.size().first(),
+                data.labels
+            )));
+        }
         let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let grads = GradBuckets::bind(&params, EXTRAS, device)?;
@@ -264,6 +279,7 @@ impl Run {
         // cursor when the state comes from a survivor, else our own.
         let (epoch, step_in_epoch) = plan.position(a.cursor.unwrap_or(step));
         data.advance(epoch, plan.batch_range(step_in_epoch).start);
+        let loss = Loss::of(&spec.task);
         Ok(Run {
             job_id: a.job_id.clone(),
             spec,
@@ -272,6 +288,7 @@ impl Run {
             device,
             precision,
             data,
+            loss,
             model,
             _vars: vars,
             named,
@@ -463,11 +480,10 @@ impl Run {
             // Keyed by dataset sample id, not by rank or row: a sample gets
             // the same dropout mask however the batch is split.
             let noise = SampleNoise::new(self.spec.seed, self.step, ids, self.device);
-            let logits = self
+            let out = self
                 .precision
                 .forward(|| self.model.forward_train(&xb, &noise))?;
-            let loss =
-                logits.f_cross_entropy_loss::<Tensor>(&yb, None, Reduction::Sum, -100, 0.0)?;
+            let loss = self.loss.sum(&out, &yb)?;
             loss.f_backward()?;
             loss_sum += loss.f_double_value(&[])?;
         }
@@ -538,11 +554,12 @@ impl Run {
         })
     }
 
-    /// Loss, accuracy, per-class precision/recall/F1, macro-F1 and the
-    /// confusion matrix over the whole validation set (`None` without one):
-    /// each rank scores its balanced slice and the counts are added over the
-    /// group, so every rank gets the same figures.
-    pub fn evaluate(&mut self) -> Result<Option<Scores>, TrainError> {
+    /// The scores over the whole validation set (`None` without one): for
+    /// classification loss, accuracy, per-class precision/recall/F1,
+    /// macro-F1 and the confusion matrix; for regression loss, MSE, MAE and
+    /// R². Each rank scores its balanced slice and the sums are added over
+    /// the group, so every rank gets the same figures.
+    pub fn evaluate(&mut self) -> Result<Option<Evaluation>, TrainError> {
         let Some(n) = self.data.validation_samples() else {
             return Ok(None);
         };
@@ -551,29 +568,49 @@ impl Run {
             (g.rank(), g.world_size())
         };
         let mine = rank_range(0..n, rank, world);
-        let mut counts = Counts::new(self.data.classes, self.device)?;
         let model = &self.model;
+        let loss = self.loss;
         let precision = self.precision;
-        tch::no_grad(|| {
-            self.data.for_validation_chunks(mine, |xb, yb| {
-                let logits = precision.forward(|| model.forward_eval(xb))?;
-                counts.loss_sum += logits
-                    .f_cross_entropy_loss::<Tensor>(yb, None, Reduction::Sum, -100, 0.0)?
-                    .f_double_value(&[])?;
-                counts.add(&logits, yb)
-            })
-        })?;
-        let mut sums = counts.to_reduce()?;
+        match self.data.labels {
+            LabelKind::Classes(classes) => {
+                let mut counts = Counts::new(classes, self.device)?;
+                tch::no_grad(|| {
+                    self.data.for_validation_chunks(mine, |xb, yb| {
+                        let logits = precision.forward(|| model.forward_eval(xb))?;
+                        counts.loss_sum += loss.sum(&logits, yb)?.f_double_value(&[])?;
+                        counts.add(&logits, yb)
+                    })
+                })?;
+                let out = self.reduce(counts.to_reduce()?)?;
+                Ok(Some(Evaluation::Classification(Scores::from_reduced(
+                    &out, classes, n, self.step,
+                ))))
+            }
+            LabelKind::Targets(k) => {
+                let mut sums = RegressionSums::new(k);
+                tch::no_grad(|| {
+                    self.data.for_validation_chunks(mine, |xb, yb| {
+                        let pred = precision.forward(|| model.forward_eval(xb))?;
+                        sums.loss_sum += loss.sum(&pred, yb)?.f_double_value(&[])?;
+                        sums.add(&pred, yb)
+                    })
+                })?;
+                let first = self.reduce(sums.to_reduce()?)?;
+                let between = self.reduce(sums.between(&first, n)?)?;
+                Ok(Some(Evaluation::Regression(
+                    RegressionScores::from_reduced(&first, &between, k, n, self.step),
+                )))
+            }
+        }
+    }
+
+    /// Sums an f32 vector over the group and returns it on the host.
+    fn reduce(&mut self, mut sums: Tensor) -> Result<Vec<f32>, TrainError> {
         self.group()?.all_reduce_sum(&mut sums)?;
         let len = sums.size()[0] as usize;
         let mut out = vec![0f32; len];
         sums.f_copy_data(&mut out, len)?;
-        Ok(Some(Scores::from_reduced(
-            &out,
-            self.data.classes,
-            n,
-            self.step,
-        )))
+        Ok(out)
     }
 
     /// Snapshots model and optimizer state at this step boundary and writes
@@ -697,9 +734,9 @@ impl Run {
             let log_every = train.log_every_steps.max(1);
             let mut record = BTreeMap::new();
             if eval_due && let Some(scores) = self.evaluate()? {
-                record.insert("val_loss".to_string(), scores.loss);
-                record.insert("val_accuracy".to_string(), scores.accuracy);
-                record.insert("val_macro_f1".to_string(), scores.macro_f1);
+                for (name, value) in scores.metrics() {
+                    record.insert(name.to_string(), value);
+                }
                 if rank == 0 {
                     scores.write(&self.output_dir)?;
                 }
@@ -743,7 +780,7 @@ impl Run {
             self.collect_written(events);
 
             let report_due = done % self.progress_every == 0 || done == total || r.stop;
-            if report_due || first || record.contains_key("val_accuracy") {
+            if report_due || first || record.contains_key("val_loss") {
                 first = false;
                 events(Event::Progress(Progress {
                     step: done,

@@ -18,7 +18,9 @@
 //! wrong.
 
 use super::TrainError;
-use ringmaster_dataset::{DatasetManifest, DecodedShard, ShardPlan, ShardReader, read_shard};
+use ringmaster_dataset::{
+    DatasetManifest, DecodedShard, Labels, ShardPlan, ShardReader, read_shard,
+};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -122,6 +124,7 @@ impl StreamedData {
         ringmaster_dataset::decoded_bytes(
             self.plan.shard_samples(shard),
             self.shared.manifest.features(),
+            self.shared.manifest.labels(),
         )
     }
 
@@ -135,8 +138,9 @@ impl StreamedData {
         }
     }
 
-    /// Features (row-major) and labels of the samples `ids`, in that order.
-    pub fn gather(&self, ids: &[u64]) -> Result<(Vec<f32>, Vec<i64>), TrainError> {
+    /// Features (row-major) and labels (or targets) of the samples `ids`,
+    /// in that order.
+    pub fn gather(&self, ids: &[u64]) -> Result<(Vec<f32>, Labels), TrainError> {
         let d = self.shared.manifest.features();
         let mut located = Vec::with_capacity(ids.len());
         let mut needed = BTreeSet::new();
@@ -152,11 +156,11 @@ impl StreamedData {
             held.insert(shard, self.shard(shard, &needed)?);
         }
         let mut x = Vec::with_capacity(ids.len() * d);
-        let mut y = Vec::with_capacity(ids.len());
+        let mut y = Labels::empty(self.shared.manifest.labels());
         for (shard, row) in located {
             let s = &held[&shard];
             x.extend_from_slice(s.features_of(row));
-            y.push(s.y[row]);
+            y.extend(s.y.slice(row, row + 1))?;
         }
         Ok((x, y))
     }
@@ -269,8 +273,8 @@ impl CacheState {
 /// coming windows need (within the cache's limit) and reads the first one
 /// not held, evicting only shards needed later than it or not at all.
 fn read_ahead(shared: &Shared, plan: &ShardPlan) {
-    let d = shared.manifest.features();
-    let bytes_of = |s: usize| ringmaster_dataset::decoded_bytes(plan.shard_samples(s), d);
+    let (d, labels) = (shared.manifest.features(), shared.manifest.labels());
+    let bytes_of = |s: usize| ringmaster_dataset::decoded_bytes(plan.shard_samples(s), d, labels);
     let mut seen_cursor = None;
     let mut orders: Vec<ringmaster_dataset::EpochOrder> = Vec::new();
     loop {
@@ -401,7 +405,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let all = dataset(tmp.path(), 500, 37);
         let plan = ShardPlan::with_shards(&all.manifest.shard_samples(), 64, 5, 3).unwrap();
-        let shard_bytes = ringmaster_dataset::decoded_bytes(37, 3);
+        let shard_bytes =
+            ringmaster_dataset::decoded_bytes(37, 3, ringmaster_dataset::LabelKind::Classes(4));
         // Two windows and a shard: windows never have to be read twice.
         let roomy = sweep(tmp.path(), &plan, &all, shard_bytes * 7);
         assert!(roomy.peak_bytes <= shard_bytes * 7, "{roomy:?}");
@@ -431,7 +436,7 @@ mod tests {
                     for (i, &id) in ids.iter().enumerate() {
                         let (row, label) = all.sample(id as usize).unwrap();
                         assert_eq!(&x[i * 3..i * 3 + 3], row);
-                        assert_eq!(y[i], label);
+                        assert_eq!(y.slice(i, i + 1), label);
                     }
                 }
             }

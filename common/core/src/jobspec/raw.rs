@@ -27,6 +27,7 @@ use super::{Activation, CollectiveChoice, DeviceKind, FloatFormat, MetricMode};
 pub(super) struct RawJob {
     pub name: Spanned<String>,
     pub seed: Option<Spanned<Integer>>,
+    pub task: Option<Spanned<RawTask>>,
     pub model: RawModel,
     pub data: Spanned<RawData>,
     pub train: Spanned<RawTrain>,
@@ -36,6 +37,44 @@ pub(super) struct RawJob {
     pub checkpoint: Option<RawCheckpoint>,
     pub fault: Option<RawFault>,
     pub debug: Option<RawDebug>,
+}
+
+/// The optional `[task]` table; which keys apply depends on `kind`
+/// (`validate.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [task] table")]
+pub(super) struct RawTask {
+    pub kind: Option<Spanned<RawTaskKind>>,
+    pub loss: Option<Spanned<RawLoss>>,
+    pub label_smoothing: Option<Spanned<Float>>,
+    pub huber_delta: Option<Spanned<Float>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawTaskKind {
+    Classification,
+    Regression,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawLoss {
+    CrossEntropy,
+    Mse,
+    Mae,
+    Huber,
+}
+
+impl RawLoss {
+    pub fn name(self) -> &'static str {
+        match self {
+            RawLoss::CrossEntropy => "cross_entropy",
+            RawLoss::Mse => "mse",
+            RawLoss::Mae => "mae",
+            RawLoss::Huber => "huber",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

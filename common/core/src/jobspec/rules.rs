@@ -9,7 +9,8 @@
 
 use super::{
     CollectiveBackend, DeviceKind, MAX_BATCH_SIZE, MAX_CACHE_BYTES, MAX_HIDDEN_LAYERS,
-    MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS, MIN_CACHE_BYTES, REPORTED_METRICS,
+    MAX_LAYER_WIDTH, MAX_NAME_LEN, MAX_WORKERS, MIN_CACHE_BYTES, MetricMode, REPORTED_METRICS,
+    TaskSpec, metric_direction,
 };
 
 /// Integer rules take `impl Into<i128>`: job files hand over values past `i64`
@@ -503,6 +504,68 @@ pub(super) fn l1(l1: f64) -> Rule {
     }
 }
 
+/// A metric `key` names must be one this task reports: accuracy means
+/// nothing for regression, R² nothing for classification.
+pub(super) fn metric_for_task(key: &str, metric: &str, task: &TaskSpec) -> Rule {
+    let other = match task {
+        TaskSpec::Classification { .. } => TaskSpec::Regression {
+            loss: super::RegressionLoss::Mse,
+        },
+        TaskSpec::Regression { .. } => TaskSpec::default(),
+    };
+    if other.scores().contains(&metric) {
+        let ours = task
+            .scores()
+            .iter()
+            .map(|m| format!("`{m}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(format!(
+            "{key} {metric:?} is not reported for task.kind = \"{}\" (its scores are \
+             `val_loss`, {ours})",
+            task.kind()
+        ));
+    }
+    Ok(())
+}
+
+/// Ranking by a metric in the wrong direction keeps the worst checkpoints
+/// or stops on the best evaluation, so `mode` must match the metric.
+pub(super) fn metric_mode(key: &str, metric: &str, mode: MetricMode) -> Rule {
+    match metric_direction(metric) {
+        Some(right) if right != mode => {
+            let (better, name) = match right {
+                MetricMode::Min => ("smaller", "min"),
+                MetricMode::Max => ("larger", "max"),
+            };
+            Err(format!(
+                "{key}.mode {:?} goes the wrong way for {metric:?}: a {better} value is better \
+                 (use mode = \"{name}\")",
+                match mode {
+                    MetricMode::Min => "min",
+                    MetricMode::Max => "max",
+                }
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `task.label_smoothing`, as PyTorch accepts it for training: `[0, 1)`.
+pub(super) fn label_smoothing(s: f64) -> Rule {
+    if (0.0..1.0).contains(&s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "task.label_smoothing must be at least 0 and below 1, got {s:?}"
+        ))
+    }
+}
+
+pub(super) fn huber_delta(delta: f64) -> Rule {
+    positive_finite("task.huber_delta", delta)
+}
+
 /// Early stopping watches a validation score, scored every
 /// `eval_every_steps`.
 pub(super) fn early_stopping(metric: &str, evaluates: bool, has_validation: bool) -> Rule {
@@ -510,7 +573,7 @@ pub(super) fn early_stopping(metric: &str, evaluates: bool, has_validation: bool
     if !metric.starts_with("val_") {
         return Err(format!(
             "train.early_stopping.metric {metric:?} must be a validation score (val_loss, \
-             val_accuracy, val_macro_f1)"
+             val_accuracy, val_macro_f1, val_mse, val_mae, val_r2)"
         ));
     }
     if !has_validation || !evaluates {

@@ -13,16 +13,16 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::raw::{
-    Integer, RawBytes, RawCheckpoint, RawData, RawFault, RawJob, RawLoading, RawModel,
-    RawModelKind, RawNorm, RawOptimizer, RawSchedule, RawTrain, RawWorkers,
+    Integer, RawBytes, RawCheckpoint, RawData, RawFault, RawJob, RawLoading, RawLoss, RawModel,
+    RawModelKind, RawNorm, RawOptimizer, RawSchedule, RawTask, RawTaskKind, RawTrain, RawWorkers,
 };
 use super::rules::{self, Rule};
 use super::{
     Activation, Augment, CheckpointSpec, CollectiveChoice, DEFAULT_CACHE_BYTES,
     DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DebugSpec,
     Duration, EarlyStopping, FaultSpec, FloatFormat, JobSpec, KeepBestSpec, Location, LrSchedule,
-    MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, RnnCell, RnnSpec, ScheduleKind,
-    SpecError, SpecSpans, TrainSpec, WorkersSpec,
+    MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, RegressionLoss, RnnCell, RnnSpec,
+    ScheduleKind, SpecError, SpecSpans, TaskSpec, TrainSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -122,6 +122,10 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         }
         None => 0,
     };
+    let task = match &raw.task {
+        Some(t) => build_task(t.get_ref(), at)?,
+        None => TaskSpec::default(),
+    };
     let (model, model_hidden) = build_model(raw.model, at)?;
     let data_table = at.at(raw.data.span());
     let (data, data_train, data_validation) = build_data(raw.data.into_inner(), at)?;
@@ -138,6 +142,7 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         raw.train.into_inner(),
         train_table,
         data.validation.is_some(),
+        &task,
         at,
     )?;
     let workers = build_workers(raw.workers, train.global_batch, batch_span.clone(), at)?;
@@ -159,11 +164,18 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
     let output = OutputSpec {
         dir: resolve(at, &raw.output.dir, "output.dir")?,
     };
-    let checkpoint = build_checkpoint(raw.checkpoint, &output, data.validation.is_some(), at)?;
+    let checkpoint = build_checkpoint(
+        raw.checkpoint,
+        &output,
+        data.validation.is_some(),
+        &task,
+        at,
+    )?;
     let fault = build_fault(raw.fault, at)?;
     let spec = JobSpec {
         name: raw.name.into_inner(),
         seed,
+        task,
         model,
         data,
         train,
@@ -183,6 +195,90 @@ fn build(raw: RawJob, at: &Locator<'_>) -> Result<(JobSpec, SpecSpans), SpecErro
         model_hidden,
     };
     Ok((spec, spans))
+}
+
+/// `[task]`: the kind, then its loss; a key that belongs to the other kind
+/// (or another loss) is an error with the reason, not silently ignored.
+fn build_task(raw: &RawTask, at: &Locator<'_>) -> Result<TaskSpec, SpecError> {
+    let kind = raw
+        .kind
+        .as_ref()
+        .map_or(RawTaskKind::Classification, |k| *k.get_ref());
+    match kind {
+        RawTaskKind::Classification => {
+            if let Some(loss) = &raw.loss
+                && *loss.get_ref() != RawLoss::CrossEntropy
+            {
+                return Err(at.invalid(
+                    loss.span(),
+                    format!(
+                        "task.loss {:?} is a regression loss; task.kind = \"classification\" \
+                         takes \"cross_entropy\"",
+                        loss.get_ref().name()
+                    ),
+                ));
+            }
+            if let Some(delta) = &raw.huber_delta {
+                return Err(at.invalid(
+                    delta.span(),
+                    "task.huber_delta does not apply to task.kind = \"classification\" (it \
+                     shapes the regression loss \"huber\")"
+                        .into(),
+                ));
+            }
+            let label_smoothing = match &raw.label_smoothing {
+                Some(s) => {
+                    at.check(s, rules::label_smoothing(s.get_ref().0))?;
+                    s.get_ref().0
+                }
+                None => 0.0,
+            };
+            Ok(TaskSpec::Classification { label_smoothing })
+        }
+        RawTaskKind::Regression => {
+            if let Some(s) = &raw.label_smoothing {
+                return Err(at.invalid(
+                    s.span(),
+                    "task.label_smoothing does not apply to task.kind = \"regression\" (it \
+                     smooths class labels)"
+                        .into(),
+                ));
+            }
+            let loss = raw.loss.as_ref().map_or(RawLoss::Mse, |l| *l.get_ref());
+            if let (Some(delta), false) = (&raw.huber_delta, loss == RawLoss::Huber) {
+                return Err(at.invalid(
+                    delta.span(),
+                    format!(
+                        "task.huber_delta only applies to task.loss = \"huber\", not {:?}",
+                        loss.name()
+                    ),
+                ));
+            }
+            let loss = match loss {
+                RawLoss::Mse => RegressionLoss::Mse,
+                RawLoss::Mae => RegressionLoss::Mae,
+                RawLoss::Huber => RegressionLoss::Huber {
+                    delta: match &raw.huber_delta {
+                        Some(d) => {
+                            at.check(d, rules::huber_delta(d.get_ref().0))?;
+                            d.get_ref().0
+                        }
+                        None => 1.0,
+                    },
+                },
+                RawLoss::CrossEntropy => {
+                    let span = raw.loss.as_ref().map_or(0..0, |l| l.span());
+                    return Err(at.invalid(
+                        span,
+                        "task.loss \"cross_entropy\" is a classification loss; \
+                         task.kind = \"regression\" takes \"mse\", \"mae\" or \"huber\""
+                            .into(),
+                    ));
+                }
+            };
+            Ok(TaskSpec::Regression { loss })
+        }
+    }
 }
 
 fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location), SpecError> {
@@ -582,6 +678,7 @@ fn build_train(
     raw: RawTrain,
     table: Range<usize>,
     has_validation: bool,
+    task: &TaskSpec,
     at: &Locator<'_>,
 ) -> Result<TrainSpec, SpecError> {
     at.check(
@@ -656,6 +753,14 @@ fn build_train(
             at.check(
                 metric,
                 rules::early_stopping(metric.get_ref(), eval_every_steps.is_some(), has_validation),
+            )?;
+            at.check(
+                metric,
+                rules::metric_for_task("train.early_stopping.metric", metric.get_ref(), task),
+            )?;
+            at.check(
+                metric,
+                rules::metric_mode("train.early_stopping", metric.get_ref(), es.get_ref().mode),
             )?;
             let patience = &es.get_ref().patience;
             at.check(patience, rules::patience(patience.get_ref().0))?;
@@ -938,6 +1043,7 @@ fn build_checkpoint(
     raw: Option<RawCheckpoint>,
     output: &OutputSpec,
     has_validation: bool,
+    task: &TaskSpec,
     at: &Locator<'_>,
 ) -> Result<CheckpointSpec, SpecError> {
     let Some(raw) = raw else {
@@ -985,6 +1091,14 @@ fn build_checkpoint(
             at.check(
                 metric,
                 rules::keep_best_needs_validation(metric.get_ref(), has_validation),
+            )?;
+            at.check(
+                metric,
+                rules::metric_for_task("checkpoint.keep_best.metric", metric.get_ref(), task),
+            )?;
+            at.check(
+                metric,
+                rules::metric_mode("checkpoint.keep_best", metric.get_ref(), best.mode),
             )?;
             let count = match &best.count {
                 Some(count) => {
