@@ -361,8 +361,28 @@ pub struct PackArgs {
     #[arg(long, value_enum, default_value_t = PackTaskArg::Classification)]
     pub task: PackTaskArg,
     /// CSV input (`.gz` is detected); one row per sample.
-    #[arg(long, conflicts_with_all = ["npy_features", "npy_labels"], required_unless_present = "npy_features")]
+    #[arg(long, conflicts_with_all = ["npy_features", "npy_labels"], required_unless_present_any = ["npy_features", "timeseries"])]
     pub csv: Option<PathBuf>,
+    /// A time series: `--column` of this CSV (with a header; `.gz` is detected), read in file
+    /// order and cut into samples of `--window` values predicting the next `--horizon` (f32
+    /// regression targets). The split is chronological: the last `--val-fraction` of the
+    /// series is the validation period, and no training target falls in it.
+    #[arg(long, value_name = "CSV", conflicts_with_all = ["csv", "npy_features", "npy_labels", "labels_csv", "label_column"], requires_all = ["column", "window"])]
+    pub timeseries: Option<PathBuf>,
+    /// The series' column (its header name) for `--timeseries`.
+    #[arg(long, requires = "timeseries", value_name = "NAME")]
+    pub column: Option<String>,
+    /// Values per sample (the inputs) for `--timeseries`.
+    #[arg(long, requires = "timeseries", value_name = "N")]
+    pub window: Option<usize>,
+    /// Values forecast per sample (the targets) for `--timeseries`.
+    #[arg(long, requires = "timeseries", value_name = "H")]
+    pub horizon: Option<usize>,
+    /// Missing values (empty, NA, NaN) of a `--timeseries`: `error` (the default: refuse,
+    /// naming the first), `drop` (leave the points out), `mean` or `median` (filled from the
+    /// training period only).
+    #[arg(long, requires = "timeseries", value_parser = parse_missing)]
+    pub missing: Option<dataset::Missing>,
     /// Label column of the CSV: `first`, `last`, a 0-based index or a header name (default
     /// `last`). With `--task regression`, a comma-separated list names several target columns
     /// (`--label-column 8,9`).
@@ -1631,8 +1651,77 @@ fn worker_state_name(w: &pb::WorkerInfo) -> &'static str {
         .unwrap_or("unknown")
 }
 
+fn parse_missing(s: &str) -> Result<dataset::Missing, String> {
+    s.parse()
+}
+
+/// `dataset pack --timeseries`.
+fn pack_series(a: &PackArgs, path: &Path, output: Output) -> anyhow::Result<()> {
+    let (Some(column), Some(window)) = (&a.column, a.window) else {
+        bail!("--timeseries needs --column NAME and --window N");
+    };
+    let report = dataset::pack_timeseries(&dataset::SeriesOptions {
+        csv: path.to_path_buf(),
+        column: column.clone(),
+        window,
+        horizon: a.horizon.unwrap_or(1),
+        val_fraction: a.val_fraction,
+        missing: a.missing.unwrap_or_default(),
+        standardize: a.standardize,
+        output: a.out_dir.clone(),
+        name: a.name.clone().unwrap_or_else(|| {
+            a.out_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "series".into())
+        }),
+    })
+    .context("failed to pack the time series")?;
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "train_dir": report.train_dir,
+                "val_dir": report.val_dir,
+                "values": report.values,
+                "missing": report.missing,
+                "train_samples": report.train_samples,
+                "val_samples": report.val_samples,
+                "features": window,
+                "task": "regression",
+                "targets": a.horizon.unwrap_or(1),
+                "naive_val_mae": report.naive_val_mae,
+            }))?
+        ),
+        Output::Text => {
+            println!(
+                "packed {} values ({} missing) into {} train and {} validation windows of {} \
+                 predicting {} into {}",
+                report.values,
+                report.missing,
+                report.train_samples,
+                report.val_samples,
+                window,
+                a.horizon.unwrap_or(1),
+                a.out_dir.display()
+            );
+            if let Some(mae) = report.naive_val_mae {
+                println!(
+                    "naive forecast (repeat the last value) on validation: MAE {mae:.4}; a \
+                     model should beat it"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
+        DatasetCommand::Pack(a) if a.timeseries.is_some() => {
+            let path = a.timeseries.clone().unwrap_or_default();
+            pack_series(&a, &path, output)?;
+        }
         DatasetCommand::Pack(a) => {
             let input = match (&a.csv, &a.npy_features, &a.npy_labels) {
                 (Some(csv), _, _) => dataset::PackInput::Csv {

@@ -1,11 +1,14 @@
 //! The `lstm` and `gru` models end to end with the real binaries: an LSTM reading scikit-learn's
 //! digits as 8 steps of 8 pixels learns them, its `model.safetensors` loads into PyTorch's
 //! `nn.LSTM` module (`tests/python/rnn_reference.py`, strict `load_state_dict`) and scores the
-//! same there, 1, 2 and 4 workers compute the same GRU run, and a cancel + resume of an LSTM
-//! is bitwise identical.
+//! same there, 1, 2 and 4 workers compute the same GRU run, a cancel + resume of an LSTM
+//! is bitwise identical, and the shipped `examples/timeseries-lstm.toml` forecasts statsmodels'
+//! sunspots series (packed with `dataset pack --timeseries`) better than the naive last-value
+//! forecast, with the same figures in PyTorch's `nn.LSTM`.
 
 use ringmaster_tests::{
-    JobBuilder, LocalCluster, model_params, pack_digits, relative_l2, repo_root, wait_until,
+    JobBuilder, LocalCluster, bin, model_params, pack_digits, relative_l2, repo_root,
+    run_with_timeout, wait_until,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -114,5 +117,84 @@ fn cancel_then_resume_of_an_lstm_is_bitwise_identical() {
     assert_eq!(
         whole, resumed,
         "parameters differ after cancel + resume at {stop}"
+    );
+}
+
+#[test]
+fn the_sunspots_example_beats_the_naive_forecast() {
+    let root = repo_root();
+    let fetch = run_with_timeout(
+        {
+            let mut c = Command::new(root.join("scripts/fetch-series"));
+            c.arg("sunspots").current_dir(&root);
+            c
+        },
+        Duration::from_secs(600),
+    );
+    assert_eq!(fetch.code, 0, "{}", fetch.stderr);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("sunspots");
+    let mut pack = Command::new(bin("coordinator"));
+    pack.args(["dataset", "pack", "--timeseries", fetch.stdout.trim()])
+        .args([
+            "--column",
+            "SUNACTIVITY",
+            "--window",
+            "12",
+            "--horizon",
+            "1",
+        ])
+        .args(["--standardize", "--val-fraction", "0.2", "--output", "json"])
+        .arg("--out-dir")
+        .arg(&data);
+    let packed = run_with_timeout(pack, T);
+    assert_eq!(packed.code, 0, "{}", packed.stderr);
+    let packed = packed.json();
+    assert_eq!(packed["values"], 309);
+    assert_eq!(
+        (
+            packed["train_samples"].as_u64(),
+            packed["val_samples"].as_u64()
+        ),
+        (Some(235), Some(62))
+    );
+    let naive = packed["naive_val_mae"].as_f64().unwrap();
+
+    let example = std::fs::read_to_string(root.join("examples/timeseries-lstm.toml")).unwrap();
+    let text = example
+        .replace("../run/data/sunspots", data.to_str().unwrap())
+        .replace("../run/out/sunspots-lstm", "out-sunspots");
+    assert_ne!(text, example);
+    let job = tmp.path().join("timeseries-lstm.toml");
+    std::fs::write(&job, text).unwrap();
+    let cluster = LocalCluster::start(2).unwrap();
+    let done = cluster.follow(&job, &[]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let mae = done["metrics"]["val_mae"].as_f64().unwrap();
+    eprintln!("sunspots: LSTM validation MAE {mae:.3}, naive last-value forecast {naive:.3}");
+    assert!(
+        mae < 0.8 * naive,
+        "the LSTM does not beat the naive forecast: {mae} vs {naive}"
+    );
+
+    // The same weights in nn.LSTM give the same error on the (standardized) validation windows.
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    let py = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/python/rnn_reference.py"))
+        .arg(out.join("model.safetensors"))
+        .arg(data.join("val"))
+        .args(["lstm", "12", "1", "32", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let torch: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let torch_mae = torch["mae"].as_f64().unwrap();
+    assert!(
+        (torch_mae - mae).abs() <= 1e-3 * mae,
+        "ringmaster {mae}, pytorch {torch_mae}"
     );
 }

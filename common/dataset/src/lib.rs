@@ -69,6 +69,8 @@ mod read_npy;
 mod shard_plan;
 mod shards;
 mod synth;
+#[cfg(feature = "pack")]
+mod timeseries;
 
 use std::path::PathBuf;
 
@@ -86,6 +88,8 @@ pub use shards::{
     write_dataset,
 };
 pub use synth::{SynthOptions, SynthRegression, synthesize, synthesize_regression};
+#[cfg(feature = "pack")]
+pub use timeseries::{Missing, SeriesOptions, SeriesReport, pack_timeseries};
 
 /// Everything that can go wrong reading, writing or packing a dataset. Each
 /// variant names the contract that was broken; paths and line numbers are
