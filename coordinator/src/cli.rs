@@ -344,7 +344,7 @@ pub enum DatasetCommand {
     ///   coordinator dataset pack --task regression --csv houses.csv --label-column price,rent \
     ///       --out-dir data/houses
     #[command(verbatim_doc_comment)]
-    Pack(PackArgs),
+    Pack(Box<PackArgs>),
     /// Generate a synthetic classification or regression dataset (for benchmarks and tests).
     ///
     /// Examples:
