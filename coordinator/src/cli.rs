@@ -378,11 +378,17 @@ pub struct PackArgs {
     /// Values forecast per sample (the targets) for `--timeseries`.
     #[arg(long, requires = "timeseries", value_name = "H")]
     pub horizon: Option<usize>,
-    /// Missing values (empty, NA, NaN) of a `--timeseries`: `error` (the default: refuse,
-    /// naming the first), `drop` (leave the points out), `mean` or `median` (filled from the
-    /// training period only).
-    #[arg(long, requires = "timeseries", value_parser = parse_missing)]
+    /// Missing values (empty, NA, NaN, null): `error` (the default: refuse, naming the first),
+    /// `drop` (drop the row, or leave the point out of a `--timeseries`), `mean` or `median`
+    /// (fill features with the training split's column mean or median; a time series from its
+    /// training period). Rows with a missing label are dropped unless this is `error`. The
+    /// counts are reported.
+    #[arg(long, value_parser = parse_missing)]
     pub missing: Option<dataset::Missing>,
+    /// Drop rows that repeat an earlier row exactly (features and label) before the split, so
+    /// no sample lands in both train and validation; the count is reported.
+    #[arg(long, conflicts_with = "timeseries")]
+    pub dedup: bool,
     /// Label column of the CSV: `first`, `last`, a 0-based index or a header name (default
     /// `last`). With `--task regression`, a comma-separated list names several target columns
     /// (`--label-column 8,9`).
@@ -1757,6 +1763,8 @@ fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
                 shard_samples: a.shard_samples,
                 seed: a.seed,
                 show_progress: output == Output::Text && std::io::stderr().is_terminal(),
+                missing: a.missing.unwrap_or_default(),
+                dedup: a.dedup,
             };
             let report = dataset::pack(&opts).context("failed to pack the dataset")?;
             match output {
@@ -1780,16 +1788,35 @@ fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
                             dataset::LabelKind::Classes(_) => None,
                             dataset::LabelKind::Targets(k) => Some(k),
                         },
+                        "missing_values": report.missing_values,
+                        "rows_dropped": report.rows_dropped,
+                        "duplicates_removed": report.duplicates_removed,
                     }))?
                 ),
-                Output::Text => println!(
-                    "packed {} train and {} validation samples ({} features, {}) into {}",
-                    report.train_samples,
-                    report.val_samples,
-                    report.features,
-                    report.labels,
-                    a.out_dir.display()
-                ),
+                Output::Text => {
+                    println!(
+                        "packed {} train and {} validation samples ({} features, {}) into {}",
+                        report.train_samples,
+                        report.val_samples,
+                        report.features,
+                        report.labels,
+                        a.out_dir.display()
+                    );
+                    if report.missing_values > 0 || report.rows_dropped > 0 || a.dedup {
+                        println!(
+                            "cleaning: {} missing feature values ({}), {} rows dropped for \
+                             missing values, {} duplicate rows removed",
+                            report.missing_values,
+                            match a.missing.unwrap_or_default() {
+                                dataset::Missing::Mean => "filled with training means",
+                                dataset::Missing::Median => "filled with training medians",
+                                _ => "their rows dropped",
+                            },
+                            report.rows_dropped,
+                            report.duplicates_removed
+                        );
+                    }
+                }
             }
         }
         DatasetCommand::Synth(a) if a.targets.is_some() => {

@@ -194,6 +194,16 @@ pub enum DatasetError {
         found: usize,
         header_line: u64,
     },
+    #[error(
+        "{path}:{line}: column {column}: missing value `{value}`; choose --missing drop, mean or \
+         median to drop or fill such rows"
+    )]
+    CsvMissing {
+        path: PathBuf,
+        line: u64,
+        column: usize,
+        value: String,
+    },
     #[error("{path}:{line}: column {column}: cannot parse `{value}` as a number")]
     CsvNotANumber {
         path: PathBuf,

@@ -14,6 +14,7 @@ use super::read_csv::{Columns, Table, read_csv};
 use super::read_npy::read_npy;
 use super::shard_plan::{shuffled, stream};
 use super::shards::{Labels, WriteOptions, write_dataset};
+use crate::timeseries::Missing;
 
 /// Standard deviations below this count as a constant feature, which is then
 /// left unscaled (std 1) instead of being blown up.
@@ -126,6 +127,13 @@ pub struct PackOptions {
     /// Seeds the train/validation split.
     pub seed: u64,
     pub show_progress: bool,
+    /// Missing feature values: refused (the default), rows dropped, or filled with the
+    /// training split's column mean or median. Rows with a missing label are always dropped
+    /// unless this is `Error`.
+    pub missing: Missing,
+    /// Drop rows that repeat an earlier row exactly (features and label), before the split,
+    /// so no sample is in both splits.
+    pub dedup: bool,
 }
 
 /// What [`pack`] wrote, for the CLI to print.
@@ -141,6 +149,12 @@ pub struct PackReport {
     pub labels: LabelKind,
     pub train_shards: usize,
     pub val_shards: usize,
+    /// Missing feature values met (dropped with their rows, or filled).
+    pub missing_values: u64,
+    /// Rows dropped for a missing value (a label, or any value with `--missing drop`).
+    pub rows_dropped: u64,
+    /// Rows dropped as exact repeats of an earlier row.
+    pub duplicates_removed: u64,
 }
 
 /// Samples as read from an input file, before splitting.
@@ -204,6 +218,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
                 skip_rows: *skip_rows,
                 delimiter: *delimiter,
                 task: opts.task,
+                keep_missing: opts.missing != Missing::Error,
             };
             match labels {
                 None => read_csv(&table(path, Columns::Labels(label_column)), &progress)?,
@@ -228,6 +243,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         }
     };
     progress.finish_and_clear();
+    let (raw, cleaning) = clean_rows(raw, opts.missing, opts.dedup);
 
     let d = raw.features;
     let n = raw.rows;
@@ -261,6 +277,18 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
     let (val_rows, train_rows) = perm.split_at(n_val);
     let (mut train_x, train_y) = gather(&raw, train_rows);
     let (mut val_x, val_y) = gather(&raw, val_rows);
+    if cleaning.missing_values > 0 {
+        let fills = fit_fills(&train_x, d, opts.missing)?;
+        for x in [&mut train_x, &mut val_x] {
+            for row in x.chunks_exact_mut(d) {
+                for (v, f) in row.iter_mut().zip(&fills) {
+                    if v.is_nan() {
+                        *v = *f;
+                    }
+                }
+            }
+        }
+    }
 
     let standardization = opts.standardize.then(|| {
         let st = fit_standardization(&train_x, d);
@@ -269,9 +297,10 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         st
     });
     let source = format!(
-        "packed from {}; {n} rows: {} train, {n_val} validation (seeded split, seed {}, \
+        "packed from {}; {}{n} rows: {} train, {n_val} validation (seeded split, seed {}, \
          validation fraction {}); {}",
         raw.description,
+        cleaning.describe(opts.missing),
         n - n_val,
         opts.seed,
         opts.val_fraction,
@@ -318,7 +347,141 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         labels,
         train_shards: train.shards.len(),
         val_shards: val.as_ref().map_or(0, |m| m.shards.len()),
+        missing_values: cleaning.missing_values,
+        rows_dropped: cleaning.rows_dropped,
+        duplicates_removed: cleaning.duplicates_removed,
     })
+}
+
+/// What [`clean_rows`] did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cleaning {
+    missing_values: u64,
+    rows_dropped: u64,
+    duplicates_removed: u64,
+}
+
+impl Cleaning {
+    /// For the manifest's `source`: empty when nothing was cleaned.
+    fn describe(&self, missing: Missing) -> String {
+        let mut parts = Vec::new();
+        if self.missing_values > 0 || self.rows_dropped > 0 {
+            parts.push(format!(
+                "{} missing feature values ({}), {} rows dropped for missing values",
+                self.missing_values,
+                match missing {
+                    Missing::Drop | Missing::Error => "rows dropped",
+                    Missing::Mean => "filled with the training split's column means",
+                    Missing::Median => "filled with the training split's column medians",
+                },
+                self.rows_dropped
+            ));
+        }
+        if self.duplicates_removed > 0 {
+            parts.push(format!(
+                "{} duplicate rows removed",
+                self.duplicates_removed
+            ));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("{}; ", parts.join(", "))
+        }
+    }
+}
+
+/// Drops rows whose label is missing (labels are never filled), rows with any missing value
+/// under `Missing::Drop`, and with `dedup` every row that repeats an earlier one bit for bit;
+/// counts what it did. Missing features left in place (`Mean`, `Median`) are filled after the
+/// split, from the training rows only.
+fn clean_rows(raw: RawSamples, missing: Missing, dedup: bool) -> (RawSamples, Cleaning) {
+    let d = raw.features;
+    let mut c = Cleaning {
+        missing_values: raw.x.iter().filter(|v| v.is_nan()).count() as u64,
+        ..Cleaning::default()
+    };
+    if c.missing_values == 0 && !dedup && missing == Missing::Error {
+        return (raw, c);
+    }
+    let label_missing = |r: usize| match &raw.y {
+        Labels::Classes(y) => y[r] == crate::read_csv::MISSING_LABEL,
+        Labels::Targets { width, values } => values[r * width..(r + 1) * width]
+            .iter()
+            .any(|v| v.is_nan()),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut keep = Vec::with_capacity(raw.rows);
+    for r in 0..raw.rows {
+        let row = &raw.x[r * d..(r + 1) * d];
+        if label_missing(r) || (missing == Missing::Drop && row.iter().any(|v| v.is_nan())) {
+            c.rows_dropped += 1;
+            continue;
+        }
+        if dedup {
+            let mut key: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+            match &raw.y {
+                Labels::Classes(y) => key.extend([y[r] as u32, (y[r] >> 32) as u32]),
+                Labels::Targets { width, values } => key.extend(
+                    values[r * width..(r + 1) * width]
+                        .iter()
+                        .map(|v| v.to_bits()),
+                ),
+            }
+            if !seen.insert(key) {
+                c.duplicates_removed += 1;
+                continue;
+            }
+        }
+        keep.push(r as u64);
+    }
+    if keep.len() == raw.rows {
+        return (raw, c);
+    }
+    let (x, y) = gather(&raw, &keep);
+    let rows = keep.len();
+    (
+        RawSamples {
+            x,
+            y,
+            rows,
+            features: d,
+            description: raw.description,
+        },
+        c,
+    )
+}
+
+/// Per column, the value a missing feature gets: the mean or median of the column's known
+/// training values.
+fn fit_fills(train_x: &[f32], d: usize, missing: Missing) -> Result<Vec<f32>, DatasetError> {
+    let mut fills = Vec::with_capacity(d);
+    for col in 0..d {
+        let mut known: Vec<f32> = train_x
+            .chunks_exact(d)
+            .map(|row| row[col])
+            .filter(|v| !v.is_nan())
+            .collect();
+        if known.is_empty() {
+            return Err(DatasetError::InvalidInput(format!(
+                "column {} has no known value in the training split to fill missing ones from",
+                col + 1
+            )));
+        }
+        fills.push(match missing {
+            Missing::Median => {
+                known.sort_by(f32::total_cmp);
+                let m = known.len() / 2;
+                if known.len() % 2 == 1 {
+                    known[m]
+                } else {
+                    (known[m - 1] + known[m]) / 2.0
+                }
+            }
+            _ => (known.iter().map(|&v| f64::from(v)).sum::<f64>() / known.len() as f64) as f32,
+        });
+    }
+    Ok(fills)
 }
 
 fn progress_bar(show: bool) -> ProgressBar {

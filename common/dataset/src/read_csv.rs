@@ -38,7 +38,21 @@ pub(crate) struct Table<'a> {
     pub skip_rows: usize,
     pub delimiter: u8,
     pub task: PackTask,
+    /// Missing fields (empty, `NA`, `NaN`, `null`, `none`) are kept as markers for `pack` to
+    /// drop or fill, instead of being an error.
+    pub keep_missing: bool,
 }
+
+/// Whether a field stands for a missing value.
+pub(crate) fn is_missing(field: &str) -> bool {
+    matches!(
+        field.trim().to_ascii_lowercase().as_str(),
+        "" | "na" | "nan" | "null" | "none"
+    )
+}
+
+/// The class label recorded for a missing one (`pack` drops its row).
+pub(crate) const MISSING_LABEL: i64 = -1;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// Rows between progress bar updates: the bar is cheap, but not free per row.
@@ -133,7 +147,12 @@ pub(crate) fn read_csv(t: &Table<'_>, progress: &ProgressBar) -> Result<RawSampl
             path.display()
         )));
     }
-    let header = has_header.unwrap_or_else(|| record.iter().any(|f| f.parse::<f64>().is_err()));
+    // A missing value is not a column name: a first row with a gap is still data.
+    let header = has_header.unwrap_or_else(|| {
+        record
+            .iter()
+            .any(|f| !is_missing(f) && f.parse::<f64>().is_err())
+    });
     let labels: Vec<usize> = match t.columns {
         Columns::Labels(c) => resolve_label_columns(path, c, &record, header, t.task)?,
         Columns::AllFeatures => Vec::new(),
@@ -200,7 +219,15 @@ pub(crate) fn read_csv(t: &Table<'_>, progress: &ProgressBar) -> Result<RawSampl
         ),
     };
     if !header {
-        push_row(path, &record, fields, &labels, skipped, &mut samples)?;
+        push_row(
+            path,
+            &record,
+            fields,
+            &labels,
+            skipped,
+            t.keep_missing,
+            &mut samples,
+        )?;
     }
     while csv.read_record(&mut record).map_err(syntax)? {
         // A header whose width no row shares is usually a preamble line
@@ -215,7 +242,15 @@ pub(crate) fn read_csv(t: &Table<'_>, progress: &ProgressBar) -> Result<RawSampl
                 expected: fields,
             });
         }
-        push_row(path, &record, fields, &labels, skipped, &mut samples)?;
+        push_row(
+            path,
+            &record,
+            fields,
+            &labels,
+            skipped,
+            t.keep_missing,
+            &mut samples,
+        )?;
         if (samples.rows as u64).is_multiple_of(PROGRESS_EVERY) {
             progress.set_position(samples.rows as u64);
         }
@@ -307,6 +342,7 @@ fn push_row(
     fields: usize,
     labels: &[usize],
     skipped: u64,
+    keep_missing: bool,
     out: &mut RawSamples,
 ) -> Result<(), DatasetError> {
     let line = line_of(record, skipped);
@@ -320,6 +356,22 @@ fn push_row(
     }
     for (i, field) in record.iter().enumerate() {
         let is_label = labels.binary_search(&i).is_ok();
+        if keep_missing && is_missing(field) {
+            match &mut out.y {
+                Labels::Classes(y) if is_label => y.push(MISSING_LABEL),
+                Labels::Targets { values, .. } if is_label => values.push(f32::NAN),
+                _ => out.x.push(f32::NAN),
+            }
+            continue;
+        }
+        if is_missing(field) {
+            return Err(DatasetError::CsvMissing {
+                path: path.into(),
+                line,
+                column: i + 1,
+                value: field.into(),
+            });
+        }
         if is_label && let Labels::Classes(y) = &mut out.y {
             let value = parse_label(field).ok_or_else(|| DatasetError::CsvBadLabel {
                 path: path.into(),

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ringmaster_dataset::{
-    Dataset, DatasetError, DatasetManifest, LabelColumn, LabelKind, LabelRows, Labels, PackInput,
-    PackOptions, PackTask, SynthOptions, WriteOptions, pack, synthesize, write_dataset,
+    Dataset, DatasetError, DatasetManifest, LabelColumn, LabelKind, LabelRows, Labels, Missing,
+    PackInput, PackOptions, PackTask, SynthOptions, WriteOptions, pack, synthesize, write_dataset,
 };
 use sha2::Digest;
 
@@ -26,6 +26,8 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 
 fn options(input: PackInput, output: &Path) -> PackOptions {
     PackOptions {
+        missing: Missing::Error,
+        dedup: false,
         input,
         task: PackTask::Classification,
         output: output.into(),

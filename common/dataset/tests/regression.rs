@@ -7,8 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use ringmaster_dataset::{
-    Dataset, DatasetManifest, LabelColumn, LabelKind, LabelRows, Labels, PackInput, PackOptions,
-    PackTask, SynthRegression, WriteOptions, pack, synthesize_regression, write_dataset,
+    Dataset, DatasetManifest, LabelColumn, LabelKind, LabelRows, Labels, Missing, PackInput,
+    PackOptions, PackTask, SynthRegression, WriteOptions, pack, synthesize_regression,
+    write_dataset,
 };
 use sha2::Digest;
 
@@ -20,6 +21,8 @@ fn write_file(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
 
 fn options(input: PackInput, output: &Path, task: PackTask) -> PackOptions {
     PackOptions {
+        missing: Missing::Error,
+        dedup: false,
         input,
         task,
         output: output.into(),
