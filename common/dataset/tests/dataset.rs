@@ -292,7 +292,9 @@ fn malformed_csv_rows_name_file_line_and_column() {
         "t.csv",
         b"1,2,0\n1,NaN,1\n",
         last.clone(),
-        ":2: column 2: `NaN` is not a finite number",
+        // NaN is how tables write a missing value: the error says how to handle it.
+        ":2: column 2: missing value `NaN`; choose --missing drop, mean or median to drop or \
+         fill such rows",
     );
     check_csv_error(
         "t.csv",
