@@ -344,8 +344,8 @@ fn packs_space_delimited_features_with_targets_from_another_file() {
             data.display()
         )
     );
-    // A non-numeric target points at its line and column.
-    let bad = write_file(tmp.path(), "bad.csv", b"1\n2\nNaN\n4\n");
+    // A non-finite target points at its line and column.
+    let bad = write_file(tmp.path(), "bad.csv", b"1\n2\ninf\n4\n");
     let err = pack(&options(
         input(&bad),
         &tmp.path().join("o3"),
@@ -355,7 +355,7 @@ fn packs_space_delimited_features_with_targets_from_another_file() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}:3: column 1: `NaN` is not a finite number",
+            "{}:3: column 1: `inf` is not a finite number",
             bad.display()
         )
     );
