@@ -271,6 +271,37 @@ pub enum Command {
         #[command(subcommand)]
         command: DatasetCommand,
     },
+    /// Score a trained model on a dataset, outside any job.
+    ///
+    /// The model is a job's output folder or one of its checkpoints (the job wrote its spec,
+    /// job.json, beside both); the dataset any folder packed for the same task and features.
+    /// Runs the `worker` binary (next to this one, or RINGMASTER_WORKER), which links libtorch.
+    ///
+    /// Examples:
+    ///   coordinator evaluate --model run/out/digits-cnn/latest --data run/data/digits/val
+    ///   coordinator evaluate --model run/out/digits-mlp/checkpoints/digits-mlp-1/step-900 \
+    ///       --data run/data/digits/val --output json
+    #[command(verbatim_doc_comment)]
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    /// A job's output folder (<output.dir>/<job-id>, or its `latest` link) or a checkpoint
+    /// (<checkpoint.dir>/<job-id>/step-N).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The dataset to score (a folder with MANIFEST.json).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Device to score on: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[command(flatten)]
+    pub output: OutputOpt,
 }
 
 impl Command {
@@ -529,6 +560,10 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Dataset { output, command } => {
             let output = output.output.or(top.output).unwrap_or(Output::Text);
             dataset_cmd(command, output).map(|()| 0)
+        }
+        Command::Evaluate(args) => {
+            let output = args.output.output.or(top.output).unwrap_or(Output::Text);
+            evaluate_cmd(&args, output).map(|()| 0)
         }
     };
     match result {
@@ -1655,6 +1690,85 @@ fn worker_state_name(w: &pb::WorkerInfo) -> &'static str {
     w.worker_state()
         .map(WorkerState::as_str)
         .unwrap_or("unknown")
+}
+
+/// The `worker` binary: `RINGMASTER_WORKER`, else the one next to this program, else `worker`
+/// on the PATH.
+fn worker_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("RINGMASTER_WORKER") {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("worker")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("worker"))
+}
+
+/// `coordinator evaluate`: runs `worker evaluate` and shows its scores.
+fn evaluate_cmd(a: &EvaluateArgs, output: Output) -> anyhow::Result<()> {
+    let worker = worker_binary();
+    let out = std::process::Command::new(&worker)
+        .args([
+            "--device",
+            &a.device,
+            "--threads",
+            &a.threads.to_string(),
+            "evaluate",
+        ])
+        .arg("--model")
+        .arg(&a.model)
+        .arg("--data")
+        .arg(&a.data)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {} (the worker binary scores models; set RINGMASTER_WORKER to it)",
+                worker.display()
+            )
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("worker: error: "))
+            .or_else(|| err.lines().rev().find(|l| !l.trim().is_empty()))
+            .unwrap_or("the worker failed without a message");
+        bail!("{line}");
+    }
+    let scores: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("the worker's scores are not JSON")?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&scores)?),
+        Output::Text => {
+            let f = |k: &str| scores[k].as_f64();
+            println!(
+                "{} ({}) on {}: {} samples",
+                a.model.display(),
+                scores["job"].as_str().unwrap_or("?"),
+                a.data.display(),
+                scores["samples"]
+            );
+            let mut parts = Vec::new();
+            for (key, label) in [
+                ("accuracy", "accuracy"),
+                ("macro_f1", "macro-F1"),
+                ("r2", "R²"),
+                ("mse", "MSE"),
+                ("mae", "MAE"),
+                ("loss", "loss"),
+            ] {
+                if let Some(v) = f(key) {
+                    parts.push(format!("{label} {v:.4}"));
+                }
+            }
+            println!("{}", parts.join(", "));
+        }
+    }
+    Ok(())
 }
 
 fn parse_missing(s: &str) -> Result<dataset::Missing, String> {

@@ -40,6 +40,8 @@ struct Args {
     /// Find and load the NCCL library as a CUDA worker would, print what was loaded, and exit.
     #[arg(long)]
     nccl_info: bool,
+    #[command(subcommand)]
+    command: Option<WorkerCommand>,
     /// Time this worker's NCCL all-reduce (a communicator of one rank on `--device`) on
     /// buffers of 1 MiB to 1 GiB, print one `RESULT` line per size, and exit.
     #[arg(long)]
@@ -60,6 +62,49 @@ struct Args {
     /// Seconds to keep trying to reach the coordinator at start.
     #[arg(long, default_value_t = 30)]
     connect_timeout_secs: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum WorkerCommand {
+    /// Score a trained model on a dataset, outside any job, and print its scores as JSON (the
+    /// format of eval.json). `coordinator evaluate` runs this.
+    Evaluate {
+        /// A job's output folder (<output.dir>/<job-id>) or one of its checkpoints
+        /// (<checkpoint.dir>/<job-id>/step-N): its model.safetensors, and the job.json the
+        /// job wrote beside it.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// A dataset folder (with MANIFEST.json) of the kind the model was trained on.
+        #[arg(long)]
+        data: std::path::PathBuf,
+    },
+}
+
+/// `worker evaluate`: the scores as one JSON document on stdout.
+fn evaluate(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    device: tch::Device,
+) -> anyhow::Result<()> {
+    use ringmaster_worker::trainer::{self, TrainError};
+    // An invalid request reads as its message alone (its Display adds "invalid assignment").
+    let plain = |e: TrainError| match e {
+        TrainError::Invalid(m) => anyhow::anyhow!(m),
+        other => anyhow::anyhow!(other),
+    };
+    let (spec, spec_path) = trainer::find_spec(model).map_err(plain)?;
+    let scores = trainer::score(&spec, model, data, device).map_err(plain)?;
+    let mut json = scores.to_json();
+    if let Some(obj) = json.as_object_mut() {
+        // The step is the job's, not this run's.
+        obj.remove("step");
+        obj.insert("model".into(), model.display().to_string().into());
+        obj.insert("data".into(), data.display().to_string().into());
+        obj.insert("job".into(), spec.name.clone().into());
+        obj.insert("spec".into(), spec_path.display().to_string().into());
+    }
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
 }
 
 fn parse_device(s: &str) -> Result<(String, tch::Device), String> {
@@ -85,6 +130,13 @@ fn parse_device(s: &str) -> Result<(String, tch::Device), String> {
 fn main() {
     let args = Args::parse();
     ringmaster_common::telemetry::init("info");
+    if let Some(WorkerCommand::Evaluate { model, data }) = &args.command {
+        tch::set_num_threads(args.threads.max(1) as i32);
+        if let Err(e) = evaluate(model, data, args.device.1) {
+            fail(&format!("{e:#}"));
+        }
+        return;
+    }
     if args.nccl_info {
         match library::load_or_reexec() {
             Ok(loaded) => {

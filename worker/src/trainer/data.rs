@@ -106,7 +106,7 @@ pub(super) fn check_task(task: &TaskSpec, labels: LabelKind, dir: &Path) -> Resu
 }
 
 /// The labels of a batch as a tensor: i64 `[n]` or f32 `[n, k]`.
-fn labels_tensor(rows: LabelRows<'_>) -> Result<Tensor, TrainError> {
+pub(super) fn labels_tensor(rows: LabelRows<'_>) -> Result<Tensor, TrainError> {
     Ok(match rows {
         LabelRows::Classes(y) => Tensor::f_from_slice(y)?,
         LabelRows::Targets { width, values } => Tensor::f_from_slice(values)?

@@ -263,6 +263,15 @@ impl Evaluation {
         }
     }
 
+    /// The scores as `eval.json` holds them.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Evaluation::Classification(s) => serde_json::to_value(s),
+            Evaluation::Regression(s) => serde_json::to_value(s),
+        }
+        .unwrap_or(serde_json::Value::Null)
+    }
+
     /// Writes `<dir>/eval.json`.
     pub fn write(&self, dir: &Path) -> Result<(), TrainError> {
         match self {

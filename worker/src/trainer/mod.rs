@@ -22,13 +22,16 @@ mod loss;
 mod metrics;
 mod precision;
 mod run;
+mod score;
 mod state;
 mod stream;
 mod transfer;
 
 pub use audit::{AUDIT_DIR, file_name as audit_file_name};
 pub use data::{is_prepared, prepare};
+pub use evaluation::Evaluation;
 pub use run::{Run, StateSource, StepReport};
+pub use score::{SPEC_FILE, find_spec, score};
 pub use transfer::{StateHeader, Transferred};
 
 use crate::collective::{AbortHandle, CollectiveError};

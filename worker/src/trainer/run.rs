@@ -376,6 +376,13 @@ impl Run {
             if self.log.is_none() {
                 self.log = Some(MetricsLog::open(&self.output_dir, self.step)?);
                 link_latest(&self.output_dir);
+                super::score::write_spec(
+                    &self.spec,
+                    &[
+                        self.output_dir.clone(),
+                        self.spec.checkpoint.dir.join(&self.job_id),
+                    ],
+                )?;
             }
             if self.spec.checkpoint.asynchronous && self.writer.is_none() {
                 self.writer =
