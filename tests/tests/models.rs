@@ -2,14 +2,19 @@
 //! `cnn` on scikit-learn's digits as 1×8×8 images reaches 0.97 validation
 //! accuracy, its `model.safetensors` loads into the equivalent PyTorch module
 //! (`tests/python/cnn_reference.py`, strict `load_state_dict`) and scores the
-//! same there, and 1 and 2 workers compute the same run, random crops
-//! (drawn per sample) included.
+//! same there, 1, 2 and 4 workers compute the same run, random crops
+//! (drawn per sample) included, and a cancel + resume is bitwise identical.
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, model_params, pack_digits, read_params, relative_l2, repo_root,
+    wait_until,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 const CNN: &str = "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [32, 64]\nkernel = 3\n\
     pool = 2\nnorm = \"group\"\ngroups = 8\ndropout = 0.1";
@@ -95,17 +100,60 @@ fn cnn_on_digits_reaches_97_percent_and_scores_the_same_in_pytorch() {
 }
 
 #[test]
-fn one_and_two_workers_train_the_same_cnn() {
+fn one_two_and_four_workers_train_the_same_cnn() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pack_digits(&tmp.path().join("digits"));
-    let cluster = LocalCluster::start(2).unwrap();
+    let cluster = LocalCluster::start(4).unwrap();
     let (_, one) = cluster.train(tmp.path(), &augmented_job(&data, "one", 1, 150));
-    let (_, two) = cluster.train(tmp.path(), &augmented_job(&data, "two", 2, 150));
     // Augmentation was on: the same job without it ends elsewhere.
     let (_, plain) = cluster.train(tmp.path(), &cnn_job(&data, "plain", 1, 150));
     let moved = relative_l2(&model_params(&one), &model_params(&plain));
     assert!(moved > 1e-3, "augmentation changed the run by only {moved}");
-    let rel = relative_l2(&model_params(&one), &model_params(&two));
-    eprintln!("cnn: relative L2 between 1 and 2 workers: {rel:e}");
-    assert!(rel < 1e-5, "1 vs 2 workers: {rel}");
+    for workers in [2, 4] {
+        let name = format!("w{workers}");
+        let (_, out) = cluster.train(tmp.path(), &augmented_job(&data, &name, workers, 150));
+        let rel = relative_l2(&model_params(&one), &model_params(&out));
+        eprintln!("cnn: relative L2 between 1 and {workers} workers: {rel:e}");
+        assert!(rel < 1e-5, "1 vs {workers} workers: {rel}");
+    }
+}
+
+#[test]
+fn cancel_then_resume_of_an_augmented_cnn_is_bitwise_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let cluster = LocalCluster::start(2).unwrap();
+    let (_, whole) = cluster.train(tmp.path(), &augmented_job(&data, "whole", 2, 900));
+    let whole = model_params(&whole);
+
+    let split = augmented_job(&data, "split", 2, 900).write(tmp.path());
+    let out = cluster.cli(&["submit", split.to_str().unwrap()], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    wait_until(JOB_TIMEOUT, || {
+        cluster.status(&id)["step"].as_u64().unwrap_or(0) >= 100
+    })
+    .unwrap();
+    let out = cluster.cli(&["cancel", &id], T);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut last = serde_json::Value::Null;
+    wait_until(JOB_TIMEOUT, || {
+        last = cluster.status(&id);
+        last["state"] == "cancelled"
+    })
+    .unwrap_or_else(|_| panic!("never cancelled: {last}"));
+    let stop = last["step"].as_u64().unwrap();
+    assert!(stop < 900, "cancelled at step {stop}, after the end");
+    let out = cluster.cli(
+        &["resume", &id, "--follow", "--output", "json"],
+        JOB_TIMEOUT,
+    );
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let done = out.json();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let resumed = model_params(&PathBuf::from(done["output_dir"].as_str().unwrap()));
+    assert_eq!(
+        whole, resumed,
+        "parameters differ after cancel + resume at {stop}"
+    );
 }
