@@ -373,7 +373,11 @@ impl Dataset {
     /// as [`read_shard`] does. Holds the whole dataset: a trainer streams
     /// large ones instead.
     pub fn load(dir: &Path) -> Result<Dataset, DatasetError> {
-        let manifest = DatasetManifest::read(dir)?;
+        Dataset::load_with(dir, DatasetManifest::read(dir)?)
+    }
+
+    /// [`load`](Self::load) with the manifest already read (and validated) from `dir`.
+    pub fn load_with(dir: &Path, manifest: DatasetManifest) -> Result<Dataset, DatasetError> {
         let reader = LocalDir(dir.to_path_buf());
         let d = manifest.features();
         let mut x = Vec::with_capacity((manifest.num_samples as usize).saturating_mul(d));

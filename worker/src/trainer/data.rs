@@ -256,7 +256,7 @@ impl TrainData {
                         manifest: v,
                     })
                 } else {
-                    Some(Validation::Memory(Dataset::load(dir)?))
+                    Some(Validation::Memory(Dataset::load_with(dir, v)?))
                 }
             }
         };
@@ -309,7 +309,7 @@ impl TrainData {
             );
             Source::Stream(stream)
         } else {
-            let train = Dataset::load(&data.train)?;
+            let train = Dataset::load_with(&data.train, manifest)?;
             let n = train.len() as i64;
             let xs = model::from_host("training inputs", &train.x, &[n, features as i64], device)?;
             let ys = match &train.y {
