@@ -328,6 +328,39 @@ impl LocalCluster {
         assert_eq!(out.code, 0, "status failed: {}", out.stderr);
         out.json()
     }
+
+    /// Submits `job`, cancels it once it has passed step `after` (the cancel writes a final
+    /// checkpoint), resumes it to the end and returns the step it was cancelled at and its final
+    /// parameters, for comparison with an undisturbed run of the same job.
+    pub fn cancel_then_resume(&self, dir: &Path, job: &JobBuilder, after: u64) -> (u64, Vec<f32>) {
+        const T: Duration = Duration::from_secs(30);
+        const JOB: Duration = Duration::from_secs(300);
+        let file = job.write(dir);
+        let out = self.cli(&["submit", file.to_str().unwrap()], T);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let id = out.stdout.trim().to_string();
+        wait_until(JOB, || {
+            self.status(&id)["step"].as_u64().unwrap_or(0) >= after
+        })
+        .unwrap();
+        let out = self.cli(&["cancel", &id], T);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let mut last = serde_json::Value::Null;
+        wait_until(JOB, || {
+            last = self.status(&id);
+            last["state"] == "cancelled"
+        })
+        .unwrap_or_else(|_| panic!("never cancelled: {last}"));
+        let stop = last["step"].as_u64().unwrap();
+        let total = last["total_steps"].as_u64().unwrap_or(u64::MAX);
+        assert!(stop < total, "cancelled at step {stop}, after the end");
+        let out = self.cli(&["resume", &id, "--follow", "--output", "json"], JOB);
+        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+        let done = out.json();
+        assert_eq!(done["state"], "succeeded", "{done}");
+        let params = model_params(&PathBuf::from(done["output_dir"].as_str().unwrap()));
+        (stop, params)
+    }
 }
 
 /// Starts a worker process for the coordinator(s) at `url` (one URL or

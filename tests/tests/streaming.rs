@@ -3,12 +3,8 @@
 //! and 4 workers, the same run as loading it whole, a bitwise resume after a
 //! cancel, and a job failure naming a corrupt shard's path.
 
-use ringmaster_tests::{JobBuilder, LocalCluster, model_params, relative_l2, synth, wait_until};
+use ringmaster_tests::{JobBuilder, LocalCluster, model_params, relative_l2, synth};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-const T: Duration = Duration::from_secs(30);
-const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// 20 shards of 1,000 samples of 64 features (264 KB decoded each) for
 /// training and 6 shards of 500 for validation: with windows of 2 shards and
@@ -80,33 +76,8 @@ fn cancel_then_resume_while_streaming_is_bitwise_identical() {
     let cluster = LocalCluster::start(2).unwrap();
     let (whole, _) = train(&cluster, tmp.path(), &job(&data, "whole", 2, STREAM, 1500));
 
-    let split = job(&data, "split", 2, STREAM, 1500).write(tmp.path());
-    let out = cluster.cli(&["submit", split.to_str().unwrap()], T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let id = out.stdout.trim().to_string();
-    wait_until(JOB_TIMEOUT, || {
-        cluster.status(&id)["step"].as_u64().unwrap_or(0) >= 100
-    })
-    .unwrap();
-    let out = cluster.cli(&["cancel", &id], T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let mut last = serde_json::Value::Null;
-    wait_until(JOB_TIMEOUT, || {
-        last = cluster.status(&id);
-        last["state"] == "cancelled"
-    })
-    .unwrap_or_else(|_| panic!("never cancelled: {last}"));
-    let stop = last["step"].as_u64().unwrap();
-    assert!(stop < 1500, "cancelled at step {stop}, after the end");
-
-    let out = cluster.cli(
-        &["resume", &id, "--follow", "--output", "json"],
-        JOB_TIMEOUT,
-    );
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    let done = out.json();
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let resumed = model_params(&PathBuf::from(done["output_dir"].as_str().unwrap()));
+    let (stop, resumed) =
+        cluster.cancel_then_resume(tmp.path(), &job(&data, "split", 2, STREAM, 1500), 100);
     assert_eq!(
         whole, resumed,
         "parameters differ after cancel + resume at {stop}"
