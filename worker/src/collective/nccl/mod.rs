@@ -285,44 +285,13 @@ impl Collective for NcclBackend {
         match self.opts.wire {
             WireDtype::F32 => {
                 let ptr = flat.data_ptr();
-                self.run("ncclAllReduce", |comm| {
-                    // SAFETY: `ptr` is the device memory of `flat` (`count` contiguous fp32
-                    // elements on the communicator's device, checked above), alive for the
-                    // call and the wait that follows; in place is allowed by NCCL.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        nccl::all_reduce(
-                            ptr,
-                            ptr,
-                            count,
-                            sys::ncclDataType_t::ncclFloat32,
-                            sys::ncclRedOp_t::ncclSum,
-                            comm,
-                            std::ptr::null_mut(),
-                        )
-                    }
-                })
+                self.all_reduce_in_place(ptr, count, sys::ncclDataType_t::ncclFloat32)
             }
             WireDtype::Bf16 => {
                 let mut buf = self.wire_buffer(count)?;
                 buf.f_copy_(flat)
                     .map_err(device_error("rounding to bf16"))?;
-                let ptr = buf.data_ptr();
-                self.run("ncclAllReduce", |comm| {
-                    // SAFETY: as above, for the bf16 buffer of `count` elements.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        nccl::all_reduce(
-                            ptr,
-                            ptr,
-                            count,
-                            sys::ncclDataType_t::ncclBfloat16,
-                            sys::ncclRedOp_t::ncclSum,
-                            comm,
-                            std::ptr::null_mut(),
-                        )
-                    }
-                })?;
+                self.all_reduce_in_place(buf.data_ptr(), count, sys::ncclDataType_t::ncclBfloat16)?;
                 flat.f_copy_(&buf)
                     .map_err(device_error("widening to fp32"))?;
                 Ok(())
@@ -383,6 +352,32 @@ impl Collective for NcclBackend {
 }
 
 impl NcclBackend {
+    /// Sums `count` elements of `dtype` at device address `ptr` over the group, in place.
+    fn all_reduce_in_place(
+        &mut self,
+        ptr: *mut std::ffi::c_void,
+        count: usize,
+        dtype: sys::ncclDataType_t,
+    ) -> Result<(), CollectiveError> {
+        self.run("ncclAllReduce", |comm| {
+            // SAFETY: callers pass the device memory of a live contiguous tensor of `count`
+            // elements of `dtype` on the communicator's device, alive for the call and the
+            // wait that follows; in place is allowed by NCCL.
+            #[allow(unsafe_code)]
+            unsafe {
+                nccl::all_reduce(
+                    ptr,
+                    ptr,
+                    count,
+                    dtype,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    std::ptr::null_mut(),
+                )
+            }
+        })
+    }
+
     /// A bf16 view of `count` elements of the wire buffer, grown when needed.
     fn wire_buffer(&mut self, count: usize) -> Result<Tensor, CollectiveError> {
         if self.wire_buf.as_ref().is_none_or(|b| b.numel() < count) {
