@@ -244,6 +244,12 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
             LabelKind::Classes(num_classes)
         }
         Labels::Targets { width, .. } => LabelKind::Targets(*width),
+        // CSV and NPY readers never produce them; `pack_text` writes tokens.
+        Labels::Tokens { .. } => {
+            return Err(DatasetError::InvalidInput(
+                "token sequences are packed from text (--text), not tables".into(),
+            ));
+        }
     };
 
     let n_val = if opts.val_fraction > 0.0 {
@@ -276,7 +282,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         opts.seed,
         opts.val_fraction,
         match (standardization.is_some(), labels) {
-            (true, LabelKind::Classes(_)) => {
+            (true, LabelKind::Classes(_) | LabelKind::Tokens { .. }) => {
                 "features standardized with the training split's mean and std \
                  (std below 1e-6 replaced by 1)"
             }
@@ -284,7 +290,8 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
                 "features standardized with the training split's mean and std \
                  (std below 1e-6 replaced by 1); regression targets as given"
             }
-            (false, LabelKind::Classes(_)) => "features not standardized",
+            (false, LabelKind::Classes(_) | LabelKind::Tokens { .. }) =>
+                "features not standardized",
             (false, LabelKind::Targets(_)) => "features and regression targets as given",
         }
     );
@@ -375,7 +382,8 @@ fn gather(raw: &RawSamples, rows: &[u64]) -> (Vec<f32>, Labels) {
             (_, Labels::Targets { width, values }) => {
                 targets.extend_from_slice(&values[r * width..(r + 1) * width])
             }
-            (Labels::Targets { .. }, Labels::Classes(_)) => {}
+            // Tokens never reach here (refused above).
+            _ => {}
         }
     }
     if let Labels::Targets { width, .. } = raw.y {
