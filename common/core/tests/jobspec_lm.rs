@@ -134,3 +134,25 @@ fn language_model_keys_and_metrics() {
         .to_string();
     assert!(err.contains("val_perplexity"), "{err}");
 }
+
+/// The shipped `examples/text-gpt.toml` parses into a transformer language model whose context
+/// is the one its pack command uses, and survives the JSON form the coordinator stores.
+#[test]
+fn the_text_example_parses_and_round_trips() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/text-gpt.toml");
+    let source = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        source.contains("--context 64"),
+        "the pack command in its comment"
+    );
+    let spec = JobSpec::from_toml(&source, &path).unwrap();
+    assert_eq!(spec.task, TaskSpec::LanguageModel);
+    let ModelSpec::Transformer(t) = &spec.model else {
+        panic!("not a transformer: {:?}", spec.model)
+    };
+    assert_eq!((t.layers, t.heads, t.width, t.context), (2, 4, 128, 64));
+    assert!(t.tied_embeddings && t.dropout > 0.0);
+    let back: JobSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+    assert_eq!(back, spec);
+    assert_eq!(back.check(), Ok(()));
+}
