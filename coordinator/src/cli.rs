@@ -374,6 +374,7 @@ pub enum DatasetCommand {
     ///       --delimiter space --labels-csv diabetes_target.csv.gz --out-dir data/diabetes --standardize
     ///   coordinator dataset pack --task regression --csv houses.csv --label-column price,rent \
     ///       --out-dir data/houses
+    ///   coordinator dataset pack --text book.txt --context 64 --val-fraction 0.1 --out-dir data/book
     #[command(verbatim_doc_comment)]
     Pack(Box<PackArgs>),
     /// Generate a synthetic classification or regression dataset (for benchmarks and tests).
@@ -392,7 +393,7 @@ pub struct PackArgs {
     #[arg(long, value_enum, default_value_t = PackTaskArg::Classification)]
     pub task: PackTaskArg,
     /// CSV input (`.gz` is detected); one row per sample.
-    #[arg(long, conflicts_with_all = ["npy_features", "npy_labels"], required_unless_present_any = ["npy_features", "timeseries"])]
+    #[arg(long, conflicts_with_all = ["npy_features", "npy_labels"], required_unless_present_any = ["npy_features", "timeseries", "text"])]
     pub csv: Option<PathBuf>,
     /// A time series: `--column` of this CSV (with a header; `.gz` is detected), read in file
     /// order and cut into samples of `--window` values predicting the next `--horizon` (f32
@@ -400,6 +401,16 @@ pub struct PackArgs {
     /// series is the validation period, and no training target falls in it.
     #[arg(long, value_name = "CSV", conflicts_with_all = ["csv", "npy_features", "npy_labels", "labels_csv", "label_column"], requires_all = ["column", "window"])]
     pub timeseries: Option<PathBuf>,
+    /// Text files for a language model, concatenated in order into one stream of byte-level
+    /// tokens (vocabulary 256) cut into consecutive chunks of `--context` + 1 tokens: each
+    /// sample's features are its first `--context` tokens, its labels the next token at every
+    /// position. The split is chronological (the last `--val-fraction` of the text is
+    /// validation, no sample spans it); the pack prints the unigram baseline perplexity.
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["csv", "npy_features", "npy_labels", "labels_csv", "label_column", "timeseries", "standardize"], requires = "context")]
+    pub text: Vec<PathBuf>,
+    /// Tokens per sample for `--text`: the model's context length.
+    #[arg(long, value_name = "T")]
+    pub context: Option<usize>,
     /// The series' column (its header name) for `--timeseries`.
     #[arg(long, requires = "timeseries", value_name = "NAME")]
     pub column: Option<String>,
@@ -884,6 +895,22 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
         check_script_file(path, input_shape.as_deref(), train.features())
             .map_err(|e| anyhow::Error::msg(spans.error_at(SpanField::ModelHidden, e)))?;
     }
+    if let (ModelSpec::Transformer(t), dataset::LabelKind::Tokens { len, .. }) =
+        (&spec.model, train.labels())
+        && t.context as usize != len
+    {
+        bail!(
+            "{}",
+            spans.error_at(
+                SpanField::ModelHidden,
+                format!(
+                    "model.context is {} but the training set's samples hold {len} tokens (the \
+                     --context it was packed with)",
+                    t.context
+                ),
+            )
+        );
+    }
     // The worker refuses this too; saying it at submit saves a queue wait.
     let fits = matches!(
         (&spec.task, train.labels()),
@@ -891,6 +918,7 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
             TaskSpec::Classification { .. },
             dataset::LabelKind::Classes(_)
         ) | (TaskSpec::Regression { .. }, dataset::LabelKind::Targets(_))
+            | (TaskSpec::LanguageModel, dataset::LabelKind::Tokens { .. })
     );
     if !fits {
         bail!(
@@ -1128,13 +1156,15 @@ fn state_name(s: &pb::JobStatus) -> &'static str {
 }
 
 /// The headline validation score of a job or checkpoint for tables:
-/// accuracy for classification, R² for regression (`-` before the first
-/// evaluation).
+/// accuracy for classification, R² for regression, perplexity for a language
+/// model (`-` before the first evaluation).
 fn val_score(metrics: &std::collections::HashMap<String, f64>) -> String {
     if let Some(a) = metrics.get("val_accuracy") {
         format!("acc {a:.4}")
     } else if let Some(r2) = metrics.get("val_r2") {
         format!("r2 {r2:.4}")
+    } else if let Some(ppl) = metrics.get("val_perplexity") {
+        format!("ppl {ppl:.3}")
     } else {
         "-".into()
     }
@@ -1150,6 +1180,7 @@ fn progress_line(s: &pb::JobStatus) -> String {
         ("val_accuracy", "val_acc", 4),
         ("val_mse", "val_mse", 4),
         ("val_r2", "val_r2", 4),
+        ("val_perplexity", "val_ppl", 3),
         ("samples_per_sec", "samples/s", 0),
     ] {
         if let Some(v) = s.metrics.get(key) {
@@ -1181,6 +1212,7 @@ fn print_summary(s: &pb::JobStatus) {
         ("val_mse", "validation MSE"),
         ("val_mae", "validation MAE"),
         ("val_r2", "validation R²"),
+        ("val_perplexity", "validation perplexity"),
     ] {
         if let Some(v) = s.metrics.get(key) {
             println!("{label}: {v:.4}");
@@ -1759,6 +1791,7 @@ fn evaluate_cmd(a: &EvaluateArgs, output: Output) -> anyhow::Result<()> {
                 ("r2", "R²"),
                 ("mse", "MSE"),
                 ("mae", "MAE"),
+                ("perplexity", "perplexity"),
                 ("loss", "loss"),
             ] {
                 if let Some(v) = f(key) {
@@ -1836,8 +1869,68 @@ fn pack_series(a: &PackArgs, path: &Path, output: Output) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `dataset pack --text`.
+fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
+    let Some(context) = a.context else {
+        bail!("--text needs --context T");
+    };
+    let report = dataset::pack_text(&dataset::TextOptions {
+        files: a.text.clone(),
+        context,
+        val_fraction: a.val_fraction,
+        output: a.out_dir.clone(),
+        name: a.name.clone().unwrap_or_else(|| {
+            a.out_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "text".into())
+        }),
+    })
+    .context("failed to pack the text")?;
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "train_dir": report.train_dir,
+                "val_dir": report.val_dir,
+                "tokens": report.tokens,
+                "train_tokens": report.train_tokens,
+                "val_tokens": report.val_tokens,
+                "train_samples": report.train_samples,
+                "val_samples": report.val_samples,
+                "context": context,
+                "vocab": report.vocab,
+                "task": "language_model",
+                "unigram_val_perplexity": report.unigram_val_perplexity,
+            }))?
+        ),
+        Output::Text => {
+            println!(
+                "packed {} tokens ({} training, {} validation; vocabulary {}) into {} train and \
+                 {} validation samples of {} tokens into {}",
+                report.tokens,
+                report.train_tokens,
+                report.val_tokens,
+                report.vocab,
+                report.train_samples,
+                report.val_samples,
+                context,
+                a.out_dir.display()
+            );
+            if let Some(ppl) = report.unigram_val_perplexity {
+                println!(
+                    "unigram baseline (training byte frequencies) on validation: perplexity \
+                     {ppl:.3}; a model should beat it"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
+        DatasetCommand::Pack(a) if !a.text.is_empty() => pack_text(&a, output)?,
         DatasetCommand::Pack(a) if a.timeseries.is_some() => {
             let path = a.timeseries.clone().unwrap_or_default();
             pack_series(&a, &path, output)?;
@@ -1893,14 +1986,15 @@ fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
                         "task": match report.labels {
                             dataset::LabelKind::Classes(_) => "classification",
                             dataset::LabelKind::Targets(_) => "regression",
+                            dataset::LabelKind::Tokens { .. } => "language_model",
                         },
                         "num_classes": match report.labels {
                             dataset::LabelKind::Classes(c) => Some(c),
-                            dataset::LabelKind::Targets(_) => None,
+                            _ => None,
                         },
                         "targets": match report.labels {
-                            dataset::LabelKind::Classes(_) => None,
                             dataset::LabelKind::Targets(k) => Some(k),
+                            _ => None,
                         },
                         "missing_values": report.missing_values,
                         "rows_dropped": report.rows_dropped,

@@ -169,6 +169,8 @@ pub enum ModelSpec {
     Lstm(RnnSpec),
     /// The same with GRU layers.
     Gru(RnnSpec),
+    /// A decoder-only GPT over token sequences (a language model's data).
+    Transformer(TransformerSpec),
     /// A module scripted or traced in PyTorch and saved with `torch.jit.save`, trained with all
     /// its parameters; it maps a batch of samples to one logit per class.
     Torchscript {
@@ -193,6 +195,26 @@ pub struct RnnSpec {
     pub layers: u32,
     /// Dropout probability before the head, `0 <= p < 1`.
     pub dropout: f64,
+}
+
+/// The `transformer` model's keys: a GPT-2-style decoder (pre-LayerNorm
+/// blocks of causal multi-head self-attention and a GELU MLP), nanoGPT's
+/// parameter names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransformerSpec {
+    /// Blocks.
+    pub layers: u32,
+    /// Attention heads per block; divides `width`.
+    pub heads: u32,
+    /// Model (embedding) width.
+    pub width: u32,
+    /// Positions (`T`); must equal the dataset's tokens per sample.
+    pub context: u32,
+    /// Dropout probability on embeddings, attention and MLP outputs, `0 <= p < 1`.
+    pub dropout: f64,
+    /// Whether the output head is the token embedding transposed (GPT-2) or
+    /// a separate `lm_head`.
+    pub tied_embeddings: bool,
 }
 
 /// Which recurrent cell an [`RnnSpec`] uses.
@@ -227,6 +249,11 @@ pub enum TaskSpec {
     },
     /// `k` f32 targets per sample; the model outputs `k` values.
     Regression { loss: RegressionLoss },
+    /// Token sequences: the model outputs logits over the vocabulary at each
+    /// of the `T` positions; the loss is next-token cross entropy, a
+    /// sample's loss the mean over its positions (so the trainer's sum over
+    /// samples divided by the global count is the mean per token).
+    LanguageModel,
 }
 
 impl Default for TaskSpec {
@@ -238,11 +265,13 @@ impl Default for TaskSpec {
 }
 
 impl TaskSpec {
-    /// `classification` or `regression`, as `task.kind` spells it.
+    /// `classification`, `regression` or `language_model`, as `task.kind`
+    /// spells it.
     pub fn kind(&self) -> &'static str {
         match self {
             TaskSpec::Classification { .. } => "classification",
             TaskSpec::Regression { .. } => "regression",
+            TaskSpec::LanguageModel => "language_model",
         }
     }
 
@@ -252,6 +281,7 @@ impl TaskSpec {
         match self {
             TaskSpec::Classification { .. } => &["val_accuracy", "val_macro_f1"],
             TaskSpec::Regression { .. } => &["val_mse", "val_mae", "val_r2"],
+            TaskSpec::LanguageModel => &["val_perplexity"],
         }
     }
 }
@@ -602,8 +632,9 @@ pub enum MetricMode {
 /// The metrics the trainer reports, hence the ones `keep_best` can rank by.
 /// The `val_*` ones need `data.validation`; `val_accuracy` and
 /// `val_macro_f1` are reported for classification, `val_mse`, `val_mae` and
-/// `val_r2` for regression ([`TaskSpec::scores`]).
-pub const REPORTED_METRICS: [&str; 7] = [
+/// `val_r2` for regression, `val_perplexity` for a language model
+/// ([`TaskSpec::scores`]).
+pub const REPORTED_METRICS: [&str; 8] = [
     "loss",
     "val_loss",
     "val_accuracy",
@@ -611,13 +642,14 @@ pub const REPORTED_METRICS: [&str; 7] = [
     "val_mse",
     "val_mae",
     "val_r2",
+    "val_perplexity",
 ];
 
 /// Whether a larger value of a reported metric is better (`max`) or a
 /// smaller one (`min`); `None` for a name that is not reported.
 pub fn metric_direction(metric: &str) -> Option<MetricMode> {
     match metric {
-        "loss" | "val_loss" | "val_mse" | "val_mae" => Some(MetricMode::Min),
+        "loss" | "val_loss" | "val_mse" | "val_mae" | "val_perplexity" => Some(MetricMode::Min),
         "val_accuracy" | "val_macro_f1" | "val_r2" => Some(MetricMode::Max),
         _ => None,
     }
@@ -772,8 +804,16 @@ impl JobSpec {
                     rules::huber_delta(delta)?;
                 }
             }
+            TaskSpec::LanguageModel => {}
         }
         match &self.model {
+            ModelSpec::Transformer(t) => {
+                rules::transformer_layers(t.layers)?;
+                rules::heads(t.heads)?;
+                rules::width(t.width, t.heads)?;
+                rules::context(t.context)?;
+                rules::dropout(t.dropout)?;
+            }
             ModelSpec::Lstm(r) | ModelSpec::Gru(r) => {
                 if let Some(shape) = r.input_shape {
                     for (i, side) in shape.iter().enumerate() {

@@ -152,7 +152,7 @@ fn unknown_enum_values_list_the_alternatives() {
     );
     check_err(
         &edit(&[("kind = \"mlp\"", "kind = \"resnet\"")]),
-        "job.toml:4:8: unknown variant `resnet`, expected one of `mlp`, `cnn`, `lstm`, `gru`, `torchscript`",
+        "job.toml:4:8: unknown variant `resnet`, expected one of `mlp`, `cnn`, `lstm`, `gru`, `torchscript`, `transformer`",
     );
 }
 
@@ -498,7 +498,7 @@ fn schedule_and_clipping_keys() {
             "eval_every_steps = 5\nearly_stopping = { metric = \"loss\", mode = \"min\", \
              patience = 3 }",
             "job.toml:15:29: train.early_stopping.metric \"loss\" must be a validation score \
-             (val_loss, val_accuracy, val_macro_f1, val_mse, val_mae, val_r2)",
+             (val_loss, val_accuracy, val_macro_f1, val_mse, val_mae, val_r2, val_perplexity)",
         ),
         (
             "eval_every_steps = 5\nearly_stopping = { metric = \"val_loss\", mode = \"min\", \
@@ -703,7 +703,7 @@ fn checkpoint_errors() {
         (
             "keep_best = { metric = \"val_f1\", mode = \"max\" }",
             "job.toml:20:24: checkpoint.keep_best.metric \"val_f1\" is not reported by the \
-             trainer, expected one of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`",
+             trainer, expected one of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`, `val_perplexity`",
         ),
         (
             "keep_best = { metric = \"Val-Acc\", mode = \"max\" }",
@@ -1311,7 +1311,7 @@ fn check_refuses_what_the_parser_refuses() {
     assert_eq!(
         check(&|s| s.checkpoint.keep_best = best("accuracy", 1)),
         "checkpoint.keep_best.metric \"accuracy\" is not reported by the trainer, expected one \
-         of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`"
+         of `loss`, `val_loss`, `val_accuracy`, `val_macro_f1`, `val_mse`, `val_mae`, `val_r2`, `val_perplexity`"
     );
     assert_eq!(
         check(&|s| {

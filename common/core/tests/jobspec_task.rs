@@ -138,8 +138,8 @@ fn keys_that_do_not_apply_and_bad_values_are_located() {
     );
     check_err(
         &with("[task]\nkind = \"ranking\"\n"),
-        "/jobs/team/job.toml:20:8: unknown variant `ranking`, expected `classification` or \
-         `regression`",
+        "/jobs/team/job.toml:20:8: unknown variant `ranking`, expected one of \
+         `classification`, `regression`, `language_model`",
     );
     check_err(
         &with("[task]\nkind = \"regression\"\nloss = \"l2\"\n"),

@@ -11,8 +11,10 @@
 //!
 //! - `x`: `F32`, shape `[n, d]`, the features of the shard's `n` samples, row-major;
 //! - `y`: either `I64`, shape `[n]`, their class labels, each in
-//!   `0..num_classes` (a classification dataset), or `F32`, shape `[n, k]`,
-//!   their `k ≥ 1` regression targets, each finite (a regression dataset).
+//!   `0..num_classes` (a classification dataset), `F32`, shape `[n, k]`,
+//!   their `k ≥ 1` regression targets, each finite (a regression dataset),
+//!   or `I64`, shape `[n, T]`, their next tokens, each in `0..num_classes`
+//!   (a language-model dataset; `num_classes` is the vocabulary).
 //!
 //! The manifest (JSON, unknown keys rejected) reads:
 //!
@@ -37,8 +39,10 @@
 //!
 //! A regression dataset's schema has `"labels": { "name": "y", "dtype": "f32",
 //! "shape": [k] }` and no `num_classes` (one is refused); a classification
-//! one must have `num_classes`. Both are format version 1: manifests written
-//! before regression existed read unchanged.
+//! one must have `num_classes`. A token dataset's labels are `{ "name": "y",
+//! "dtype": "i64", "shape": [T] }` with `num_classes` its vocabulary. All are
+//! format version 1: manifests written before regression or tokens existed
+//! read unchanged.
 //!
 //! `standardization` is optional; when present it has *already been applied*
 //! to the stored `x` (`(raw - mean) / std`) and is recorded so that
@@ -70,6 +74,8 @@ mod shard_plan;
 mod shards;
 mod synth;
 #[cfg(feature = "pack")]
+mod text;
+#[cfg(feature = "pack")]
 mod timeseries;
 
 use std::path::PathBuf;
@@ -88,6 +94,11 @@ pub use shards::{
     write_dataset,
 };
 pub use synth::{SynthOptions, SynthRegression, synthesize, synthesize_regression};
+#[cfg(feature = "pack")]
+pub use text::{
+    BYTE_VOCAB, Chunks, MAX_CONTEXT, TextOptions, TextReport, chunk_tokens, pack_text, split_point,
+    unigram_perplexity,
+};
 #[cfg(feature = "pack")]
 pub use timeseries::{Missing, SeriesOptions, SeriesReport, pack_timeseries};
 

@@ -57,14 +57,16 @@ pub struct DatasetManifest {
 pub struct Schema {
     /// Must be `{name: "x", dtype: "f32", shape: [d]}` with `d > 0`.
     pub features: TensorSpec,
-    /// Either class labels, `{name: "y", dtype: "i64", shape: []}`, or
+    /// Either class labels, `{name: "y", dtype: "i64", shape: []}`,
     /// regression targets, `{name: "y", dtype: "f32", shape: [k]}` with
-    /// `k > 0`.
+    /// `k > 0`, or token sequences, `{name: "y", dtype: "i64", shape: [T]}`
+    /// with `T > 0` (a language model's next tokens).
     pub labels: TensorSpec,
-    /// Class labels lie in `0..num_classes`; at least 2. Required with i64
-    /// labels and refused with f32 targets (a regression dataset has no
-    /// classes), so every classification manifest written before regression
-    /// existed reads unchanged.
+    /// Class labels (or tokens) lie in `0..num_classes`; at least 2. Required
+    /// with i64 labels and refused with f32 targets (a regression dataset has
+    /// no classes), so every classification manifest written before
+    /// regression existed reads unchanged. For token sequences it is the
+    /// vocabulary size: a next token is a class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_classes: Option<u32>,
 }
@@ -76,6 +78,9 @@ pub enum LabelKind {
     Classes(u32),
     /// `k` f32 regression targets per sample (`Targets(k)`).
     Targets(usize),
+    /// `len` i64 tokens per sample, each in `0..vocab`: the next token at
+    /// each of a language model's `len` positions.
+    Tokens { vocab: u32, len: usize },
 }
 
 impl LabelKind {
@@ -84,14 +89,17 @@ impl LabelKind {
         match self {
             LabelKind::Classes(_) => 8,
             LabelKind::Targets(k) => 4 * k as u64,
+            LabelKind::Tokens { len, .. } => 8 * len as u64,
         }
     }
 
-    /// Width of a model's output for this data: classes or targets.
+    /// Width of a model's output for this data: classes, targets or (per
+    /// position) the vocabulary.
     pub fn outputs(self) -> usize {
         match self {
             LabelKind::Classes(c) => c as usize,
             LabelKind::Targets(k) => k,
+            LabelKind::Tokens { vocab, .. } => vocab as usize,
         }
     }
 }
@@ -102,6 +110,9 @@ impl std::fmt::Display for LabelKind {
             LabelKind::Classes(c) => write!(f, "class labels ({c} classes)"),
             LabelKind::Targets(1) => f.write_str("regression targets (1 per sample)"),
             LabelKind::Targets(k) => write!(f, "regression targets ({k} per sample)"),
+            LabelKind::Tokens { vocab, len } => {
+                write!(f, "token sequences ({len} per sample, vocabulary {vocab})")
+            }
         }
     }
 }
@@ -172,11 +183,12 @@ impl Standardization {
 
 impl Schema {
     /// The schema of a dataset of `d` f32 features in `x` and, in `y`, a
-    /// scalar i64 class label or `k` f32 targets per sample.
+    /// scalar i64 class label, `k` f32 targets or `T` i64 tokens per sample.
     pub fn new(features: usize, labels: LabelKind) -> Schema {
         let (dtype, shape, num_classes) = match labels {
             LabelKind::Classes(c) => (ElementType::I64, vec![], Some(c)),
             LabelKind::Targets(k) => (ElementType::F32, vec![k as u64], None),
+            LabelKind::Tokens { vocab, len } => (ElementType::I64, vec![len as u64], Some(vocab)),
         };
         Schema {
             features: TensorSpec {
@@ -196,7 +208,13 @@ impl Schema {
     /// What `y` holds. Meaningful once validated.
     pub fn label_kind(&self) -> LabelKind {
         match self.labels.dtype {
-            ElementType::I64 => LabelKind::Classes(self.num_classes.unwrap_or(0)),
+            ElementType::I64 => match self.labels.shape.first() {
+                None => LabelKind::Classes(self.num_classes.unwrap_or(0)),
+                Some(&len) => LabelKind::Tokens {
+                    vocab: self.num_classes.unwrap_or(0),
+                    len: len as usize,
+                },
+            },
             ElementType::F32 => {
                 LabelKind::Targets(self.labels.shape.first().copied().unwrap_or(0) as usize)
             }
@@ -367,11 +385,26 @@ impl DatasetManifest {
         }
         match s.labels.dtype {
             ElementType::I64 => {
-                expect(&s.labels, "y", ElementType::I64, 0)?;
+                // Rank 0: one class label per sample; rank 1: a token sequence.
+                let rank = s.labels.shape.len().min(1);
+                expect(&s.labels, "y", ElementType::I64, rank)?;
+                if let Some(&len) = s.labels.shape.first() {
+                    if len == 0 {
+                        return Err(DatasetError::InvalidManifest(
+                            "token sequences (i64 `y` of shape [T]) need T > 0".into(),
+                        ));
+                    }
+                    if len > MAX_FEATURES {
+                        return Err(too_large("tokens per sample", len, MAX_FEATURES));
+                    }
+                }
                 let Some(classes) = s.num_classes else {
-                    return Err(DatasetError::InvalidManifest(
-                        "class labels (i64 `y`) need num_classes".into(),
-                    ));
+                    return Err(DatasetError::InvalidManifest(if rank == 0 {
+                        "class labels (i64 `y`) need num_classes".into()
+                    } else {
+                        "token sequences (i64 `y` of shape [T]) need num_classes (the vocabulary)"
+                            .into()
+                    }));
                 };
                 if classes < 2 {
                     return Err(DatasetError::InvalidManifest(format!(

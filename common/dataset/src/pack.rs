@@ -260,6 +260,12 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
             LabelKind::Classes(num_classes)
         }
         Labels::Targets { width, .. } => LabelKind::Targets(*width),
+        // CSV and NPY readers never produce them; `pack_text` writes tokens.
+        Labels::Tokens { .. } => {
+            return Err(DatasetError::InvalidInput(
+                "token sequences are packed from text (--text), not tables".into(),
+            ));
+        }
     };
 
     let n_val = if opts.val_fraction > 0.0 {
@@ -305,7 +311,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         opts.seed,
         opts.val_fraction,
         match (standardization.is_some(), labels) {
-            (true, LabelKind::Classes(_)) => {
+            (true, LabelKind::Classes(_) | LabelKind::Tokens { .. }) => {
                 "features standardized with the training split's mean and std \
                  (std below 1e-6 replaced by 1)"
             }
@@ -313,7 +319,8 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
                 "features standardized with the training split's mean and std \
                  (std below 1e-6 replaced by 1); regression targets as given"
             }
-            (false, LabelKind::Classes(_)) => "features not standardized",
+            (false, LabelKind::Classes(_) | LabelKind::Tokens { .. }) =>
+                "features not standardized",
             (false, LabelKind::Targets(_)) => "features and regression targets as given",
         }
     );
@@ -409,6 +416,8 @@ fn clean_rows(raw: RawSamples, missing: Missing, dedup: bool) -> (RawSamples, Cl
         Labels::Targets { width, values } => values[r * width..(r + 1) * width]
             .iter()
             .any(|v| v.is_nan()),
+        // Token datasets come from `pack --text`, never from a table.
+        Labels::Tokens { .. } => false,
     };
     let mut seen = std::collections::HashSet::new();
     let mut keep = Vec::with_capacity(raw.rows);
@@ -426,6 +435,11 @@ fn clean_rows(raw: RawSamples, missing: Missing, dedup: bool) -> (RawSamples, Cl
                     values[r * width..(r + 1) * width]
                         .iter()
                         .map(|v| v.to_bits()),
+                ),
+                Labels::Tokens { len, values } => key.extend(
+                    values[r * len..(r + 1) * len]
+                        .iter()
+                        .flat_map(|&t| [t as u32, (t >> 32) as u32]),
                 ),
             }
             if !seen.insert(key) {
@@ -538,7 +552,8 @@ fn gather(raw: &RawSamples, rows: &[u64]) -> (Vec<f32>, Labels) {
             (_, Labels::Targets { width, values }) => {
                 targets.extend_from_slice(&values[r * width..(r + 1) * width])
             }
-            (Labels::Targets { .. }, Labels::Classes(_)) => {}
+            // Tokens never reach here (refused above).
+            _ => {}
         }
     }
     if let Labels::Targets { width, .. } = raw.y {

@@ -2,7 +2,8 @@
 //! a temporary file, fsync and rename) and reading shards one at a time with
 //! each one's sha256, tensor dtypes, shapes, finiteness and label range (or,
 //! for regression targets, their finiteness) verified as it is read. The
-//! labels of a shard are [`Labels`]: i64 classes or f32 targets. Where the files live is behind [`ShardReader`]
+//! labels of a shard are [`Labels`]: i64 classes, f32 targets or i64 token
+//! sequences. Where the files live is behind [`ShardReader`]
 //! (a local or shared directory today). Manifest parsing lives in
 //! `manifest.rs`; turning CSV/NPY into samples in `pack.rs`.
 
@@ -41,6 +42,8 @@ pub enum Labels {
     Classes(Vec<i64>),
     /// `width` targets per sample, row-major.
     Targets { width: usize, values: Vec<f32> },
+    /// `len` tokens per sample, row-major.
+    Tokens { len: usize, values: Vec<i64> },
 }
 
 /// A borrowed run of rows of [`Labels`].
@@ -48,6 +51,7 @@ pub enum Labels {
 pub enum LabelRows<'a> {
     Classes(&'a [i64]),
     Targets { width: usize, values: &'a [f32] },
+    Tokens { len: usize, values: &'a [i64] },
 }
 
 impl Labels {
@@ -57,6 +61,10 @@ impl Labels {
             LabelKind::Classes(_) => Labels::Classes(Vec::new()),
             LabelKind::Targets(width) => Labels::Targets {
                 width,
+                values: Vec::new(),
+            },
+            LabelKind::Tokens { len, .. } => Labels::Tokens {
+                len,
                 values: Vec::new(),
             },
         }
@@ -80,6 +88,7 @@ impl Labels {
                 width: *width,
                 values,
             },
+            Labels::Tokens { len, values } => LabelRows::Tokens { len: *len, values },
         }
     }
 
@@ -99,6 +108,11 @@ impl Labels {
                     values: r,
                 },
             ) if *width == w => values.extend_from_slice(r),
+            (Labels::Tokens { len, values }, LabelRows::Tokens { len: l, values: r })
+                if *len == l =>
+            {
+                values.extend_from_slice(r)
+            }
             (this, rows) => {
                 return Err(DatasetError::InvalidInput(format!(
                     "cannot append {} to {}",
@@ -114,15 +128,23 @@ impl Labels {
     pub fn classes(&self) -> Option<&[i64]> {
         match self {
             Labels::Classes(y) => Some(y),
-            Labels::Targets { .. } => None,
+            Labels::Targets { .. } | Labels::Tokens { .. } => None,
         }
     }
 
     /// The targets (row-major), if these are regression targets.
     pub fn targets(&self) -> Option<&[f32]> {
         match self {
-            Labels::Classes(_) => None,
             Labels::Targets { values, .. } => Some(values),
+            Labels::Classes(_) | Labels::Tokens { .. } => None,
+        }
+    }
+
+    /// The tokens (row-major), if these are token sequences.
+    pub fn tokens(&self) -> Option<&[i64]> {
+        match self {
+            Labels::Tokens { values, .. } => Some(values),
+            Labels::Classes(_) | Labels::Targets { .. } => None,
         }
     }
 }
@@ -133,6 +155,7 @@ impl<'a> LabelRows<'a> {
         match self {
             LabelRows::Classes(y) => y.len(),
             LabelRows::Targets { width, values } => values.len() / (*width).max(1),
+            LabelRows::Tokens { len, values } => values.len() / (*len).max(1),
         }
     }
 
@@ -149,6 +172,10 @@ impl<'a> LabelRows<'a> {
                 width,
                 values: &values[start * width..end * width],
             },
+            LabelRows::Tokens { len, values } => LabelRows::Tokens {
+                len,
+                values: &values[start * len..end * len],
+            },
         }
     }
 
@@ -158,6 +185,7 @@ impl<'a> LabelRows<'a> {
         match self {
             LabelRows::Classes(_) => "class labels".into(),
             LabelRows::Targets { width, .. } => LabelKind::Targets(*width).to_string(),
+            LabelRows::Tokens { len, .. } => format!("token sequences ({len} per sample)"),
         }
     }
 }
@@ -245,6 +273,10 @@ impl DecodedShard {
         let labels = match &self.y {
             Labels::Classes(_) => LabelKind::Classes(0),
             Labels::Targets { width, .. } => LabelKind::Targets(*width),
+            Labels::Tokens { len, .. } => LabelKind::Tokens {
+                vocab: 0,
+                len: *len,
+            },
         };
         decoded_bytes(self.len() as u64, self.features, labels)
     }
@@ -319,6 +351,7 @@ pub fn read_shard(
     let ys = match kind {
         LabelKind::Classes(_) => tensor(&tensors, &shard, "y", Dtype::I64, &[n])?,
         LabelKind::Targets(k) => tensor(&tensors, &shard, "y", Dtype::F32, &[n, k])?,
+        LabelKind::Tokens { len, .. } => tensor(&tensors, &shard, "y", Dtype::I64, &[n, len])?,
     };
     // Decoded first, checked after: two flat loops the compiler vectorizes
     // (a shard is tens of MiB, read on the step path when streaming).
@@ -363,6 +396,21 @@ pub fn read_shard(
                 width: k,
                 values: t,
             }
+        }
+        LabelKind::Tokens { vocab, len } => {
+            let mut t = vec![0i64; n * len];
+            for (v, b) in t.iter_mut().zip(ys.data().chunks_exact(8)) {
+                *v = i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            }
+            if let Some(i) = t.iter().position(|&l| l < 0 || l >= i64::from(vocab)) {
+                return Err(DatasetError::LabelOutOfRange {
+                    shard,
+                    index: (i / len) as u64,
+                    label: t[i],
+                    num_classes: vocab,
+                });
+            }
+            Labels::Tokens { len, values: t }
         }
     };
     Ok(DecodedShard { features: d, x, y })
@@ -641,6 +689,17 @@ fn check_samples(
                 )));
             }
         }
+        (LabelRows::Tokens { len, values }, LabelKind::Tokens { vocab, len: l })
+            if len == l && values.len() % len.max(1) == 0 =>
+        {
+            if let Some(i) = values.iter().position(|&t| t < 0 || t >= i64::from(vocab)) {
+                return Err(DatasetError::InvalidInput(format!(
+                    "sample {} has token {}, outside the vocabulary 0..{vocab}",
+                    first + (i / len) as u64,
+                    values[i]
+                )));
+            }
+        }
         (y, kind) => {
             return Err(DatasetError::InvalidInput(format!(
                 "the dataset holds {kind}, but the samples given have {}",
@@ -674,6 +733,11 @@ fn encode_shard(
         LabelRows::Targets { width, values } => (
             Dtype::F32,
             vec![n, width],
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        LabelRows::Tokens { len, values } => (
+            Dtype::I64,
+            vec![n, len],
             values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         ),
     };

@@ -166,7 +166,8 @@ fn regression_manifests_are_validated() {
     );
     check_manifest_error(
         |v| v["schema"]["labels"]["dtype"] = "i64".into(),
-        "schema tensor `y` (i64, 1 dims) must be `y` (i64, 0 dims)",
+        // An i64 `y` of shape [k] is a token sequence, whose vocabulary is missing here.
+        "token sequences (i64 `y` of shape [T]) need num_classes (the vocabulary)",
     );
     let tmp = tempfile::tempdir().unwrap();
     let dir = regression_dir(tmp.path());

@@ -1,4 +1,5 @@
-//! Built-in models: the `mlp` here and the `cnn` (`cnn.rs`). Parameter names
+//! Built-in models: the `mlp` here, the `cnn` (`cnn.rs`), `lstm`/`gru`
+//! (`rnn.rs`) and the GPT `transformer` (`transformer.rs`). Parameter names
 //! follow PyTorch's conventions (`fc0.weight`, `conv0.weight`,
 //! `norm0.weight`, ..., `out.weight`, `out.bias`) so a saved
 //! `model.safetensors` loads into the equivalent Python module unchanged.
@@ -13,10 +14,12 @@ mod alloc;
 mod cnn;
 mod rnn;
 mod script;
+mod transformer;
 
 pub use cnn::Cnn;
 pub use rnn::Rnn;
 pub use script::Script;
+pub use transformer::Transformer;
 
 pub use alloc::{AllocError, allocate, device_name, from_host, torch_message, zeros};
 
@@ -42,6 +45,7 @@ pub enum Model {
     Cnn(Cnn),
     Rnn(Rnn),
     Script(Script),
+    Transformer(Transformer),
 }
 
 impl Model {
@@ -60,6 +64,7 @@ impl Model {
             Model::Cnn(m) => m.forward(xs, Some(noise)),
             Model::Rnn(m) => m.forward(xs, Some(noise)),
             Model::Script(m) => m.forward(xs, true, Some(noise)),
+            Model::Transformer(m) => m.forward(xs, Some(noise)),
         }
     }
 
@@ -70,6 +75,7 @@ impl Model {
             Model::Cnn(m) => m.forward(xs, None),
             Model::Rnn(m) => m.forward(xs, None),
             Model::Script(m) => m.forward(xs, false, None),
+            Model::Transformer(m) => m.forward(xs, None),
         }
     }
 
@@ -127,6 +133,9 @@ pub fn initial(
         ModelSpec::Cnn { .. } => Model::Cnn(Cnn::new(&vs.root(), inputs, classes, spec)?),
         ModelSpec::Lstm(r) => Model::Rnn(Rnn::new(&vs.root(), inputs, classes, RnnCell::Lstm, r)?),
         ModelSpec::Gru(r) => Model::Rnn(Rnn::new(&vs.root(), inputs, classes, RnnCell::Gru, r)?),
+        ModelSpec::Transformer(t) => {
+            Model::Transformer(Transformer::new(&vs.root(), inputs, classes, t)?)
+        }
         // The module brings its own initial parameters: the seed does not apply.
         ModelSpec::Torchscript { path, input_shape } => Model::Script(Script::load(
             path,

@@ -92,13 +92,16 @@ impl Validation {
 pub(super) fn check_task(task: &TaskSpec, labels: LabelKind, dir: &Path) -> Result<(), TrainError> {
     match (task, labels) {
         (TaskSpec::Classification { .. }, LabelKind::Classes(_))
-        | (TaskSpec::Regression { .. }, LabelKind::Targets(_)) => Ok(()),
+        | (TaskSpec::Regression { .. }, LabelKind::Targets(_))
+        | (TaskSpec::LanguageModel, LabelKind::Tokens { .. }) => Ok(()),
         (task, labels) => Err(TrainError::Invalid(format!(
             "task.kind = \"{}\" needs {}, but the training set {} holds {labels}",
             task.kind(),
             match task {
                 TaskSpec::Classification { .. } => "class labels (an i64 `y`)",
                 TaskSpec::Regression { .. } => "regression targets (an f32 `y`)",
+                TaskSpec::LanguageModel =>
+                    "token sequences (an i64 `y` of shape [T], from dataset pack --text)",
             },
             dir.display()
         ))),
@@ -111,6 +114,8 @@ pub(super) fn labels_tensor(rows: LabelRows<'_>) -> Result<Tensor, TrainError> {
         LabelRows::Classes(y) => Tensor::f_from_slice(y)?,
         LabelRows::Targets { width, values } => Tensor::f_from_slice(values)?
             .f_view([(values.len() / width.max(1)) as i64, width as i64])?,
+        LabelRows::Tokens { len, values } => Tensor::f_from_slice(values)?
+            .f_view([(values.len() / len.max(1)) as i64, len as i64])?,
     })
 }
 
@@ -316,6 +321,9 @@ impl TrainData {
                 Labels::Classes(y) => model::from_host("training labels", y, &[n], device)?,
                 Labels::Targets { width, values } => {
                     model::from_host("training targets", values, &[n, *width as i64], device)?
+                }
+                Labels::Tokens { len, values } => {
+                    model::from_host("training tokens", values, &[n, *len as i64], device)?
                 }
             };
             Source::Memory { xs, ys }

@@ -12,6 +12,7 @@
 //! collective's type) when the targets' mean is large beside their spread:
 //! each rank keeps its own centred sum of squares, and a second all-reduce
 //! adds the between-rank term `n_r·(m_r - ȳ)²` once the global mean is known.
+//! Language model: the loss (mean per token) and its `exp`, the perplexity.
 
 use super::TrainError;
 use serde::Serialize;
@@ -243,6 +244,35 @@ impl RegressionScores {
 pub enum Evaluation {
     Classification(Scores),
     Regression(RegressionScores),
+    LanguageModel(LmScores),
+}
+
+/// A language model's evaluation, as written to `eval.json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LmScores {
+    pub step: u64,
+    pub samples: u64,
+    /// Tokens predicted: samples × context.
+    pub tokens: u64,
+    /// Next-token cross entropy, mean per token (nats).
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+}
+
+impl LmScores {
+    /// Scores from the all-reduced sum of per-sample losses (each the mean
+    /// over its `context` positions) of `samples` validation samples.
+    pub fn from_loss_sum(loss_sum: f64, samples: u64, context: usize, step: u64) -> LmScores {
+        let loss = loss_sum / samples.max(1) as f64;
+        LmScores {
+            step,
+            samples,
+            tokens: samples * context as u64,
+            loss,
+            perplexity: loss.exp(),
+        }
+    }
 }
 
 impl Evaluation {
@@ -260,6 +290,9 @@ impl Evaluation {
                 ("val_mae", s.mae),
                 ("val_r2", s.r2),
             ],
+            Evaluation::LanguageModel(s) => {
+                vec![("val_loss", s.loss), ("val_perplexity", s.perplexity)]
+            }
         }
     }
 
@@ -268,6 +301,7 @@ impl Evaluation {
         match self {
             Evaluation::Classification(s) => serde_json::to_value(s),
             Evaluation::Regression(s) => serde_json::to_value(s),
+            Evaluation::LanguageModel(s) => serde_json::to_value(s),
         }
         .unwrap_or(serde_json::Value::Null)
     }
@@ -277,6 +311,7 @@ impl Evaluation {
         match self {
             Evaluation::Classification(s) => write_json(s, dir),
             Evaluation::Regression(s) => write_json(s, dir),
+            Evaluation::LanguageModel(s) => write_json(s, dir),
         }
     }
 }

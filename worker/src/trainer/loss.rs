@@ -6,8 +6,10 @@
 //! one (the step contract in `run.rs`). A regression sample's loss is the
 //! mean of its `k` element losses, so that sum divided by the global count
 //! is exactly PyTorch's `F.mse_loss` / `F.l1_loss` / `F.huber_loss` with
-//! `reduction="mean"` over the global batch. Evaluation scores live in
-//! `evaluation.rs`.
+//! `reduction="mean"` over the global batch. A language model's sample loss
+//! is the mean over its `T` positions of the next-token cross entropy, so the
+//! same division gives `F.cross_entropy` averaged over every token of the
+//! global batch. Evaluation scores live in `evaluation.rs`.
 
 use super::TrainError;
 use ringmaster_common::jobspec::{RegressionLoss, TaskSpec};
@@ -18,6 +20,7 @@ use tch::{Reduction, Tensor};
 pub(super) enum Loss {
     CrossEntropy { label_smoothing: f64 },
     Regression(RegressionLoss),
+    NextToken,
 }
 
 impl Loss {
@@ -25,12 +28,14 @@ impl Loss {
         match *task {
             TaskSpec::Classification { label_smoothing } => Loss::CrossEntropy { label_smoothing },
             TaskSpec::Regression { loss } => Loss::Regression(loss),
+            TaskSpec::LanguageModel => Loss::NextToken,
         }
     }
 
     /// Sum over the batch of the per-sample losses of model outputs `out`
-    /// (`[n, C]` logits or `[n, k]` predictions) against `y` (i64 labels
-    /// `[n]` or f32 targets `[n, k]`). Shapes are checked first: PyTorch's
+    /// (`[n, C]` logits, `[n, k]` predictions or `[n, T, V]` logits) against
+    /// `y` (i64 labels `[n]`, f32 targets `[n, k]` or i64 next tokens
+    /// `[n, T]`). Shapes are checked first: PyTorch's
     /// element-wise losses would broadcast `[n, 1]` against `[n]` into an
     /// `[n, n]` loss without a word.
     pub fn sum(&self, out: &Tensor, y: &Tensor) -> Result<Tensor, TrainError> {
@@ -60,6 +65,25 @@ impl Loss {
                     }
                 };
                 Ok(total.f_div_scalar(k)?)
+            }
+            Loss::NextToken => {
+                let (o, t) = (out.size(), y.size());
+                if o.len() != 3 || t.len() != 2 || o[..2] != t[..] {
+                    return Err(TrainError::Invalid(format!(
+                        "a language model must output [batch, T, vocabulary] logits for \
+                         [batch, T] next tokens, got {o:?} for {t:?} (model.kind must be \
+                         \"transformer\")"
+                    )));
+                }
+                let positions = t[1].max(1) as f64;
+                let total = out.f_reshape([-1, o[2]])?.f_cross_entropy_loss::<Tensor>(
+                    &y.f_reshape([-1])?,
+                    None,
+                    Reduction::Sum,
+                    -100,
+                    0.0,
+                )?;
+                Ok(total.f_div_scalar(positions)?)
             }
         }
     }
@@ -156,6 +180,41 @@ mod tests {
         }
         // Hand figure for ε = 0: -log softmax([2, 0, -1])[0] + -log softmax([.5, .5, 3])[2].
         close(expected(0.0), 0.169_846_02 + 0.152_008_38);
+    }
+
+    /// Two samples of T = 2 positions over a vocabulary of 3. Per token
+    /// -log softmax(logits)[next]; a sample's loss is the mean of its two, the
+    /// batch sum the sum of the samples'.
+    #[test]
+    fn next_token_loss_is_the_per_sample_mean_over_positions() {
+        let logits = [
+            2.0f32, 0.0, -1.0, // sample 0, position 0
+            0.5, 0.5, 3.0, // sample 0, position 1
+            0.0, 0.0, 0.0, // sample 1, position 0
+            1.0, -1.0, 0.0, // sample 1, position 1
+        ];
+        let y = Tensor::from_slice(&[0i64, 2, 1, 1]).view([2, 2]);
+        let nll = |r: [f64; 3], l: usize| r.iter().map(|v| v.exp()).sum::<f64>().ln() - r[l];
+        let s0 = (nll([2.0, 0.0, -1.0], 0) + nll([0.5, 0.5, 3.0], 2)) / 2.0;
+        let s1 = (nll([0.0, 0.0, 0.0], 1) + nll([1.0, -1.0, 0.0], 1)) / 2.0;
+        // Hand figures: 0.169846, 0.152008; ln 3 = 1.098612; ln(e + e⁻¹ + 1) + 1 = 2.407606.
+        close(s0, (0.169_846_02 + 0.152_008_38) / 2.0);
+        close(s1, (1.098_612_29 + 2.407_605_96) / 2.0);
+        let got = value(Loss::NextToken, &logits, &[2, 2, 3], &y);
+        close(got, s0 + s1);
+        // Split by sample, the sums add up: W workers compute the same step.
+        let out = Tensor::from_slice(&logits).view([2, 2, 3]);
+        let parts = Loss::NextToken
+            .sum(&out.narrow(0, 0, 1), &y.narrow(0, 0, 1))
+            .unwrap()
+            + Loss::NextToken
+                .sum(&out.narrow(0, 1, 1), &y.narrow(0, 1, 1))
+                .unwrap();
+        close(parts.double_value(&[]), s0 + s1);
+        // A classifier's [n, C] output is refused, not silently reshaped.
+        let flat = Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu));
+        let err = Loss::NextToken.sum(&flat, &y).unwrap_err().to_string();
+        assert!(err.contains("must be \"transformer\""), "{err}");
     }
 
     #[test]

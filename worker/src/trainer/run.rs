@@ -12,7 +12,7 @@
 
 use super::audit::AuditLog;
 use super::data::TrainData;
-use super::evaluation::{Counts, Evaluation, RegressionScores, RegressionSums, Scores};
+use super::evaluation::{Counts, Evaluation, LmScores, RegressionScores, RegressionSums, Scores};
 use super::grads::{BUCKET_BYTES, GradBuckets};
 use super::loss::Loss;
 use super::metrics::{MetricsLog, Window, link_latest};
@@ -607,6 +607,23 @@ impl Run {
                 Ok(Some(Evaluation::Regression(
                     RegressionScores::from_reduced(&first, &between, k, n, self.step),
                 )))
+            }
+            LabelKind::Tokens { len, .. } => {
+                let mut loss_sum = 0.0;
+                tch::no_grad(|| {
+                    self.data.for_validation_chunks(mine, |xb, yb| {
+                        let logits = precision.forward(|| model.forward_eval(xb))?;
+                        loss_sum += loss.sum(&logits, yb)?.f_double_value(&[])?;
+                        Ok(())
+                    })
+                })?;
+                let out = self.reduce(Tensor::f_from_slice(&[loss_sum as f32])?)?;
+                Ok(Some(Evaluation::LanguageModel(LmScores::from_loss_sum(
+                    f64::from(out[0]),
+                    n,
+                    len,
+                    self.step,
+                ))))
             }
         }
     }

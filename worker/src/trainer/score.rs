@@ -6,7 +6,7 @@
 
 use super::TrainError;
 use super::data::labels_tensor;
-use super::evaluation::{Counts, Evaluation, RegressionScores, RegressionSums, Scores};
+use super::evaluation::{Counts, Evaluation, LmScores, RegressionScores, RegressionSums, Scores};
 use super::loss::Loss;
 use super::precision::Precision;
 use crate::model;
@@ -78,6 +78,7 @@ pub fn score(
         (&spec.task, labels),
         (TaskSpec::Classification { .. }, LabelKind::Classes(_))
             | (TaskSpec::Regression { .. }, LabelKind::Targets(_))
+            | (TaskSpec::LanguageModel, LabelKind::Tokens { .. })
     );
     if !fits {
         return Err(TrainError::Invalid(format!(
@@ -193,6 +194,17 @@ pub fn score(
             let between = host(sums.between(&first, n)?)?;
             Ok(Evaluation::Regression(RegressionScores::from_reduced(
                 &first, &between, k, n, 0,
+            )))
+        }
+        LabelKind::Tokens { len, .. } => {
+            let mut loss_sum = 0.0;
+            for_chunks(&mut |xb, yb| {
+                let logits = precision.forward(|| net.forward_eval(xb))?;
+                loss_sum += loss.sum(&logits, yb)?.f_double_value(&[])?;
+                Ok(())
+            })?;
+            Ok(Evaluation::LanguageModel(LmScores::from_loss_sum(
+                loss_sum, n, len, 0,
             )))
         }
     })

@@ -55,6 +55,7 @@ pub(super) struct RawTask {
 pub(super) enum RawTaskKind {
     Classification,
     Regression,
+    LanguageModel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -85,6 +86,21 @@ pub(super) enum RawModelKind {
     Lstm,
     Gru,
     Torchscript,
+    Transformer,
+}
+
+impl RawModelKind {
+    /// The `model.kind` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            RawModelKind::Mlp => "mlp",
+            RawModelKind::Cnn => "cnn",
+            RawModelKind::Lstm => "lstm",
+            RawModelKind::Gru => "gru",
+            RawModelKind::Torchscript => "torchscript",
+            RawModelKind::Transformer => "transformer",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -112,6 +128,10 @@ pub(super) struct RawModel {
     pub path: Option<Spanned<String>>,
     pub hidden_size: Option<Spanned<Integer>>,
     pub layers: Option<Spanned<Integer>>,
+    pub heads: Option<Spanned<Integer>>,
+    pub width: Option<Spanned<Integer>>,
+    pub context: Option<Spanned<Integer>>,
+    pub tied_embeddings: Option<Spanned<bool>>,
 }
 
 /// `model.augment`, usually an inline table.

@@ -105,6 +105,34 @@ pub(super) fn hidden_size(h: impl Into<i128>) -> Rule {
     in_range("model.hidden_size", h, 1, 4096)
 }
 
+pub(super) fn transformer_layers(n: impl Into<i128>) -> Rule {
+    in_range("model.layers", n, 1, 64)
+}
+
+pub(super) fn heads(n: impl Into<i128>) -> Rule {
+    in_range("model.heads", n, 1, 256)
+}
+
+/// The model width, split evenly between the heads.
+pub(super) fn width(width: u32, heads: u32) -> Rule {
+    in_range("model.width", width, 1, 16384)?;
+    if heads > 0 && !width.is_multiple_of(heads) {
+        return Err(format!(
+            "model.width ({width}) must be divisible by model.heads ({heads})"
+        ));
+    }
+    Ok(())
+}
+
+/// `model.width` alone, before it is known to fit in 32 bits.
+pub(super) fn in_range_width(n: impl Into<i128>) -> Rule {
+    in_range("model.width", n, 1, 16384)
+}
+
+pub(super) fn context(n: impl Into<i128>) -> Rule {
+    in_range("model.context", n, 1, 65536)
+}
+
 pub(super) fn rnn_layers(n: impl Into<i128>) -> Rule {
     in_range("model.layers", n, 1, 16)
 }
@@ -507,13 +535,15 @@ pub(super) fn l1(l1: f64) -> Rule {
 /// A metric `key` names must be one this task reports: accuracy means
 /// nothing for regression, R² nothing for classification.
 pub(super) fn metric_for_task(key: &str, metric: &str, task: &TaskSpec) -> Rule {
-    let other = match task {
-        TaskSpec::Classification { .. } => TaskSpec::Regression {
+    let every_task = [
+        TaskSpec::default(),
+        TaskSpec::Regression {
             loss: super::RegressionLoss::Mse,
         },
-        TaskSpec::Regression { .. } => TaskSpec::default(),
-    };
-    if other.scores().contains(&metric) {
+        TaskSpec::LanguageModel,
+    ];
+    let elsewhere = every_task.iter().any(|t| t.scores().contains(&metric));
+    if elsewhere && !task.scores().contains(&metric) {
         let ours = task
             .scores()
             .iter()
@@ -573,7 +603,7 @@ pub(super) fn early_stopping(metric: &str, evaluates: bool, has_validation: bool
     if !metric.starts_with("val_") {
         return Err(format!(
             "train.early_stopping.metric {metric:?} must be a validation score (val_loss, \
-             val_accuracy, val_macro_f1, val_mse, val_mae, val_r2)"
+             val_accuracy, val_macro_f1, val_mse, val_mae, val_r2, val_perplexity)"
         ));
     }
     if !has_validation || !evaluates {

@@ -22,7 +22,7 @@ use super::{
     DEFAULT_LOG_EVERY_STEPS, DEFAULT_SHUFFLE_WINDOW_SHARDS, DataLoading, DataSpec, DebugSpec,
     Duration, EarlyStopping, FaultSpec, FloatFormat, JobSpec, KeepBestSpec, Location, LrSchedule,
     MAX_SOURCE_BYTES, ModelSpec, Norm, Optimizer, OutputSpec, RegressionLoss, RnnCell, RnnSpec,
-    ScheduleKind, SpecError, SpecSpans, TaskSpec, TrainSpec, WorkersSpec,
+    ScheduleKind, SpecError, SpecSpans, TaskSpec, TrainSpec, TransformerSpec, WorkersSpec,
 };
 
 const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
@@ -278,6 +278,30 @@ fn build_task(raw: &RawTask, at: &Locator<'_>) -> Result<TaskSpec, SpecError> {
             };
             Ok(TaskSpec::Regression { loss })
         }
+        RawTaskKind::LanguageModel => {
+            // Next-token cross entropy is the loss; nothing of the others applies.
+            let keys = [
+                ("task.loss", raw.loss.as_ref().map(|l| l.span())),
+                (
+                    "task.label_smoothing",
+                    raw.label_smoothing.as_ref().map(|l| l.span()),
+                ),
+                (
+                    "task.huber_delta",
+                    raw.huber_delta.as_ref().map(|l| l.span()),
+                ),
+            ];
+            if let Some((key, Some(span))) = keys.into_iter().find(|(_, s)| s.is_some()) {
+                return Err(at.invalid(
+                    span,
+                    format!(
+                        "{key} does not apply to task.kind = \"language_model\" (its loss is \
+                         next-token cross entropy)"
+                    ),
+                ));
+            }
+            Ok(TaskSpec::LanguageModel)
+        }
     }
 }
 
@@ -309,6 +333,21 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             "model.path applies to model.kind = \"torchscript\"".into(),
         ));
     }
+    if raw.kind.get_ref() != &RawModelKind::Transformer {
+        for (key, span) in [
+            ("model.heads", raw.heads.as_ref().map(|v| v.span())),
+            ("model.width", raw.width.as_ref().map(|v| v.span())),
+            ("model.context", raw.context.as_ref().map(|v| v.span())),
+            (
+                "model.tied_embeddings",
+                raw.tied_embeddings.as_ref().map(|v| v.span()),
+            ),
+        ] {
+            if let Some(span) = span {
+                return Err(not_for(span, key, raw.kind.get_ref().name()));
+            }
+        }
+    }
     let rnn_keys = [
         (
             "model.hidden_size",
@@ -317,7 +356,10 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
         ("model.layers", raw.layers.as_ref().map(|v| v.span())),
     ];
     match *raw.kind.get_ref() {
-        RawModelKind::Torchscript | RawModelKind::Lstm | RawModelKind::Gru => {}
+        RawModelKind::Torchscript
+        | RawModelKind::Lstm
+        | RawModelKind::Gru
+        | RawModelKind::Transformer => {}
         kind => {
             for (key, span) in rnn_keys {
                 if let Some(span) = span {
@@ -333,6 +375,7 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
     }
     match *raw.kind.get_ref() {
         RawModelKind::Torchscript => build_torchscript(raw, kind_span, at),
+        RawModelKind::Transformer => build_transformer(raw, dropout, at),
         RawModelKind::Lstm => {
             build_rnn(raw, RnnCell::Lstm, dropout, at).map(|(r, l)| (ModelSpec::Lstm(r), l))
         }
@@ -558,6 +601,70 @@ fn build_rnn(
         dropout,
     };
     Ok((spec, at.at(hidden.span())))
+}
+
+/// `model.kind = "transformer"`: layers, heads, width and context are required (a language
+/// model's shape is a choice, not a default); tied embeddings default to true.
+fn build_transformer(
+    raw: RawModel,
+    dropout: f64,
+    at: &Locator<'_>,
+) -> Result<(ModelSpec, Location), SpecError> {
+    for (key, span) in [
+        ("model.hidden", raw.hidden.as_ref().map(|v| v.span())),
+        (
+            "model.hidden_size",
+            raw.hidden_size.as_ref().map(|v| v.span()),
+        ),
+        (
+            "model.activation",
+            raw.activation.as_ref().map(|v| v.span()),
+        ),
+        (
+            "model.input_shape",
+            raw.input_shape.as_ref().map(|v| v.span()),
+        ),
+        ("model.channels", raw.channels.as_ref().map(|v| v.span())),
+        ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
+        ("model.pool", raw.pool.as_ref().map(|v| v.span())),
+        ("model.norm", raw.norm.as_ref().map(|v| v.span())),
+        ("model.groups", raw.groups.as_ref().map(|v| v.span())),
+        ("model.augment", raw.augment.as_ref().map(|v| v.span())),
+        ("model.path", raw.path.as_ref().map(|v| v.span())),
+    ] {
+        if let Some(span) = span {
+            return Err(at.invalid(
+                span,
+                format!("{key} does not apply to model.kind = \"transformer\""),
+            ));
+        }
+    }
+    let required = |value: &Option<Spanned<Integer>>, key: &str, example: &str| {
+        value.clone().ok_or_else(|| {
+            at.invalid(
+                raw.kind.span(),
+                format!("model.kind = \"transformer\" needs {key} (e.g. {example})"),
+            )
+        })
+    };
+    let layers = required(&raw.layers, "model.layers", "2")?;
+    let heads = required(&raw.heads, "model.heads", "4")?;
+    let width = required(&raw.width, "model.width", "128")?;
+    let context = required(&raw.context, "model.context", "64, the dataset's --context")?;
+    at.check(&layers, rules::transformer_layers(layers.get_ref().0))?;
+    at.check(&heads, rules::heads(heads.get_ref().0))?;
+    at.check(&width, rules::in_range_width(width.get_ref().0))?;
+    at.check(&context, rules::context(context.get_ref().0))?;
+    let spec = TransformerSpec {
+        layers: narrow(&layers, at)?,
+        heads: narrow(&heads, at)?,
+        width: narrow(&width, at)?,
+        context: narrow(&context, at)?,
+        dropout,
+        tied_embeddings: raw.tied_embeddings.as_ref().is_none_or(|t| *t.get_ref()),
+    };
+    at.check(&width, rules::width(spec.width, spec.heads))?;
+    Ok((ModelSpec::Transformer(spec), at.at(width.span())))
 }
 
 /// `model.kind = "torchscript"`: a module file and, optionally, the shape each sample is given
