@@ -8,14 +8,12 @@
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, bin, model_params, relative_l2, repo_root, run_with_timeout,
-    wait_until,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
-const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The license texts, as `scripts/fetch-text` lists them.
 fn corpus() -> Vec<String> {
@@ -174,35 +172,8 @@ fn cancel_then_resume_of_a_transformer_is_bitwise_identical() {
     let (_, whole) = cluster.train(tmp.path(), &job(&data, "whole", 2, steps));
     let whole = model_params(&whole);
 
-    let split = job(&data, "split", 2, steps).write(tmp.path());
-    let out = cluster.cli(&["submit", split.to_str().unwrap()], T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let id = out.stdout.trim().to_string();
-    wait_until(JOB_TIMEOUT, || {
-        cluster.status(&id)["step"].as_u64().unwrap_or(0) >= 40
-    })
-    .unwrap();
-    let out = cluster.cli(&["cancel", &id], T);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let mut last = serde_json::Value::Null;
-    wait_until(JOB_TIMEOUT, || {
-        last = cluster.status(&id);
-        last["state"] == "cancelled"
-    })
-    .unwrap_or_else(|_| panic!("never cancelled: {last}"));
-    let stop = last["step"].as_u64().unwrap();
-    assert!(
-        stop < u64::from(steps),
-        "cancelled at step {stop}, after the end"
-    );
-    let out = cluster.cli(
-        &["resume", &id, "--follow", "--output", "json"],
-        JOB_TIMEOUT,
-    );
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    let done = out.json();
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let resumed = model_params(&PathBuf::from(done["output_dir"].as_str().unwrap()));
+    let (stop, resumed) =
+        cluster.cancel_then_resume(tmp.path(), &job(&data, "split", 2, steps), 40);
     assert_eq!(
         whole, resumed,
         "parameters differ after cancel + resume at {stop}"
