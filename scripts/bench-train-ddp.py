@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bench_ddp_common import data, model as build_model, rank_batch
+from bench_ddp_common import data, model as build_model, rank_batch, tokens
 
 
 def main() -> None:
@@ -24,13 +24,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=25600)
-    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "cnn", "transformer"], default="mlp")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    x, y = data(args.samples)
+    lm = args.model == "transformer"
+    x, y = tokens(args.samples) if lm else data(args.samples)
     model = build_model(args.model)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
@@ -43,7 +44,9 @@ def main() -> None:
             start = time.perf_counter()
         xb, yb = rank_batch(x, y, step, args.global_batch, rank, world)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(ddp(xb), yb)
+        out = ddp(xb)
+        # Next-token cross entropy over every position, as the language_model task's loss.
+        loss = loss_fn(out.reshape(-1, out.shape[-1]), yb.reshape(-1)) if lm else loss_fn(out, yb)
         loss.backward()
         opt.step()
     dist.barrier()

@@ -1,12 +1,22 @@
 """What the PyTorch peers of `scripts/bench train` and `scripts/bench recovery`
 share, so both train exactly the Ringmaster side's workload: the synthetic data
-(784 features, 10 classes), the models (the MLP 784-1024-1024-10, and the `cnn`
-of `scripts/bench train --model cnn`) and each rank's slice of a step's global
-batch.
+(784 features, 10 classes; or byte tokens for the transformer), the models (the
+MLP 784-1024-1024-10, the `cnn` of `scripts/bench train --model cnn`, and the
+GPT of `--model transformer`, which is tests/python/gpt_reference.py's module)
+and each rank's slice of a step's global batch.
 """
+
+import os
+import sys
 
 import torch
 import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+from gpt_reference import Gpt  # noqa: E402
+
+# The transformer of `scripts/bench train --model transformer` (examples/text-gpt.toml's shape).
+GPT_LAYERS, GPT_HEADS, GPT_WIDTH, GPT_CONTEXT, GPT_VOCAB = 2, 4, 128, 64, 256
 
 
 def data(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,11 +55,20 @@ class Cnn(nn.Module):
         return self.out(x.mean(dim=(2, 3)))
 
 
+def tokens(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte-token inputs and next-token targets `[samples, GPT_CONTEXT]`, the same on every rank."""
+    gen = torch.Generator().manual_seed(7)
+    stream = torch.randint(0, GPT_VOCAB, (samples, GPT_CONTEXT + 1), generator=gen)
+    return stream[:, :-1], stream[:, 1:]
+
+
 def model(kind: str) -> nn.Module:
-    """`mlp()` or the `Cnn`, initialised the same on every rank."""
+    """`mlp()`, the `Cnn` or the GPT, initialised the same on every rank."""
     if kind == "mlp":
         return mlp()
     torch.manual_seed(7)
+    if kind == "transformer":
+        return Gpt(GPT_VOCAB, GPT_LAYERS, GPT_HEADS, GPT_WIDTH, GPT_CONTEXT, tied=True)
     return Cnn()
 
 
