@@ -1885,6 +1885,7 @@ fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "text".into())
         }),
+        shard_samples: a.shard_samples,
     })
     .context("failed to pack the text")?;
     match output {

@@ -35,6 +35,8 @@ pub struct TextOptions {
     /// `train/` and (with a validation fraction) `val/` are written inside.
     pub output: PathBuf,
     pub name: String,
+    /// Samples per shard; `None`: about 32 MiB of samples per shard.
+    pub shard_samples: Option<usize>,
 }
 
 /// What [`pack_text`] wrote.
@@ -182,7 +184,10 @@ pub fn pack_text(opts: &TextOptions) -> Result<TextReport, DatasetError> {
             name: format!("{}-{split_name}", opts.name),
             features: t,
             labels,
-            shard_samples: crate::default_shard_samples(t, labels).min(n.max(1)),
+            shard_samples: opts
+                .shard_samples
+                .unwrap_or_else(|| crate::default_shard_samples(t, labels))
+                .clamp(1, n.max(1)),
             standardization: None,
             source: Some(source.clone()),
         };
@@ -242,6 +247,7 @@ mod tests {
             val_fraction: 0.3,
             output: dir.path().join("out"),
             name: "t".into(),
+            shard_samples: Some(4),
         })
         .unwrap();
         assert_eq!(report.tokens, 200);
@@ -249,6 +255,8 @@ mod tests {
         assert_eq!((report.train_samples, report.val_samples), (14, 6));
         let train = Dataset::load(&report.train_dir).unwrap();
         let val = Dataset::load(report.val_dir.as_ref().unwrap()).unwrap();
+        // --shard-samples 4: 14 training samples in shards of 4, 4, 4, 2.
+        assert_eq!(train.manifest.shard_samples(), vec![4, 4, 4, 2]);
         assert_eq!(
             train.manifest.labels(),
             LabelKind::Tokens { vocab: 256, len: 9 }
@@ -271,6 +279,7 @@ mod tests {
             val_fraction,
             output: dir.path().join("out"),
             name: "t".into(),
+            shard_samples: None,
         };
         let err = |o| pack_text(&o).unwrap_err().to_string();
         assert!(err(opts(0, 0.1)).contains("--context must be"));
