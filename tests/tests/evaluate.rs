@@ -1,7 +1,7 @@
 //! `coordinator evaluate` with the real binaries: a trained model (its output folder, or one of
 //! its checkpoints) scored on a dataset outside any job gives the figures the job's own
 //! evaluation wrote to `eval.json`; a dataset of another task or width is refused in one line
-//! naming what does not fit.
+//! naming what does not fit; a language model scores the perplexity its job reported.
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, bin, pack_diabetes, pack_digits, run_with_timeout,
@@ -114,4 +114,50 @@ fn a_dataset_that_does_not_fit_is_refused_in_one_line() {
         "{}",
         no_spec.stderr
     );
+}
+
+#[test]
+fn a_language_model_scores_its_perplexity_as_its_job_did() {
+    let root = ringmaster_tests::repo_root();
+    let mut fetch = Command::new(root.join("scripts/fetch-text"));
+    fetch.arg("licenses").current_dir(&root);
+    let files = run_with_timeout(fetch, T);
+    assert_eq!(files.code, 0, "{}", files.stderr);
+    let first = files.stdout.lines().next().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("text");
+    let mut pack = Command::new(bin("coordinator"));
+    pack.args([
+        "dataset",
+        "pack",
+        "--text",
+        &first,
+        "--context",
+        "16",
+        "--out-dir",
+    ])
+    .arg(&data);
+    let packed = run_with_timeout(pack, T);
+    assert_eq!(packed.code, 0, "{}", packed.stderr);
+    let cluster = LocalCluster::start(1).unwrap();
+    let job = JobBuilder::new("lm", &data)
+        .task("kind = \"language_model\"")
+        .model_kind("kind = \"transformer\"\nlayers = 1\nheads = 2\nwidth = 32\ncontext = 16")
+        .validation()
+        .batch(16)
+        .train("steps = 30\noptimizer = \"adam\"\nlearning_rate = 0.003")
+        .exactly(1);
+    let (_, out) = cluster.train(tmp.path(), &job);
+    let eval = read_json(&out.join("eval.json"));
+    let scored = evaluate(&out, &data.join("val"), true);
+    assert_eq!(scored.code, 0, "{}", scored.stderr);
+    let scored = scored.json();
+    assert_eq!(scored["tokens"], eval["tokens"]);
+    let (a, b) = (
+        scored["perplexity"].as_f64().unwrap(),
+        eval["perplexity"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5 * b, "{a} vs {b}");
+    let text = evaluate(&out, &data.join("val"), false);
+    assert!(text.stdout.contains("perplexity "), "{}", text.stdout);
 }
