@@ -134,6 +134,66 @@ pub(super) struct RawModel {
     pub tied_embeddings: Option<Spanned<bool>>,
 }
 
+impl RawModel {
+    /// Every optional key of `[model]` with its span when the file gives it, in table order.
+    pub fn given_keys(&self) -> [(&'static str, Option<std::ops::Range<usize>>); 17] {
+        fn at<T>(v: &Option<Spanned<T>>) -> Option<std::ops::Range<usize>> {
+            v.as_ref().map(Spanned::span)
+        }
+        [
+            ("hidden", at(&self.hidden)),
+            ("activation", at(&self.activation)),
+            ("dropout", at(&self.dropout)),
+            ("input_shape", at(&self.input_shape)),
+            ("channels", at(&self.channels)),
+            ("kernel", at(&self.kernel)),
+            ("pool", at(&self.pool)),
+            ("norm", at(&self.norm)),
+            ("groups", at(&self.groups)),
+            ("augment", at(&self.augment)),
+            ("path", at(&self.path)),
+            ("hidden_size", at(&self.hidden_size)),
+            ("layers", at(&self.layers)),
+            ("heads", at(&self.heads)),
+            ("width", at(&self.width)),
+            ("context", at(&self.context)),
+            ("tied_embeddings", at(&self.tied_embeddings)),
+        ]
+    }
+}
+
+impl RawModelKind {
+    /// The optional `[model]` keys this kind takes; any other is an error naming the kind.
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            RawModelKind::Mlp => &["hidden", "activation", "dropout"],
+            RawModelKind::Cnn => &[
+                "activation",
+                "dropout",
+                "input_shape",
+                "channels",
+                "kernel",
+                "pool",
+                "norm",
+                "groups",
+                "augment",
+            ],
+            RawModelKind::Lstm | RawModelKind::Gru => {
+                &["dropout", "input_shape", "hidden_size", "layers"]
+            }
+            RawModelKind::Transformer => &[
+                "dropout",
+                "layers",
+                "heads",
+                "width",
+                "context",
+                "tied_embeddings",
+            ],
+            RawModelKind::Torchscript => &["path", "input_shape"],
+        }
+    }
+}
+
 /// `model.augment`, usually an inline table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an augment table")]

@@ -318,59 +318,26 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
         None => 0.0,
     };
     let kind_span = raw.kind.span();
-    // Keys of the other kind are errors, not silently ignored.
-    let not_for = |span: Range<usize>, key: &str, kind: &str| {
-        at.invalid(
-            span,
-            format!("{key} does not apply to model.kind = \"{kind}\""),
-        )
-    };
-    if raw.kind.get_ref() != &RawModelKind::Torchscript
-        && let Some(p) = &raw.path
-    {
-        return Err(at.invalid(
-            p.span(),
-            "model.path applies to model.kind = \"torchscript\"".into(),
-        ));
-    }
-    if raw.kind.get_ref() != &RawModelKind::Transformer {
-        for (key, span) in [
-            ("model.heads", raw.heads.as_ref().map(|v| v.span())),
-            ("model.width", raw.width.as_ref().map(|v| v.span())),
-            ("model.context", raw.context.as_ref().map(|v| v.span())),
-            (
-                "model.tied_embeddings",
-                raw.tied_embeddings.as_ref().map(|v| v.span()),
-            ),
-        ] {
-            if let Some(span) = span {
-                return Err(not_for(span, key, raw.kind.get_ref().name()));
-            }
-        }
-    }
-    let rnn_keys = [
-        (
-            "model.hidden_size",
-            raw.hidden_size.as_ref().map(|v| v.span()),
-        ),
-        ("model.layers", raw.layers.as_ref().map(|v| v.span())),
-    ];
-    match *raw.kind.get_ref() {
-        RawModelKind::Torchscript
-        | RawModelKind::Lstm
-        | RawModelKind::Gru
-        | RawModelKind::Transformer => {}
-        kind => {
-            for (key, span) in rnn_keys {
-                if let Some(span) = span {
-                    let name = if kind == RawModelKind::Mlp {
-                        "mlp"
-                    } else {
-                        "cnn"
-                    };
-                    return Err(not_for(span, key, name));
+    // Keys of another kind are errors, not silently ignored.
+    let kind = *raw.kind.get_ref();
+    for (key, span) in raw.given_keys() {
+        if let Some(span) = span
+            && !kind.keys().contains(&key)
+        {
+            let message = match kind {
+                _ if key == "path" => {
+                    "model.path applies to model.kind = \"torchscript\"".to_string()
                 }
-            }
+                RawModelKind::Torchscript => format!(
+                    "model.{key} does not apply to model.kind = \"torchscript\" (the module \
+                     file defines its own layers)"
+                ),
+                _ => format!(
+                    "model.{key} does not apply to model.kind = \"{}\"",
+                    kind.name()
+                ),
+            };
+            return Err(at.invalid(span, message));
         }
     }
     match *raw.kind.get_ref() {
@@ -383,22 +350,6 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             build_rnn(raw, RnnCell::Gru, dropout, at).map(|(r, l)| (ModelSpec::Gru(r), l))
         }
         RawModelKind::Mlp => {
-            for (key, span) in [
-                (
-                    "model.input_shape",
-                    raw.input_shape.as_ref().map(|v| v.span()),
-                ),
-                ("model.channels", raw.channels.as_ref().map(|v| v.span())),
-                ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
-                ("model.pool", raw.pool.as_ref().map(|v| v.span())),
-                ("model.norm", raw.norm.as_ref().map(|v| v.span())),
-                ("model.groups", raw.groups.as_ref().map(|v| v.span())),
-                ("model.augment", raw.augment.as_ref().map(|v| v.span())),
-            ] {
-                if let Some(span) = span {
-                    return Err(not_for(span, key, "mlp"));
-                }
-            }
             let Some(raw_hidden) = &raw.hidden else {
                 return Err(at.invalid(
                     kind_span,
@@ -421,9 +372,6 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             Ok((model, at.at(raw_hidden.span())))
         }
         RawModelKind::Cnn => {
-            if let Some(h) = &raw.hidden {
-                return Err(not_for(h.span(), "model.hidden", "cnn"));
-            }
             let needs = |key: &str, example: &str| {
                 at.invalid(
                     kind_span.clone(),
@@ -547,27 +495,6 @@ fn build_rnn(
     at: &Locator<'_>,
 ) -> Result<(RnnSpec, Location), SpecError> {
     let kind = cell.as_str();
-    for (key, span) in [
-        ("model.hidden", raw.hidden.as_ref().map(|v| v.span())),
-        (
-            "model.activation",
-            raw.activation.as_ref().map(|v| v.span()),
-        ),
-        ("model.channels", raw.channels.as_ref().map(|v| v.span())),
-        ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
-        ("model.pool", raw.pool.as_ref().map(|v| v.span())),
-        ("model.norm", raw.norm.as_ref().map(|v| v.span())),
-        ("model.groups", raw.groups.as_ref().map(|v| v.span())),
-        ("model.augment", raw.augment.as_ref().map(|v| v.span())),
-        ("model.path", raw.path.as_ref().map(|v| v.span())),
-    ] {
-        if let Some(span) = span {
-            return Err(at.invalid(
-                span,
-                format!("{key} does not apply to model.kind = \"{kind}\""),
-            ));
-        }
-    }
     let Some(hidden) = &raw.hidden_size else {
         return Err(at.invalid(
             raw.kind.span(),
@@ -610,35 +537,6 @@ fn build_transformer(
     dropout: f64,
     at: &Locator<'_>,
 ) -> Result<(ModelSpec, Location), SpecError> {
-    for (key, span) in [
-        ("model.hidden", raw.hidden.as_ref().map(|v| v.span())),
-        (
-            "model.hidden_size",
-            raw.hidden_size.as_ref().map(|v| v.span()),
-        ),
-        (
-            "model.activation",
-            raw.activation.as_ref().map(|v| v.span()),
-        ),
-        (
-            "model.input_shape",
-            raw.input_shape.as_ref().map(|v| v.span()),
-        ),
-        ("model.channels", raw.channels.as_ref().map(|v| v.span())),
-        ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
-        ("model.pool", raw.pool.as_ref().map(|v| v.span())),
-        ("model.norm", raw.norm.as_ref().map(|v| v.span())),
-        ("model.groups", raw.groups.as_ref().map(|v| v.span())),
-        ("model.augment", raw.augment.as_ref().map(|v| v.span())),
-        ("model.path", raw.path.as_ref().map(|v| v.span())),
-    ] {
-        if let Some(span) = span {
-            return Err(at.invalid(
-                span,
-                format!("{key} does not apply to model.kind = \"transformer\""),
-            ));
-        }
-    }
     let required = |value: &Option<Spanned<Integer>>, key: &str, example: &str| {
         value.clone().ok_or_else(|| {
             at.invalid(
@@ -674,30 +572,6 @@ fn build_torchscript(
     kind_span: Range<usize>,
     at: &Locator<'_>,
 ) -> Result<(ModelSpec, Location), SpecError> {
-    for (key, span) in [
-        ("model.hidden", raw.hidden.as_ref().map(|v| v.span())),
-        (
-            "model.activation",
-            raw.activation.as_ref().map(|v| v.span()),
-        ),
-        ("model.dropout", raw.dropout.as_ref().map(|v| v.span())),
-        ("model.channels", raw.channels.as_ref().map(|v| v.span())),
-        ("model.kernel", raw.kernel.as_ref().map(|v| v.span())),
-        ("model.pool", raw.pool.as_ref().map(|v| v.span())),
-        ("model.norm", raw.norm.as_ref().map(|v| v.span())),
-        ("model.groups", raw.groups.as_ref().map(|v| v.span())),
-        ("model.augment", raw.augment.as_ref().map(|v| v.span())),
-    ] {
-        if let Some(span) = span {
-            return Err(at.invalid(
-                span,
-                format!(
-                    "{key} does not apply to model.kind = \"torchscript\" (the module file \
-                     defines its own layers)"
-                ),
-            ));
-        }
-    }
     let Some(path) = &raw.path else {
         return Err(at.invalid(
             kind_span,
