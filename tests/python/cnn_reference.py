@@ -3,7 +3,9 @@ module with `load_state_dict` (strict: every name and shape must match) and
 scores a Ringmaster dataset directory with it. Prints one JSON line:
 {"samples": n, "correct": k, "accuracy": k / n}.
 
-Usage: cnn_reference.py MODEL.safetensors DATASET_DIR C H W CH1,CH2,... KERNEL POOL GROUPS
+Usage: cnn_reference.py MODEL.safetensors DATASET_DIR C H W CH1,CH2,... KERNEL POOL NORM
+where NORM is the GroupNorm's number of groups, `batch` (nn.BatchNorm2d, whose running
+statistics and batch count must then be in the file) or `none`.
 """
 
 import json
@@ -17,13 +19,18 @@ from torch import nn
 class Cnn(nn.Module):
     """The module `worker/src/model/cnn.rs` documents, with ReLU."""
 
-    def __init__(self, c_in, channels, kernel, pool, groups, classes):
+    def __init__(self, c_in, channels, kernel, pool, norm, classes):
         super().__init__()
         self.pool = pool
         self.blocks = len(channels)
         for i, c in enumerate(channels):
             setattr(self, f"conv{i}", nn.Conv2d(c_in, c, kernel, padding=kernel // 2))
-            setattr(self, f"norm{i}", nn.GroupNorm(groups, c))
+            if norm == "batch":
+                setattr(self, f"norm{i}", nn.BatchNorm2d(c))
+            elif norm == "none":
+                setattr(self, f"norm{i}", nn.Identity())
+            else:
+                setattr(self, f"norm{i}", nn.GroupNorm(int(norm), c))
             c_in = c
         self.out = nn.Linear(c_in, classes)
 
@@ -38,8 +45,8 @@ class Cnn(nn.Module):
 
 
 def main():
-    model_path, data_dir, c, h, w, channels, kernel, pool, groups = sys.argv[1:]
-    c, h, w, kernel, pool, groups = map(int, (c, h, w, kernel, pool, groups))
+    model_path, data_dir, c, h, w, channels, kernel, pool, norm = sys.argv[1:]
+    c, h, w, kernel, pool = map(int, (c, h, w, kernel, pool))
     channels = [int(v) for v in channels.split(",")]
     manifest = json.load(open(f"{data_dir}/MANIFEST.json"))
     xs, ys = [], []
@@ -49,7 +56,7 @@ def main():
         ys.append(t["y"])
     x = torch.cat(xs).view(-1, c, h, w)
     y = torch.cat(ys)
-    model = Cnn(c, channels, kernel, pool, groups, manifest["schema"]["num_classes"])
+    model = Cnn(c, channels, kernel, pool, norm, manifest["schema"]["num_classes"])
     model.load_state_dict(load_file(model_path), strict=True)
     model.eval()
     with torch.no_grad():

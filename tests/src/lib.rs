@@ -784,18 +784,27 @@ pub fn model_params(out: &Path) -> Vec<f32> {
         .collect()
 }
 
-/// Reads every tensor of a safetensors file as f32 values, by name.
+/// Reads every tensor of a safetensors file as f32 values, by name (i64
+/// tensors, such as BatchNorm's `num_batches_tracked`, converted by value).
 pub fn read_params(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let values = match view.dtype() {
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                safetensors::Dtype::I64 => view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    .collect(),
+                other => panic!("{}: {name} is {other:?}", path.display()),
+            };
             (name, (view.shape().to_vec(), values))
         })
         .collect()

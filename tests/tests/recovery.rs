@@ -192,6 +192,45 @@ fn a_killed_member_is_replaced_by_a_spare_and_the_run_matches_an_undisturbed_one
     }
 }
 
+/// Rank 0's batch-normalization buffers are every rank's after each step, so
+/// when rank 0 dies its survivor carries them into the next generation: the
+/// run ends exactly where an undisturbed one does, running statistics and
+/// batch counts included.
+#[test]
+fn a_batch_norm_run_that_loses_rank_0_ends_bitwise_as_an_undisturbed_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let mut cluster = LocalCluster::start(3).unwrap();
+    let bn = |name: &str| {
+        JobBuilder::new(name, &data)
+            .seed(5)
+            .model_kind(
+                "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [16, 32]\nnorm = \"batch\"",
+            )
+            .train("steps = 1500\noptimizer = \"adam\"\nlearning_rate = 0.002")
+            .exactly(2)
+            .write(tmp.path())
+    };
+    let expected = undisturbed(&cluster, &bn("reference"));
+
+    let id = submit(&cluster, &bn("disturbed"));
+    wait_for_step(&cluster, &id, 300);
+    let victim = members(&cluster, &id)[0].clone();
+    kill_worker(&mut cluster, &victim);
+    let s = wait_reformed(&cluster, &id, 1, true);
+    assert!(
+        !s["members"].to_string().contains(&victim) || s["state"] == "succeeded",
+        "{s}"
+    );
+    let end = wait_for_end(&cluster, &id);
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(
+        end["restarts"], 1,
+        "the run finished before the kill: {end}"
+    );
+    assert_eq!(params_of(&cluster, &id), expected);
+}
+
 #[test]
 fn below_the_minimum_the_job_waits_recovering_and_goes_on_when_a_worker_joins() {
     let tmp = tempfile::tempdir().unwrap();

@@ -49,24 +49,45 @@ pub struct TrainState {
 pub struct HostTensor {
     pub name: String,
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: HostData,
+}
+
+/// A host tensor's values: f32, or i64 for integer buffers (BatchNorm's
+/// `num_batches_tracked`, which PyTorch keeps as i64).
+pub enum HostData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
 }
 
 impl HostTensor {
-    /// Copies a tensor (from any device) into host memory as f32.
+    /// Copies a tensor (from any device) into host memory: i64 as i64,
+    /// anything else as f32.
     pub fn copy_of(name: &str, t: &Tensor) -> Result<Self, tch::TchError> {
-        let t = t
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Float)?
-            .f_contiguous()?;
+        let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
         let n = t.numel();
-        let mut data = vec![0f32; n];
-        t.f_copy_data(&mut data, n)?;
+        let data = if t.kind() == Kind::Int64 {
+            let mut v = vec![0i64; n];
+            t.f_copy_data(&mut v, n)?;
+            HostData::I64(v)
+        } else {
+            let t = t.f_to_kind(Kind::Float)?;
+            let mut v = vec![0f32; n];
+            t.f_copy_data(&mut v, n)?;
+            HostData::F32(v)
+        };
         Ok(HostTensor {
             name: name.to_string(),
             shape: t.size().iter().map(|&d| d as usize).collect(),
             data,
         })
+    }
+
+    /// The values' bytes in native (little-endian) order, and their safetensors type.
+    pub fn bytes(&self) -> (&[u8], safetensors::Dtype) {
+        match &self.data {
+            HostData::F32(v) => (bytemuck::cast_slice(v), safetensors::Dtype::F32),
+            HostData::I64(v) => (bytemuck::cast_slice(v), safetensors::Dtype::I64),
+        }
     }
 }
 
@@ -99,8 +120,8 @@ fn serialize(tensors: &[HostTensor]) -> Result<Vec<u8>, String> {
     let views = tensors
         .iter()
         .map(|t| {
-            let bytes: &[u8] = bytemuck::cast_slice(&t.data);
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes)
+            let (bytes, dtype) = t.bytes();
+            safetensors::tensor::TensorView::new(dtype, t.shape.clone(), bytes)
                 .map(|v| (t.name.clone(), v))
                 .map_err(|e| format!("{}: {e}", t.name))
         })

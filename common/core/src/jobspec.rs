@@ -337,6 +337,10 @@ pub enum Norm {
     /// PyTorch's `nn.GroupNorm`: per-sample statistics, so any number of
     /// workers computes the same step.
     Group,
+    /// PyTorch's `nn.BatchNorm2d`: each rank normalizes with its own slice's
+    /// statistics, as under DDP, so a run depends on the number of workers;
+    /// the running statistics are rank 0's.
+    Batch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

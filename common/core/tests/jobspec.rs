@@ -541,6 +541,14 @@ fn cnn_keys() {
         serde_json::from_str::<JobSpec>(&json).unwrap().check(),
         Ok(())
     );
+    let batch = parse(&cnn(
+        "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [6]\nnorm = \"batch\"",
+    ));
+    let ModelSpec::Cnn { norm, .. } = &batch.model else {
+        panic!("{:?}", batch.model)
+    };
+    assert_eq!(*norm, Norm::Batch);
+    assert_eq!(batch.check(), Ok(()));
 
     let cases: &[(&str, &str)] = &[
         (
@@ -594,10 +602,8 @@ fn cnn_keys() {
              multiple",
         ),
         (
-            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\nnorm = \"batch\"",
-            "job.toml:7:8: model.norm = \"batch\" is not supported yet: its per-rank \
-             statistics would make the run depend on the number of workers; use \"group\" \
-             (per-sample statistics) or \"none\"",
+            "kind = \"cnn\"\ninput_shape = [1, 8, 8]\nchannels = [8]\nnorm = \"batch\"\ngroups = 2",
+            "job.toml:8:10: model.groups applies to model.norm = \"group\"",
         ),
     ];
     for (lines, expected) in cases {

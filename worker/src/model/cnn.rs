@@ -1,16 +1,22 @@
 //! The `cnn` model: convolution blocks over `[C, H, W]` images, global
 //! average pooling, dropout and a linear head. Each block is
 //! `conv{i}` (PyTorch's `nn.Conv2d(c_in, c_out, k, padding=k // 2)`), then
-//! `norm{i}` (`nn.GroupNorm(groups, c_out)`, or nothing), the activation and
-//! `nn.MaxPool2d(pool)`; the head is `out` (`nn.Linear`). The parameter names
-//! are those of that `nn.Sequential`-free module, so `model.safetensors`
-//! loads into it with `load_state_dict`.
+//! `norm{i}` (`nn.GroupNorm(groups, c_out)`, `nn.BatchNorm2d(c_out)`, or
+//! nothing), the activation and `nn.MaxPool2d(pool)`; the head is `out`
+//! (`nn.Linear`). The parameter and buffer names are those of that
+//! `nn.Sequential`-free module, so `model.safetensors` loads into it with a
+//! strict `load_state_dict`.
 //!
 //! Group normalization uses each sample's own statistics, so a step's
 //! gradients do not depend on how the batch is split between ranks: W
-//! workers compute the same run as one (batch normalization would not).
+//! workers compute the same run as one. Batch normalization normalizes a
+//! training batch with the statistics of the rows it is given (one rank's
+//! slice, as under PyTorch DDP) and updates its running statistics from them
+//! in place; the trainer makes every rank's buffers rank 0's after each step.
 
-use super::{AllocError, BuildError, Linear, activate, dropout, parameter, weight_and_bias};
+use super::{
+    AllocError, BuildError, Linear, activate, allocate, dropout, parameter, weight_and_bias,
+};
 use crate::sample_rng::{SampleNoise, Stream};
 use ringmaster_common::jobspec::{Activation, Augment, ModelSpec, Norm};
 use tch::nn::{self, Init};
@@ -34,9 +40,33 @@ pub struct Cnn {
 struct Block {
     weight: Tensor,
     bias: Tensor,
-    /// GroupNorm's affine weight and bias, when the model normalizes.
-    norm: Option<(Tensor, Tensor)>,
+    norm: BlockNorm,
 }
+
+/// The normalization of one block and its state.
+#[derive(Debug)]
+enum BlockNorm {
+    None,
+    /// GroupNorm's affine weight and bias.
+    Group(Tensor, Tensor),
+    Batch(BatchNorm),
+}
+
+/// `nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)`: affine weight and bias, and
+/// the buffers PyTorch's `state_dict` holds.
+#[derive(Debug)]
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    /// i64 scalar, as PyTorch's (a strict `load_state_dict` wants it).
+    num_batches_tracked: Tensor,
+}
+
+/// PyTorch's defaults for `nn.BatchNorm2d`.
+const BN_MOMENTUM: f64 = 0.1;
+const NORM_EPS: f64 = 1e-5;
 
 impl Cnn {
     /// Creates the parameters under `root` for inputs of `inputs` features
@@ -75,7 +105,7 @@ impl Cnn {
         let mut c_in = input[0];
         for (i, &c) in channels.iter().enumerate() {
             let c_out = i64::from(c);
-            blocks.push(Block::new(root, i, c_in, c_out, k, *norm == Norm::Group)?);
+            blocks.push(Block::new(root, i, c_in, c_out, k, *norm)?);
             c_in = c_out;
         }
         let out = Linear::new(root, "out", c_in, classes)?;
@@ -108,8 +138,12 @@ impl Cnn {
         let pad = self.kernel / 2;
         for b in &self.blocks {
             x = x.f_conv2d(&b.weight, Some(&b.bias), [1, 1], [pad, pad], [1, 1], 1)?;
-            if let Some((gw, gb)) = &b.norm {
-                x = x.f_group_norm(self.groups, Some(gw), Some(gb), 1e-5, false)?;
+            match &b.norm {
+                BlockNorm::None => {}
+                BlockNorm::Group(gw, gb) => {
+                    x = x.f_group_norm(self.groups, Some(gw), Some(gb), NORM_EPS, false)?;
+                }
+                BlockNorm::Batch(bn) => x = bn.forward(&x, noise.is_some())?,
             }
             x = activate(&x, self.activation)?;
             if self.pool > 1 {
@@ -130,6 +164,48 @@ impl Cnn {
             x = dropout(&x, self.dropout, noise, Stream::dropout(0))?;
         }
         self.out.forward(&x)
+    }
+
+    /// The batch normalizations' buffers by name (`norm{i}.num_batches_tracked`,
+    /// `.running_mean`, `.running_var`), in name order; empty without them.
+    pub(crate) fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let BlockNorm::Batch(bn) = &b.norm {
+                for (name, t) in [
+                    ("num_batches_tracked", &bn.num_batches_tracked),
+                    ("running_mean", &bn.running_mean),
+                    ("running_var", &bn.running_var),
+                ] {
+                    out.push((format!("norm{i}.{name}"), t.shallow_clone()));
+                }
+            }
+        }
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    }
+}
+
+impl BatchNorm {
+    /// In training, normalizes with the batch's own statistics and folds them
+    /// into the running ones (libtorch updates them in place: the unbiased
+    /// variance, with `momentum`), counting the batch; in evaluation, uses the
+    /// running statistics.
+    fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor, TchError> {
+        let y = x.f_batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            training,
+            BN_MOMENTUM,
+            NORM_EPS,
+            true,
+        )?;
+        if training {
+            let _ = tch::no_grad(|| self.num_batches_tracked.shallow_clone().f_add_scalar_(1))?;
+        }
+        Ok(y)
     }
 }
 
@@ -181,26 +257,53 @@ pub(crate) fn augment(
 impl Block {
     /// `conv{i}.bias` and `conv{i}.weight` initialised as `Linear`'s (bias
     /// uniform in ±1/√fan_in, weight Kaiming-uniform), then `norm{i}.weight`
-    /// (ones) and `norm{i}.bias` (zeros) as `nn.GroupNorm`'s.
+    /// (ones) and `norm{i}.bias` (zeros) as `nn.GroupNorm`'s and
+    /// `nn.BatchNorm2d`'s, and the latter's buffers (mean zeros, variance
+    /// ones, count zero). None of it draws from the generator.
     fn new(
         root: &nn::Path,
         i: usize,
         c_in: i64,
         c_out: i64,
         k: i64,
-        norm: bool,
+        norm: Norm,
     ) -> Result<Self, AllocError> {
         let name = format!("conv{i}");
         let path = root / name.as_str();
         let (weight, bias) = weight_and_bias(&path, &name, c_in * k * k, &[c_out, c_in, k, k])?;
-        let norm = if norm {
+        let affine = || -> Result<(Tensor, Tensor), AllocError> {
             let name = format!("norm{i}");
             let path = root / name.as_str();
             let w = parameter(&path, &name, "weight", &[c_out], Init::Const(1.0))?;
             let b = parameter(&path, &name, "bias", &[c_out], Init::Const(0.0))?;
-            Some((w, b))
-        } else {
-            None
+            Ok((w, b))
+        };
+        let norm = match norm {
+            Norm::None => BlockNorm::None,
+            Norm::Group => {
+                let (w, b) = affine()?;
+                BlockNorm::Group(w, b)
+            }
+            Norm::Batch => {
+                let (weight, bias) = affine()?;
+                let device = root.device();
+                let buffer = |name: &str, shape: &[i64], kind: Kind, value: f64| {
+                    allocate(
+                        &format!("model buffer norm{i}.{name}"),
+                        shape,
+                        kind,
+                        device,
+                        || Tensor::f_full(shape, value, (kind, device)),
+                    )
+                };
+                BlockNorm::Batch(BatchNorm {
+                    weight,
+                    bias,
+                    running_mean: buffer("running_mean", &[c_out], Kind::Float, 0.0)?,
+                    running_var: buffer("running_var", &[c_out], Kind::Float, 1.0)?,
+                    num_batches_tracked: buffer("num_batches_tracked", &[], Kind::Int64, 0.0)?,
+                })
+            }
         };
         Ok(Block { weight, bias, norm })
     }

@@ -90,6 +90,20 @@ impl Model {
     }
 }
 
+impl Model {
+    /// The state besides the parameters that a trained model is made of (BatchNorm's running
+    /// statistics and batch count), by name in name order: not trained by the optimizer, but
+    /// checkpointed, transferred, kept equal on every rank and saved with the parameters.
+    /// Empty for every model without batch normalization. A TorchScript module's buffers are
+    /// not reachable through tch and are left to the module (see `script.rs`).
+    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::Cnn(m) => m.named_buffers(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// Why a model cannot be built for a dataset.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

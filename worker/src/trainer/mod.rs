@@ -15,6 +15,7 @@
 //! SGD step of one worker on the whole batch (up to float summation order).
 
 mod audit;
+mod buffers;
 mod data;
 mod evaluation;
 mod grads;

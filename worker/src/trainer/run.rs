@@ -11,6 +11,7 @@
 //! SGD step of one worker on the whole batch (up to float summation order).
 
 use super::audit::AuditLog;
+use super::buffers;
 use super::data::TrainData;
 use super::evaluation::{Counts, Evaluation, LmScores, RegressionScores, RegressionSums, Scores};
 use super::grads::{BUCKET_BYTES, GradBuckets};
@@ -144,6 +145,13 @@ pub struct Run {
     named: Vec<(String, Tensor)>,
     names: Vec<String>,
     params: Vec<Tensor>,
+    /// The model's buffers by name, in name order (BatchNorm's running
+    /// statistics): rank 0's on every rank after each step.
+    buffers: Vec<(String, Tensor)>,
+    /// Copies of `buffers` at the last step boundary: a step's forward
+    /// updates the buffers before it is known whether the step will be
+    /// applied, and a step that fails must leave the state it found.
+    boundary: Vec<Tensor>,
     grads: GradBuckets,
     optimizer: Optimizer,
     plan: ShardPlan,
@@ -256,6 +264,19 @@ impl Run {
         }
         let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let buffers = model.named_buffers();
+        let boundary = buffers
+            .iter()
+            .map(|(name, b)| {
+                model::allocate(
+                    &format!("copy of model buffer {name}"),
+                    &b.size(),
+                    b.kind(),
+                    device,
+                    || b.f_detach_copy(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let grads = GradBuckets::bind(&params, EXTRAS, device)?;
         let mut optimizer = Optimizer::new(
             spec.train.optimizer,
@@ -269,7 +290,7 @@ impl Run {
 
         // Every rank loads the same committed checkpoint (each verifies it),
         // so no broadcast is needed after a resume.
-        let resumed = state::resume(a, &names, &params, &mut optimizer, device, events)?;
+        let resumed = state::resume(a, &names, &params, &buffers, &mut optimizer, device, events)?;
         let (step, latest) = match &resumed {
             Some(s) => (s.step, s.metrics.clone()),
             None => (0, BTreeMap::new()),
@@ -294,6 +315,8 @@ impl Run {
             named,
             names,
             params,
+            buffers,
+            boundary,
             grads,
             optimizer,
             plan,
@@ -329,6 +352,12 @@ impl Run {
     /// The parameters by name, in name order.
     pub fn named_parameters(&self) -> &[(String, Tensor)] {
         &self.named
+    }
+
+    /// The model's buffers by name, in name order (empty without batch
+    /// normalization).
+    pub fn named_buffers(&self) -> &[(String, Tensor)] {
+        &self.buffers
     }
 
     /// Where the first group's state comes from: the checkpoint every rank
@@ -422,6 +451,7 @@ impl Run {
             optimizer_steps: self.optimizer.steps(),
             metrics: &self.latest,
             params: &self.named,
+            buffers: &self.buffers,
             optimizer: self.optimizer.state_tensors(&self.names),
         };
         let group = self
@@ -454,6 +484,28 @@ impl Run {
     /// Checkpoint and stop requests ride on the gradient all-reduce, so every
     /// rank learns of them at the same step.
     pub fn step(&mut self, control: &TrainerControl) -> Result<StepReport, TrainError> {
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (copy, (_, b)) in self.boundary.iter_mut().zip(&self.buffers) {
+                copy.f_copy_(b)?;
+            }
+            Ok(())
+        })?;
+        let cursor = self.step;
+        let result = self.step_inner(control);
+        if result.is_err() && self.step == cursor {
+            // Not applied: back to the boundary's buffers, so the state held
+            // for the next generation is one consistent state.
+            tch::no_grad(|| -> Result<(), TrainError> {
+                for (copy, (_, b)) in self.boundary.iter().zip(&self.buffers) {
+                    b.shallow_clone().f_copy_(copy)?;
+                }
+                Ok(())
+            })?;
+        }
+        result
+    }
+
+    fn step_inner(&mut self, control: &TrainerControl) -> Result<StepReport, TrainError> {
         control.check()?;
         let (rank, world) = {
             let g = self.group()?;
@@ -520,6 +572,9 @@ impl Run {
             .ok_or_else(|| TrainError::Invalid("the run has no group".into()))?;
         let scale = 1.0 / batch_len.max(1) as f64;
         self.grads.all_reduce(group, &mut extras, scale)?;
+        // Each rank's forward folded its own slice into its running
+        // statistics; rank 0's stand, as under DDP.
+        buffers::sync(group, &self.buffers)?;
         // Every rank sees the same summed loss, so all stop here together,
         // before a non-finite gradient reaches the parameters.
         let loss = f64::from(extras[EXTRA_LOSS]) / batch_len.max(1) as f64;
@@ -687,6 +742,7 @@ impl Run {
         let model = self
             .named
             .iter()
+            .chain(&self.buffers)
             .map(|(n, p)| checkpoint::HostTensor::copy_of(n, p))
             .collect::<Result<Vec<_>, _>>()?;
         let optim = self
@@ -830,7 +886,7 @@ impl Run {
             }
         }
         if rank == 0 && !stopped {
-            state::save_model(&self.output_dir, &self.named)?;
+            state::save_model(&self.output_dir, &self.named, &self.buffers)?;
         }
         if let Some(s) = self.data.stream_stats() {
             tracing::info!(job = %self.job_id, rank, shard_reads = s.reads,

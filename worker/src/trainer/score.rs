@@ -108,9 +108,10 @@ pub fn score(
         device,
     )
     .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let named = net.named_parameters(&vars)?;
-    // Every parameter, by name and shape: weights of another model are refused, not half
-    // loaded.
+    let mut named = net.named_parameters(&vars)?;
+    named.extend(net.named_buffers());
+    // Every parameter and buffer, by name and shape: weights of another model are refused, not
+    // half loaded.
     for (name, p) in &named {
         let Some(w) = weights.get(name) else {
             return Err(TrainError::Invalid(format!(

@@ -14,6 +14,7 @@ pub(super) fn resume(
     a: &Assignment,
     names: &[String],
     params: &[Tensor],
+    buffers: &[(String, Tensor)],
     optimizer: &mut Optimizer,
     device: Device,
     events: &mut dyn FnMut(Event),
@@ -47,7 +48,11 @@ pub(super) fn resume(
         }
         let mut model = loaded.model;
         tch::no_grad(|| -> Result<(), TrainError> {
-            for (name, p) in names.iter().zip(params) {
+            let targets = names
+                .iter()
+                .zip(params)
+                .chain(buffers.iter().map(|(n, b)| (n, b)));
+            for (name, p) in targets {
                 let t = model.remove(name).ok_or_else(|| {
                     TrainError::Resume(format!("{} has no tensor `{name}`", dir.display()))
                 })?;
@@ -81,9 +86,14 @@ pub(super) fn resume(
     )))
 }
 
-/// Writes `model.safetensors` under a temporary name, fsyncs, then renames,
-/// so a reader never sees a half-written model.
-pub(super) fn save_model(dir: &Path, named: &[(String, Tensor)]) -> Result<(), TrainError> {
+/// Writes `model.safetensors` (the parameters, then the buffers, in their own
+/// types) under a temporary name, fsyncs, then renames, so a reader never
+/// sees a half-written model.
+pub(super) fn save_model(
+    dir: &Path,
+    named: &[(String, Tensor)],
+    buffers: &[(String, Tensor)],
+) -> Result<(), TrainError> {
     let path = dir.join("model.safetensors");
     let tmp = dir.join(".model.safetensors.tmp");
     let err = |p: &Path| {
@@ -93,6 +103,7 @@ pub(super) fn save_model(dir: &Path, named: &[(String, Tensor)]) -> Result<(), T
     std::fs::create_dir_all(dir).map_err(err(dir))?;
     let cpu: Vec<(String, Tensor)> = named
         .iter()
+        .chain(buffers)
         .map(|(k, t)| Ok((k.clone(), t.f_to_device(Device::Cpu)?)))
         .collect::<Result<_, tch::TchError>>()?;
     Tensor::write_safetensors(&cpu, &tmp)?;

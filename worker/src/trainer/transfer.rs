@@ -1,15 +1,17 @@
-//! State transfer: one rank's full training state (parameters, optimizer
-//! state, step and metrics) copied to every other rank of a new group, so a
+//! State transfer: one rank's full training state (parameters, buffers,
+//! optimizer state, step and metrics) copied to every other rank of a new group, so a
 //! newcomer joins a running job, or a group re-forms, without a checkpoint.
 //!
 //! The source first broadcasts a bincode [`StateHeader`] naming every tensor
-//! with its shape and a sha256 over all of their bytes; then the tensors go
+//! with its shape, carrying the model's (small, typed) buffers whole, and a
+//! sha256 over all of their bytes; then the tensors go
 //! in flat chunks of at most [`BUCKET_BYTES`](super::BUCKET_BYTES). Every
 //! receiver checks the names and shapes against its own model before any
 //! data moves and the checksum after, so a rank never trains on state that
 //! did not arrive intact.
 
 use super::TrainError;
+use super::buffers::{self, BufferImage};
 use super::grads::bucket_ranges;
 use crate::collective::Collective;
 use serde::{Deserialize, Serialize};
@@ -19,7 +21,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// Bumped when the header or the order of tensors changes.
-const TRANSFER_VERSION: u32 = 1;
+const TRANSFER_VERSION: u32 = 2;
 /// Largest header accepted from a source (names and shapes of a model with
 /// hundreds of thousands of tensors fit).
 const MAX_HEADER_BYTES: usize = 64 << 20;
@@ -36,7 +38,10 @@ pub struct StateHeader {
     /// Every tensor in transfer order with its shape: the parameters in name
     /// order, then the optimizer state by name.
     pub tensors: Vec<(String, Vec<i64>)>,
-    /// sha256 over the (little-endian) fp32 bytes of every tensor, in order.
+    /// The model's buffers (BatchNorm's running statistics), in name order.
+    pub buffers: Vec<BufferImage>,
+    /// sha256 over the (little-endian) fp32 bytes of every tensor, in order,
+    /// then over the buffers' bytes.
     pub sha256: [u8; 32],
 }
 
@@ -48,12 +53,15 @@ pub struct State<'a> {
     pub metrics: &'a BTreeMap<String, f64>,
     /// Parameters in name order.
     pub params: &'a [(String, Tensor)],
+    /// Buffers in name order: the source's are sent, a receiver's overwritten.
+    pub buffers: &'a [(String, Tensor)],
     /// Optimizer state tensors by name (empty on a rank that has none yet).
     pub optimizer: Vec<(String, Tensor)>,
 }
 
 /// What a receiver got: the source's header and its optimizer state
-/// tensors, on the receiver's device; the parameters were written in place.
+/// tensors, on the receiver's device; the parameters and buffers were
+/// written in place.
 pub struct Received {
     pub header: StateHeader,
     pub optimizer: Vec<(String, Tensor)>,
@@ -85,6 +93,10 @@ pub fn transfer(
             tensors.push((name.clone(), t.size()));
             hash_tensor(&mut hasher, t)?;
         }
+        let buffers = buffers::images(state.buffers)?;
+        for b in &buffers {
+            hasher.update(&b.bytes);
+        }
         let header = StateHeader {
             version: TRANSFER_VERSION,
             job_id: state.job_id.to_string(),
@@ -92,6 +104,7 @@ pub fn transfer(
             optimizer_steps: state.optimizer_steps,
             metrics: state.metrics.clone(),
             tensors,
+            buffers,
             sha256: hasher.finalize().into(),
         };
         bincode::serde::encode_to_vec(&header, bincode::config::standard())
@@ -155,6 +168,9 @@ pub fn transfer(
     if is_source {
         return Ok((None, done));
     }
+    for b in &header.buffers {
+        hasher.update(&b.bytes);
+    }
     let got: [u8; 32] = hasher.finalize().into();
     if got != header.sha256 {
         return Err(TrainError::Transfer(format!(
@@ -163,6 +179,7 @@ pub fn transfer(
             hex(&got)
         )));
     }
+    buffers::restore(&header.buffers, state.buffers)?;
     Ok((Some(Received { header, optimizer }), done))
 }
 
@@ -195,14 +212,15 @@ fn check_header(h: &StateHeader, mine: &State<'_>) -> Result<(), TrainError> {
             )));
         }
     }
-    Ok(())
+    buffers::check(&h.buffers, mine.buffers)
+        .map_err(|e| TrainError::Transfer(format!("the source's buffers: {e}")))
 }
 
 /// Feeds a tensor's fp32 values (from any device) to `hasher`.
 fn hash_tensor(hasher: &mut Sha256, t: &Tensor) -> Result<(), TrainError> {
-    let host = crate::checkpoint::HostTensor::copy_of("", t)?;
+    let host = crate::checkpoint::HostTensor::copy_of("", &t.f_to_kind(Kind::Float)?)?;
     // Native byte order: every platform libtorch supports is little-endian.
-    hasher.update(bytemuck::cast_slice::<f32, u8>(&host.data));
+    hasher.update(host.bytes().0);
     Ok(())
 }
 
@@ -287,6 +305,14 @@ mod tests {
         ]
     }
 
+    /// A BatchNorm's buffers.
+    fn bufs(count: i64, mean: f32) -> Vec<(String, Tensor)> {
+        vec![
+            ("n.num_batches_tracked".into(), Tensor::from(count)),
+            ("n.running_mean".into(), Tensor::from_slice(&[mean; 4])),
+        ]
+    }
+
     fn send(ps: &[(String, Tensor)], metrics: &BTreeMap<String, f64>) -> Tape {
         let mut tape = Tape {
             rank: 0,
@@ -301,6 +327,7 @@ mod tests {
             optimizer_steps: 7,
             metrics,
             params: ps,
+            buffers: &bufs(41, 0.25),
             optimizer: vec![(
                 "a.bias.exp_avg".into(),
                 Tensor::ones([3], (Kind::Float, Device::Cpu)),
@@ -314,13 +341,20 @@ mod tests {
         tape
     }
 
-    fn receive(tape: Tape, corrupt: bool) -> (Vec<(String, Tensor)>, Result<Received, TrainError>) {
+    type Receiver = (
+        Vec<(String, Tensor)>,
+        Vec<(String, Tensor)>,
+        Result<Received, TrainError>,
+    );
+
+    fn receive(tape: Tape, corrupt: bool) -> Receiver {
         let mut tape = Tape {
             rank: 1,
             corrupt,
             ..tape
         };
         let mine = params(2);
+        let my_buffers = bufs(0, 0.0);
         let metrics = BTreeMap::new();
         let state = State {
             job_id: "j",
@@ -328,21 +362,25 @@ mod tests {
             optimizer_steps: 0,
             metrics: &metrics,
             params: &mine,
+            buffers: &my_buffers,
             optimizer: Vec::new(),
         };
         let got = transfer(&mut tape, 0, state, Device::Cpu, 8).map(|(r, _)| r.unwrap());
-        (mine, got)
+        (mine, my_buffers, got)
     }
 
     #[test]
     fn a_receiver_gets_every_tensor_and_the_cursor() {
         let source = params(1);
         let metrics = BTreeMap::from([("loss".to_string(), 0.5)]);
-        let (mine, got) = receive(send(&source, &metrics), false);
+        let (mine, buffers, got) = receive(send(&source, &metrics), false);
         let got = got.unwrap();
         assert_eq!(got.header.step, 7);
         assert_eq!(got.header.metrics, metrics);
         for ((_, a), (_, b)) in mine.iter().zip(&source) {
+            assert!(a.equal(b));
+        }
+        for ((_, a), (_, b)) in buffers.iter().zip(&bufs(41, 0.25)) {
             assert!(a.equal(b));
         }
         assert_eq!(got.optimizer.len(), 1);
@@ -357,7 +395,7 @@ mod tests {
     #[test]
     fn state_changed_in_flight_fails_its_checksum() {
         let source = params(1);
-        let (_, got) = receive(send(&source, &BTreeMap::new()), true);
+        let (_, _, got) = receive(send(&source, &BTreeMap::new()), true);
         let e = got.err().expect("refused").to_string();
         assert!(e.contains("failed its checksum"), "{e}");
     }

@@ -418,18 +418,10 @@ fn build_model(raw: RawModel, at: &Locator<'_>) -> Result<(ModelSpec, Location),
             let norm = match raw.norm.as_ref().map(|n| (*n.get_ref(), n.span())) {
                 None | Some((RawNorm::Group, _)) => Norm::Group,
                 Some((RawNorm::None, _)) => Norm::None,
-                Some((RawNorm::Batch, span)) => {
-                    return Err(at.invalid(
-                        span,
-                        "model.norm = \"batch\" is not supported yet: its per-rank statistics \
-                         would make the run depend on the number of workers; use \"group\" \
-                         (per-sample statistics) or \"none\""
-                            .into(),
-                    ));
-                }
+                Some((RawNorm::Batch, _)) => Norm::Batch,
             };
             let groups = match &raw.groups {
-                Some(g) if norm == Norm::None => {
+                Some(g) if norm != Norm::Group => {
                     return Err(at.invalid(
                         g.span(),
                         "model.groups applies to model.norm = \"group\"".into(),
