@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cnn_reference import Cnn  # noqa: E402
+from cnn_reference import Cnn, load_set  # noqa: E402
 
 
 def audited_slices(audit_dir, first, last):
@@ -60,16 +60,6 @@ def audited_slices(audit_dir, first, last):
         ranks = contributes[(gen, step)]
         out[step] = [ranks[r] for r in sorted(ranks)]
     return out
-
-
-def load_set(data_dir, c, h, w):
-    manifest = json.load(open(f"{data_dir}/MANIFEST.json"))
-    xs, ys = [], []
-    for shard in manifest["shards"]:
-        t = load_file(f"{data_dir}/{shard['file']}")
-        xs.append(t["x"])
-        ys.append(t["y"])
-    return torch.cat(xs).view(-1, c, h, w), torch.cat(ys), manifest["schema"]["num_classes"]
 
 
 def replay(model, slices, x, y, lr, steps):

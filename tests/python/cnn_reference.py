@@ -44,19 +44,24 @@ class Cnn(nn.Module):
         return self.out(x.mean(dim=(2, 3)))
 
 
-def main():
-    model_path, data_dir, c, h, w, channels, kernel, pool, norm = sys.argv[1:]
-    c, h, w, kernel, pool = map(int, (c, h, w, kernel, pool))
-    channels = [int(v) for v in channels.split(",")]
+def load_set(data_dir, c, h, w):
+    """A Ringmaster dataset directory's images `[n, c, h, w]` (sample id order), labels and
+    number of classes."""
     manifest = json.load(open(f"{data_dir}/MANIFEST.json"))
     xs, ys = [], []
     for shard in manifest["shards"]:
         t = load_file(f"{data_dir}/{shard['file']}")
         xs.append(t["x"])
         ys.append(t["y"])
-    x = torch.cat(xs).view(-1, c, h, w)
-    y = torch.cat(ys)
-    model = Cnn(c, channels, kernel, pool, norm, manifest["schema"]["num_classes"])
+    return torch.cat(xs).view(-1, c, h, w), torch.cat(ys), manifest["schema"]["num_classes"]
+
+
+def main():
+    model_path, data_dir, c, h, w, channels, kernel, pool, norm = sys.argv[1:]
+    c, h, w, kernel, pool = map(int, (c, h, w, kernel, pool))
+    channels = [int(v) for v in channels.split(",")]
+    x, y, classes = load_set(data_dir, c, h, w)
+    model = Cnn(c, channels, kernel, pool, norm, classes)
     model.load_state_dict(load_file(model_path), strict=True)
     model.eval()
     with torch.no_grad():

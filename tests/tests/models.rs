@@ -82,20 +82,7 @@ fn cnn_on_digits_reaches_97_percent_and_scores_the_same_in_pytorch() {
     );
 
     // The same weights in PyTorch's own module score the same.
-    let root = repo_root();
-    let py = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/python/cnn_reference.py"))
-        .arg(out.join("model.safetensors"))
-        .arg(data.join("val"))
-        .args(["1", "8", "8", "32,64", "3", "2", "8"])
-        .output()
-        .expect("run the project venv's python (scripts/bootstrap makes it)");
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
-    let torch: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let torch = pytorch_scores(&out, &data, "32,64", "8");
     let samples = torch["samples"].as_f64().unwrap();
     let torch_accuracy = torch["accuracy"].as_f64().unwrap();
     eprintln!("the same model in PyTorch: {torch}");
@@ -166,6 +153,17 @@ fn python_json(script: &str, args: &[String]) -> serde_json::Value {
     serde_json::from_slice(&py.stdout).unwrap()
 }
 
+/// `tests/python/cnn_reference.py`'s scores of the job's `model.safetensors`
+/// on the validation set, in PyTorch's own module (3x3 kernels, pools of 2).
+fn pytorch_scores(out: &Path, data: &Path, channels: &str, norm: &str) -> serde_json::Value {
+    let args = [
+        out.join("model.safetensors").display().to_string(),
+        data.join("val").display().to_string(),
+    ];
+    let shape = ["1", "8", "8", channels, "3", "2", norm].map(String::from);
+    python_json("cnn_reference.py", &[&args[..], &shape[..]].concat())
+}
+
 #[test]
 fn batch_norm_cnn_trains_and_loads_into_pytorch_with_its_running_statistics() {
     let tmp = tempfile::tempdir().unwrap();
@@ -207,20 +205,7 @@ fn batch_norm_cnn_trains_and_loads_into_pytorch_with_its_running_statistics() {
 
     // PyTorch's own BatchNorm2d, in evaluation mode, uses the saved running
     // statistics: the same accuracy means they are the ones we evaluated with.
-    let torch = python_json(
-        "cnn_reference.py",
-        &[
-            out.join("model.safetensors").display().to_string(),
-            data.join("val").display().to_string(),
-            "1".into(),
-            "8".into(),
-            "8".into(),
-            "16,32".into(),
-            "3".into(),
-            "2".into(),
-            "batch".into(),
-        ],
-    );
+    let torch = pytorch_scores(&out, &data, "16,32", "batch");
     let samples = torch["samples"].as_f64().unwrap();
     let torch_accuracy = torch["accuracy"].as_f64().unwrap();
     eprintln!("the same model in PyTorch: {torch}");
