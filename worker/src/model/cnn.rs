@@ -192,6 +192,16 @@ impl BatchNorm {
     /// variance, with `momentum`), counting the batch; in evaluation, uses the
     /// running statistics.
     fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor, TchError> {
+        let size = x.size();
+        if training && size.iter().enumerate().all(|(d, &v)| d == 1 || v <= 1) {
+            // One value per channel has no variance: libtorch would fold a
+            // NaN into the running variance; PyTorch's module refuses.
+            return Err(TchError::Shape(format!(
+                "batch normalization needs more than one value per channel when training, got \
+                 input of size {size:?} (a worker's slice of the batch is one sample of 1x1 \
+                 pixels: use a larger batch_size or norm = \"group\")"
+            )));
+        }
         let y = x.f_batch_norm(
             Some(&self.weight),
             Some(&self.bias),
@@ -313,6 +323,43 @@ impl Block {
 mod tests {
     use super::*;
     use tch::Device;
+
+    #[test]
+    fn batch_norm_refuses_a_single_value_per_channel_in_training() {
+        let spec = ModelSpec::Cnn {
+            input_shape: [1, 1, 1],
+            channels: vec![2],
+            kernel: 1,
+            pool: 1,
+            norm: Norm::Batch,
+            groups: 1,
+            activation: Activation::Relu,
+            dropout: 0.0,
+            augment: Augment::default(),
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cnn = Cnn::new(&vs.root(), 1, 2, &spec).unwrap();
+        let one = Tensor::from_slice(&[0.5f32]).view([1, 1]);
+        let ids = [4u64];
+        let e = cnn
+            .forward(&one, Some(&SampleNoise::new(1, 0, &ids, Device::Cpu)))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("more than one value per channel"),
+            "{e}"
+        );
+        // Evaluation uses the running statistics: one sample is fine.
+        assert!(cnn.forward(&one, None).is_ok());
+        let two = Tensor::from_slice(&[0.5f32, -1.0]).view([2, 1]);
+        let ids = [4u64, 9];
+        let out = cnn
+            .forward(&two, Some(&SampleNoise::new(1, 0, &ids, Device::Cpu)))
+            .unwrap();
+        assert_eq!(out.size(), [2, 2]);
+        let count = &cnn.named_buffers()[0];
+        assert_eq!(count.0, "norm0.num_batches_tracked");
+        assert_eq!(count.1.int64_value(&[]), 1);
+    }
 
     fn images(ids: &[u64]) -> Tensor {
         let v: Vec<f32> = ids
