@@ -3,7 +3,8 @@
 //! accuracy, its `model.safetensors` loads into the equivalent PyTorch module
 //! (`tests/python/cnn_reference.py`, strict `load_state_dict`) and scores the
 //! same there, 1, 2 and 4 workers compute the same run, random crops
-//! (drawn per sample) included, and a cancel + resume is bitwise identical.
+//! (drawn per sample) included, as do 1 and 2 without normalization, and a
+//! cancel + resume is bitwise identical.
 //!
 //! With batch normalization (`norm = "batch"`): the model trains, carries its
 //! running statistics into `model.safetensors` (a strict `load_state_dict`
@@ -110,6 +111,17 @@ fn one_two_and_four_workers_train_the_same_cnn() {
         eprintln!("cnn: relative L2 between 1 and {workers} workers: {rel:e}");
         assert!(rel < 1e-5, "1 vs {workers} workers: {rel}");
     }
+    // Without normalization too.
+    let none = |name: &str, workers: u32| {
+        cnn_job(&data, name, workers, 150)
+            .model_kind(&CNN.replace("norm = \"group\"\ngroups = 8", "norm = \"none\""))
+    };
+    let (_, one) = cluster.train(tmp.path(), &none("none1", 1));
+    let (_, two) = cluster.train(tmp.path(), &none("none2", 2));
+    let rel = relative_l2(&model_params(&one), &model_params(&two));
+    eprintln!("cnn without normalization: relative L2 between 1 and 2 workers: {rel:e}");
+    assert!(rel < 1e-5, "norm = none, 1 vs 2 workers: {rel}");
+    assert!(!read_params(&one.join("model.safetensors")).contains_key("norm0.weight"));
 }
 
 #[test]
