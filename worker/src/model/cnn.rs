@@ -145,7 +145,15 @@ impl Cnn {
                 }
                 BlockNorm::Batch(bn) => x = bn.forward(&x, noise.is_some())?,
             }
-            x = activate(&x, self.activation)?;
+            // ReLU and max pooling commute exactly, values and gradients
+            // alike (a window whose maximum is not positive gets no gradient
+            // either way; otherwise the same first maximum gets it), so ReLU
+            // runs after the pool, on a quarter of the values. Other
+            // activations keep PyTorch's order.
+            let relu_after_pool = self.activation == Activation::Relu && self.pool > 1;
+            if !relu_after_pool {
+                x = activate(&x, self.activation)?;
+            }
             if self.pool > 1 {
                 x = x.f_max_pool2d(
                     [self.pool, self.pool],
@@ -154,6 +162,9 @@ impl Cnn {
                     [1, 1],
                     false,
                 )?;
+            }
+            if relu_after_pool {
+                x = x.f_relu()?;
             }
         }
         // Global average pooling: [n, c, h', w'] -> [n, c].
@@ -323,6 +334,52 @@ impl Block {
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// PyTorch's order, activation then pool, on the same parameters.
+    fn relu_then_pool(cnn: &Cnn, xs: &Tensor) -> Tensor {
+        let [c, h, w] = cnn.input;
+        let mut x = xs.view([-1, c, h, w]);
+        for b in &cnn.blocks {
+            x = x.conv2d(&b.weight, Some(&b.bias), [1, 1], [1, 1], [1, 1], 1);
+            x = x.relu().max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        }
+        let x = x.mean_dim(Some([2i64, 3].as_slice()), false, Kind::Float);
+        cnn.out.forward(&x).unwrap()
+    }
+
+    #[test]
+    fn relu_after_the_pool_gives_pytorchs_values_and_gradients_bitwise() {
+        let spec = ModelSpec::Cnn {
+            input_shape: [2, 8, 8],
+            channels: vec![4, 6],
+            kernel: 3,
+            pool: 2,
+            norm: Norm::None,
+            groups: 1,
+            activation: Activation::Relu,
+            dropout: 0.0,
+            augment: Augment::default(),
+        };
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cnn = Cnn::new(&vs.root(), 128, 3, &spec).unwrap();
+        // Many non-positive windows, and exact ties among positive values.
+        let xs = Tensor::randn([5, 128], (Kind::Float, Device::Cpu)).round();
+        let params: Vec<Tensor> = super::super::named_parameters(&vs)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        let grads = |out: Tensor| {
+            Tensor::run_backward(&[out.square().sum(Kind::Float)], &params, false, false)
+        };
+        let ours = cnn.forward(&xs, None).unwrap();
+        let theirs = relu_then_pool(&cnn, &xs);
+        assert!(ours.equal(&theirs));
+        let (a, b) = (grads(ours), grads(theirs));
+        for (a, b) in a.iter().zip(&b) {
+            assert!(a.equal(b));
+        }
+    }
 
     #[test]
     fn batch_norm_refuses_a_single_value_per_channel_in_training() {
