@@ -155,6 +155,12 @@ impl Cnn {
                 x = activate(&x, self.activation)?;
             }
             if self.pool > 1 {
+                // Pooling is several times faster on channels-last memory on
+                // the CPU, and the next convolution then reads it without
+                // oneDNN's reorder: the cnn step runs about 1.25x faster. Only
+                // the layout changes, and with it the convolution's summation
+                // order (values agree to float rounding, not bitwise).
+                x = channels_last(&x)?;
                 x = x.f_max_pool2d(
                     [self.pool, self.pool],
                     [self.pool, self.pool],
@@ -228,6 +234,16 @@ impl BatchNorm {
         }
         Ok(y)
     }
+}
+
+/// `x` (`[n, c, h, w]`) with the same shape and values in channels-last
+/// memory (strides of `[n, h, w, c]`), as PyTorch's
+/// `x.contiguous(memory_format=torch.channels_last)`; no copy when it already
+/// is. Kernels choose their channels-last implementations from the strides.
+fn channels_last(x: &Tensor) -> Result<Tensor, TchError> {
+    x.f_permute([0, 2, 3, 1])?
+        .f_contiguous()?
+        .f_permute([0, 3, 1, 2])
 }
 
 /// Random crop (after mirror padding) and horizontal flip of each image of
@@ -335,13 +351,16 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    /// PyTorch's order, activation then pool, on the same parameters.
+    /// PyTorch's order, activation then pool, on the same parameters and
+    /// memory layout.
     fn relu_then_pool(cnn: &Cnn, xs: &Tensor) -> Tensor {
         let [c, h, w] = cnn.input;
         let mut x = xs.view([-1, c, h, w]);
         for b in &cnn.blocks {
             x = x.conv2d(&b.weight, Some(&b.bias), [1, 1], [1, 1], [1, 1], 1);
-            x = x.relu().max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+            x = channels_last(&x.relu())
+                .unwrap()
+                .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
         }
         let x = x.mean_dim(Some([2i64, 3].as_slice()), false, Kind::Float);
         cnn.out.forward(&x).unwrap()
@@ -379,6 +398,18 @@ mod tests {
         for (a, b) in a.iter().zip(&b) {
             assert!(a.equal(b));
         }
+    }
+
+    #[test]
+    fn channels_last_keeps_shape_and_values_and_changes_strides() {
+        let x = Tensor::arange(2 * 3 * 4 * 5, (Kind::Float, Device::Cpu)).view([2, 3, 4, 5]);
+        let y = channels_last(&x).unwrap();
+        assert_eq!(y.size(), [2, 3, 4, 5]);
+        assert!(y.equal(&x));
+        assert_eq!(y.stride(), [60, 1, 15, 3]);
+        // Already channels-last: the same memory.
+        let z = channels_last(&y).unwrap();
+        assert_eq!(z.data_ptr(), y.data_ptr());
     }
 
     #[test]
