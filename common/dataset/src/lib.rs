@@ -63,6 +63,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "pack")]
+mod bpe;
 mod manifest;
 #[cfg(feature = "pack")]
 mod pack;
@@ -80,24 +82,26 @@ mod timeseries;
 
 use std::path::PathBuf;
 
+#[cfg(feature = "pack")]
+pub use bpe::{Bpe, MAX_BPE_VOCAB, MIN_BPE_VOCAB};
 pub use manifest::{
     DatasetManifest, ElementType, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_CLASSES,
-    MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, Schema, ShardEntry, Standardization,
-    TensorSpec,
+    MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, MAX_TOKENIZER_BYTES, Schema, ShardEntry,
+    Standardization, TOKENIZER_FILE, TensorSpec, TokenizerEntry,
 };
 #[cfg(feature = "pack")]
 pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, PackTask, pack};
 pub use shard_plan::{EpochOrder, ShardPlan, ShardPlanError, rank_range};
 pub use shards::{
     DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, LabelRows, Labels, LocalDir,
-    ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard, shard_file_name,
-    write_dataset,
+    ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard, read_tokenizer,
+    shard_file_name, write_dataset,
 };
 pub use synth::{SynthOptions, SynthRegression, synthesize, synthesize_regression};
 #[cfg(feature = "pack")]
 pub use text::{
-    BYTE_VOCAB, Chunks, MAX_CONTEXT, TextOptions, TextReport, chunk_tokens, pack_text, split_point,
-    unigram_perplexity,
+    BYTE_VOCAB, Chunks, MAX_CONTEXT, TextOptions, TextReport, chunk_tokens, pack_text,
+    smoothed_counts, split_point, unigram_perplexity,
 };
 #[cfg(feature = "pack")]
 pub use timeseries::{Missing, SeriesOptions, SeriesReport, pack_timeseries};
@@ -141,6 +145,12 @@ pub enum DatasetError {
     #[error("shard {shard}: sha256 is {actual} but the manifest records {expected}")]
     ShardChecksum {
         shard: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("tokenizer {file}: sha256 is {actual} but the manifest records {expected}")]
+    TokenizerChecksum {
+        file: String,
         expected: String,
         actual: String,
     },
