@@ -416,7 +416,7 @@ pub struct PackArgs {
     /// Byte-level BPE for `--text`: a vocabulary of at most N tokens (256 to 1048576, the 256
     /// byte symbols included) trained with HuggingFace's `tokenizers` on the training text
     /// only, written as `tokenizer.json` in train/ and val/. The text must be UTF-8.
-    #[arg(long, value_name = "N", requires = "text")]
+    #[arg(long, value_name = "N", requires = "text", value_parser = clap::value_parser!(u32).range(i64::from(dataset::MIN_BPE_VOCAB)..=i64::from(dataset::MAX_BPE_VOCAB)))]
     pub bpe_vocab: Option<u32>,
     /// The series' column (its header name) for `--timeseries`.
     #[arg(long, requires = "timeseries", value_name = "NAME")]

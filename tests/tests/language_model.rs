@@ -332,6 +332,20 @@ fn a_bpe_vocabulary_packs_losslessly_and_trains_a_transformer_with_that_many_out
         assert!(check["tokens"].as_u64().unwrap() > 1000, "{check}");
     }
 
+    // Usage errors (exit 2): fewer tokens than the byte symbols, and BPE without text.
+    for args in [
+        ["--text", &files[0], "--context", "16", "--bpe-vocab", "255"].as_slice(),
+        ["--csv", &files[0], "--bpe-vocab", "512"].as_slice(),
+    ] {
+        let mut c = Command::new(bin("coordinator"));
+        c.args(["dataset", "pack"]).args(args).arg("--out-dir");
+        c.arg(tmp.path().join("refused"));
+        let out = run_with_timeout(c, T);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains("--bpe-vocab"), "{}", out.stderr);
+    }
+    assert!(!tmp.path().join("refused").exists());
+
     let cluster = LocalCluster::start(2).unwrap();
     let job = JobBuilder::new("bpe", &data)
         .seed(5)

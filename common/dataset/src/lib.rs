@@ -40,9 +40,12 @@
 //! A regression dataset's schema has `"labels": { "name": "y", "dtype": "f32",
 //! "shape": [k] }` and no `num_classes` (one is refused); a classification
 //! one must have `num_classes`. A token dataset's labels are `{ "name": "y",
-//! "dtype": "i64", "shape": [T] }` with `num_classes` its vocabulary. All are
-//! format version 1: manifests written before regression or tokens existed
-//! read unchanged.
+//! "dtype": "i64", "shape": [T] }` with `num_classes` its vocabulary; one of
+//! BPE tokens (`dataset pack --text --bpe-vocab`) also holds its tokenizer,
+//! `"tokenizer": { "file": "tokenizer.json", "sha256": "…" }`, a file beside
+//! the shards that only decoding reads ([`read_tokenizer`] verifies it). All
+//! are format version 1: manifests written before regression, tokens or
+//! tokenizers existed read unchanged.
 //!
 //! `standardization` is optional; when present it has *already been applied*
 //! to the stored `x` (`(raw - mean) / std`) and is recorded so that

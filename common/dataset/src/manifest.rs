@@ -292,8 +292,9 @@ impl DatasetManifest {
     /// Checks every contract a reader relies on: the format version, the one
     /// schema this version supports, bounded sizes, shard names that cannot
     /// escape the directory, distinct shards whose sample counts sum to
-    /// `num_samples`, well-formed hashes and a standardization of the right
-    /// length with positive finite scales.
+    /// `num_samples`, well-formed hashes, a standardization of the right
+    /// length with positive finite scales, and a tokenizer only on token
+    /// sequences, under a plain file name that is not a shard's.
     pub fn validate(&self) -> Result<(), DatasetError> {
         let invalid = |msg: String| Err(DatasetError::InvalidManifest(msg));
         if self.format_version != FORMAT_VERSION {
