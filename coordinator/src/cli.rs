@@ -375,6 +375,7 @@ pub enum DatasetCommand {
     ///   coordinator dataset pack --task regression --csv houses.csv --label-column price,rent \
     ///       --out-dir data/houses
     ///   coordinator dataset pack --text book.txt --context 64 --val-fraction 0.1 --out-dir data/book
+    ///   coordinator dataset pack --text book.txt --context 64 --bpe-vocab 4096 --out-dir data/book-bpe
     #[command(verbatim_doc_comment)]
     Pack(Box<PackArgs>),
     /// Generate a synthetic classification or regression dataset (for benchmarks and tests).
@@ -402,15 +403,21 @@ pub struct PackArgs {
     #[arg(long, value_name = "CSV", conflicts_with_all = ["csv", "npy_features", "npy_labels", "labels_csv", "label_column"], requires_all = ["column", "window"])]
     pub timeseries: Option<PathBuf>,
     /// Text files for a language model, concatenated in order into one stream of byte-level
-    /// tokens (vocabulary 256) cut into consecutive chunks of `--context` + 1 tokens: each
-    /// sample's features are its first `--context` tokens, its labels the next token at every
-    /// position. The split is chronological (the last `--val-fraction` of the text is
-    /// validation, no sample spans it); the pack prints the unigram baseline perplexity.
+    /// tokens (vocabulary 256; BPE ids with `--bpe-vocab`) cut into consecutive chunks of
+    /// `--context` + 1 tokens: each sample's features are its first `--context` tokens, its
+    /// labels the next token at every position. The split is chronological (the last
+    /// `--val-fraction` of the text is validation, no sample spans it); the pack prints the
+    /// unigram baseline perplexity and its bits per byte.
     #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["csv", "npy_features", "npy_labels", "labels_csv", "label_column", "timeseries", "standardize"], requires = "context")]
     pub text: Vec<PathBuf>,
     /// Tokens per sample for `--text`: the model's context length.
     #[arg(long, value_name = "T")]
     pub context: Option<usize>,
+    /// Byte-level BPE for `--text`: a vocabulary of at most N tokens (256 to 1048576, the 256
+    /// byte symbols included) trained with HuggingFace's `tokenizers` on the training text
+    /// only, written as `tokenizer.json` in train/ and val/. The text must be UTF-8.
+    #[arg(long, value_name = "N", requires = "text", value_parser = clap::value_parser!(u32).range(i64::from(dataset::MIN_BPE_VOCAB)..=i64::from(dataset::MAX_BPE_VOCAB)))]
+    pub bpe_vocab: Option<u32>,
     /// The series' column (its header name) for `--timeseries`.
     #[arg(long, requires = "timeseries", value_name = "NAME")]
     pub column: Option<String>,
@@ -1886,6 +1893,7 @@ fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "text".into())
         }),
         shard_samples: a.shard_samples,
+        bpe_vocab: a.bpe_vocab,
     })
     .context("failed to pack the text")?;
     match output {
@@ -1894,6 +1902,8 @@ fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "train_dir": report.train_dir,
                 "val_dir": report.val_dir,
+                "bytes": report.bytes,
+                "split_byte": report.split_byte,
                 "tokens": report.tokens,
                 "train_tokens": report.train_tokens,
                 "val_tokens": report.val_tokens,
@@ -1901,14 +1911,22 @@ fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
                 "val_samples": report.val_samples,
                 "context": context,
                 "vocab": report.vocab,
+                "tokenizer": report.tokenizer,
                 "task": "language_model",
                 "unigram_val_perplexity": report.unigram_val_perplexity,
+                "unigram_val_bits_per_byte": report.unigram_val_bits_per_byte,
+                "val_bytes_per_token": report.val_bytes_per_token,
             }))?
         ),
         Output::Text => {
+            let tokens = match &report.tokenizer {
+                None => "byte tokens".to_string(),
+                Some(file) => format!("BPE tokens, {file}"),
+            };
             println!(
-                "packed {} tokens ({} training, {} validation; vocabulary {}) into {} train and \
-                 {} validation samples of {} tokens into {}",
+                "packed {} bytes as {} tokens ({} training, {} validation; {tokens}, vocabulary \
+                 {}) into {} train and {} validation samples of {} tokens into {}",
+                report.bytes,
                 report.tokens,
                 report.train_tokens,
                 report.val_tokens,
@@ -1918,11 +1936,22 @@ fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
                 context,
                 a.out_dir.display()
             );
-            if let Some(ppl) = report.unigram_val_perplexity {
+            if let (Some(ppl), Some(bpb), Some(per_token)) = (
+                report.unigram_val_perplexity,
+                report.unigram_val_bits_per_byte,
+                report.val_bytes_per_token,
+            ) {
                 println!(
-                    "unigram baseline (training byte frequencies) on validation: perplexity \
-                     {ppl:.3}; a model should beat it"
+                    "unigram baseline (training token frequencies) on validation: perplexity \
+                     {ppl:.3} per token, {bpb:.3} bits per byte; a model should beat it"
                 );
+                if report.tokenizer.is_some() {
+                    println!(
+                        "validation tokens hold {per_token:.3} bytes each: a model's perplexity \
+                         P is log2(P) / {per_token:.3} bits per byte, comparable with byte-level \
+                         models"
+                    );
+                }
             }
         }
     }

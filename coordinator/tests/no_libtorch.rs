@@ -1,6 +1,6 @@
 //! Architecture invariants on dependency lines: the coordinator never links
 //! libtorch, and the worker never links the store backends (etcd, redb) or
-//! the dataset packers (CSV, NPY, progress bars). Walks the resolved
+//! the dataset packers (CSV, NPY, progress bars, BPE training). Walks the resolved
 //! dependency graph (`cargo tree`) from each binary's package along normal
 //! (non-dev, non-build) edges, on this host's platform only, so a stray dependency is caught when it
 //! is added rather than when a coordinator host without libtorch fails to
@@ -65,6 +65,7 @@ fn the_worker_does_not_depend_on_the_store_backends_or_the_packers() {
         "csv",
         "npyz",
         "indicatif",
+        "tokenizers",
     ] {
         assert!(
             !reached.contains(banned),

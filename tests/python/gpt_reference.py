@@ -102,16 +102,24 @@ def score(model_path, data_dir, layers, heads, width, context):
     print(json.dumps({"samples": samples, "tokens": tokens, "loss": loss, "perplexity": math.exp(loss)}))
 
 
-def sample(model_path, layers, heads, width, context, prompt, chars, seed=0):
+def sample(model_path, layers, heads, width, context, prompt, chars, seed=0, tokenizer=None):
+    """`prompt` followed by `chars` tokens drawn one at a time (bytes for a byte-level model),
+    as text. `tokenizer`: a byte_bpe.ByteBpe for a model trained on BPE tokens, None for bytes."""
     model = load(model_path, layers, heads, width, context)
+    vocab = model.wte.weight.shape[0]
+    if tokenizer is None and vocab != 256:
+        raise ValueError(f"the model has {vocab} outputs, not 256 bytes: give its dataset's tokenizer.json")
+    if tokenizer is not None and tokenizer.vocab_size != vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model {vocab} outputs")
     gen = torch.Generator().manual_seed(seed)
-    idx = list(prompt.encode())
+    idx = list(prompt.encode()) if tokenizer is None else tokenizer.encode(prompt)
     with torch.no_grad():
         for _ in range(chars):
             window = torch.tensor([idx[-context:]])
             probs = model(window)[0, -1].softmax(dim=-1)
             idx.append(int(torch.multinomial(probs, 1, generator=gen)))
-    return bytes(idx).decode("utf-8", errors="replace")
+    text = bytes(idx) if tokenizer is None else tokenizer.decode(idx)
+    return text.decode("utf-8", errors="replace")
 
 
 def main():

@@ -4,10 +4,14 @@
 //! baseline the pack prints, and its `model.safetensors` loads into nanoGPT's PyTorch module
 //! (`tests/python/gpt_reference.py`, strict `load_state_dict`) with the same validation loss;
 //! 1, 2 and 4 workers train the same transformer (dropout on); a cancel + resume is bitwise
-//! identical; a model context unlike the dataset's is refused at submit.
+//! identical; a model context unlike the dataset's is refused at submit. With `--bpe-vocab 512`
+//! the same corpus packs into BPE tokens that decode back to the text (in pure Python,
+//! `tests/python/byte_bpe.py`), and a transformer with 512 outputs trains on them to a
+//! validation perplexity below the BPE unigram baseline.
 
 use ringmaster_tests::{
-    JobBuilder, LocalCluster, bin, model_params, relative_l2, repo_root, run_with_timeout,
+    JobBuilder, LocalCluster, bin, model_params, read_params, relative_l2, repo_root,
+    run_with_timeout,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,10 +31,16 @@ fn corpus() -> Vec<String> {
 
 /// Packs `files` with `--context context` into `dir` and returns the pack's JSON report.
 fn pack(files: &[String], context: u32, dir: &Path) -> serde_json::Value {
+    pack_with(files, context, dir, &[])
+}
+
+/// [`pack`] with more `dataset pack` arguments.
+fn pack_with(files: &[String], context: u32, dir: &Path, extra: &[&str]) -> serde_json::Value {
     let mut c = Command::new(bin("coordinator"));
     c.args(["dataset", "pack", "--text"])
         .args(files)
         .args(["--context", &context.to_string(), "--val-fraction", "0.1"])
+        .args(extra)
         .args(["--output", "json", "--out-dir"])
         .arg(dir);
     let out = run_with_timeout(c, T);
@@ -241,5 +251,145 @@ fn a_context_unlike_the_datasets_and_a_classifier_on_tokens_are_refused() {
         out.stderr.contains("token sequences") && out.stderr.contains("classification"),
         "{}",
         out.stderr
+    );
+}
+
+/// Runs the project venv's python on `args` (from the repository root) and returns its stdout,
+/// asserting it succeeds.
+fn python(args: &[&std::ffi::OsStr]) -> String {
+    let root = repo_root();
+    let out = Command::new(root.join(".venv/bin/python"))
+        .args(args)
+        .current_dir(&root)
+        .output()
+        .expect("run the project venv's python (scripts/bootstrap makes it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_bpe_vocabulary_packs_losslessly_and_trains_a_transformer_with_that_many_outputs() {
+    let root = repo_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let files = corpus();
+    let bytes = pack(&files, 16, &tmp.path().join("bytes"));
+    let data = tmp.path().join("bpe");
+    let packed = pack_with(&files, 16, &data, &["--bpe-vocab", "512"]);
+    eprintln!("BPE 512: {packed}");
+    assert_eq!(packed["vocab"], 512, "{packed}");
+    assert_eq!(packed["tokenizer"], "tokenizer.json");
+    let (tokens, text_bytes) = (
+        packed["tokens"].as_u64().unwrap(),
+        packed["bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(text_bytes, bytes["tokens"].as_u64().unwrap());
+    assert!(
+        tokens < text_bytes * 3 / 5,
+        "{tokens} tokens for {text_bytes} bytes"
+    );
+    assert_eq!(
+        packed["train_samples"].as_u64().unwrap(),
+        packed["train_tokens"].as_u64().unwrap() / 17
+    );
+    assert_eq!(
+        packed["val_samples"].as_u64().unwrap(),
+        packed["val_tokens"].as_u64().unwrap() / 17
+    );
+    // Per token the BPE baseline is far above the bytes'; per byte of text it is below.
+    let baseline = packed["unigram_val_perplexity"].as_f64().unwrap();
+    let bpb = packed["unigram_val_bits_per_byte"].as_f64().unwrap();
+    let per_token = packed["val_bytes_per_token"].as_f64().unwrap();
+    let byte_bpb = bytes["unigram_val_bits_per_byte"].as_f64().unwrap();
+    assert!((bpb - baseline.log2() / per_token).abs() < 1e-9, "{packed}");
+    assert!(baseline > 4.0 * bytes["unigram_val_perplexity"].as_f64().unwrap());
+    assert!(
+        bpb < byte_bpb,
+        "BPE unigram {bpb} bits per byte, bytes {byte_bpb}"
+    );
+
+    // Both parts' tokens decode to the text in pure Python, and Python's encoder (the one
+    // sample.py uses for prompts) gives the same ids: the training part from byte 0, the
+    // validation part from the split.
+    let split = packed["split_byte"].as_u64().unwrap().to_string();
+    for (part, start) in [("train", "0"), ("val", split.as_str())] {
+        let script = root.join("tests/python/byte_bpe.py");
+        let dir = data.join(part);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            script.as_os_str(),
+            "check".as_ref(),
+            dir.as_os_str(),
+            start.as_ref(),
+        ];
+        args.extend(files.iter().map(std::ffi::OsStr::new));
+        let check: serde_json::Value = serde_json::from_str(&python(&args)).unwrap();
+        eprintln!("{part}: {check}");
+        assert_eq!(check["decodes_to_text"], true, "{part}: {check}");
+        assert_eq!(check["encode_agrees"], true, "{part}: {check}");
+        assert!(check["tokens"].as_u64().unwrap() > 1000, "{check}");
+    }
+
+    // Usage errors (exit 2): fewer tokens than the byte symbols, and BPE without text.
+    for args in [
+        ["--text", &files[0], "--context", "16", "--bpe-vocab", "255"].as_slice(),
+        ["--csv", &files[0], "--bpe-vocab", "512"].as_slice(),
+    ] {
+        let mut c = Command::new(bin("coordinator"));
+        c.args(["dataset", "pack"]).args(args).arg("--out-dir");
+        c.arg(tmp.path().join("refused"));
+        let out = run_with_timeout(c, T);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains("--bpe-vocab"), "{}", out.stderr);
+    }
+    assert!(!tmp.path().join("refused").exists());
+
+    let cluster = LocalCluster::start(2).unwrap();
+    let job = JobBuilder::new("bpe", &data)
+        .seed(5)
+        .task("kind = \"language_model\"")
+        .model_kind(
+            "kind = \"transformer\"\nlayers = 2\nheads = 2\nwidth = 32\ncontext = 16\n\
+             tied_embeddings = false",
+        )
+        .validation()
+        .batch(32)
+        .train(
+            "steps = 300\noptimizer = \"adam\"\nlearning_rate = 0.003\n\
+             eval_every_steps = 150",
+        )
+        .exactly(2);
+    let (done, out) = cluster.train(tmp.path(), &job);
+    let params = read_params(&out.join("model.safetensors"));
+    assert_eq!(params["wte.weight"].0, [512, 32]);
+    assert_eq!(params["lm_head.weight"].0, [512, 32]);
+    let ppl = done["metrics"]["val_perplexity"].as_f64().unwrap();
+    eprintln!(
+        "BPE 512 transformer: validation perplexity {ppl:.2}, unigram baseline {baseline:.2}, {:.3} bits per byte",
+        ppl.log2() / per_token
+    );
+    assert!(
+        ppl.is_finite() && ppl < 0.5 * baseline,
+        "{ppl} vs {baseline}"
+    );
+
+    // The example's sampler decodes the model's tokens with the dataset's tokenizer.
+    let model = out.join("model.safetensors");
+    let sampled = python(&[
+        root.join("examples/text-gpt/sample.py").as_os_str(),
+        "--heads".as_ref(),
+        "2".as_ref(),
+        "--tokenizer".as_ref(),
+        data.join("train").as_os_str(),
+        model.as_os_str(),
+        "This License ".as_ref(),
+        "40".as_ref(),
+    ]);
+    eprintln!("sampled: {sampled}");
+    assert!(
+        sampled.starts_with("This License ") && sampled.len() > 60,
+        "{sampled}"
     );
 }

@@ -40,9 +40,12 @@
 //! A regression dataset's schema has `"labels": { "name": "y", "dtype": "f32",
 //! "shape": [k] }` and no `num_classes` (one is refused); a classification
 //! one must have `num_classes`. A token dataset's labels are `{ "name": "y",
-//! "dtype": "i64", "shape": [T] }` with `num_classes` its vocabulary. All are
-//! format version 1: manifests written before regression or tokens existed
-//! read unchanged.
+//! "dtype": "i64", "shape": [T] }` with `num_classes` its vocabulary; one of
+//! BPE tokens (`dataset pack --text --bpe-vocab`) also holds its tokenizer,
+//! `"tokenizer": { "file": "tokenizer.json", "sha256": "…" }`, a file beside
+//! the shards that only decoding reads ([`read_tokenizer`] verifies it). All
+//! are format version 1: manifests written before regression, tokens or
+//! tokenizers existed read unchanged.
 //!
 //! `standardization` is optional; when present it has *already been applied*
 //! to the stored `x` (`(raw - mean) / std`) and is recorded so that
@@ -63,6 +66,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "pack")]
+mod bpe;
 mod manifest;
 #[cfg(feature = "pack")]
 mod pack;
@@ -80,24 +85,26 @@ mod timeseries;
 
 use std::path::PathBuf;
 
+#[cfg(feature = "pack")]
+pub use bpe::{Bpe, MAX_BPE_VOCAB, MIN_BPE_VOCAB};
 pub use manifest::{
     DatasetManifest, ElementType, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_CLASSES,
-    MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, Schema, ShardEntry, Standardization,
-    TensorSpec,
+    MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, MAX_TOKENIZER_BYTES, Schema, ShardEntry,
+    Standardization, TOKENIZER_FILE, TensorSpec, TokenizerEntry,
 };
 #[cfg(feature = "pack")]
 pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, PackTask, pack};
 pub use shard_plan::{EpochOrder, ShardPlan, ShardPlanError, rank_range};
 pub use shards::{
     DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, LabelRows, Labels, LocalDir,
-    ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard, shard_file_name,
-    write_dataset,
+    ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard, read_tokenizer,
+    shard_file_name, write_dataset,
 };
 pub use synth::{SynthOptions, SynthRegression, synthesize, synthesize_regression};
 #[cfg(feature = "pack")]
 pub use text::{
-    BYTE_VOCAB, Chunks, MAX_CONTEXT, TextOptions, TextReport, chunk_tokens, pack_text, split_point,
-    unigram_perplexity,
+    BYTE_VOCAB, Chunks, MAX_CONTEXT, TextOptions, TextReport, chunk_tokens, pack_text,
+    smoothed_counts, split_point, unigram_perplexity,
 };
 #[cfg(feature = "pack")]
 pub use timeseries::{Missing, SeriesOptions, SeriesReport, pack_timeseries};
@@ -141,6 +148,12 @@ pub enum DatasetError {
     #[error("shard {shard}: sha256 is {actual} but the manifest records {expected}")]
     ShardChecksum {
         shard: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("tokenizer {file}: sha256 is {actual} but the manifest records {expected}")]
+    TokenizerChecksum {
+        file: String,
         expected: String,
         actual: String,
     },

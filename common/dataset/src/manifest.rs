@@ -13,6 +13,11 @@ use super::DatasetError;
 pub const FORMAT_VERSION: u32 = 1;
 /// The manifest's file name inside a dataset directory.
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
+/// The tokenizer's file name inside a BPE token dataset: the `tokenizers` crate's own JSON
+/// serialization (HuggingFace's `tokenizer.json`).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Largest tokenizer file a reader accepts; one of [`MAX_CLASSES`] tokens is well within it.
+pub const MAX_TOKENIZER_BYTES: u64 = 1 << 28;
 /// Most features per sample a manifest may declare.
 pub const MAX_FEATURES: u64 = 1 << 20;
 /// Most shards a manifest may list.
@@ -48,6 +53,22 @@ pub struct DatasetManifest {
     /// Free text: what the dataset was packed from and how it was cleaned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The tokenizer that maps text to a token dataset's ids (`dataset pack --text
+    /// --bpe-vocab`); absent for byte-level tokens, whose id is the byte, and for every
+    /// other kind of data. Optional, so manifests written before it read unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerEntry>,
+}
+
+/// A tokenizer file stored beside the shards, verified like one: the trainer never reads it,
+/// whoever turns ids back into text does ([`crate::read_tokenizer`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerEntry {
+    /// A plain file name inside the dataset directory: [`TOKENIZER_FILE`] as packed.
+    pub file: String,
+    /// Lowercase hex sha256 of the whole file.
+    pub sha256: String,
 }
 
 /// Names, element types and per-sample shapes of the two tensors in every
@@ -271,8 +292,9 @@ impl DatasetManifest {
     /// Checks every contract a reader relies on: the format version, the one
     /// schema this version supports, bounded sizes, shard names that cannot
     /// escape the directory, distinct shards whose sample counts sum to
-    /// `num_samples`, well-formed hashes and a standardization of the right
-    /// length with positive finite scales.
+    /// `num_samples`, well-formed hashes, a standardization of the right
+    /// length with positive finite scales, and a tokenizer only on token
+    /// sequences, under a plain file name that is not a shard's.
     pub fn validate(&self) -> Result<(), DatasetError> {
         let invalid = |msg: String| Err(DatasetError::InvalidManifest(msg));
         if self.format_version != FORMAT_VERSION {
@@ -320,12 +342,7 @@ impl DatasetManifest {
             if shard.samples == 0 {
                 return invalid(format!("shard `{}` holds no samples", shard.file));
             }
-            if shard.sha256.len() != 64
-                || !shard
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
+            if !is_sha256_hex(&shard.sha256) {
                 return invalid(format!(
                     "shard `{}`: sha256 must be 64 lowercase hex digits",
                     shard.file
@@ -339,6 +356,25 @@ impl DatasetManifest {
                 declared: self.num_samples,
                 sum,
             });
+        }
+        if let Some(tok) = &self.tokenizer {
+            if !matches!(self.labels(), LabelKind::Tokens { .. }) {
+                return invalid(format!(
+                    "a tokenizer (`{}`) only applies to token sequences, not {}",
+                    tok.file,
+                    self.labels()
+                ));
+            }
+            check_shard_name(&tok.file)?;
+            if seen.contains(tok.file.as_str()) {
+                return invalid(format!("tokenizer `{}` is also a shard", tok.file));
+            }
+            if !is_sha256_hex(&tok.sha256) {
+                return invalid(format!(
+                    "tokenizer `{}`: sha256 must be 64 lowercase hex digits",
+                    tok.file
+                ));
+            }
         }
         if let Some(st) = &self.standardization {
             let d = self.features();
@@ -441,7 +477,13 @@ fn too_large(what: &'static str, value: u64, limit: u64) -> DatasetError {
     DatasetError::TooLarge { what, value, limit }
 }
 
-/// A shard name must name a file directly inside the dataset directory.
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A shard (or tokenizer) name must name a file directly inside the dataset directory.
 fn check_shard_name(name: &str) -> Result<(), DatasetError> {
     let plain = !name.is_empty()
         && name.len() <= MAX_NAME_BYTES

@@ -333,6 +333,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
             .unwrap_or_else(|| crate::default_shard_samples(d, labels)),
         standardization: standardization.clone(),
         source: Some(source.clone()),
+        tokenizer: None,
     };
 
     let train = write_dataset(&train_dir, &write_opts("train"), &train_x, train_y.rows())?;

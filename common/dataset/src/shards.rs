@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::DatasetError;
 use super::manifest::{
-    DatasetManifest, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_SAMPLES, Schema, ShardEntry,
-    Standardization,
+    DatasetManifest, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_SAMPLES, MAX_TOKENIZER_BYTES,
+    Schema, ShardEntry, Standardization, TOKENIZER_FILE, TokenizerEntry,
 };
 
 /// Room allowed for a shard's safetensors header on top of its tensor bytes;
@@ -204,6 +204,9 @@ pub struct WriteOptions {
     /// Already applied to the samples being written.
     pub standardization: Option<Standardization>,
     pub source: Option<String>,
+    /// A token dataset's tokenizer (`tokenizer.json` bytes), written as [`TOKENIZER_FILE`]
+    /// before the manifest, which records its sha256.
+    pub tokenizer: Option<Vec<u8>>,
 }
 
 /// The file name of shard `index`: `shard-00000.safetensors`, ...
@@ -416,6 +419,36 @@ pub fn read_shard(
     Ok(DecodedShard { features: d, x, y })
 }
 
+/// The tokenizer file `manifest` lists (a BPE token dataset's `tokenizer.json`), its size
+/// bounded and its sha256 verified like a shard's; `None` when it lists none (byte-level
+/// tokens, or not a token dataset). Training never needs it: decoding ids into text does.
+pub fn read_tokenizer(
+    reader: &dyn ShardReader,
+    manifest: &DatasetManifest,
+) -> Result<Option<Vec<u8>>, DatasetError> {
+    let Some(entry) = &manifest.tokenizer else {
+        return Ok(None);
+    };
+    let file = reader.location(&entry.file);
+    let bytes = reader.read(&entry.file, MAX_TOKENIZER_BYTES)?;
+    if bytes.len() as u64 > MAX_TOKENIZER_BYTES {
+        return Err(DatasetError::TooLarge {
+            what: "tokenizer file (bytes)",
+            value: bytes.len() as u64,
+            limit: MAX_TOKENIZER_BYTES,
+        });
+    }
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != entry.sha256 {
+        return Err(DatasetError::TokenizerChecksum {
+            file,
+            expected: entry.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(Some(bytes))
+}
+
 impl Dataset {
     /// Reads the manifest in `dir` and every shard it lists, each verified
     /// as [`read_shard`] does. Holds the whole dataset: a trainer streams
@@ -530,6 +563,7 @@ pub struct DatasetWriter {
     dir: PathBuf,
     manifest: DatasetManifest,
     next: usize,
+    tokenizer: Option<Vec<u8>>,
 }
 
 impl DatasetWriter {
@@ -581,8 +615,12 @@ impl DatasetWriter {
                 .collect(),
             standardization: opts.standardization.clone(),
             source: opts.source.clone(),
+            tokenizer: opts.tokenizer.as_ref().map(|json| TokenizerEntry {
+                file: TOKENIZER_FILE.into(),
+                sha256: hex::encode(Sha256::digest(json)),
+            }),
         };
-        // Everything but the hashes is known: refuse before writing anything.
+        // Everything but the shard hashes is known: refuse before writing anything.
         manifest.validate()?;
         if dir.join(MANIFEST_FILE).exists() {
             return Err(DatasetError::OutputExists { path: dir.into() });
@@ -595,6 +633,7 @@ impl DatasetWriter {
             dir: dir.into(),
             manifest,
             next: 0,
+            tokenizer: opts.tokenizer.clone(),
         })
     }
 
@@ -640,6 +679,9 @@ impl DatasetWriter {
             )));
         }
         let dir = &self.dir;
+        if let (Some(entry), Some(json)) = (&self.manifest.tokenizer, &self.tokenizer) {
+            write_file_atomically(&dir.join(&entry.file), json)?;
+        }
         sync_dir(dir)?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let json = serde_json::to_vec_pretty(&self.manifest).map_err(|e| DatasetError::Write {

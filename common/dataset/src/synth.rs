@@ -82,6 +82,7 @@ pub fn synthesize(opts: &SynthOptions) -> Result<DatasetManifest, DatasetError> 
              N(0, ({SEPARATION}/sqrt({d}))^2) per feature, labels uniform, seed {}",
             opts.seed
         )),
+        tokenizer: None,
     };
     // One shard in memory at a time: a dataset larger than memory can be
     // generated, and the draws are the same as for one big array.
@@ -170,6 +171,7 @@ pub fn synthesize_regression(opts: &SynthRegression) -> Result<DatasetManifest, 
              a, b ~ N(0, 1/{d}), seed {}",
             opts.seed
         )),
+        tokenizer: None,
     };
     let mut writer = DatasetWriter::create(&opts.output, &write, opts.samples as u64)?;
     let mut left = opts.samples;

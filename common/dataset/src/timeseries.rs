@@ -170,6 +170,7 @@ pub fn pack_timeseries(opts: &SeriesOptions) -> Result<SeriesReport, DatasetErro
             .min(n.max(1)),
             standardization: standardization.clone(),
             source: Some(source.clone()),
+            tokenizer: None,
         };
         write_dataset(
             dir,

@@ -525,6 +525,7 @@ fn write_opts(shard_samples: usize) -> WriteOptions {
         shard_samples,
         standardization: None,
         source: Some("test".into()),
+        tokenizer: None,
     }
 }
 

@@ -43,6 +43,7 @@ fn targets_opts(k: usize) -> WriteOptions {
         shard_samples: 2,
         standardization: None,
         source: None,
+        tokenizer: None,
     }
 }
 
