@@ -63,6 +63,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "pack")]
+mod images;
 mod manifest;
 #[cfg(feature = "pack")]
 mod pack;
@@ -80,18 +82,20 @@ mod timeseries;
 
 use std::path::PathBuf;
 
+#[cfg(feature = "pack")]
+pub use images::{ImageOptions, ImageReport, pack_images};
 pub use manifest::{
-    DatasetManifest, ElementType, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_CLASSES,
-    MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, Schema, ShardEntry, Standardization,
-    TensorSpec,
+    DatasetManifest, ElementType, FORMAT_VERSION, ImageNormalization, LabelKind, MANIFEST_FILE,
+    MAX_CHANNELS, MAX_CLASSES, MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, Schema,
+    ShardEntry, Standardization, TensorSpec,
 };
 #[cfg(feature = "pack")]
 pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, PackTask, pack};
 pub use shard_plan::{EpochOrder, ShardPlan, ShardPlanError, rank_range};
 pub use shards::{
-    DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, LabelRows, Labels, LocalDir,
-    ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard, shard_file_name,
-    write_dataset,
+    DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, FeatureRows, ImageLayout, LabelRows,
+    Labels, LocalDir, ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard,
+    shard_file_name, write_dataset, write_dataset_rows,
 };
 pub use synth::{SynthOptions, SynthRegression, synthesize, synthesize_regression};
 #[cfg(feature = "pack")]
