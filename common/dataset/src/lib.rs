@@ -10,6 +10,7 @@
 //! safetensors file with exactly two tensors:
 //!
 //! - `x`: `F32`, shape `[n, d]`, the features of the shard's `n` samples, row-major;
+//!   or, in an image dataset, `U8` or `F32` of shape `[n, C, H, W]`;
 //! - `y`: either `I64`, shape `[n]`, their class labels, each in
 //!   `0..num_classes` (a classification dataset), `F32`, shape `[n, k]`,
 //!   their `k ≥ 1` regression targets, each finite (a regression dataset),
@@ -43,6 +44,14 @@
 //! "dtype": "i64", "shape": [T] }` with `num_classes` its vocabulary. All are
 //! format version 1: manifests written before regression or tokens existed
 //! read unchanged.
+//!
+//! An image dataset's schema has `"features": { "name": "x", "dtype": "u8",
+//! "shape": [C, H, W] }` (or `"f32"`), and may record
+//! `"image_normalization": { "scale": s, "mean": [C values], "std": [C values] }`:
+//! *not* applied to the stored pixels (u8 cannot hold normalized values) but by
+//! [`read_shard`], which reads value `v` of channel `c` as
+//! `(v * scale - mean[c]) / std[c]` ([`ImageNormalization::apply`]). Every
+//! reader therefore hands out f32 `[n, C·H·W]` features whatever the storage.
 //!
 //! `standardization` is optional; when present it has *already been applied*
 //! to the stored `x` (`(raw - mean) / std`) and is recorded so that
