@@ -4,7 +4,8 @@
 //! training split and applied when read) train the `cnn` on 2 workers to
 //! 0.97 validation accuracy, with train shards about a quarter the size of
 //! the f32 pack's; a `cnn` whose `input_shape` disagrees with the images is
-//! refused at submit, and so are image flags that do not apply.
+//! refused at submit, and so are image flags that do not apply; `coordinator
+//! evaluate` scores the images as the job did.
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, bin, digits_csv, pack_digits, repo_root, run_with_timeout,
@@ -156,8 +157,28 @@ fn cnn_on_u8_digit_images_reaches_97_percent() {
              lr_schedule = \"cosine\"\nwarmup_steps = 50\neval_every_steps = 200",
         )
         .exactly(2);
-    let (done, _) = cluster.train(tmp.path(), &job);
+    let (done, out) = cluster.train(tmp.path(), &job);
     let accuracy = done["metrics"]["val_accuracy"].as_f64().unwrap();
     eprintln!("cnn on u8 digit images: validation accuracy {accuracy}");
     assert!(accuracy >= 0.97, "{done}");
+
+    // `coordinator evaluate` reads the images through the same normalizing
+    // reader, so it scores what the job's own evaluation did.
+    let scored = run_with_timeout(
+        {
+            let mut c = Command::new(bin("coordinator"));
+            c.arg("evaluate")
+                .arg("--model")
+                .arg(&out)
+                .arg("--data")
+                .arg(data.join("val"))
+                .args(["--output", "json"]);
+            c
+        },
+        T,
+    );
+    assert_eq!(scored.code, 0, "{}", scored.stderr);
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(scored.json()["accuracy"], eval["accuracy"], "{eval}");
 }
