@@ -4,8 +4,8 @@
 //! training split and applied when read) train the `cnn` on 2 workers to
 //! 0.97 validation accuracy, with train shards about a quarter the size of
 //! the f32 pack's; a `cnn` whose `input_shape` disagrees with the images is
-//! refused at submit, and so are image flags that do not apply; `coordinator
-//! evaluate` scores the images as the job did.
+//! refused at submit (and by the worker), and so are image flags that do not
+//! apply; `coordinator evaluate` scores the images as the job did.
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, bin, digits_csv, pack_digits, repo_root, run_with_timeout,
@@ -33,17 +33,39 @@ fn digits_npy(dir: &Path) -> (PathBuf, PathBuf) {
                      d = np.loadtxt(sys.argv[1], delimiter=',')\n\
                      assert d.shape == (1797, 65) and (d == np.round(d)).all()\n\
                      np.save(sys.argv[2], d[:, :64].reshape(-1, 8, 8).astype(np.uint8))\n\
-                     np.save(sys.argv[3], d[:, 64].astype(np.int64))",
+                     np.save(sys.argv[3], d[:, 64].astype(np.int64))\n\
+                     np.save(sys.argv[4], d[:, :64].reshape(-1, 4, 16).astype(np.uint8))",
                 )
                 .arg(digits_csv())
                 .arg(&x)
-                .arg(&y);
+                .arg(&y)
+                .arg(dir.join("x-4x16.npy"));
             c
         },
         T,
     );
     assert_eq!(out.code, 0, "writing the digits NPY failed: {}", out.stderr);
     (x, y)
+}
+
+/// `dataset pack --images` of `x` and `y` into `out` with the split of
+/// `pack_digits`; returns the report.
+fn pack_images(x: &Path, y: &Path, out: &Path) -> serde_json::Value {
+    let mut c = Command::new(bin("coordinator"));
+    c.args(["dataset", "pack", "--images"])
+        .arg(x)
+        .arg("--npy-labels")
+        .arg(y)
+        .arg("--out-dir")
+        .arg(out)
+        .args(["--val-fraction", "0.2", "--seed", "7", "--output", "json"]);
+    let done = run_with_timeout(c, T);
+    assert_eq!(
+        done.code, 0,
+        "dataset pack --images failed: {}",
+        done.stderr
+    );
+    done.json()
 }
 
 /// Total bytes of the shard files in `dir`.
@@ -61,22 +83,7 @@ fn cnn_on_u8_digit_images_reaches_97_percent() {
     let tmp = tempfile::tempdir().unwrap();
     let (x, y) = digits_npy(tmp.path());
     let data = tmp.path().join("images");
-    let out = run_with_timeout(
-        {
-            let mut c = Command::new(bin("coordinator"));
-            c.args(["dataset", "pack", "--images"])
-                .arg(&x)
-                .arg("--npy-labels")
-                .arg(&y)
-                .arg("--out-dir")
-                .arg(&data)
-                .args(["--val-fraction", "0.2", "--seed", "7", "--output", "json"]);
-            c
-        },
-        T,
-    );
-    assert_eq!(out.code, 0, "dataset pack --images failed: {}", out.stderr);
-    let report = out.json();
+    let report = pack_images(&x, &y, &data);
     eprintln!("pack --images: {report}");
     assert_eq!(report["shape"], serde_json::json!([1, 8, 8]));
     assert_eq!(report["dtype"], "u8");
@@ -164,21 +171,34 @@ fn cnn_on_u8_digit_images_reaches_97_percent() {
 
     // `coordinator evaluate` reads the images through the same normalizing
     // reader, so it scores what the job's own evaluation did.
-    let scored = run_with_timeout(
-        {
-            let mut c = Command::new(bin("coordinator"));
-            c.arg("evaluate")
-                .arg("--model")
-                .arg(&out)
-                .arg("--data")
-                .arg(data.join("val"))
-                .args(["--output", "json"]);
-            c
-        },
-        T,
-    );
+    let evaluate = |data: &Path| {
+        let mut c = Command::new(bin("coordinator"));
+        c.arg("evaluate")
+            .arg("--model")
+            .arg(&out)
+            .arg("--data")
+            .arg(data)
+            .args(["--output", "json"]);
+        run_with_timeout(c, T)
+    };
+    let scored = evaluate(&data.join("val"));
     assert_eq!(scored.code, 0, "{}", scored.stderr);
     let eval: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
     assert_eq!(scored.json()["accuracy"], eval["accuracy"], "{eval}");
+
+    // Images of another [C, H, W] with as many values are refused by the
+    // worker too, not scored as scrambled pixels.
+    let wide = tmp.path().join("wide");
+    pack_images(&tmp.path().join("x-4x16.npy"), &y, &wide);
+    let refused = evaluate(&wide.join("val"));
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains(&format!(
+            "model.input_shape is [1, 8, 8] but {} holds images of [C, H, W] = [1, 4, 16]",
+            wide.join("val").display()
+        )),
+        "{}",
+        refused.stderr
+    );
 }
