@@ -365,7 +365,8 @@ pub struct ServeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCommand {
-    /// Pack CSV (optionally gzip-compressed) or NPY data into train/validation shards.
+    /// Pack CSV (optionally gzip-compressed), NPY data, images, text or a time series into
+    /// train/validation shards.
     ///
     /// Examples:
     ///   coordinator dataset pack --csv digits.csv.gz --out-dir data/digits --standardize
@@ -376,6 +377,7 @@ pub enum DatasetCommand {
     ///       --out-dir data/houses
     ///   coordinator dataset pack --text book.txt --context 64 --val-fraction 0.1 --out-dir data/book
     ///   coordinator dataset pack --text book.txt --context 64 --bpe-vocab 4096 --out-dir data/book-bpe
+    ///   coordinator dataset pack --images x.npy --npy-labels y.npy --out-dir data/images
     #[command(verbatim_doc_comment)]
     Pack(Box<PackArgs>),
     /// Generate a synthetic classification or regression dataset (for benchmarks and tests).
@@ -394,8 +396,23 @@ pub struct PackArgs {
     #[arg(long, value_enum, default_value_t = PackTaskArg::Classification)]
     pub task: PackTaskArg,
     /// CSV input (`.gz` is detected); one row per sample.
-    #[arg(long, conflicts_with_all = ["npy_features", "npy_labels"], required_unless_present_any = ["npy_features", "timeseries", "text"])]
+    #[arg(long, conflicts_with_all = ["npy_features", "npy_labels"], required_unless_present_any = ["npy_features", "timeseries", "text", "images"])]
     pub csv: Option<PathBuf>,
+    /// Images for a `cnn`: an NPY array of uint8 or float (float64 is stored as f32), shaped
+    /// `[n, C, H, W]`, `[n, H, W]` (one channel) or, with `--channels-last`, `[n, H, W, C]`;
+    /// labels from `--npy-labels`. Pixels are stored in their own type (u8: one byte per
+    /// value); per-channel normalization fitted on the training split is recorded in the
+    /// manifest and applied when the shards are read (`--no-normalize`: none).
+    #[arg(long, value_name = "NPY", requires = "npy_labels", conflicts_with_all = ["csv", "npy_features", "text", "timeseries", "labels_csv", "label_column", "standardize", "missing"])]
+    pub images: Option<PathBuf>,
+    /// `--images` is `[n, H, W, C]` (as PIL, TensorFlow and most image files lay pixels out):
+    /// transposed to `[C, H, W]` at pack time.
+    #[arg(long)]
+    pub channels_last: bool,
+    /// Record no normalization for `--images`: the cnn sees the stored values as they are (u8
+    /// pixels as 0..255).
+    #[arg(long)]
+    pub no_normalize: bool,
     /// A time series: `--column` of this CSV (with a header; `.gz` is detected), read in file
     /// order and cut into samples of `--window` values predicting the next `--horizon` (f32
     /// regression targets). The split is chronological: the last `--val-fraction` of the
@@ -464,8 +481,9 @@ pub struct PackArgs {
     /// NPY features, 2-D float32/float64.
     #[arg(long, requires = "npy_labels")]
     pub npy_features: Option<PathBuf>,
-    /// NPY labels, 1-D integers (with `--task regression`: 1-D or 2-D floats).
-    #[arg(long, requires = "npy_features")]
+    /// NPY labels, 1-D integers (with `--task regression`: 1-D or 2-D floats), for
+    /// `--npy-features` or `--images`.
+    #[arg(long)]
     pub npy_labels: Option<PathBuf>,
     /// Output directory; `train/` and `val/` are written inside.
     #[arg(long)]
@@ -477,6 +495,7 @@ pub struct PackArgs {
     #[arg(long, default_value_t = 0.2)]
     pub val_fraction: f64,
     /// Standardize features with the training split's mean and std (recorded in the manifest).
+    /// Not with `--images`, whose per-channel normalization replaces it.
     #[arg(long)]
     pub standardize: bool,
     /// Samples per shard file (default: about 32 MiB of samples per shard).
@@ -918,6 +937,10 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
             )
         );
     }
+    if let ModelSpec::Cnn { input_shape, .. } = &spec.model {
+        check_cnn_input(input_shape, &train)
+            .map_err(|e| anyhow::Error::msg(spans.error_at(SpanField::ModelHidden, e)))?;
+    }
     // The worker refuses this too; saying it at submit saves a queue wait.
     let fits = matches!(
         (&spec.task, train.labels()),
@@ -954,6 +977,19 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
                 )
             );
         }
+        if let (Some(vs), Some(ts)) = (v.image_shape(), train.image_shape())
+            && vs != ts
+        {
+            bail!(
+                "{}",
+                spans.error_at(
+                    SpanField::DataValidation,
+                    format!(
+                        "data.validation holds images of [C, H, W] = {vs:?}, data.train {ts:?}"
+                    ),
+                )
+            );
+        }
         match (v.labels(), train.labels()) {
             (dataset::LabelKind::Classes(vc), dataset::LabelKind::Classes(tc)) if vc > tc => {
                 bail!(
@@ -976,6 +1012,33 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
         }
     }
     Ok(spec)
+}
+
+/// A `cnn`'s `input_shape` against its training set: an image dataset's
+/// `[C, H, W]` must be the same (a reshape of the right size but another
+/// layout would train on scrambled pixels), flat features must at least hold
+/// `C·H·W` values.
+fn check_cnn_input(input_shape: &[u32; 3], train: &DatasetManifest) -> Result<(), String> {
+    let want = input_shape.map(|v| v as usize);
+    match train.image_shape() {
+        Some(shape) if shape != want => Err(format!(
+            "model.input_shape is {input_shape:?} but the training set holds images of [C, H, W] \
+             = {shape:?} (as packed); set model.input_shape = {shape:?}"
+        )),
+        Some(_) => Ok(()),
+        None => {
+            let values: usize = want.iter().product();
+            if values == train.features() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "model.input_shape {input_shape:?} holds {values} values per sample, but \
+                     data.train has {} features",
+                    train.features()
+                ))
+            }
+        }
+    }
 }
 
 /// What can be checked of a TorchScript model without libtorch (the coordinator does not link
@@ -1958,9 +2021,104 @@ fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dataset pack --images`.
+fn pack_images(a: &PackArgs, images: &Path, output: Output) -> anyhow::Result<()> {
+    let Some(labels) = &a.npy_labels else {
+        bail!("--images needs --npy-labels FILE");
+    };
+    let report = dataset::pack_images(&dataset::ImageOptions {
+        images: images.to_path_buf(),
+        labels: labels.clone(),
+        channels_last: a.channels_last,
+        normalize: !a.no_normalize,
+        task: match a.task {
+            PackTaskArg::Classification => dataset::PackTask::Classification,
+            PackTaskArg::Regression => dataset::PackTask::Regression,
+        },
+        output: a.out_dir.clone(),
+        name: a.name.clone().unwrap_or_else(|| {
+            a.out_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "images".into())
+        }),
+        val_fraction: a.val_fraction,
+        shard_samples: a.shard_samples,
+        seed: a.seed,
+        dedup: a.dedup,
+    })
+    .context("failed to pack the images")?;
+    let norm = report.normalization.as_ref();
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "train_dir": report.train_dir,
+                "val_dir": report.val_dir,
+                "train_samples": report.train_samples,
+                "val_samples": report.val_samples,
+                "shape": report.shape,
+                "dtype": report.dtype.to_string(),
+                "features": report.shape.iter().product::<usize>(),
+                "task": match report.labels {
+                    dataset::LabelKind::Targets(_) => "regression",
+                    _ => "classification",
+                },
+                "num_classes": match report.labels {
+                    dataset::LabelKind::Classes(c) => Some(c),
+                    _ => None,
+                },
+                "targets": match report.labels {
+                    dataset::LabelKind::Targets(k) => Some(k),
+                    _ => None,
+                },
+                "image_normalization": norm,
+                "duplicates_removed": report.duplicates_removed,
+            }))?
+        ),
+        Output::Text => {
+            println!(
+                "packed {} train and {} validation images of [C, H, W] = {:?} ({}, {}) into {}",
+                report.train_samples,
+                report.val_samples,
+                report.shape,
+                report.dtype,
+                report.labels,
+                a.out_dir.display()
+            );
+            match norm {
+                Some(n) => println!(
+                    "per-channel normalization (training split, values scaled by {}): mean {:?}, \
+                     std {:?}; applied when the shards are read",
+                    if report.dtype == dataset::ElementType::U8 {
+                        "1/255"
+                    } else {
+                        "1"
+                    },
+                    n.mean,
+                    n.std
+                ),
+                None => println!("no normalization: the model sees the stored values"),
+            }
+            if a.dedup {
+                println!("{} duplicate images removed", report.duplicates_removed);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
+        // Checked here: clap's `requires` does not hold plain flags to it.
+        DatasetCommand::Pack(a) if a.images.is_none() && (a.channels_last || a.no_normalize) => {
+            bail!("--channels-last and --no-normalize apply only to --images")
+        }
         DatasetCommand::Pack(a) if !a.text.is_empty() => pack_text(&a, output)?,
+        DatasetCommand::Pack(a) if a.images.is_some() => {
+            let path = a.images.clone().unwrap_or_default();
+            pack_images(&a, &path, output)?;
+        }
         DatasetCommand::Pack(a) if a.timeseries.is_some() => {
             let path = a.timeseries.clone().unwrap_or_default();
             pack_series(&a, &path, output)?;
@@ -1979,7 +2137,10 @@ fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
                     features: f.clone(),
                     labels: l.clone(),
                 },
-                _ => bail!("give --csv FILE or both --npy-features and --npy-labels"),
+                _ => bail!(
+                    "give --csv FILE, both --npy-features and --npy-labels, or --images with \
+                     --npy-labels"
+                ),
             };
             let name = a.name.clone().unwrap_or_else(|| {
                 a.out_dir

@@ -10,6 +10,7 @@
 //! safetensors file with exactly two tensors:
 //!
 //! - `x`: `F32`, shape `[n, d]`, the features of the shard's `n` samples, row-major;
+//!   or, in an image dataset, `U8` or `F32` of shape `[n, C, H, W]`;
 //! - `y`: either `I64`, shape `[n]`, their class labels, each in
 //!   `0..num_classes` (a classification dataset), `F32`, shape `[n, k]`,
 //!   their `k ≥ 1` regression targets, each finite (a regression dataset),
@@ -47,6 +48,14 @@
 //! are format version 1: manifests written before regression, tokens or
 //! tokenizers existed read unchanged.
 //!
+//! An image dataset's schema has `"features": { "name": "x", "dtype": "u8",
+//! "shape": [C, H, W] }` (or `"f32"`), and may record
+//! `"image_normalization": { "scale": s, "mean": [C values], "std": [C values] }`:
+//! *not* applied to the stored pixels (u8 cannot hold normalized values) but by
+//! [`read_shard`], which reads value `v` of channel `c` as
+//! `(v * scale - mean[c]) / std[c]` ([`ImageNormalization::apply`]). Every
+//! reader therefore hands out f32 `[n, C·H·W]` features whatever the storage.
+//!
 //! `standardization` is optional; when present it has *already been applied*
 //! to the stored `x` (`(raw - mean) / std`) and is recorded so that
 //! evaluation and inference apply the same transform to raw data
@@ -68,6 +77,8 @@
 
 #[cfg(feature = "pack")]
 mod bpe;
+#[cfg(feature = "pack")]
+mod images;
 mod manifest;
 #[cfg(feature = "pack")]
 mod pack;
@@ -87,18 +98,21 @@ use std::path::PathBuf;
 
 #[cfg(feature = "pack")]
 pub use bpe::{Bpe, MAX_BPE_VOCAB, MIN_BPE_VOCAB};
+#[cfg(feature = "pack")]
+pub use images::{ImageOptions, ImageReport, pack_images};
 pub use manifest::{
-    DatasetManifest, ElementType, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_CLASSES,
-    MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS, MAX_TOKENIZER_BYTES, Schema, ShardEntry,
-    Standardization, TOKENIZER_FILE, TensorSpec, TokenizerEntry,
+    DatasetManifest, ElementType, FORMAT_VERSION, ImageNormalization, LabelKind, MANIFEST_FILE,
+    MAX_CHANNELS, MAX_CLASSES, MAX_FEATURES, MAX_SAMPLES, MAX_SHARDS, MAX_TARGETS,
+    MAX_TOKENIZER_BYTES, Schema, ShardEntry, Standardization, TOKENIZER_FILE, TensorSpec,
+    TokenizerEntry,
 };
 #[cfg(feature = "pack")]
 pub use pack::{LabelColumn, PackInput, PackOptions, PackReport, PackTask, pack};
 pub use shard_plan::{EpochOrder, ShardPlan, ShardPlanError, rank_range};
 pub use shards::{
-    DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, LabelRows, Labels, LocalDir,
-    ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard, read_tokenizer,
-    shard_file_name, write_dataset,
+    DEFAULT_SHARD_BYTES, Dataset, DatasetWriter, DecodedShard, FeatureRows, ImageLayout, LabelRows,
+    Labels, LocalDir, ShardReader, WriteOptions, decoded_bytes, default_shard_samples, read_shard,
+    read_tokenizer, shard_file_name, write_dataset, write_dataset_rows,
 };
 pub use synth::{SynthOptions, SynthRegression, synthesize, synthesize_regression};
 #[cfg(feature = "pack")]

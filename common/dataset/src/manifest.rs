@@ -24,6 +24,8 @@ pub const MAX_FEATURES: u64 = 1 << 20;
 pub const MAX_SHARDS: u64 = 1 << 20;
 /// Most classes a manifest may declare.
 pub const MAX_CLASSES: u32 = 1 << 20;
+/// Most channels an image dataset's `x` may declare (`C` of `[C, H, W]`).
+pub const MAX_CHANNELS: u64 = 1 << 12;
 /// Most regression targets per sample a manifest may declare.
 pub const MAX_TARGETS: u64 = 1 << 16;
 /// Most samples a manifest may declare: keeps every byte count below `u64::MAX`
@@ -50,6 +52,11 @@ pub struct DatasetManifest {
     /// be transformed the same way at evaluation and inference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standardization: Option<Standardization>,
+    /// Per-channel normalization of an image dataset, applied when shards
+    /// are *read* (u8 storage cannot hold normalized values); see
+    /// [`ImageNormalization`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_normalization: Option<ImageNormalization>,
     /// Free text: what the dataset was packed from and how it was cleaned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -76,7 +83,9 @@ pub struct TokenizerEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schema {
-    /// Must be `{name: "x", dtype: "f32", shape: [d]}` with `d > 0`.
+    /// Either `{name: "x", dtype: "f32", shape: [d]}` with `d > 0`, or an
+    /// image, `{name: "x", dtype: "u8" | "f32", shape: [C, H, W]}` with every
+    /// side positive (readers see its `C·H·W` values as f32 features).
     pub features: TensorSpec,
     /// Either class labels, `{name: "y", dtype: "i64", shape: []}`,
     /// regression targets, `{name: "y", dtype: "f32", shape: [k]}` with
@@ -154,6 +163,8 @@ pub struct TensorSpec {
 pub enum ElementType {
     F32,
     I64,
+    /// Image pixels only: one byte per value on disk.
+    U8,
 }
 
 impl std::fmt::Display for ElementType {
@@ -161,6 +172,7 @@ impl std::fmt::Display for ElementType {
         f.write_str(match self {
             ElementType::F32 => "f32",
             ElementType::I64 => "i64",
+            ElementType::U8 => "u8",
         })
     }
 }
@@ -202,6 +214,42 @@ impl Standardization {
     }
 }
 
+/// Per-channel normalization of an image dataset's `x`: a stored value `v`
+/// of channel `c` is read as `(v * scale - mean[c]) / std[c]`. `scale` is
+/// `1/255` for u8 pixels (as torchvision's `ToTensor`) and 1 for f32 ones;
+/// `mean` and `std` are those of the training split after scaling, recorded
+/// identically in the train and validation manifests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageNormalization {
+    pub scale: f32,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl ImageNormalization {
+    /// Normalizes row-major samples of `[C, H, W]` values in place, where
+    /// `C` is `self.mean.len()` and `plane` is `H·W`. A trailing partial
+    /// sample is left as is.
+    pub fn apply(&self, x: &mut [f32], plane: usize) {
+        let c = self.mean.len();
+        if c == 0 || plane == 0 {
+            return;
+        }
+        for sample in x.chunks_exact_mut(c * plane) {
+            for ((channel, m), s) in sample
+                .chunks_exact_mut(plane)
+                .zip(&self.mean)
+                .zip(&self.std)
+            {
+                for v in channel {
+                    *v = (*v * self.scale - m) / s;
+                }
+            }
+        }
+    }
+}
+
 impl Schema {
     /// The schema of a dataset of `d` f32 features in `x` and, in `y`, a
     /// scalar i64 class label, `k` f32 targets or `T` i64 tokens per sample.
@@ -226,6 +274,24 @@ impl Schema {
         }
     }
 
+    /// The schema of an image dataset: `x` of `shape` `[C, H, W]` stored as
+    /// `dtype` (u8 or f32), and labels as in [`Schema::new`].
+    pub fn image(shape: [usize; 3], dtype: ElementType, labels: LabelKind) -> Schema {
+        let mut schema = Schema::new(1, labels);
+        schema.features.dtype = dtype;
+        schema.features.shape = shape.iter().map(|&s| s as u64).collect();
+        schema
+    }
+
+    /// `[C, H, W]` of an image dataset, `None` for flat features. Meaningful
+    /// once validated.
+    pub fn image_shape(&self) -> Option<[usize; 3]> {
+        match *self.features.shape.as_slice() {
+            [c, h, w] => Some([c as usize, h as usize, w as usize]),
+            _ => None,
+        }
+    }
+
     /// What `y` holds. Meaningful once validated.
     pub fn label_kind(&self) -> LabelKind {
         match self.labels.dtype {
@@ -236,7 +302,8 @@ impl Schema {
                     len: len as usize,
                 },
             },
-            ElementType::F32 => {
+            // Refused for labels by validation.
+            ElementType::F32 | ElementType::U8 => {
                 LabelKind::Targets(self.labels.shape.first().copied().unwrap_or(0) as usize)
             }
         }
@@ -284,9 +351,20 @@ impl DatasetManifest {
         self.shards.iter().map(|s| s.samples).collect()
     }
 
-    /// Number of features per sample (`d`). Meaningful once validated.
+    /// Number of features per sample: `d`, or `C·H·W` for images (what a
+    /// reader hands a model, as f32). Meaningful once validated.
     pub fn features(&self) -> usize {
-        self.schema.features.shape.first().copied().unwrap_or(0) as usize
+        self.schema
+            .features
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &s| a.checked_mul(s))
+            .unwrap_or(0) as usize
+    }
+
+    /// `[C, H, W]` of an image dataset, `None` for flat features.
+    pub fn image_shape(&self) -> Option<[usize; 3]> {
+        self.schema.image_shape()
     }
 
     /// Checks every contract a reader relies on: the format version, the one
@@ -391,6 +469,51 @@ impl DatasetManifest {
             if !st.std.iter().all(|s| s.is_finite() && *s > 0.0) {
                 return invalid("standardization std must be finite and positive".into());
             }
+            if self.schema.features.dtype == ElementType::U8 {
+                return invalid(
+                    "standardization does not apply to u8 images (their stored values cannot \
+                     hold standardized ones); record image_normalization instead"
+                        .into(),
+                );
+            }
+        }
+        if let Some(norm) = &self.image_normalization {
+            self.validate_image_normalization(norm)?;
+        }
+        Ok(())
+    }
+
+    fn validate_image_normalization(&self, norm: &ImageNormalization) -> Result<(), DatasetError> {
+        let invalid = |msg: String| Err(DatasetError::InvalidManifest(msg));
+        let Some([c, _, _]) = self.image_shape() else {
+            return invalid(
+                "image_normalization applies only to images (`x` of shape [C, H, W])".into(),
+            );
+        };
+        if norm.mean.len() != c || norm.std.len() != c {
+            return invalid(format!(
+                "image_normalization has {} means and {} stds for {c} channels",
+                norm.mean.len(),
+                norm.std.len()
+            ));
+        }
+        if !(norm.scale.is_finite() && norm.scale > 0.0) {
+            return invalid(format!(
+                "image_normalization scale must be finite and positive, found {}",
+                norm.scale
+            ));
+        }
+        if let Some(i) = norm.mean.iter().position(|m| !m.is_finite()) {
+            return invalid(format!(
+                "image_normalization mean of channel {i} is {}, not a finite number",
+                norm.mean[i]
+            ));
+        }
+        if let Some(i) = norm.std.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return invalid(format!(
+                "image_normalization std of channel {i} is {}; it must be finite and positive",
+                norm.std[i]
+            ));
         }
         Ok(())
     }
@@ -409,16 +532,7 @@ impl DatasetManifest {
                 Ok(())
             }
         };
-        expect(&s.features, "x", ElementType::F32, 1)?;
-        let d = s.features.shape[0];
-        if d == 0 {
-            return Err(DatasetError::InvalidManifest(
-                "samples must have at least one feature".into(),
-            ));
-        }
-        if d > MAX_FEATURES {
-            return Err(too_large("features per sample", d, MAX_FEATURES));
-        }
+        self.validate_features()?;
         match s.labels.dtype {
             ElementType::I64 => {
                 // Rank 0: one class label per sample; rank 1: a token sequence.
@@ -468,6 +582,64 @@ impl DatasetManifest {
                     )));
                 }
             }
+            ElementType::U8 => {
+                return Err(DatasetError::InvalidManifest(
+                    "schema tensor `y` must be i64 (class labels, tokens) or f32 (regression \
+                     targets), not u8"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DatasetManifest {
+    /// `x` is `[d]` f32, or an image `[C, H, W]` of u8 or f32; either way at
+    /// most [`MAX_FEATURES`] values per sample.
+    fn validate_features(&self) -> Result<(), DatasetError> {
+        let invalid = |msg: String| Err(DatasetError::InvalidManifest(msg));
+        let x = &self.schema.features;
+        if x.name != "x" {
+            return invalid(format!("schema tensor `{}` must be named `x`", x.name));
+        }
+        match (x.dtype, x.shape.len()) {
+            (ElementType::F32, 1) => {}
+            (ElementType::F32 | ElementType::U8, 3) => {
+                if let Some(i) = x.shape.iter().position(|&s| s == 0) {
+                    return invalid(format!(
+                        "image shape {:?} has a zero side (dimension {i}); [C, H, W] must all \
+                         be positive",
+                        x.shape
+                    ));
+                }
+                if x.shape[0] > MAX_CHANNELS {
+                    return Err(too_large("image channels", x.shape[0], MAX_CHANNELS));
+                }
+            }
+            (ElementType::U8, 1) => {
+                return invalid(
+                    "u8 features need an image shape [C, H, W]; flat features `[d]` are f32".into(),
+                );
+            }
+            (ElementType::I64, _) => {
+                return invalid("schema tensor `x` must be f32 (or u8 for images), not i64".into());
+            }
+            (_, rank) => {
+                return invalid(format!(
+                    "schema tensor `x` must have shape [d] or, for images, [C, H, W]; found \
+                     {rank} dims {:?}",
+                    x.shape
+                ));
+            }
+        }
+        // Saturating: an overflowing product is reported as too large.
+        let d = x.shape.iter().fold(1u64, |a, &s| a.saturating_mul(s));
+        if d == 0 {
+            return invalid("samples must have at least one feature".into());
+        }
+        if d > MAX_FEATURES {
+            return Err(too_large("features per sample", d, MAX_FEATURES));
         }
         Ok(())
     }

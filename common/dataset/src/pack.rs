@@ -18,7 +18,7 @@ use crate::timeseries::Missing;
 
 /// Standard deviations below this count as a constant feature, which is then
 /// left unscaled (std 1) instead of being blown up.
-const STD_FLOOR: f64 = 1e-6;
+pub(crate) const STD_FLOOR: f64 = 1e-6;
 const SPLIT_TAG: &[u8; 16] = b"ringmaster/split";
 
 /// Which CSV column holds the label (for regression: which columns hold the
@@ -268,19 +268,9 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         }
     };
 
-    let n_val = if opts.val_fraction > 0.0 {
-        ((n as f64 * opts.val_fraction).round() as usize).max(1)
-    } else {
-        0
-    };
-    if n_val >= n {
-        return Err(DatasetError::InvalidInput(format!(
-            "validation fraction {} of {n} samples leaves none for training",
-            opts.val_fraction
-        )));
-    }
-    let perm = shuffled(n as u64, &mut stream(opts.seed, 0, SPLIT_TAG));
-    let (val_rows, train_rows) = perm.split_at(n_val);
+    let perm = split_rows(n, opts.val_fraction, opts.seed)?;
+    let n_val = perm.val;
+    let (val_rows, train_rows) = perm.rows.split_at(n_val);
     let (mut train_x, train_y) = gather(&raw, train_rows);
     let (mut val_x, val_y) = gather(&raw, val_rows);
     if cleaning.missing_values > 0 {
@@ -325,6 +315,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         }
     );
     let write_opts = |split: &str| WriteOptions {
+        image: None,
         name: format!("{}-{split}", opts.name),
         features: d,
         labels,
@@ -358,6 +349,34 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
         missing_values: cleaning.missing_values,
         rows_dropped: cleaning.rows_dropped,
         duplicates_removed: cleaning.duplicates_removed,
+    })
+}
+
+/// A seeded permutation of `0..n`: its first `val` entries are the
+/// validation rows, the rest the training rows.
+pub(crate) struct Split {
+    pub rows: Vec<u64>,
+    pub val: usize,
+}
+
+/// Splits `n` rows: `round(n * val_fraction)` of them (at least one when the
+/// fraction is positive) for validation, chosen by a shuffle seeded with
+/// `seed`; the same for every kind of input, so a table and an image array
+/// of the same rows split alike.
+pub(crate) fn split_rows(n: usize, val_fraction: f64, seed: u64) -> Result<Split, DatasetError> {
+    let val = if val_fraction > 0.0 {
+        ((n as f64 * val_fraction).round() as usize).max(1)
+    } else {
+        0
+    };
+    if val >= n {
+        return Err(DatasetError::InvalidInput(format!(
+            "validation fraction {val_fraction} of {n} samples leaves none for training"
+        )));
+    }
+    Ok(Split {
+        rows: shuffled(n as u64, &mut stream(seed, 0, SPLIT_TAG)),
+        val,
     })
 }
 

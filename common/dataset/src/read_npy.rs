@@ -1,8 +1,9 @@
 //! Reading a pair of NPY files — 2-D float32/float64 features, 1-D integer
 //! labels of any width (or, for regression, 1-D or 2-D float targets) — into
 //! raw samples, refusing headers that promise more
-//! data than the file holds. Splitting, standardizing and writing happen in
-//! `pack.rs`.
+//! data than the file holds; and image arrays (`[n, C, H, W]`, `[n, H, W]` or
+//! channels-last `[n, H, W, C]`, u8 or float) into `[n, C, H, W]` pixels.
+//! Splitting, standardizing and writing happen in `pack.rs` and `images.rs`.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -11,7 +12,7 @@ use std::path::Path;
 use npyz::{DType, NpyFile, Order, TypeChar, TypeStr};
 
 use super::DatasetError;
-use super::manifest::{MAX_CLASSES, MAX_FEATURES, MAX_TARGETS};
+use super::manifest::{MAX_CHANNELS, MAX_CLASSES, MAX_FEATURES, MAX_TARGETS};
 use super::pack::{PackTask, RawSamples};
 use super::shards::Labels;
 
@@ -107,7 +108,7 @@ fn read_features(path: &Path) -> Result<(Vec<f32>, u64, usize), DatasetError> {
 
 /// Regression targets: a 1-D array (one target per sample) or a 2-D array
 /// of `k` targets per sample, float32 or float64, every value finite.
-fn read_targets(path: &Path) -> Result<Labels, DatasetError> {
+pub(crate) fn read_targets(path: &Path) -> Result<Labels, DatasetError> {
     let (npy, ty) = open(path)?;
     let shape = npy.shape().to_vec();
     let (rows, k) = match *shape.as_slice() {
@@ -175,7 +176,7 @@ fn read_floats(
     Ok((x, rows, c))
 }
 
-fn read_labels(path: &Path) -> Result<Vec<i64>, DatasetError> {
+pub(crate) fn read_labels(path: &Path) -> Result<Vec<i64>, DatasetError> {
     let (npy, ty) = open(path)?;
     let shape = npy.shape().to_vec();
     if shape.len() != 1 {
@@ -222,4 +223,173 @@ fn read_labels(path: &Path) -> Result<Vec<i64>, DatasetError> {
 
 fn widen<T: Into<i128>>(values: Vec<T>) -> Vec<i128> {
     values.into_iter().map(Into::into).collect()
+}
+
+/// Image pixels as stored: u8 stays u8 (a quarter of f32's bytes on disk),
+/// float64 becomes f32.
+pub(crate) enum Pixels {
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+/// Images read from an NPY file, in `[n, C, H, W]` order.
+pub(crate) struct Images {
+    pub pixels: Pixels,
+    pub samples: usize,
+    /// `[C, H, W]`.
+    pub shape: [usize; 3],
+}
+
+/// Reads an image array: `[n, C, H, W]`, `[n, H, W]` (one channel) or, with
+/// `channels_last`, `[n, H, W, C]` (transposed here to `[n, C, H, W]`), of
+/// uint8, float32 or float64, every float finite.
+pub(crate) fn read_images(path: &Path, channels_last: bool) -> Result<Images, DatasetError> {
+    let (npy, ty) = open(path)?;
+    let dims = npy.shape().to_vec();
+    // Bounded by the file length checked in `open`, so these fit in usize.
+    let dims: Vec<usize> = dims.iter().map(|&v| v as usize).collect();
+    let (n, shape) = match (dims.as_slice(), channels_last) {
+        (&[n, h, w], false) => (n, [1, h, w]),
+        (&[n, c, h, w], false) => (n, [c, h, w]),
+        (&[n, h, w, c], true) => (n, [c, h, w]),
+        (_, false) => {
+            return Err(format_err(
+                path,
+                format!(
+                    "images must be a 4-D [n, C, H, W] or 3-D [n, H, W] array, found shape \
+                     {dims:?} (channels-last [n, H, W, C] needs --channels-last)"
+                ),
+            ));
+        }
+        (_, true) => {
+            return Err(format_err(
+                path,
+                format!("--channels-last needs a 4-D [n, H, W, C] array, found shape {dims:?}"),
+            ));
+        }
+    };
+    if n == 0 {
+        return Err(DatasetError::EmptyInput { path: path.into() });
+    }
+    if shape.contains(&0) {
+        return Err(format_err(
+            path,
+            format!("images of shape [C, H, W] = {shape:?} have a zero side"),
+        ));
+    }
+    if shape[0] as u64 > MAX_CHANNELS {
+        return Err(format_err(
+            path,
+            format!(
+                "images have {} channels, at most {MAX_CHANNELS} are allowed",
+                shape[0]
+            ),
+        ));
+    }
+    let d = shape.iter().product::<usize>() as u64;
+    if d > MAX_FEATURES {
+        return Err(format_err(
+            path,
+            format!(
+                "images of shape [C, H, W] = {shape:?} hold {d} values each, at most \
+                 {MAX_FEATURES} are allowed"
+            ),
+        ));
+    }
+    let order = npy.order();
+    let io_err = |e: std::io::Error| format_err(path, format!("cannot read data: {e}"));
+    let pixels = match (ty.type_char(), ty.num_bytes()) {
+        (TypeChar::Uint, Some(1)) => Pixels::U8(npy.into_vec::<u8>().map_err(io_err)?),
+        (TypeChar::Float, Some(4)) => Pixels::F32(npy.into_vec::<f32>().map_err(io_err)?),
+        (TypeChar::Float, Some(8)) => Pixels::F32(
+            npy.into_vec::<f64>()
+                .map_err(io_err)?
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+        ),
+        _ => {
+            return Err(format_err(
+                path,
+                format!("images must be uint8, float32 or float64, found {ty}"),
+            ));
+        }
+    };
+    // To C order (a Fortran-order array is the C-order array of the reversed
+    // shape), then channels to the front.
+    let rank = dims.len();
+    let mut pixels = match order {
+        Order::C => pixels,
+        Order::Fortran => {
+            let reversed: Vec<usize> = dims.iter().rev().copied().collect();
+            let axes: Vec<usize> = (0..rank).rev().collect();
+            pixels.permute(&reversed, &axes)
+        }
+    };
+    if channels_last {
+        pixels = pixels.permute(&dims, &[0, 3, 1, 2]);
+    }
+    if let Pixels::F32(x) = &pixels
+        && let Some(k) = x.iter().position(|v| !v.is_finite())
+    {
+        let (per, plane) = (d as usize, shape[1] * shape[2]);
+        let i = k % per;
+        let (c, row, col) = (i / plane, (i % plane) / shape[2], i % shape[2]);
+        return Err(format_err(
+            path,
+            format!(
+                "image {} has a non-finite value at channel {c}, row {row}, column {col}",
+                k / per
+            ),
+        ));
+    }
+    Ok(Images {
+        pixels,
+        samples: n,
+        shape,
+    })
+}
+
+impl Pixels {
+    /// The array of `shape` (C order) with its axes reordered: axis `i` of
+    /// the result is axis `axes[i]` of this one.
+    fn permute(self, shape: &[usize], axes: &[usize]) -> Pixels {
+        match self {
+            Pixels::U8(x) => Pixels::U8(permute(&x, shape, axes)),
+            Pixels::F32(x) => Pixels::F32(permute(&x, shape, axes)),
+        }
+    }
+}
+
+/// `data`, a C-order array of `shape`, with its axes reordered (axis `i` of
+/// the result is axis `axes[i]` of `data`), in C order. Walks the result in
+/// order, stepping the source offset by each axis's stride, so the cost is
+/// one add per element.
+pub(crate) fn permute<T: Copy>(data: &[T], shape: &[usize], axes: &[usize]) -> Vec<T> {
+    let rank = shape.len();
+    if data.is_empty() || rank == 0 {
+        return data.to_vec();
+    }
+    let mut stride = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        stride[i] = stride[i + 1] * shape[i + 1];
+    }
+    let out_shape: Vec<usize> = axes.iter().map(|&a| shape[a]).collect();
+    let out_stride: Vec<usize> = axes.iter().map(|&a| stride[a]).collect();
+    let mut out = Vec::with_capacity(data.len());
+    let mut index = vec![0usize; rank];
+    let mut offset = 0usize;
+    for _ in 0..data.len() {
+        out.push(data[offset]);
+        for k in (0..rank).rev() {
+            index[k] += 1;
+            offset += out_stride[k];
+            if index[k] < out_shape[k] {
+                break;
+            }
+            offset -= out_stride[k] * out_shape[k];
+            index[k] = 0;
+        }
+    }
+    out
 }

@@ -16,8 +16,9 @@ use sha2::{Digest, Sha256};
 
 use super::DatasetError;
 use super::manifest::{
-    DatasetManifest, FORMAT_VERSION, LabelKind, MANIFEST_FILE, MAX_SAMPLES, MAX_TOKENIZER_BYTES,
-    Schema, ShardEntry, Standardization, TOKENIZER_FILE, TokenizerEntry,
+    DatasetManifest, ElementType, FORMAT_VERSION, ImageNormalization, LabelKind, MANIFEST_FILE,
+    MAX_SAMPLES, MAX_TOKENIZER_BYTES, Schema, ShardEntry, Standardization, TOKENIZER_FILE,
+    TokenizerEntry,
 };
 
 /// Room allowed for a shard's safetensors header on top of its tensor bytes;
@@ -207,6 +208,58 @@ pub struct WriteOptions {
     /// A token dataset's tokenizer (`tokenizer.json` bytes), written as [`TOKENIZER_FILE`]
     /// before the manifest, which records its sha256.
     pub tokenizer: Option<Vec<u8>>,
+    /// `Some` for an image dataset, whose `features` must then be `C·H·W`.
+    pub image: Option<ImageLayout>,
+}
+
+/// How an image dataset's `x` is stored and read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageLayout {
+    /// `[C, H, W]` of one sample.
+    pub shape: [usize; 3],
+    /// [`ElementType::U8`] or [`ElementType::F32`]: what the shards hold.
+    pub dtype: ElementType,
+    /// Recorded in the manifest and applied by readers, not to the stored
+    /// values.
+    pub normalization: Option<ImageNormalization>,
+}
+
+/// Rows of features handed to a writer, in the dataset's stored element
+/// type: f32 for flat features and f32 images, u8 for u8 images.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FeatureRows<'a> {
+    F32(&'a [f32]),
+    U8(&'a [u8]),
+}
+
+impl FeatureRows<'_> {
+    /// Number of values (samples times features).
+    pub fn len(&self) -> usize {
+        match self {
+            FeatureRows::F32(x) => x.len(),
+            FeatureRows::U8(x) => x.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn dtype(&self) -> ElementType {
+        match self {
+            FeatureRows::F32(_) => ElementType::F32,
+            FeatureRows::U8(_) => ElementType::U8,
+        }
+    }
+
+    /// Values `start..end`. Panics past the end, like slicing.
+    fn slice(&self, start: usize, end: usize) -> Self {
+        match self {
+            FeatureRows::F32(x) => FeatureRows::F32(&x[start..end]),
+            FeatureRows::U8(x) => FeatureRows::U8(&x[start..end]),
+        }
+    }
 }
 
 /// The file name of shard `index`: `shard-00000.safetensors`, ...
@@ -311,6 +364,12 @@ pub fn decoded_bytes(samples: u64, features: usize, labels: LabelKind) -> u64 {
 /// bound, sha256, tensor names, dtypes and shapes against the schema, every
 /// feature finite, every label in range (every target finite). Errors name
 /// the shard's location and the check that failed.
+///
+/// Features come back as f32 `[n, d]` whatever their stored type: u8 image
+/// pixels are widened and an image dataset's `image_normalization` is applied
+/// here, so that every consumer (training loaded whole or streamed,
+/// evaluation, benchmarks) sees the same values and models need not know how
+/// the pixels were stored.
 pub fn read_shard(
     reader: &dyn ShardReader,
     manifest: &DatasetManifest,
@@ -350,7 +409,13 @@ pub fn read_shard(
     })?;
     // Bounded by MAX_SAMPLES, so these fit in usize on 64-bit hosts.
     let n = entry.samples as usize;
-    let xs = tensor(&tensors, &shard, "x", Dtype::F32, &[n, d])?;
+    let image = manifest.image_shape();
+    let (x_dtype, x_shape) = match (image, manifest.schema.features.dtype) {
+        (Some([c, h, w]), ElementType::U8) => (Dtype::U8, vec![n, c, h, w]),
+        (Some([c, h, w]), _) => (Dtype::F32, vec![n, c, h, w]),
+        (None, _) => (Dtype::F32, vec![n, d]),
+    };
+    let xs = tensor(&tensors, &shard, "x", x_dtype, &x_shape)?;
     let ys = match kind {
         LabelKind::Classes(_) => tensor(&tensors, &shard, "y", Dtype::I64, &[n])?,
         LabelKind::Targets(k) => tensor(&tensors, &shard, "y", Dtype::F32, &[n, k])?,
@@ -359,9 +424,19 @@ pub fn read_shard(
     // Decoded first, checked after: two flat loops the compiler vectorizes
     // (a shard is tens of MiB, read on the step path when streaming).
     let mut x = vec![0f32; n * d];
-    for (v, b) in x.iter_mut().zip(xs.data().chunks_exact(4)) {
-        *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if x_dtype == Dtype::U8 {
+        for (v, &b) in x.iter_mut().zip(xs.data()) {
+            *v = f32::from(b);
+        }
+    } else {
+        for (v, b) in x.iter_mut().zip(xs.data().chunks_exact(4)) {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
     }
+    if let (Some([_, h, w]), Some(norm)) = (image, &manifest.image_normalization) {
+        norm.apply(&mut x, h * w);
+    }
+    // After normalization: a finite stored value could still overflow it.
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         return Err(DatasetError::NonFiniteFeature {
             shard,
@@ -537,8 +612,26 @@ pub fn write_dataset(
     x: &[f32],
     y: LabelRows<'_>,
 ) -> Result<DatasetManifest, DatasetError> {
+    write_dataset_rows(dir, opts, FeatureRows::F32(x), y)
+}
+
+/// [`write_dataset`] for features in any stored type: u8 rows for a u8 image
+/// dataset (`opts.image`), f32 otherwise.
+pub fn write_dataset_rows(
+    dir: &Path,
+    opts: &WriteOptions,
+    x: FeatureRows<'_>,
+    y: LabelRows<'_>,
+) -> Result<DatasetManifest, DatasetError> {
     let d = opts.features;
     // All of it before anything is written: refused input leaves no files.
+    let stored = opts.image.as_ref().map_or(ElementType::F32, |i| i.dtype);
+    if x.dtype() != stored {
+        return Err(DatasetError::InvalidInput(format!(
+            "the dataset stores {stored} features, but {} values were given",
+            x.dtype()
+        )));
+    }
     if d > 0 {
         check_samples(x, y, d, opts.labels, 0)?;
     }
@@ -548,7 +641,7 @@ pub fn write_dataset(
     let mut start = 0;
     while start < n {
         let end = (start + per).min(n);
-        writer.write_shard(&x[start * d..end * d], y.slice(start, end))?;
+        writer.write_rows(x.slice(start * d, end * d), y.slice(start, end))?;
         start = end;
     }
     writer.finish()
@@ -592,6 +685,16 @@ impl DatasetWriter {
                 limit: MAX_SAMPLES,
             });
         }
+        if let Some(image) = &opts.image {
+            let [c, h, w] = image.shape;
+            if c.checked_mul(h).and_then(|v| v.checked_mul(w)) != Some(d) {
+                return invalid(format!(
+                    "image shape {:?} holds {} values per sample, not the {d} features given",
+                    image.shape,
+                    c.saturating_mul(h).saturating_mul(w)
+                ));
+            }
+        }
         let per_shard = opts.shard_samples as u64;
         let shards = samples.div_ceil(per_shard);
         if shards > super::manifest::MAX_SHARDS {
@@ -604,7 +707,10 @@ impl DatasetWriter {
         let manifest = DatasetManifest {
             format_version: FORMAT_VERSION,
             name: opts.name.clone(),
-            schema: Schema::new(d, opts.labels),
+            schema: match &opts.image {
+                Some(image) => Schema::image(image.shape, image.dtype, opts.labels),
+                None => Schema::new(d, opts.labels),
+            },
             num_samples: samples,
             shards: (0..shards)
                 .map(|i| ShardEntry {
@@ -614,6 +720,7 @@ impl DatasetWriter {
                 })
                 .collect(),
             standardization: opts.standardization.clone(),
+            image_normalization: opts.image.as_ref().and_then(|i| i.normalization.clone()),
             source: opts.source.clone(),
             tokenizer: opts.tokenizer.as_ref().map(|json| TokenizerEntry {
                 file: TOKENIZER_FILE.into(),
@@ -641,7 +748,21 @@ impl DatasetWriter {
     /// manifest entry expects, labels in range (targets finite, of the
     /// dataset's width) and features finite.
     pub fn write_shard(&mut self, x: &[f32], y: LabelRows<'_>) -> Result<(), DatasetError> {
+        self.write_rows(FeatureRows::F32(x), y)
+    }
+
+    /// [`write_shard`](Self::write_shard) for features in the dataset's
+    /// stored type (u8 rows for a u8 image dataset).
+    pub fn write_rows(&mut self, x: FeatureRows<'_>, y: LabelRows<'_>) -> Result<(), DatasetError> {
         let d = self.manifest.features();
+        let stored = self.manifest.schema.features.dtype;
+        if x.dtype() != stored {
+            return Err(DatasetError::InvalidInput(format!(
+                "the dataset stores {stored} features, but {} values were given",
+                x.dtype()
+            )));
+        }
+        let image = self.manifest.image_shape();
         let kind = self.manifest.labels();
         let total = self.manifest.shards.len();
         let before: u64 = self.manifest.shards[..self.next.min(total)]
@@ -662,7 +783,7 @@ impl DatasetWriter {
             )));
         }
         check_samples(x, y, d, kind, before)?;
-        let bytes = encode_shard(&entry.file, x, y, d)?;
+        let bytes = encode_shard(&entry.file, x, y, d, image)?;
         entry.sha256 = hex::encode(Sha256::digest(&bytes));
         write_file_atomically(&self.dir.join(&entry.file), &bytes)?;
         self.next += 1;
@@ -698,7 +819,7 @@ impl DatasetWriter {
 /// is of `kind`: every label in `0..classes`, or finite targets of its
 /// width; `first` numbers the first sample in errors.
 fn check_samples(
-    x: &[f32],
+    x: FeatureRows<'_>,
     y: LabelRows<'_>,
     d: usize,
     kind: LabelKind,
@@ -749,7 +870,10 @@ fn check_samples(
             )));
         }
     }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+    // u8 pixels are always finite.
+    if let FeatureRows::F32(x) = x
+        && let Some(i) = x.iter().position(|v| !v.is_finite())
+    {
         return Err(DatasetError::InvalidInput(format!(
             "sample {} has a non-finite feature",
             first + (i / d) as u64
@@ -758,14 +882,24 @@ fn check_samples(
     Ok(())
 }
 
+/// Serializes one shard; an image's `x` is stored `[n, C, H, W]`, so that
+/// other tools read it as images.
 fn encode_shard(
     file: &str,
-    x: &[f32],
+    x: FeatureRows<'_>,
     y: LabelRows<'_>,
     d: usize,
+    image: Option<[usize; 3]>,
 ) -> Result<Vec<u8>, DatasetError> {
     let n = y.len();
-    let x_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (x_dtype, x_bytes): (_, Vec<u8>) = match x {
+        FeatureRows::F32(x) => (Dtype::F32, x.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        FeatureRows::U8(x) => (Dtype::U8, x.to_vec()),
+    };
+    let x_shape = match image {
+        Some([c, h, w]) => vec![n, c, h, w],
+        None => vec![n, d],
+    };
     let (y_dtype, y_shape, y_bytes): (_, _, Vec<u8>) = match y {
         LabelRows::Classes(y) => (
             Dtype::I64,
@@ -787,7 +921,7 @@ fn encode_shard(
         shard: file.into(),
         source,
     };
-    let xv = TensorView::new(Dtype::F32, vec![n, d], &x_bytes).map_err(format_err)?;
+    let xv = TensorView::new(x_dtype, x_shape, &x_bytes).map_err(format_err)?;
     let yv = TensorView::new(y_dtype, y_shape, &y_bytes).map_err(format_err)?;
     safetensors::serialize([("x", xv), ("y", yv)], None).map_err(format_err)
 }

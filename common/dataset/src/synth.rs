@@ -72,6 +72,7 @@ pub fn synthesize(opts: &SynthOptions) -> Result<DatasetManifest, DatasetError> 
         .map(|_| normal.sample(&mut rng) * scale)
         .collect();
     let write = WriteOptions {
+        image: None,
         name: opts.name.clone(),
         features: d,
         labels: LabelKind::Classes(k),
@@ -160,6 +161,7 @@ pub fn synthesize_regression(opts: &SynthRegression) -> Result<DatasetManifest, 
         .map(|_| normal.sample(&mut rng) * scale)
         .collect();
     let write = WriteOptions {
+        image: None,
         name: opts.name.clone(),
         features: d,
         labels: LabelKind::Targets(k),

@@ -281,6 +281,7 @@ pub fn pack_text(opts: &TextOptions) -> Result<TextReport, DatasetError> {
     let write = |dir: &Path, split_name: &str, chunks: &Chunks| {
         let n = chunks.samples(t);
         let wo = WriteOptions {
+            image: None,
             name: format!("{}-{split_name}", opts.name),
             features: t,
             labels,
@@ -666,6 +667,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kind = LabelKind::Tokens { vocab: 4, len: 2 };
         let wo = WriteOptions {
+            image: None,
             name: "t".into(),
             features: 2,
             labels: kind,

@@ -160,6 +160,7 @@ pub fn pack_timeseries(opts: &SeriesOptions) -> Result<SeriesReport, DatasetErro
         }
         let n = y.len() / opts.horizon;
         let wo = WriteOptions {
+            image: None,
             name: format!("{}-{split_name}", opts.name),
             features: opts.window,
             labels: LabelKind::Targets(opts.horizon),

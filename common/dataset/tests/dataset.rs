@@ -519,6 +519,7 @@ fn npy_inputs_round_trip() {
 
 fn write_opts(shard_samples: usize) -> WriteOptions {
     WriteOptions {
+        image: None,
         name: "rt".into(),
         features: 2,
         labels: LabelKind::Classes(4),

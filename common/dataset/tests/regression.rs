@@ -37,6 +37,7 @@ fn options(input: PackInput, output: &Path, task: PackTask) -> PackOptions {
 
 fn targets_opts(k: usize) -> WriteOptions {
     WriteOptions {
+        image: None,
         name: "r".into(),
         features: 2,
         labels: LabelKind::Targets(k),

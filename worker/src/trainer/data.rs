@@ -17,7 +17,7 @@
 use super::TrainError;
 use super::stream::{StreamStats, StreamedData};
 use crate::model;
-use ringmaster_common::jobspec::{JobSpec, TaskSpec};
+use ringmaster_common::jobspec::{JobSpec, ModelSpec, TaskSpec};
 use ringmaster_dataset::{
     Dataset, DatasetManifest, LabelKind, LabelRows, Labels, LocalDir, MANIFEST_FILE, ShardPlan,
     read_shard,
@@ -105,6 +105,29 @@ pub(super) fn check_task(task: &TaskSpec, labels: LabelKind, dir: &Path) -> Resu
             },
             dir.display()
         ))),
+    }
+}
+
+/// A `cnn` on an image dataset must take the images' own `[C, H, W]`: one of
+/// the same size but another layout would run on scrambled pixels without
+/// any error. The coordinator refuses this at submit; this holds for a job
+/// that reached the worker another way, and for `worker evaluate`.
+pub(super) fn check_image_shape(
+    spec: &JobSpec,
+    manifest: &DatasetManifest,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    match (&spec.model, manifest.image_shape()) {
+        (ModelSpec::Cnn { input_shape, .. }, Some(shape))
+            if input_shape.map(|v| v as usize) != shape =>
+        {
+            Err(TrainError::Invalid(format!(
+                "model.input_shape is {input_shape:?} but {} holds images of [C, H, W] = \
+                 {shape:?}",
+                dir.display()
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -250,6 +273,7 @@ impl TrainData {
         let features = manifest.features();
         let labels = manifest.labels();
         check_task(&spec.task, labels, &data.train)?;
+        check_image_shape(spec, &manifest, &data.train)?;
         let samples = manifest.num_samples;
         let validation = match &data.validation {
             None => None,

@@ -5,7 +5,7 @@
 //! own evaluation, on one process (nothing to reduce).
 
 use super::TrainError;
-use super::data::labels_tensor;
+use super::data::{check_image_shape, labels_tensor};
 use super::evaluation::{Counts, Evaluation, LmScores, RegressionScores, RegressionSums, Scores};
 use super::loss::Loss;
 use super::precision::Precision;
@@ -87,6 +87,7 @@ pub fn score(
             spec.task.kind()
         )));
     }
+    check_image_shape(spec, &manifest, data_dir)?;
     let weights_path = model_dir.join("model.safetensors");
     let weights: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&weights_path)
