@@ -413,6 +413,11 @@ pub struct PackArgs {
     /// pixels as 0..255).
     #[arg(long)]
     pub no_normalize: bool,
+    /// Normalize `--images` with the statistics recorded in this image dataset's manifest
+    /// instead of fitting them: for a set packed on its own (a held-out test set) that must be
+    /// read as the training set was.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_normalize")]
+    pub normalization_from: Option<PathBuf>,
     /// A time series: `--column` of this CSV (with a header; `.gz` is detected), read in file
     /// order and cut into samples of `--window` values predicting the next `--horizon` (f32
     /// regression targets). The split is chronological: the last `--val-fraction` of the
@@ -974,6 +979,22 @@ pub fn load_job(path: &Path) -> anyhow::Result<JobSpec> {
                 spans.error_at(
                     SpanField::DataValidation,
                     format!("data.validation has {vf} features per sample, data.train has {tf}"),
+                )
+            );
+        }
+        if v.image_normalization != train.image_normalization {
+            bail!(
+                "{}",
+                spans.error_at(
+                    SpanField::DataValidation,
+                    format!(
+                        "data.validation is normalized with other statistics than data.train \
+                         ({:?} vs {:?}), so the model would see its images shifted: pack it \
+                         with --normalization-from {}",
+                        v.image_normalization,
+                        train.image_normalization,
+                        spec.data.train.display()
+                    ),
                 )
             );
         }
@@ -2031,6 +2052,18 @@ fn pack_images(a: &PackArgs, images: &Path, output: Output) -> anyhow::Result<()
         labels: labels.clone(),
         channels_last: a.channels_last,
         normalize: !a.no_normalize,
+        normalization_from: match &a.normalization_from {
+            None => None,
+            Some(dir) => {
+                let m = DatasetManifest::read(dir)?;
+                Some(m.image_normalization.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--normalization-from {}: that dataset records no image normalization",
+                        dir.display()
+                    )
+                })?)
+            }
+        },
         task: match a.task {
             PackTaskArg::Classification => dataset::PackTask::Classification,
             PackTaskArg::Regression => dataset::PackTask::Regression,
@@ -2111,8 +2144,11 @@ fn pack_images(a: &PackArgs, images: &Path, output: Output) -> anyhow::Result<()
 fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         // Checked here: clap's `requires` does not hold plain flags to it.
-        DatasetCommand::Pack(a) if a.images.is_none() && (a.channels_last || a.no_normalize) => {
-            bail!("--channels-last and --no-normalize apply only to --images")
+        DatasetCommand::Pack(a)
+            if a.images.is_none()
+                && (a.channels_last || a.no_normalize || a.normalization_from.is_some()) =>
+        {
+            bail!("--channels-last, --no-normalize and --normalization-from apply only to --images")
         }
         DatasetCommand::Pack(a) if !a.text.is_empty() => pack_text(&a, output)?,
         DatasetCommand::Pack(a) if a.images.is_some() => {

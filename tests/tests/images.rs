@@ -5,7 +5,9 @@
 //! 0.97 validation accuracy, with train shards about a quarter the size of
 //! the f32 pack's; a `cnn` whose `input_shape` disagrees with the images is
 //! refused at submit (and by the worker), and so are image flags that do not
-//! apply; `coordinator evaluate` scores the images as the job did.
+//! apply; `coordinator evaluate` scores the images as the job did, and a set
+//! packed on its own is read with the training set's normalization
+//! (`--normalization-from`) or refused, at submit and by `evaluate`.
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, bin, digits_csv, pack_digits, repo_root, run_with_timeout,
@@ -120,7 +122,9 @@ fn cnn_on_u8_digit_images_reaches_97_percent() {
     );
     let err = refused(&["--npy-features", xs, "--npy-labels", ys, "--channels-last"]);
     assert!(
-        err.contains("--channels-last and --no-normalize apply only to --images"),
+        err.contains(
+            "--channels-last, --no-normalize and --normalization-from apply only to --images"
+        ),
         "{err}"
     );
 
@@ -198,6 +202,70 @@ fn cnn_on_u8_digit_images_reaches_97_percent() {
             "model.input_shape is [1, 8, 8] but {} holds images of [C, H, W] = [1, 4, 16]",
             wide.join("val").display()
         )),
+        "{}",
+        refused.stderr
+    );
+
+    // A set packed on its own (a held-out test set) gets its own statistics
+    // unless it takes the training set's: scoring it would shift its pixels,
+    // so it is refused until packed with --normalization-from.
+    let own = tmp.path().join("own");
+    let mut c = Command::new(bin("coordinator"));
+    c.args(["dataset", "pack", "--images"])
+        .arg(&x)
+        .arg("--npy-labels")
+        .arg(&y)
+        .args(["--val-fraction", "0", "--out-dir"])
+        .arg(tmp.path().join("test"))
+        .arg("--normalization-from")
+        .arg(data.join("train"));
+    let packed = run_with_timeout(c, T);
+    assert_eq!(packed.code, 0, "{}", packed.stderr);
+    let test = tmp.path().join("test/train");
+    let manifest = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("MANIFEST.json")).unwrap()).unwrap()
+    };
+    assert_eq!(
+        manifest(&test)["image_normalization"],
+        manifest(&data.join("train"))["image_normalization"]
+    );
+    let scored = evaluate(&test);
+    assert_eq!(scored.code, 0, "{}", scored.stderr);
+    // The whole digits set, through the training set's normalization.
+    assert_eq!(scored.json()["samples"], 1797);
+
+    // Its own fit (here: a split with other statistics) is refused.
+    let mut c = Command::new(bin("coordinator"));
+    c.args(["dataset", "pack", "--images"])
+        .arg(&x)
+        .arg("--npy-labels")
+        .arg(&y)
+        .args(["--val-fraction", "0", "--out-dir"])
+        .arg(&own);
+    assert_eq!(run_with_timeout(c, T).code, 0);
+    let refused = evaluate(&own.join("train"));
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    assert!(
+        refused
+            .stderr
+            .contains("is normalized with other statistics than the training set")
+            && refused.stderr.contains("--normalization-from"),
+        "{}",
+        refused.stderr
+    );
+
+    // The same at submit, for a validation set.
+    let mismatched = JobBuilder::new("mismatched", &data)
+        .model_kind(CNN)
+        .data(&format!("validation = \"{}\"", own.join("train").display()))
+        .train("steps = 10\nlearning_rate = 0.1")
+        .write(tmp.path());
+    let refused = cluster.cli(&["submit", "--dry-run", mismatched.to_str().unwrap()], T);
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    assert!(
+        refused
+            .stderr
+            .contains("data.validation is normalized with other statistics than data.train"),
         "{}",
         refused.stderr
     );

@@ -29,6 +29,10 @@ pub struct ImageOptions {
     pub channels_last: bool,
     /// Record per-channel normalization fitted on the training split.
     pub normalize: bool,
+    /// Record this normalization instead of fitting one (`--normalization-from`: another
+    /// dataset's, so a set packed on its own, such as a held-out test set, is read exactly as
+    /// the training set it is scored against). Its channels and scale must fit the images.
+    pub normalization_from: Option<ImageNormalization>,
     /// Class labels or regression targets.
     pub task: PackTask,
     /// Receives `train/` and, when `val_fraction > 0`, `val/`.
@@ -138,10 +142,30 @@ pub fn pack_images(opts: &ImageOptions) -> Result<ImageReport, DatasetError> {
         Pixels::F32(_) => (ElementType::F32, 1.0),
     };
     let plane = shape[1] * shape[2];
-    let normalization = opts.normalize.then(|| match &images.pixels {
-        Pixels::U8(x) => fit_u8(x, d, plane, &train_rows, scale),
-        Pixels::F32(x) => fit_f32(x, d, plane, &train_rows),
-    });
+    let normalization = match &opts.normalization_from {
+        Some(given) => {
+            if given.mean.len() != shape[0] {
+                return Err(DatasetError::InvalidInput(format!(
+                    "the given normalization has {} channels, the images {}",
+                    given.mean.len(),
+                    shape[0]
+                )));
+            }
+            if given.scale != scale {
+                return Err(DatasetError::InvalidInput(format!(
+                    "the given normalization reads pixels scaled by {} ({}), these images are \
+                     {dtype} (scaled by {scale}): pack them in the same type",
+                    given.scale,
+                    if given.scale == 1.0 { "f32" } else { "u8" }
+                )));
+            }
+            Some(given.clone())
+        }
+        None => opts.normalize.then(|| match &images.pixels {
+            Pixels::U8(x) => fit_u8(x, d, plane, &train_rows, scale),
+            Pixels::F32(x) => fit_f32(x, d, plane, &train_rows),
+        }),
+    };
 
     let source = format!(
         "packed from {} and {} (npy images, {read} of [C, H, W] = {shape:?} {dtype}{}); {}{n} \
@@ -162,7 +186,10 @@ pub fn pack_images(opts: &ImageOptions) -> Result<ImageReport, DatasetError> {
         split.val,
         opts.seed,
         opts.val_fraction,
-        if normalization.is_some() {
+        if opts.normalization_from.is_some() {
+            "pixels stored as given; normalized per channel when read, with another \
+             dataset's recorded mean and std (--normalization-from)"
+        } else if normalization.is_some() {
             "pixels stored as given; normalized per channel when read, with the training \
              split's mean and std after scaling (std below 1e-6 replaced by 1)"
         } else {

@@ -183,6 +183,7 @@ fn pack_opts(images: &Path, labels: &Path, out: &Path) -> ImageOptions {
         labels: labels.into(),
         channels_last: false,
         normalize: true,
+        normalization_from: None,
         task: PackTask::Classification,
         output: out.into(),
         name: "img".into(),
@@ -262,6 +263,45 @@ fn packed_normalization_comes_from_the_training_split_only() {
         val.x[1],
         (f32::from(first) * base.scale - base.mean[0]) / base.std[0]
     );
+}
+
+#[test]
+fn a_given_normalization_is_recorded_as_is_and_must_fit_the_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (xp, yp) = files(tmp.path());
+    let n = 6u64;
+    npyz::to_file_1d(&yp, (0..n as i64).map(|i| i % 2)).unwrap();
+    write_npy_u8(&xp, &[n, 1, 2], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    let given = ImageNormalization {
+        scale: 1.0 / 255.0,
+        mean: vec![0.5],
+        std: vec![0.25],
+    };
+    let mut opts = pack_opts(&xp, &yp, &tmp.path().join("given"));
+    opts.normalization_from = Some(given.clone());
+    let report = pack_images(&opts).unwrap();
+    assert_eq!(report.normalization.as_ref(), Some(&given));
+    let m = DatasetManifest::read(&tmp.path().join("given/train")).unwrap();
+    assert_eq!(m.image_normalization, Some(given.clone()));
+
+    let refused = |norm: ImageNormalization, out: &str| {
+        let mut opts = pack_opts(&xp, &yp, &tmp.path().join(out));
+        opts.normalization_from = Some(norm);
+        pack_images(&opts).unwrap_err().to_string()
+    };
+    let three = ImageNormalization {
+        mean: vec![0.5; 3],
+        std: vec![0.25; 3],
+        ..given.clone()
+    };
+    let e = refused(three, "three");
+    assert!(e.contains("the given normalization has 3 channels, the images 1"), "{e}");
+    let floats = ImageNormalization {
+        scale: 1.0,
+        ..given
+    };
+    let e = refused(floats, "floats");
+    assert!(e.contains("reads pixels scaled by 1 (f32), these images are u8"), "{e}");
 }
 
 #[test]

@@ -88,6 +88,22 @@ pub fn score(
         )));
     }
     check_image_shape(spec, &manifest, data_dir)?;
+    // Images are normalized as their own manifest says: a set packed on its own has its own
+    // statistics, and the model would see its pixels shifted. The job's training set, when it
+    // is still there, says what the model was trained on.
+    if let Ok(train) = DatasetManifest::read(&spec.data.train)
+        && train.image_normalization != manifest.image_normalization
+    {
+        return Err(TrainError::Invalid(format!(
+            "{} is normalized with other statistics than the training set {} ({:?} vs {:?}): \
+             pack it with --normalization-from {}",
+            data_dir.display(),
+            spec.data.train.display(),
+            manifest.image_normalization,
+            train.image_normalization,
+            spec.data.train.display()
+        )));
+    }
     let weights_path = model_dir.join("model.safetensors");
     let weights: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&weights_path)
