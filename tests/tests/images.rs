@@ -7,7 +7,8 @@
 //! refused at submit (and by the worker), and so are image flags that do not
 //! apply; `coordinator evaluate` scores the images as the job did, and a set
 //! packed on its own is read with the training set's normalization
-//! (`--normalization-from`) or refused, at submit and by `evaluate`.
+//! (`--normalization-from`) or refused, at submit and by `evaluate`; a
+//! streamed image set trains bitwise as the same set loaded whole.
 
 use ringmaster_tests::{
     JobBuilder, LocalCluster, bin, digits_csv, pack_digits, repo_root, run_with_timeout,
@@ -53,6 +54,11 @@ fn digits_npy(dir: &Path) -> (PathBuf, PathBuf) {
 /// `dataset pack --images` of `x` and `y` into `out` with the split of
 /// `pack_digits`; returns the report.
 fn pack_images(x: &Path, y: &Path, out: &Path) -> serde_json::Value {
+    pack_images_with(x, y, out, &[])
+}
+
+/// [`pack_images`] with more flags.
+fn pack_images_with(x: &Path, y: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
     let mut c = Command::new(bin("coordinator"));
     c.args(["dataset", "pack", "--images"])
         .arg(x)
@@ -60,7 +66,8 @@ fn pack_images(x: &Path, y: &Path, out: &Path) -> serde_json::Value {
         .arg(y)
         .arg("--out-dir")
         .arg(out)
-        .args(["--val-fraction", "0.2", "--seed", "7", "--output", "json"]);
+        .args(["--val-fraction", "0.2", "--seed", "7", "--output", "json"])
+        .args(extra);
     let done = run_with_timeout(c, T);
     assert_eq!(
         done.code, 0,
@@ -268,5 +275,39 @@ fn cnn_on_u8_digit_images_reaches_97_percent() {
             .contains("data.validation is normalized with other statistics than data.train"),
         "{}",
         refused.stderr
+    );
+
+    // Streamed a window of shards at a time, 8 shards of u8 images train
+    // exactly as the set loaded whole: one reader serves both.
+    let sharded = tmp.path().join("sharded");
+    pack_images_with(&x, &y, &sharded, &["--shard-samples", "180"]);
+    let short = |name: &str, loading: &str| {
+        JobBuilder::new(name, &sharded)
+            .seed(4)
+            .model_kind(CNN)
+            .validation()
+            .data(loading)
+            .train("steps = 60\noptimizer = \"adam\"\nlearning_rate = 0.003")
+            .exactly(2)
+    };
+    let (streamed_done, streamed) = cluster.train(
+        tmp.path(),
+        &short(
+            "streamed",
+            "loading = \"stream\"\nshuffle_window_shards = 2\ncache_bytes = \"1 MiB\"",
+        ),
+    );
+    let (whole_done, whole) = cluster.train(
+        tmp.path(),
+        &short("whole", "loading = \"memory\"\nshuffle_window_shards = 2"),
+    );
+    assert_eq!(
+        ringmaster_tests::model_params(&streamed),
+        ringmaster_tests::model_params(&whole),
+        "streamed and loaded image runs differ"
+    );
+    assert_eq!(
+        streamed_done["metrics"]["val_loss"],
+        whole_done["metrics"]["val_loss"]
     );
 }

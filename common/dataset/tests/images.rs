@@ -295,13 +295,19 @@ fn a_given_normalization_is_recorded_as_is_and_must_fit_the_images() {
         ..given.clone()
     };
     let e = refused(three, "three");
-    assert!(e.contains("the given normalization has 3 channels, the images 1"), "{e}");
+    assert!(
+        e.contains("the given normalization has 3 channels, the images 1"),
+        "{e}"
+    );
     let floats = ImageNormalization {
         scale: 1.0,
         ..given
     };
     let e = refused(floats, "floats");
-    assert!(e.contains("reads pixels scaled by 1 (f32), these images are u8"), "{e}");
+    assert!(
+        e.contains("reads pixels scaled by 1 (f32), these images are u8"),
+        "{e}"
+    );
 }
 
 #[test]
