@@ -1,4 +1,5 @@
-//! Link-time settings for the worker, which links libtorch: where the dynamic
+//! Build settings for the worker, which links libtorch: the one C++ file it
+//! compiles (`cpp/script_buffers.cpp`, a TorchScript module's buffers), where the dynamic
 //! loader looks for it, and `libtorch_cuda` linked even though no symbol of it
 //! is referenced directly (the linker's `--as-needed` would drop it and CUDA
 //! would never initialise).
@@ -29,6 +30,9 @@ use std::path::{Component, Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    compile_script_buffers();
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         return;
     };
@@ -56,6 +60,33 @@ fn main() {
     } else {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{from_deps}/lib");
     }
+}
+
+/// Compiles `cpp/script_buffers.cpp` (a TorchScript module's buffers, which tch cannot list)
+/// against libtorch's headers with the flags torch-sys compiles its own C++ with.
+fn compile_script_buffers() {
+    const SOURCE: &str = "cpp/script_buffers.cpp";
+    println!("cargo:rerun-if-changed={SOURCE}");
+    let root = std::env::var("LIBTORCH_INCLUDE")
+        .or_else(|_| std::env::var("LIBTORCH"))
+        .unwrap_or_else(|_| {
+            panic!(
+                "set LIBTORCH to the libtorch (or torch package) directory: scripts/bootstrap does"
+            )
+        });
+    let root = std::path::absolute(&root).unwrap_or_else(|_| PathBuf::from(&root));
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file(SOURCE)
+        .compile("ringmaster_script_buffers");
 }
 
 /// `$ORIGIN/<relative path>` from an executable in `dir` to `libtorch`.

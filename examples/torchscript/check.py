@@ -2,7 +2,10 @@
 with a strict `load_state_dict` and scores a Ringmaster dataset folder with it. Prints one JSON
 line: {"samples": n, "correct": k, "accuracy": k / n}.
 
-    .venv/bin/python examples/torchscript/check.py MODEL.safetensors DATASET_DIR
+    .venv/bin/python examples/torchscript/check.py [--batch-norm] MODEL.safetensors DATASET_DIR
+
+`--batch-norm`: the module was exported with `export.py --batch-norm` (its running statistics
+must then be in the file).
 """
 
 import json
@@ -17,7 +20,10 @@ from export import DigitsCnn  # noqa: E402
 
 
 def main() -> None:
-    model_path, data_dir = sys.argv[1], pathlib.Path(sys.argv[2])
+    args = sys.argv[1:]
+    batch_norm = "--batch-norm" in args
+    args = [a for a in args if a != "--batch-norm"]
+    model_path, data_dir = args[0], pathlib.Path(args[1])
     manifest = json.loads((data_dir / "MANIFEST.json").read_text())
     xs, ys = [], []
     for shard in manifest["shards"]:
@@ -26,7 +32,7 @@ def main() -> None:
         ys.append(t["y"])
     x = torch.cat(xs).view(-1, 1, 8, 8)
     y = torch.cat(ys)
-    model = DigitsCnn(manifest["schema"]["num_classes"])
+    model = DigitsCnn(manifest["schema"]["num_classes"], batch_norm=batch_norm)
     model.load_state_dict(load_file(model_path), strict=True)
     model.eval()
     with torch.no_grad():

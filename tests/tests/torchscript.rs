@@ -21,9 +21,15 @@ fn python() -> Command {
 
 /// Runs `examples/torchscript/export.py` into `dir/model.pt`.
 fn export(dir: &Path) -> PathBuf {
-    let path = dir.join("model.pt");
+    export_with(dir, "model.pt", &[])
+}
+
+/// `export.py` with `flags` into `dir/name`.
+fn export_with(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
+    let path = dir.join(name);
     let out = python()
         .arg(repo_root().join("examples/torchscript/export.py"))
+        .args(flags)
         .arg(&path)
         .output()
         .expect("run the project venv's python (scripts/bootstrap makes it)");
@@ -60,8 +66,15 @@ fn an_exported_cnn_trains_on_digits_and_loads_back_into_pytorch() {
     eprintln!("torchscript cnn on digits: validation accuracy {accuracy}");
     assert!(accuracy >= 0.97, "{done}");
 
+    assert_scores_the_same_in_pytorch(&out, &data, accuracy, &[]);
+}
+
+/// `check.py` (with `flags`) loads the job's weights strictly into the PyTorch module and
+/// scores the validation set as the job did, up to one borderline sample.
+fn assert_scores_the_same_in_pytorch(out: &Path, data: &Path, accuracy: f64, flags: &[&str]) {
     let py = python()
         .arg(repo_root().join("examples/torchscript/check.py"))
+        .args(flags)
         .arg(out.join("model.safetensors"))
         .arg(data.join("val"))
         .output()
@@ -79,6 +92,42 @@ fn an_exported_cnn_trains_on_digits_and_loads_back_into_pytorch() {
     assert!(
         (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
         "ringmaster {accuracy}, pytorch {torch_accuracy}"
+    );
+}
+
+/// BatchNorm inside a module: its running statistics and batch counts are the module's
+/// buffers, which the run carries: saved (a strict load works and scores the same), and
+/// restored bitwise by a resume.
+#[test]
+fn a_module_with_batch_norm_keeps_and_saves_its_running_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pack_digits(&tmp.path().join("digits"));
+    let module = export_with(tmp.path(), "bn.pt", &["--batch-norm"]);
+    let cluster = LocalCluster::start(2).unwrap();
+    let steps = 300;
+    let (done, out) = cluster.train(tmp.path(), &job(&data, &module, "bn", 2, steps));
+    let accuracy = done["metrics"]["val_accuracy"].as_f64().unwrap();
+    eprintln!("torchscript cnn with batch norm: validation accuracy {accuracy}");
+    assert!(accuracy >= 0.9, "{done}");
+    let weights = ringmaster_tests::read_params(&out.join("model.safetensors"));
+    for i in 0..2 {
+        let (_, count) = &weights[&format!("norm{i}.num_batches_tracked")];
+        assert_eq!(
+            count,
+            &[steps as f32],
+            "one training forward per step on rank 0"
+        );
+        let (_, mean) = &weights[&format!("norm{i}.running_mean")];
+        assert!(mean.iter().any(|&m| m.abs() > 1e-3), "norm{i}: {mean:?}");
+    }
+    assert_scores_the_same_in_pytorch(&out, &data, accuracy, &["--batch-norm"]);
+
+    let whole = model_params(&out);
+    let (stop, resumed) =
+        cluster.cancel_then_resume(tmp.path(), &job(&data, &module, "bn-split", 2, steps), 100);
+    assert_eq!(
+        whole, resumed,
+        "parameters or buffers differ after cancel + resume at {stop}"
     );
 }
 

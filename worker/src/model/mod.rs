@@ -92,14 +92,15 @@ impl Model {
 
 impl Model {
     /// The state besides the parameters that a trained model is made of (BatchNorm's running
-    /// statistics and batch count), by name in name order: not trained by the optimizer, but
+    /// statistics and batch count, a module's registered masks), by name in name order: not trained by the optimizer, but
     /// checkpointed, transferred, kept equal on every rank and saved with the parameters.
-    /// Empty for every model without batch normalization. A TorchScript module's buffers are
-    /// not reachable through tch and are left to the module (see `script.rs`).
-    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+    /// Empty for built-in models without batch normalization; a TorchScript module's own
+    /// (`script.rs`).
+    pub fn named_buffers(&self) -> Result<Vec<(String, Tensor)>, TchError> {
         match self {
-            Model::Cnn(m) => m.named_buffers(),
-            _ => Vec::new(),
+            Model::Cnn(m) => Ok(m.named_buffers()),
+            Model::Script(m) => m.named_buffers(),
+            _ => Ok(Vec::new()),
         }
     }
 }

@@ -8,8 +8,11 @@
 //! - randomness inside it (dropout) draws from libtorch's generator, which is seeded from the
 //!   batch's samples before each training forward: a run is reproducible and resumes bitwise,
 //!   but with dropout it depends on the number of workers (built-in models draw per sample);
-//! - buffers (BatchNorm's running statistics) are neither reduced, checkpointed nor saved, so
-//!   modules are expected to use per-sample normalizations (GroupNorm, LayerNorm).
+//! - its buffers (BatchNorm's running statistics, registered masks) are listed through a small
+//!   C++ shim (`worker/cpp/script_buffers.cpp`; tch's C API lists parameters only) as tensors on
+//!   the module's own storage, so the run keeps them as a built-in model's: rank 0's after each
+//!   step, in checkpoints, state transfers and `model.safetensors` (a strict `load_state_dict`
+//!   then works), used by evaluation.
 
 use super::{BuildError, torch_message};
 use crate::sample_rng::SampleNoise;
@@ -142,6 +145,15 @@ impl Script {
         Ok(script)
     }
 
+    /// The module's buffers by name (dotted, as `state_dict` names them), in name order; the
+    /// tensors share the module's storage, so writing them in place changes the module.
+    pub fn named_buffers(&self) -> Result<Vec<(String, Tensor)>, TchError> {
+        let mode = super::super::collective::lock_ignoring_poison(&self.module);
+        let mut named = ffi::named_buffers(&mode.module)?;
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(named)
+    }
+
     /// The module's parameters by name, in name order; the tensors are the module's own.
     pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>, TchError> {
         let mode = super::super::collective::lock_ignoring_poison(&self.module);
@@ -183,6 +195,57 @@ impl Script {
             tch::manual_seed(noise.batch_key() as i64);
         }
         mode.module.forward_ts(&[x])
+    }
+}
+
+/// The shim of `worker/cpp/script_buffers.cpp`.
+#[allow(unsafe_code)]
+mod ffi {
+    use std::ffi::{CStr, c_char, c_void};
+    use tch::{CModule, TchError, Tensor};
+
+    // tch keeps the `torch::jit::Module*` in a private field, `CModule`'s only one: its bytes
+    // are that pointer. Checked here, so a tch whose `CModule` grows fails to build.
+    const _: () = assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut c_void>());
+
+    unsafe extern "C" {
+        fn ringmaster_module_named_buffers(
+            module: *mut c_void,
+            data: *mut c_void,
+            f: extern "C" fn(*mut c_void, *const c_char, *mut c_void),
+        ) -> *mut c_char;
+        fn free(p: *mut c_void);
+    }
+
+    extern "C" fn collect(data: *mut c_void, name: *const c_char, tensor: *mut c_void) {
+        // SAFETY: `data` is the `Vec` passed below, alive for the call; `name` a C string and
+        // `tensor` a new `at::Tensor*` the shim hands over, both valid for this callback.
+        unsafe {
+            let out = &mut *(data as *mut Vec<(String, Tensor)>);
+            let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+            out.push((name, Tensor::from_ptr(tensor as *mut torch_sys::C_tensor)));
+        }
+    }
+
+    /// Every buffer of `module` (recursively), with a tensor handle on its storage.
+    pub(super) fn named_buffers(module: &CModule) -> Result<Vec<(String, Tensor)>, TchError> {
+        // SAFETY: see the size check above; the pointer stays owned by `module`.
+        let raw = unsafe { *(module as *const CModule as *const *mut c_void) };
+        let mut out: Vec<(String, Tensor)> = Vec::new();
+        // SAFETY: a live module, a callback that only pushes to `out`.
+        let err = unsafe {
+            ringmaster_module_named_buffers(raw, &mut out as *mut _ as *mut c_void, collect)
+        };
+        if err.is_null() {
+            return Ok(out);
+        }
+        // SAFETY: a C string from `strdup`, freed once here.
+        let msg = unsafe {
+            let msg = CStr::from_ptr(err).to_string_lossy().into_owned();
+            free(err as *mut c_void);
+            msg
+        };
+        Err(TchError::Torch(msg))
     }
 }
 

@@ -1,10 +1,10 @@
 //! A model's buffers (BatchNorm's running statistics and batch count) between ranks.
 //!
 //! Buffers are small (two floats per normalized channel and one count per layer) and typed
-//! (the count is i64, as PyTorch's `num_batches_tracked`), so they travel as bincode
-//! [`BufferImage`]s through `broadcast_bytes` rather than in the fp32 buckets that carry
-//! gradients and parameters: an image is exact in any dtype, and names, kinds and shapes are
-//! checked on arrival.
+//! (the count is i64, as PyTorch's `num_batches_tracked`; a TorchScript module may register
+//! bool masks), so they travel as bincode [`BufferImage`]s through `broadcast_bytes` rather
+//! than in the fp32 buckets that carry gradients and parameters: an image is exact in any
+//! element type, and names, types and shapes are checked on arrival.
 //!
 //! Each rank's batch normalization updates its buffers from its own slice of the batch; as
 //! PyTorch DDP broadcasts rank 0's buffers before every forward, [`sync`] makes every rank's
@@ -20,55 +20,32 @@ use tch::{Device, Kind, Tensor};
 /// Largest image accepted from rank 0 (buffers of any sensible model fit many times over).
 const MAX_IMAGE_BYTES: usize = 64 << 20;
 
-/// The element type of a buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BufferKind {
-    F32,
-    I64,
-}
-
-/// One buffer's name, type, shape and little-endian bytes.
+/// One buffer's name, element type (tch's name for it: `Float`, `Int64`, `Bool`, ...),
+/// shape and bytes (native, little-endian order).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BufferImage {
     pub name: String,
-    pub kind: BufferKind,
+    pub kind: String,
     pub shape: Vec<i64>,
     pub bytes: Vec<u8>,
 }
 
-fn kind_of(name: &str, t: &Tensor) -> Result<BufferKind, TrainError> {
-    match t.kind() {
-        Kind::Float => Ok(BufferKind::F32),
-        Kind::Int64 => Ok(BufferKind::I64),
-        k => Err(TrainError::Invalid(format!(
-            "model buffer {name} is {k:?}: only f32 and i64 buffers are carried"
-        ))),
-    }
+fn kind_name(kind: Kind) -> String {
+    format!("{kind:?}")
 }
 
-/// Copies `buffers` (from any device) into images.
+/// Copies `buffers` (from any device, of any element type) into images.
 pub fn images(buffers: &[(String, Tensor)]) -> Result<Vec<BufferImage>, TrainError> {
     buffers
         .iter()
         .map(|(name, t)| {
-            let kind = kind_of(name, t)?;
             let host = t.f_to_device(Device::Cpu)?.f_contiguous()?;
             let n = host.numel();
-            let bytes = match kind {
-                BufferKind::F32 => {
-                    let mut v = vec![0f32; n];
-                    host.f_copy_data(&mut v, n)?;
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-                BufferKind::I64 => {
-                    let mut v = vec![0i64; n];
-                    host.f_copy_data(&mut v, n)?;
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-                }
-            };
+            let mut bytes = vec![0u8; n * host.kind().elt_size_in_bytes()];
+            host.f_copy_data_u8(&mut bytes, n)?;
             Ok(BufferImage {
                 name: name.clone(),
-                kind,
+                kind: kind_name(t.kind()),
                 shape: t.size(),
                 bytes,
             })
@@ -86,22 +63,18 @@ pub fn check(images: &[BufferImage], buffers: &[(String, Tensor)]) -> Result<(),
         ));
     }
     for (img, (name, t)) in images.iter().zip(buffers) {
-        let kind = kind_of(name, t).map_err(|e| e.to_string())?;
-        let elems: i64 = img.shape.iter().product();
+        let kind = kind_name(t.kind());
         if img.name != *name || img.kind != kind || img.shape != t.size() {
             return Err(format!(
-                "buffer `{}` {:?} {:?} does not match this model's `{name}` {kind:?} {:?}",
+                "buffer `{}` {} {:?} does not match this model's `{name}` {kind} {:?}",
                 img.name,
                 img.kind,
                 img.shape,
                 t.size()
             ));
         }
-        let width = match kind {
-            BufferKind::F32 => 4,
-            BufferKind::I64 => 8,
-        };
-        if img.bytes.len() as i64 != elems * width {
+        let elems: i64 = img.shape.iter().product();
+        if img.bytes.len() as i64 != elems * t.kind().elt_size_in_bytes() as i64 {
             return Err(format!(
                 "buffer `{name}` carries {} bytes for {elems} values",
                 img.bytes.len()
@@ -116,26 +89,8 @@ pub fn restore(images: &[BufferImage], buffers: &[(String, Tensor)]) -> Result<(
     check(images, buffers).map_err(TrainError::Transfer)?;
     tch::no_grad(|| -> Result<(), TrainError> {
         for (img, (_, t)) in images.iter().zip(buffers) {
-            let host = match img.kind {
-                BufferKind::F32 => {
-                    let v: Vec<f32> = img
-                        .bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                        .collect();
-                    Tensor::f_from_slice(&v)?
-                }
-                BufferKind::I64 => {
-                    let v: Vec<i64> = img
-                        .bytes
-                        .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .collect();
-                    Tensor::f_from_slice(&v)?
-                }
-            };
-            t.shallow_clone()
-                .f_copy_(&host.f_view(img.shape.as_slice())?)?;
+            let host = Tensor::f_from_data_size(&img.bytes, &img.shape, t.kind())?;
+            t.shallow_clone().f_copy_(&host)?;
         }
         Ok(())
     })
@@ -176,7 +131,7 @@ mod tests {
     }
 
     #[test]
-    fn an_image_restores_exactly_in_both_types() {
+    fn an_image_restores_exactly_in_any_type() {
         // A count beyond f32's exact integers and a value no short float keeps.
         let src = buffers(&[0.1, -3.5e-20], (1 << 40) + 3);
         let dst = buffers(&[0.0, 0.0], 0);
@@ -184,6 +139,12 @@ mod tests {
         assert_eq!(dst[0].1.int64_value(&[]), (1 << 40) + 3);
         assert_eq!(dst[0].1.kind(), Kind::Int64);
         assert!(dst[1].1.equal(&src[1].1));
+        // A registered mask.
+        let mask = |v: &[bool]| vec![("m".to_string(), Tensor::from_slice(v).view([2, 2]))];
+        let (src, dst) = (mask(&[true, false, false, true]), mask(&[false; 4]));
+        restore(&images(&src).unwrap(), &dst).unwrap();
+        assert!(dst[0].1.equal(&src[0].1));
+        assert_eq!(dst[0].1.kind(), Kind::Bool);
     }
 
     #[test]
@@ -191,7 +152,7 @@ mod tests {
         let src = images(&buffers(&[1.0, 2.0], 1)).unwrap();
         let e = check(&src, &buffers(&[1.0, 2.0, 3.0], 1)).unwrap_err();
         assert!(
-            e.contains("`n.running_mean` F32 [2]") && e.contains("[3]"),
+            e.contains("`n.running_mean` Float [2] does not match") && e.contains("Float [3]"),
             "{e}"
         );
         let e = check(&src[..1], &buffers(&[1.0], 1)).unwrap_err();

@@ -264,7 +264,7 @@ impl Run {
         }
         let names: Vec<String> = named.iter().map(|(k, _)| k.clone()).collect();
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let buffers = model.named_buffers();
+        let buffers = model.named_buffers()?;
         let boundary = buffers
             .iter()
             .map(|(name, b)| {

@@ -126,7 +126,7 @@ pub fn score(
     )
     .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let mut named = net.named_parameters(&vars)?;
-    named.extend(net.named_buffers());
+    named.extend(net.named_buffers()?);
     // Every parameter and buffer, by name and shape: weights of another model are refused, not
     // half loaded.
     for (name, p) in &named {
