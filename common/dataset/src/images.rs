@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use super::DatasetError;
 use super::manifest::{ElementType, ImageNormalization, LabelKind};
-use super::pack::{PackTask, STD_FLOOR, split_rows};
+use super::pack::{PackTask, STD_FLOOR, output_dirs, split_rows};
 use super::read_npy::{Images, Pixels, read_images, read_labels, read_targets};
 use super::shards::{
     FeatureRows, ImageLayout, LabelRows, Labels, WriteOptions, default_shard_samples,
@@ -75,24 +75,7 @@ pub struct ImageReport {
 /// for u8, 1 for floats) and writes `<output>/train` and `<output>/val` with
 /// the pixels as stored in the input and the normalization in both manifests.
 pub fn pack_images(opts: &ImageOptions) -> Result<ImageReport, DatasetError> {
-    if !(0.0..1.0).contains(&opts.val_fraction) {
-        return Err(DatasetError::InvalidInput(format!(
-            "validation fraction must be in [0, 1), found {}",
-            opts.val_fraction
-        )));
-    }
-    if opts.shard_samples == Some(0) {
-        return Err(DatasetError::InvalidInput(
-            "shard size must be at least one sample".into(),
-        ));
-    }
-    let train_dir = opts.output.join("train");
-    let val_dir = (opts.val_fraction > 0.0).then(|| opts.output.join("val"));
-    for dir in std::iter::once(&train_dir).chain(&val_dir) {
-        if dir.join(super::MANIFEST_FILE).exists() {
-            return Err(DatasetError::OutputExists { path: dir.clone() });
-        }
-    }
+    let (train_dir, val_dir) = output_dirs(&opts.output, opts.val_fraction, opts.shard_samples)?;
 
     let images = read_images(&opts.images, opts.channels_last)?;
     let y = match opts.task {

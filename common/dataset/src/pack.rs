@@ -176,30 +176,40 @@ pub(crate) fn parse_label(field: &str) -> Option<i64> {
     ok.then_some(v as i64)
 }
 
+/// Checks the options every packer shares and returns `<output>/train` and, with a validation
+/// fraction, `<output>/val`, refusing to write over a dataset already there.
+pub(crate) fn output_dirs(
+    output: &std::path::Path,
+    val_fraction: f64,
+    shard_samples: Option<usize>,
+) -> Result<(PathBuf, Option<PathBuf>), DatasetError> {
+    if !(0.0..1.0).contains(&val_fraction) {
+        return Err(DatasetError::InvalidInput(format!(
+            "validation fraction must be in [0, 1), found {val_fraction}"
+        )));
+    }
+    if shard_samples == Some(0) {
+        return Err(DatasetError::InvalidInput(
+            "shard size must be at least one sample".into(),
+        ));
+    }
+    let train_dir = output.join("train");
+    let val_dir = (val_fraction > 0.0).then(|| output.join("val"));
+    for dir in std::iter::once(&train_dir).chain(&val_dir) {
+        if dir.join(super::MANIFEST_FILE).exists() {
+            return Err(DatasetError::OutputExists { path: dir.clone() });
+        }
+    }
+    Ok((train_dir, val_dir))
+}
+
 /// Reads the input, splits its rows into train and validation with a seeded
 /// shuffle (each split keeps input order), optionally standardizes both with
 /// the training split's statistics, and writes `<output>/train` and
 /// `<output>/val` as datasets. For classification `num_classes` is the
 /// largest label plus one; regression targets are written as they are.
 pub fn pack(opts: &PackOptions) -> Result<PackReport, DatasetError> {
-    if !(0.0..1.0).contains(&opts.val_fraction) {
-        return Err(DatasetError::InvalidInput(format!(
-            "validation fraction must be in [0, 1), found {}",
-            opts.val_fraction
-        )));
-    }
-    if opts.shard_samples == Some(0) {
-        return Err(DatasetError::InvalidInput(
-            "shard size must be at least one sample".into(),
-        ));
-    }
-    let train_dir = opts.output.join("train");
-    let val_dir = (opts.val_fraction > 0.0).then(|| opts.output.join("val"));
-    for dir in std::iter::once(&train_dir).chain(&val_dir) {
-        if dir.join(super::MANIFEST_FILE).exists() {
-            return Err(DatasetError::OutputExists { path: dir.clone() });
-        }
-    }
+    let (train_dir, val_dir) = output_dirs(&opts.output, opts.val_fraction, opts.shard_samples)?;
 
     let progress = progress_bar(opts.show_progress);
     let raw = match &opts.input {
