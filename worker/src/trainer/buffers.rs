@@ -96,15 +96,30 @@ pub fn restore(images: &[BufferImage], buffers: &[(String, Tensor)]) -> Result<(
     })
 }
 
-/// Makes every rank's `buffers` rank 0's. Every rank of the group calls it at the same point;
-/// a model without buffers, or a group of one, does nothing.
-pub fn sync(group: &mut dyn Collective, buffers: &[(String, Tensor)]) -> Result<(), TrainError> {
+/// Makes every rank's `buffers` rank 0's, given `boundary`: every rank's copies of its buffers
+/// at the last step boundary, where all ranks held the same ones. Rank 0 sends only the buffers
+/// its step changed (running statistics, not a registered constant such as a positional
+/// encoding or a mask, which would cost its whole size every step); every other rank takes
+/// those and puts the rest back to the boundary's. Every rank of the group calls it at the same
+/// point; a model without buffers, or a group of one, does nothing.
+pub fn sync(
+    group: &mut dyn Collective,
+    buffers: &[(String, Tensor)],
+    boundary: &[Tensor],
+) -> Result<(), TrainError> {
     if buffers.is_empty() || group.world_size() < 2 {
         return Ok(());
     }
     let root = group.rank() == 0;
     let mut bytes = if root {
-        bincode::serde::encode_to_vec(images(buffers)?, bincode::config::standard())
+        let changed = changed(buffers, boundary)?;
+        let sent: Vec<(String, Tensor)> = buffers
+            .iter()
+            .zip(changed)
+            .filter(|(_, c)| *c)
+            .map(|((n, t), _)| (n.clone(), t.shallow_clone()))
+            .collect();
+        bincode::serde::encode_to_vec(images(&sent)?, bincode::config::standard())
             .map_err(|e| TrainError::Transfer(format!("encoding the model's buffers: {e}")))?
     } else {
         Vec::new()
@@ -116,7 +131,49 @@ pub fn sync(group: &mut dyn Collective, buffers: &[(String, Tensor)]) -> Result<
     let (got, _): (Vec<BufferImage>, usize) =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
             .map_err(|e| TrainError::Transfer(format!("decoding rank 0's buffers: {e}")))?;
-    restore(&got, buffers)
+    // Rank 0's changed buffers, in the model's order; the others as at the boundary.
+    let mut sent = got.into_iter().peekable();
+    let mut images_in_order = Vec::new();
+    let mut targets = Vec::new();
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for ((name, t), copy) in buffers.iter().zip(boundary) {
+            if sent.peek().is_some_and(|img| img.name == *name) {
+                images_in_order.push(sent.next().expect("peeked"));
+                targets.push((name.clone(), t.shallow_clone()));
+            } else {
+                t.shallow_clone().f_copy_(copy)?;
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(img) = sent.next() {
+        return Err(TrainError::Transfer(format!(
+            "rank 0 sent buffer `{}`, which this model does not have (or not in this order)",
+            img.name
+        )));
+    }
+    restore(&images_in_order, &targets)
+}
+
+/// Which of `buffers` differ from their `boundary` copies, read from the device once.
+fn changed(buffers: &[(String, Tensor)], boundary: &[Tensor]) -> Result<Vec<bool>, TrainError> {
+    if buffers.len() != boundary.len() {
+        return Err(TrainError::Invalid(format!(
+            "{} buffers with {} boundary copies",
+            buffers.len(),
+            boundary.len()
+        )));
+    }
+    let flags = buffers
+        .iter()
+        .zip(boundary)
+        .map(|((_, t), copy)| t.f_ne_tensor(copy)?.f_any()?.f_view([1]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let flags = Tensor::f_cat(&flags, 0)?.f_to_device(Device::Cpu)?;
+    let n = flags.numel();
+    let mut out = vec![false; n];
+    flags.f_copy_data(&mut out, n)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -145,6 +202,75 @@ mod tests {
         restore(&images(&src).unwrap(), &dst).unwrap();
         assert!(dst[0].1.equal(&src[0].1));
         assert_eq!(dst[0].1.kind(), Kind::Bool);
+    }
+
+    #[test]
+    fn only_changed_buffers_travel_and_the_rest_return_to_the_boundary() {
+        use crate::collective::{AbortHandle, CollectiveError};
+        /// Rank 1 of two, receiving what `sent` holds.
+        struct Receiver {
+            sent: Vec<u8>,
+        }
+        impl Collective for Receiver {
+            fn rank(&self) -> u32 {
+                1
+            }
+            fn world_size(&self) -> u32 {
+                2
+            }
+            fn generation(&self) -> u64 {
+                1
+            }
+            fn all_reduce_sum(&mut self, _: &mut Tensor) -> Result<(), CollectiveError> {
+                unreachable!()
+            }
+            fn broadcast(&mut self, _: &mut Tensor, _: u32) -> Result<(), CollectiveError> {
+                unreachable!()
+            }
+            fn broadcast_bytes(
+                &mut self,
+                bytes: &mut Vec<u8>,
+                _: u32,
+                _: usize,
+            ) -> Result<(), CollectiveError> {
+                *bytes = self.sent.clone();
+                Ok(())
+            }
+            fn barrier(&mut self) -> Result<(), CollectiveError> {
+                Ok(())
+            }
+            fn abort_handle(&self) -> AbortHandle {
+                AbortHandle::new()
+            }
+        }
+        let named = |mean: f32, pe: f32| {
+            vec![
+                ("n.running_mean".to_string(), Tensor::from_slice(&[mean; 2])),
+                ("pe".to_string(), Tensor::from_slice(&[pe; 3])),
+            ]
+        };
+        // Rank 0's step moved the statistics and left the constant alone.
+        let boundary: Vec<Tensor> = named(1.0, 7.0).into_iter().map(|(_, t)| t).collect();
+        let rank0 = named(1.5, 7.0);
+        let changed = changed(&rank0, &boundary).unwrap();
+        assert_eq!(changed, [true, false]);
+        let sent = images(&rank0[..1]).unwrap();
+        assert_eq!(sent.len(), 1, "the constant does not travel");
+        let mut group = Receiver {
+            sent: bincode::serde::encode_to_vec(&sent, bincode::config::standard()).unwrap(),
+        };
+        // Rank 1's forward moved both (a constant it should not have touched included).
+        let mine = named(2.0, 9.0);
+        sync(&mut group, &mine, &boundary).unwrap();
+        assert!(mine[0].1.equal(&rank0[0].1));
+        assert!(mine[1].1.equal(&boundary[1]));
+        // A buffer this model does not have is refused.
+        let other = vec![("other".to_string(), Tensor::from_slice(&[0f32]))];
+        group.sent =
+            bincode::serde::encode_to_vec(images(&other).unwrap(), bincode::config::standard())
+                .unwrap();
+        let e = sync(&mut group, &mine, &boundary).unwrap_err();
+        assert!(e.to_string().contains("rank 0 sent buffer `other`"), "{e}");
     }
 
     #[test]

@@ -574,7 +574,7 @@ impl Run {
         self.grads.all_reduce(group, &mut extras, scale)?;
         // Each rank's forward folded its own slice into its running
         // statistics; rank 0's stand, as under DDP.
-        buffers::sync(group, &self.buffers)?;
+        buffers::sync(group, &self.buffers, &self.boundary)?;
         // Every rank sees the same summed loss, so all stop here together,
         // before a non-finite gradient reaches the parameters.
         let loss = f64::from(extras[EXTRA_LOSS]) / batch_len.max(1) as f64;
