@@ -83,15 +83,7 @@ fn cnn_on_digits_reaches_97_percent_and_scores_the_same_in_pytorch() {
     );
 
     // The same weights in PyTorch's own module score the same.
-    let torch = pytorch_scores(&out, &data, "32,64", "8");
-    let samples = torch["samples"].as_f64().unwrap();
-    let torch_accuracy = torch["accuracy"].as_f64().unwrap();
-    eprintln!("the same model in PyTorch: {torch}");
-    // Float rounding may flip at most a borderline sample.
-    assert!(
-        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
-        "ringmaster {accuracy}, pytorch {torch_accuracy}"
-    );
+    assert_pytorch_scores(&out, &data, "32,64", "8", accuracy);
 }
 
 #[test]
@@ -165,15 +157,23 @@ fn python_json(script: &str, args: &[String]) -> serde_json::Value {
     serde_json::from_slice(&py.stdout).unwrap()
 }
 
-/// `tests/python/cnn_reference.py`'s scores of the job's `model.safetensors`
-/// on the validation set, in PyTorch's own module (3x3 kernels, pools of 2).
-fn pytorch_scores(out: &Path, data: &Path, channels: &str, norm: &str) -> serde_json::Value {
+/// `tests/python/cnn_reference.py` scores the job's `model.safetensors` on
+/// the validation set, in PyTorch's own module (3x3 kernels, pools of 2), as
+/// the job did: float rounding may flip at most a borderline sample.
+fn assert_pytorch_scores(out: &Path, data: &Path, channels: &str, norm: &str, accuracy: f64) {
     let args = [
         out.join("model.safetensors").display().to_string(),
         data.join("val").display().to_string(),
     ];
     let shape = ["1", "8", "8", channels, "3", "2", norm].map(String::from);
-    python_json("cnn_reference.py", &[&args[..], &shape[..]].concat())
+    let torch = python_json("cnn_reference.py", &[&args[..], &shape[..]].concat());
+    eprintln!("the same model in PyTorch: {torch}");
+    let samples = torch["samples"].as_f64().unwrap();
+    let torch_accuracy = torch["accuracy"].as_f64().unwrap();
+    assert!(
+        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
+        "ringmaster {accuracy}, pytorch {torch_accuracy}"
+    );
 }
 
 #[test]
@@ -217,14 +217,7 @@ fn batch_norm_cnn_trains_and_loads_into_pytorch_with_its_running_statistics() {
 
     // PyTorch's own BatchNorm2d, in evaluation mode, uses the saved running
     // statistics: the same accuracy means they are the ones we evaluated with.
-    let torch = pytorch_scores(&out, &data, "16,32", "batch");
-    let samples = torch["samples"].as_f64().unwrap();
-    let torch_accuracy = torch["accuracy"].as_f64().unwrap();
-    eprintln!("the same model in PyTorch: {torch}");
-    assert!(
-        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
-        "ringmaster {accuracy}, pytorch {torch_accuracy}"
-    );
+    assert_pytorch_scores(&out, &data, "16,32", "batch", accuracy);
 
     // `coordinator evaluate` rebuilds the model with its buffers: the job's
     // own confusion matrix.
