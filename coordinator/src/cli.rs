@@ -515,6 +515,18 @@ pub struct PackArgs {
     pub seed: u64,
 }
 
+impl PackArgs {
+    /// `--name`, else the output folder's name, else `fallback`.
+    fn dataset_name(&self, fallback: &str) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.out_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| fallback.into())
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SynthArgs {
     /// The dataset directory to write.
@@ -1913,12 +1925,7 @@ fn pack_series(a: &PackArgs, path: &Path, output: Output) -> anyhow::Result<()> 
         missing: a.missing.unwrap_or_default(),
         standardize: a.standardize,
         output: a.out_dir.clone(),
-        name: a.name.clone().unwrap_or_else(|| {
-            a.out_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "series".into())
-        }),
+        name: a.dataset_name("series"),
     })
     .context("failed to pack the time series")?;
     match output {
@@ -1970,12 +1977,7 @@ fn pack_text(a: &PackArgs, output: Output) -> anyhow::Result<()> {
         context,
         val_fraction: a.val_fraction,
         output: a.out_dir.clone(),
-        name: a.name.clone().unwrap_or_else(|| {
-            a.out_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "text".into())
-        }),
+        name: a.dataset_name("text"),
         shard_samples: a.shard_samples,
         bpe_vocab: a.bpe_vocab,
     })
@@ -2069,12 +2071,7 @@ fn pack_images(a: &PackArgs, images: &Path, output: Output) -> anyhow::Result<()
             PackTaskArg::Regression => dataset::PackTask::Regression,
         },
         output: a.out_dir.clone(),
-        name: a.name.clone().unwrap_or_else(|| {
-            a.out_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "images".into())
-        }),
+        name: a.dataset_name("images"),
         val_fraction: a.val_fraction,
         shard_samples: a.shard_samples,
         seed: a.seed,
@@ -2178,12 +2175,7 @@ fn dataset_cmd(cmd: DatasetCommand, output: Output) -> anyhow::Result<()> {
                      --npy-labels"
                 ),
             };
-            let name = a.name.clone().unwrap_or_else(|| {
-                a.out_dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "dataset".into())
-            });
+            let name = a.dataset_name("dataset");
             let opts = dataset::PackOptions {
                 input,
                 task: match a.task {
