@@ -784,6 +784,18 @@ pub fn model_params(out: &Path) -> Vec<f32> {
         .collect()
 }
 
+/// Checks that a reference script's scores (`{"samples": n, "accuracy": a}`, the same trained
+/// weights in the equivalent PyTorch module) give `accuracy`: float rounding may flip at most
+/// one borderline sample.
+pub fn assert_same_accuracy(torch: &serde_json::Value, accuracy: f64) {
+    let samples = torch["samples"].as_f64().expect("a sample count");
+    let torch_accuracy = torch["accuracy"].as_f64().expect("an accuracy");
+    assert!(
+        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
+        "ringmaster {accuracy}, pytorch {torch_accuracy}"
+    );
+}
+
 /// Reads every tensor of a safetensors file as f32 values, by name (i64
 /// tensors, such as BatchNorm's `num_batches_tracked`, converted by value).
 pub fn read_params(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {

@@ -168,12 +168,7 @@ fn assert_pytorch_scores(out: &Path, data: &Path, channels: &str, norm: &str, ac
     let shape = ["1", "8", "8", channels, "3", "2", norm].map(String::from);
     let torch = python_json("cnn_reference.py", &[&args[..], &shape[..]].concat());
     eprintln!("the same model in PyTorch: {torch}");
-    let samples = torch["samples"].as_f64().unwrap();
-    let torch_accuracy = torch["accuracy"].as_f64().unwrap();
-    assert!(
-        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
-        "ringmaster {accuracy}, pytorch {torch_accuracy}"
-    );
+    ringmaster_tests::assert_same_accuracy(&torch, accuracy);
 }
 
 #[test]

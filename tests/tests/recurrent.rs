@@ -55,12 +55,7 @@ fn an_lstm_learns_digits_row_by_row_and_loads_into_pytorch() {
     );
     let torch: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
     eprintln!("the same weights in nn.LSTM: {torch}");
-    let samples = torch["samples"].as_f64().unwrap();
-    let torch_accuracy = torch["accuracy"].as_f64().unwrap();
-    assert!(
-        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
-        "ringmaster {accuracy}, pytorch {torch_accuracy}"
-    );
+    ringmaster_tests::assert_same_accuracy(&torch, accuracy);
 }
 
 #[test]

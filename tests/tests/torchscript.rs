@@ -86,13 +86,7 @@ fn assert_scores_the_same_in_pytorch(out: &Path, data: &Path, accuracy: f64, fla
     );
     let torch: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
     eprintln!("the same weights in the PyTorch module: {torch}");
-    let samples = torch["samples"].as_f64().unwrap();
-    let torch_accuracy = torch["accuracy"].as_f64().unwrap();
-    // Float rounding may flip at most a borderline sample.
-    assert!(
-        (torch_accuracy - accuracy).abs() <= 1.0 / samples + 1e-12,
-        "ringmaster {accuracy}, pytorch {torch_accuracy}"
-    );
+    ringmaster_tests::assert_same_accuracy(&torch, accuracy);
 }
 
 /// BatchNorm inside a module: its running statistics and batch counts are the module's
